@@ -1,0 +1,205 @@
+"""Collectives that carry errors, so that no rank waits on a peer that failed.
+
+:func:`exchange` is the only collective pattern the coordinator uses: every
+rank runs its local work, catches its own exception, and all-gathers either
+its result or its error. If any rank failed, every rank raises the same
+:class:`~distckpt.errors.CheckpointError` subclass with ``failures: {rank:
+message}``. A peer that died or never arrived surfaces as
+:class:`~distckpt.errors.CollectiveTimeoutError` naming it, within the timeout.
+
+Object collectives run on a dedicated gloo group created once per
+coordinator, so an NCCL training job works too and the trainer's own
+collectives never interleave with ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from .errors import CheckpointError, CollectiveTimeoutError, CrossRankError, error_class_by_name
+
+__all__ = ["Comm", "LocalComm", "TorchComm", "default_comm", "describe_exception", "exchange", "local_node_id"]
+
+log = logging.getLogger("distckpt")
+T = TypeVar("T")
+_SERIAL = itertools.count()
+
+
+@runtime_checkable
+class Comm(Protocol):
+    """What the coordinator needs from a world: who am I, and an all-gather of objects."""
+
+    rank: int
+    world_size: int
+
+    def all_gather(self, obj: Any, phase: str) -> list[Any]:
+        """Collective: every rank's ``obj``, indexed by rank. Raises CollectiveTimeoutError."""
+        ...
+
+    def group_members(self, group: Any) -> tuple[int, ...]:
+        """Global ranks of ``group`` (a process group this rank belongs to). Local."""
+        ...
+
+
+class LocalComm:
+    """A world of one process: collectives are identities."""
+
+    rank = 0
+    world_size = 1
+
+    def all_gather(self, obj: Any, phase: str) -> list[Any]:
+        return [obj]
+
+    def group_members(self, group: Any) -> tuple[int, ...]:
+        return (0,)
+
+
+class TorchComm:
+    """torch.distributed world; objects travel on a dedicated gloo group with a timeout.
+
+    Constructing one is collective (it creates a process group): every rank
+    must construct it, in the same order as its other coordinators.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.timeout = timeout
+        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        self._serial = next(_SERIAL)
+        self._seq = 0
+        try:
+            self._store: Any = dist.distributed_c10d._get_default_store()
+        except Exception:  # private API; diagnosis degrades gracefully without it
+            self._store = None
+
+    def group_members(self, group: Any) -> tuple[int, ...]:
+        return tuple(sorted(self._dist.get_process_group_ranks(group)))
+
+    def _key(self, seq: int, rank: int) -> str:
+        return f"distckpt/{self._serial}/{seq}/{rank}"
+
+    def all_gather(self, obj: Any, phase: str) -> list[Any]:
+        seq = self._seq
+        self._seq += 1
+        if self._store is not None:
+            try:
+                self._store.set(self._key(seq, self.rank), phase)
+                if seq >= 2:
+                    self._store.delete_key(self._key(seq - 2, self.rank))
+            except Exception:
+                pass
+        out: list[Any] = [None] * self.world_size
+        try:
+            self._dist.all_gather_object(out, obj, group=self._group)
+        except Exception as exc:
+            missing = self._missing(seq)
+            if missing:
+                failures = {
+                    r: f"did not reach the '{phase}' step within {self.timeout:g}s "
+                       "(process died, hung, or never called this collective)"
+                    for r in missing
+                }
+            else:
+                failures = {self.rank: f"'{phase}' collective failed: {type(exc).__name__}: {exc}"}
+            raise CollectiveTimeoutError(
+                f"checkpoint '{phase}' step could not complete: a peer is unreachable",
+                failures=failures, phase=phase,
+            ) from exc
+        return out
+
+    def _missing(self, seq: int) -> list[int]:
+        """Ranks that never announced arrival at collective ``seq`` (polled briefly)."""
+        if self._store is None:
+            return []
+        deadline = time.monotonic() + min(2.0, self.timeout)
+        missing = list(range(self.world_size))
+        try:
+            while True:
+                missing = [r for r in missing if not self._store.check([self._key(seq, r)])]
+                if not missing or time.monotonic() > deadline:
+                    return missing
+                time.sleep(0.1)
+        except Exception:
+            return []
+
+
+def default_comm(dist: Any, timeout: float) -> Comm:
+    """The world the coordinator runs in.
+
+    ``dist`` may be a :class:`Comm` (used as is), or ``None`` / any other object
+    (then torch.distributed when initialized with more than one rank, else a
+    world of one).
+    """
+    if isinstance(dist, Comm) and callable(getattr(dist, "all_gather", None)):
+        return dist
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        return TorchComm(timeout)
+    return LocalComm()
+
+
+def local_node_id() -> str:
+    """This rank's node identity, as a launcher set it.
+
+    ``GROUP_RANK`` (torchrun's node index), else ``NODE_RANK``, else the host
+    name. Never ``LOCAL_RANK``: a missing LOCAL_RANK must not make every rank a
+    node of its own.
+    """
+    for var in ("GROUP_RANK", "NODE_RANK"):
+        value = os.environ.get(var)
+        if value not in (None, ""):
+            return f"{var}={value}"
+    return f"host={socket.gethostname()}"
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line for ``failures``: the class and message (errno included for OSError)."""
+    if isinstance(exc, CheckpointError):
+        text = exc.message
+        if exc.failures:
+            text += " (" + "; ".join(f"rank {r}: {m}" for r, m in exc.failures.items()) + ")"
+        return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def exchange(comm: Comm, phase: str, work: Callable[[], T]) -> list[T]:
+    """Collective: run ``work`` locally, then all-gather results or errors.
+
+    Every rank returns the list of every rank's result, or every rank raises
+    the same error: the common :class:`CheckpointError` subclass of the
+    failing ranks' errors (``CrossRankError`` when they differ or are not
+    ours), with ``failures`` naming each failing rank.
+    """
+    try:
+        status: tuple[Any, ...] = ("ok", work())
+    except Exception as exc:  # reported to every rank below
+        log.debug("distckpt: rank %d failed in %s", comm.rank, phase, exc_info=True)
+        status = ("error", type(exc).__name__, describe_exception(exc))
+    gathered = comm.all_gather(status, phase)
+    failures = {r: s[2] for r, s in enumerate(gathered) if s[0] == "error"}
+    if failures:
+        raise merged_error(phase, failures, {s[1] for s in gathered if s[0] == "error"})
+    return [s[1] for s in gathered]
+
+
+def merged_error(phase: str, failures: Mapping[int, str], class_names: set[str]) -> CheckpointError:
+    """The error every rank raises for ``failures`` (deterministic on every rank)."""
+    cls: type[CheckpointError] = CrossRankError
+    if len(class_names) == 1:
+        cls = error_class_by_name(next(iter(class_names))) or CrossRankError
+    ranks = sorted(failures)
+    first = failures[ranks[0]]
+    summary = first if len(ranks) == 1 else f"{first} (and {len(ranks) - 1} more rank(s))"
+    return cls(f"checkpoint {phase} failed on rank(s) {ranks}: {summary}", failures=failures, phase=phase)

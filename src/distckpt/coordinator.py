@@ -1,0 +1,633 @@
+"""CheckpointCoordinator: one collective save and one collective load.
+
+Save is four phases, each ending in one error-carrying all-gather
+(:func:`~distckpt.collectives.exchange`): **plan** (rank 0 fixes path and id;
+every rank reports its node, groups and declarations), **validate** (replica
+digests compared member against member), **write** (each set's lowest rank
+writes its file into a staging directory) and **commit** (rank 0 writes the
+manifest last and renames the staging directory into place). Load is two:
+**resolve** (rank 0 finds the checkpoint and parses its manifest; every rank
+checks compatibility before reading data) and **read**. The number of
+collectives does not depend on the number of components.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import __version__, storage
+from .codec import decode, encode
+from .collectives import Comm, default_comm, exchange, local_node_id
+from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ComponentMismatchError,
+    ReplicationMismatchError,
+    TopologyMismatchError,
+)
+from .layout import ComponentPlan, plan_component
+from .legacy import is_legacy_checkpoint, load_legacy
+from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
+from .patterns import SharingPattern, StateComponent, ValidationLevel, check_name
+from .report import LoadReport
+from .topology import Topology
+
+__all__ = ["CheckpointCoordinator"]
+
+log = logging.getLogger("distckpt")
+
+PhaseHook = Callable[[str, int], None]
+_DETAIL_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _SavePlan:
+    path: str
+    staging: str
+    checkpoint_id: str
+    sequence: int
+    timestamp: str
+    topology: Topology
+    components: Mapping[str, ComponentPlan]
+
+
+def _declaration(c: StateComponent) -> tuple[Any, ...]:
+    return (c.key, c.sharing_pattern.value, c.process_group_name, c.required,
+            c.validate_replication, c.validation_level.value)
+
+
+class CheckpointCoordinator:
+    """Saves and loads declared state components across a distributed world.
+
+    Every rank constructs the coordinator with the same declarations (in any
+    order) and calls :meth:`save_checkpoint` and :meth:`load_checkpoint`
+    together. Construction is collective when torch.distributed is in use (it
+    creates a dedicated gloo group for the coordinator's own collectives).
+
+    Args:
+        state_components: the declarations; keys must be unique ignoring case.
+        process_groups: ``{name: ProcessGroup}`` or a ``DeviceMesh`` whose
+            dimension names become group names; needed for PER_GROUP.
+        dist: a :class:`~distckpt.collectives.Comm`, or ``None`` to use
+            torch.distributed when initialized, else a world of one process.
+        output_dir: checkpoints live in ``<output_dir>/checkpoints/``.
+        keep_last: keep only this many newest committed checkpoints there.
+        timeout: seconds any rank waits for its peers in one collective.
+        phase_hook: called as ``hook(phase, rank)`` at the start of every
+            phase on every rank (observability and fault injection); an
+            exception it raises fails the phase like any other.
+    """
+
+    def __init__(
+        self,
+        state_components: Iterable[StateComponent],
+        process_groups: Mapping[str, Any] | Any | None = None,
+        dist: Comm | Any | None = None,
+        output_dir: str | os.PathLike[str] = ".",
+        *,
+        keep_last: int | None = None,
+        timeout: float | _dt.timedelta = 300.0,
+        phase_hook: PhaseHook | None = None,
+    ) -> None:
+        components = list(state_components)
+        seen: dict[str, str] = {}
+        for c in components:
+            if not isinstance(c, StateComponent):
+                raise TypeError(f"state_components: expected StateComponent, got {type(c).__name__}")
+            folded = c.key.casefold()
+            if folded in seen:
+                raise ValueError(
+                    f"state_components: keys {seen[folded]!r} and {c.key!r} collide "
+                    "(keys must be unique ignoring case)"
+                )
+            seen[folded] = c.key
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last: expected a positive int or None, got {keep_last!r}")
+        seconds = timeout.total_seconds() if isinstance(timeout, _dt.timedelta) else float(timeout)
+        if seconds <= 0:
+            raise ValueError(f"timeout: expected a positive duration, got {timeout!r}")
+        self.components: tuple[StateComponent, ...] = tuple(sorted(components, key=lambda c: c.key))
+        self.output_dir = os.fspath(output_dir)
+        self.keep_last = keep_last
+        self.timeout = seconds
+        self.phase_hook = phase_hook
+        self._groups = _normalise_groups(process_groups)
+        self._comm = default_comm(dist, seconds)
+        self._by_key = {c.key: c for c in self.components}
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    @property
+    def checkpoints_dir(self) -> str:
+        """``<output_dir>/checkpoints``: where default paths, "latest" and retention apply."""
+        return os.path.join(self.output_dir, "checkpoints")
+
+    def latest_checkpoint(self) -> str | None:
+        """Path of the newest committed checkpoint under ``checkpoints_dir``, or ``None``. Local."""
+        committed = [e for e in storage.list_checkpoints(self.checkpoints_dir) if e.committed]
+        return committed[-1].path if committed else None
+
+    def save_checkpoint(
+        self,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        checkpoint_id: str | int | None = None,
+        validate: bool = False,
+        *,
+        overwrite: bool = False,
+    ) -> str:
+        """Collective: save every component and return the committed path (same on every rank).
+
+        ``checkpoint_path`` defaults to ``<output_dir>/checkpoints/checkpoint-<id>``;
+        ``checkpoint_id`` defaults to the next sequence number. ``validate``
+        validates every component that has replicas, at its level, on top of
+        those declared with ``validate_replication``. An existing committed
+        checkpoint is replaced only with ``overwrite=True``.
+
+        On any failure on any rank, every rank raises the same
+        :class:`CheckpointError` subclass naming the failing ranks, nothing
+        becomes visible, and earlier checkpoints are untouched.
+        """
+        started = time.perf_counter()
+        plan = self._plan_save(checkpoint_path, checkpoint_id, overwrite)
+        try:
+            states: dict[str, Any] = {}
+            self._validate(plan, validate, states)
+            records = self._write(plan, states)
+            manifest = self._commit(plan, records, validate, overwrite)
+        except BaseException:
+            if self.rank == 0:
+                _remove_tree(plan.staging)
+            raise
+        total = sum(c.size_bytes for c in manifest.components.values())
+        log.info("distckpt: saved %s (%d components, %d files, %d bytes) in %.3f s", plan.path,
+                 len(manifest.components), sum(len(c.files) for c in manifest.components.values()),
+                 total, time.perf_counter() - started)
+        return plan.path
+
+    def load_checkpoint(
+        self, checkpoint_path: str | os.PathLike[str] | None = None, strict: bool = True
+    ) -> LoadReport:
+        """Collective: restore every declared component from a checkpoint.
+
+        ``checkpoint_path=None`` loads the newest committed checkpoint under
+        ``checkpoints_dir``. Compatibility (components, patterns, partitions)
+        is checked on every rank before any data is read. ``strict`` also
+        rejects components in the checkpoint that nobody declared. On any
+        failure every rank raises the same :class:`CheckpointError` subclass.
+        """
+        started = time.perf_counter()
+        path, manifest, topology = self._resolve(checkpoint_path)
+        if manifest is None:
+            report = self._read_legacy(path, topology, strict)
+        else:
+            actions, skipped = self._check_compatible(path, manifest, topology, strict)
+            report = self._read(path, manifest, actions, skipped)
+        log.info("distckpt: loaded %s (%d components, %d skipped) in %.3f s", path,
+                 len(report.loaded), len(report.skipped), time.perf_counter() - started)
+        return report
+
+    # ------------------------------------------------------------ save phases
+
+    def _hook(self, phase: str) -> None:
+        if self.phase_hook is not None:
+            self.phase_hook(phase, self.rank)
+
+    def _local_report(self) -> dict[str, Any]:
+        return {
+            "node": local_node_id(),
+            "groups": {name: self._comm.group_members(pg) for name, pg in self._groups.items()},
+            "declarations": [_declaration(c) for c in self.components],
+        }
+
+    def _agree(self, reports: Sequence[Mapping[str, Any]]) -> Topology:
+        """Every rank: check declarations agree, then build the topology. Deterministic."""
+        declared = [tuple(r["declarations"]) for r in reports]
+        if any(d != declared[0] for d in declared):
+            raise ComponentMismatchError(
+                "ranks declared different components; every rank must declare the same keys, "
+                "patterns, groups and validation",
+                failures={rank: _diff_declarations(declared[0], d) for rank, d in enumerate(declared)
+                          if d != declared[0]},
+            )
+        return Topology.from_reports([r["node"] for r in reports], [r["groups"] for r in reports])
+
+    def _plan_save(self, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool) -> _SavePlan:
+        def work() -> dict[str, Any]:
+            self._hook("plan")
+            report = self._local_report()
+            if self.rank == 0:
+                report["decision"] = self._decide_path(checkpoint_path, checkpoint_id, overwrite)
+            return report
+
+        reports = exchange(self._comm, "plan", work)
+        decision = reports[0]["decision"]
+        try:
+            topology = self._agree(reports)
+            plans = {
+                c.key: plan_component(topology, c.key, c.sharing_pattern, c.process_group_name)
+                for c in self.components
+            }
+        except BaseException:
+            if self.rank == 0:
+                _remove_tree(decision["staging"])
+            raise
+        return _SavePlan(topology=topology, components=plans, **decision)
+
+    def _decide_path(self, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool) -> dict[str, Any]:
+        """Rank 0 only: final path, id, sequence and a fresh staging directory."""
+        if checkpoint_path is not None:
+            final = os.path.abspath(os.fspath(checkpoint_path))
+            cid = str(checkpoint_id) if checkpoint_id is not None else os.path.basename(final)
+        else:
+            parent = os.path.abspath(self.checkpoints_dir)
+            previous = [e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest]
+            cid = str(checkpoint_id) if checkpoint_id is not None else str(max(previous, default=0) + 1)
+            check_name(cid, field_name="checkpoint_id")
+            final = os.path.join(parent, f"checkpoint-{cid}")
+        check_name(os.path.basename(final), field_name="checkpoint_path")
+        check_name(cid, field_name="checkpoint_id")
+        parent = os.path.dirname(final)
+        if os.path.lexists(final) and not overwrite:
+            raise CheckpointExistsError(
+                f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
+            )
+        sequence = max((e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest),
+                       default=0) + 1
+        storage.clean_stale(parent)
+        staging = storage.create_staging(final, uuid.uuid4().hex[:12])
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        return {"path": final, "staging": staging, "checkpoint_id": cid, "sequence": sequence, "timestamp": stamp}
+
+    def _validated(self, validate: bool) -> list[StateComponent]:
+        return [
+            c for c in self.components
+            if c.sharing_pattern.can_validate
+            and c.validation_level is not ValidationLevel.NONE
+            and (c.validate_replication or validate)
+        ]
+
+    def _state(self, states: dict[str, Any], key: str) -> Any:
+        if key not in states:
+            states[key] = self._by_key[key].stateful.state_dict()
+        return states[key]
+
+    def _validate(self, plan: _SavePlan, validate: bool, states: dict[str, Any]) -> None:
+        """Phase 2: compare digests of every replica set; every rank reaches the same verdict."""
+        targets = self._validated(validate)
+        if not targets:
+            return
+
+        def work() -> dict[str, dict[str, str]]:
+            self._hook("validate")
+            return {c.key: digest_state(self._state(states, c.key), c.validation_level) for c in targets}
+
+        digests = exchange(self._comm, "validate", work)
+        mismatches: list[Mismatch] = []
+        for c in targets:
+            sets = plan.components[c.key].replica_sets
+            mismatches += compare_replicas(c.key, sets, {r: d[c.key] for r, d in enumerate(digests)})
+        if not mismatches:
+            return
+        full = {c.key for c in targets if c.validation_level is ValidationLevel.FULL}
+        if any(m.component in full for m in mismatches):
+            mismatches = self._measure_differences(mismatches, full, states)
+        failures: dict[int, str] = {}
+        for m in mismatches:
+            for group in m.groups[1:]:
+                for rank in group:
+                    failures[rank] = (f"component {m.component!r} differs from ranks {list(m.groups[0])} in "
+                                      + ", ".join(m.entries[:4]) + (" ..." if len(m.entries) > 4 else ""))
+        raise ReplicationMismatchError(
+            "replication validation failed; nothing was written:\n  " + "\n  ".join(m.describe() for m in mismatches),
+            failures=failures, phase="validate",
+        )
+
+    def _measure_differences(self, mismatches: list[Mismatch], full: set[str], states: dict[str, Any]) -> list[Mismatch]:
+        """FULL level: one more all-gather of the differing tensors, then measure how far apart they are."""
+        def work() -> dict[str, dict[str, Any]]:
+            mine: dict[str, dict[str, Any]] = {}
+            budget = _DETAIL_LIMIT_BYTES
+            for m in mismatches:
+                if m.component not in full or self.rank not in {g[0] for g in m.groups}:
+                    continue
+                leaves = {p: leaf for p, kind, leaf in iter_leaves(states[m.component]) if kind == "tensor"}
+                for entry in m.entries:
+                    t = leaves.get(entry)
+                    if t is not None and t.numel() * t.element_size() <= budget:
+                        budget -= t.numel() * t.element_size()
+                        mine.setdefault(m.component, {})[entry] = t.detach().cpu()
+            return mine
+
+        shared = exchange(self._comm, "validate", work)
+        out = []
+        for m in mismatches:
+            details: dict[str, str] = {}
+            if m.component in full:
+                ref = m.groups[0][0]
+                for group in m.groups[1:]:
+                    for entry in m.entries:
+                        a = shared[ref].get(m.component, {}).get(entry)
+                        b = shared[group[0]].get(m.component, {}).get(entry)
+                        if a is not None and b is not None:
+                            details[f"{entry} (rank {ref} vs {group[0]})"] = describe_difference(a, b)
+            out.append(Mismatch(m.component, m.replica_set, m.groups, m.entries, details))
+        return out
+
+    def _write(self, plan: _SavePlan, states: dict[str, Any]) -> dict[str, dict[str, tuple[int, str, int]]]:
+        """Phase 3: each writer writes its sets' files into staging; all-gather the records."""
+        def work() -> list[tuple[str, str, int, str]]:
+            self._hook("write")
+            written = []
+            for c in self.components:
+                for f in plan.components[c.key].files:
+                    if f.writer != self.rank:
+                        continue
+                    encoded = encode(self._state(states, c.key))
+                    storage.make_component_dir(plan.staging, c.key)
+                    size, checksum = storage.write_file(os.path.join(plan.staging, f.path), encoded.chunks())
+                    written.append((c.key, f.path, size, checksum))
+            return written
+
+        gathered = exchange(self._comm, "write", work)
+        records: dict[str, dict[str, tuple[int, str, int]]] = {}
+        for rank, items in enumerate(gathered):
+            for key, path, size, checksum in items:
+                records.setdefault(key, {})[path] = (size, checksum, rank)
+        return records
+
+    def _commit(
+        self, plan: _SavePlan, records: Mapping[str, Mapping[str, tuple[int, str, int]]],
+        validate: bool, overwrite: bool,
+    ) -> CheckpointManifest:
+        """Phase 4: rank 0 writes the manifest last and renames staging into place."""
+        validated = {c.key: c.validation_level.value for c in self._validated(validate)}
+        manifest = _build_manifest(plan, self.components, records, validated)
+
+        def work() -> None:
+            self._hook("commit")
+            if self.rank != 0:
+                return
+            for key in plan.components:
+                storage.fsync_dir(os.path.join(plan.staging, key))
+            manifest.save(os.path.join(plan.staging, MANIFEST_NAME))
+            storage.fsync_dir(plan.staging)
+            storage.commit_directory(plan.staging, plan.path, overwrite)
+            self._retain(plan.path)
+
+        exchange(self._comm, "commit", work)
+        return manifest
+
+    def _retain(self, committed: str) -> None:
+        """Rank 0, after commit: keep the newest ``keep_last``; a failed delete only warns."""
+        parent = os.path.abspath(self.checkpoints_dir)
+        if self.keep_last is None or os.path.dirname(os.path.abspath(committed)) != parent:
+            return
+        entries = [e for e in storage.list_checkpoints(parent) if e.committed]
+        for entry in entries[: max(0, len(entries) - self.keep_last)]:
+            try:
+                storage.remove_checkpoint(entry.path)
+            except OSError as exc:
+                log.warning("distckpt: retention could not remove %s: %s", entry.path, exc)
+
+    # ------------------------------------------------------------ load phases
+
+    def _resolve(self, checkpoint_path: Any) -> tuple[str, CheckpointManifest | None, Topology]:
+        """Phase 1 of load: rank 0 finds the checkpoint and parses its manifest; all agree."""
+        def work() -> dict[str, Any]:
+            self._hook("resolve")
+            report = self._local_report()
+            if self.rank == 0:
+                path = self._find(checkpoint_path)
+                manifest_file = os.path.join(path, MANIFEST_NAME)
+                if not os.path.lexists(manifest_file) and is_legacy_checkpoint(path):
+                    report["found"] = (path, None)
+                else:
+                    report["found"] = (path, CheckpointManifest.load(manifest_file).to_dict())
+            return report
+
+        reports = exchange(self._comm, "resolve", work)
+        path, raw = reports[0]["found"]
+        topology = self._agree(reports)
+        manifest = None if raw is None else CheckpointManifest.from_dict(raw, where=os.path.join(path, MANIFEST_NAME))
+        return path, manifest, topology
+
+    def _find(self, checkpoint_path: Any) -> str:
+        if checkpoint_path is None:
+            latest = self.latest_checkpoint()
+            if latest is None:
+                raise CheckpointNotFoundError(
+                    f"{self.checkpoints_dir}: no committed checkpoint to load (incomplete or corrupt "
+                    "directories are ignored)"
+                )
+            return latest
+        path = os.path.abspath(os.fspath(checkpoint_path))
+        if os.path.islink(path):
+            raise CheckpointNotFoundError(f"{path}: checkpoint directory is a symlink; refusing to follow it")
+        if not os.path.isdir(path):
+            raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
+        return path
+
+    def _check_compatible(
+        self, path: str, manifest: CheckpointManifest, topology: Topology, strict: bool
+    ) -> tuple[dict[str, ComponentManifest], dict[str, str]]:
+        """Every rank, before reading data: what to load, what to skip, or why not."""
+        actions: dict[str, ComponentManifest] = {}
+        skipped: dict[str, str] = {}
+        problems: list[str] = []
+        topo_problems: list[str] = []
+        for c in self.components:
+            saved = manifest.components.get(c.key)
+            if saved is None:
+                if c.required:
+                    problems.append(f"required component {c.key!r} is not in the checkpoint")
+                else:
+                    skipped[c.key] = "optional component not in checkpoint"
+                continue
+            if saved.sharing_pattern is not c.sharing_pattern or saved.group_name != c.process_group_name:
+                problems.append(
+                    f"component {c.key!r} was saved as {_pattern_text(saved.sharing_pattern, saved.group_name)} "
+                    f"but is declared {_pattern_text(c.sharing_pattern, c.process_group_name)}"
+                )
+                continue
+            if c.sharing_pattern not in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
+                current = plan_component(topology, c.key, c.sharing_pattern, c.process_group_name).replica_sets
+                if tuple(saved.replicated_across) != current:
+                    topo_problems.append(
+                        f"component {c.key!r} ({c.sharing_pattern.value}) was saved with replica sets "
+                        f"{_sets_text(saved.replicated_across)} (world {manifest.world_size}) but the "
+                        f"current world gives {_sets_text(current)} (world {topology.world_size})"
+                    )
+                    continue
+            elif not saved.files:
+                problems.append(f"component {c.key!r} lists no file")
+                continue
+            actions[c.key] = saved
+        undeclared = sorted(set(manifest.components) - set(self._by_key))
+        if undeclared:
+            if strict:
+                problems.append(f"checkpoint holds components nobody declared: {undeclared} (load with strict=False to ignore)")
+            else:
+                skipped.update({k: "in checkpoint but not declared" for k in undeclared})
+        if topo_problems:
+            raise TopologyMismatchError(f"{path}: cannot load into this world:\n  " + "\n  ".join(topo_problems + problems),
+                                        phase="resolve")
+        if problems:
+            raise ComponentMismatchError(f"{path}: checkpoint does not match the declarations:\n  " + "\n  ".join(problems),
+                                         phase="resolve")
+        return actions, skipped
+
+    def _read(
+        self, path: str, manifest: CheckpointManifest, actions: Mapping[str, ComponentManifest],
+        skipped: Mapping[str, str],
+    ) -> LoadReport:
+        """Phase 2 of load: read, verify and restore this rank's file of every component."""
+        files: dict[str, str] = {}
+
+        def work() -> None:
+            self._hook("read")
+            for key, saved in actions.items():
+                entry = _file_for(saved, self.rank)
+                full = storage.safe_join(path, entry.path)
+                state = decode(storage.read_verified(full, entry.size_bytes, entry.checksum), where=full)
+                self._by_key[key].stateful.load_state_dict(state)
+                files[key] = entry.path
+
+        exchange(self._comm, "read", work)
+        return LoadReport(path=path, checkpoint_id=manifest.checkpoint_id, loaded=tuple(actions),
+                          skipped=dict(skipped), files=files)
+
+    def _read_legacy(self, path: str, topology: Topology, strict: bool) -> LoadReport:
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            self._hook("read")
+            outcome["report"] = load_legacy(path, self.components, topology, self.rank, strict)
+
+        exchange(self._comm, "read", work)
+        report: LoadReport = outcome["report"]
+        return report
+
+
+def _file_for(saved: ComponentManifest, rank: int) -> FileEntry:
+    if saved.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
+        return saved.files[0]
+    return saved.file_for_rank(rank)
+
+
+def _pattern_text(pattern: SharingPattern, group: str | None) -> str:
+    return f"PER_GROUP({group!r})" if pattern is SharingPattern.PER_GROUP else pattern.name
+
+
+def _sets_text(sets: Sequence[Sequence[int]]) -> str:
+    text = str([list(s) for s in sets])
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _diff_declarations(ref: Sequence[Any], mine: Sequence[Any]) -> str:
+    ref_by_key = {d[0]: d for d in ref}
+    my_by_key = {d[0]: d for d in mine}
+    parts = []
+    for key in sorted(set(ref_by_key) | set(my_by_key)):
+        a, b = ref_by_key.get(key), my_by_key.get(key)
+        if a == b:
+            continue
+        if a is None:
+            parts.append(f"declares {key!r} which rank 0 does not")
+        elif b is None:
+            parts.append(f"does not declare {key!r}")
+        else:
+            parts.append(f"declares {key!r} as {b[1:]} where rank 0 has {a[1:]}")
+    return "; ".join(parts)
+
+
+def _build_manifest(
+    plan: _SavePlan,
+    components: Sequence[StateComponent],
+    records: Mapping[str, Mapping[str, tuple[int, str, int]]],
+    validated: Mapping[str, str],
+) -> CheckpointManifest:
+    entries: dict[str, ComponentManifest] = {}
+    for c in components:
+        cplan = plan.components[c.key]
+        files = []
+        for f in cplan.files:
+            size, checksum, writer = records[c.key][f.path]
+            files.append(FileEntry(path=f.path, ranks=f.ranks, writer=writer, size_bytes=size, checksum=checksum))
+        entries[c.key] = ComponentManifest(
+            key=c.key,
+            sharing_pattern=c.sharing_pattern,
+            group_name=c.process_group_name,
+            ranks=cplan.writers,
+            replicated_across=cplan.replica_sets,
+            files=tuple(files),
+            required=c.required,
+            validation=validated.get(c.key),
+            size_bytes=sum(f.size_bytes for f in files),
+            checksum=storage.checksum_of("\n".join(f.checksum for f in files).encode()),
+            metadata=_json_metadata(c),
+        )
+    return CheckpointManifest(
+        checkpoint_id=plan.checkpoint_id,
+        world_size=plan.topology.world_size,
+        timestamp=plan.timestamp,
+        components=entries,
+        topology=plan.topology.to_dict(),
+        sequence=plan.sequence,
+        library_version=__version__,
+        pytorch_version=torch.__version__,
+    )
+
+
+def _json_metadata(c: StateComponent) -> dict[str, Any]:
+    import json
+
+    meta = dict(c.metadata or {})
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"component {c.key!r}: metadata must be JSON-serializable ({exc})") from None
+    return meta
+
+
+def _normalise_groups(process_groups: Any) -> dict[str, Any]:
+    if process_groups is None:
+        return {}
+    if isinstance(process_groups, Mapping):
+        groups = dict(process_groups)
+    elif hasattr(process_groups, "mesh_dim_names"):
+        names = process_groups.mesh_dim_names
+        if not names:
+            raise ValueError("process_groups: a DeviceMesh needs mesh_dim_names to name its groups")
+        groups = {name: process_groups.get_group(name) for name in names}
+    else:
+        raise TypeError(
+            f"process_groups: expected a dict of name -> ProcessGroup or a DeviceMesh, got {type(process_groups).__name__}"
+        )
+    for name in groups:
+        check_name(name, field_name="process_groups")
+    return groups
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

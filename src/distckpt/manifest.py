@@ -1,0 +1,306 @@
+"""Manifest: the JSON record that makes a checkpoint committed.
+
+The manifest lists every file of every component with the exact ranks it
+belongs to, its writer, its size and its checksum. Parsing is strict (UTF-8,
+no duplicate keys, bounded size, known major version) and raises
+:class:`ManifestError` naming the source. Fields this version does not know,
+written by a newer minor version, are kept in ``extra`` and written back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ManifestError
+from .layout import check_relpath
+from .patterns import SharingPattern
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "CheckpointManifest",
+    "ComponentManifest",
+    "FileEntry",
+]
+
+FORMAT_NAME = "distckpt"
+FORMAT_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+_FILE_FIELDS = ("path", "ranks", "writer", "size_bytes", "checksum")
+_COMPONENT_FIELDS = (
+    "key", "sharing_pattern", "group_name", "ranks", "replicated_across", "required",
+    "validation", "size_bytes", "checksum", "files", "metadata",
+)
+_TOP_FIELDS = (
+    "format", "format_version", "checkpoint_id", "sequence", "world_size", "timestamp",
+    "library_version", "pytorch_version", "topology", "components",
+)
+
+
+def _need(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in d:
+        raise ManifestError(f"{where}: missing field {name!r}")
+    value = d[name]
+    if isinstance(value, bool) and kind is int:
+        raise ManifestError(f"{where}: field {name!r} must be an int, got a bool")
+    if not isinstance(value, kind):
+        raise ManifestError(f"{where}: field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def _rank_list(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in value):
+        raise ManifestError(f"{where}: expected a list of ranks, got {value!r}")
+    return tuple(value)
+
+
+def _extra(d: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in known}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a component: relative path, replica-set members, writer, size, checksum."""
+
+    path: str
+    ranks: tuple[int, ...]
+    writer: int
+    size_bytes: int
+    checksum: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "ranks": list(self.ranks), "writer": self.writer,
+                "size_bytes": self.size_bytes, "checksum": self.checksum, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> FileEntry:
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected an object")
+        path = _need(d, "path", str, where)
+        try:
+            check_relpath(path)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+        size = _need(d, "size_bytes", int, where)
+        if size < 0:
+            raise ManifestError(f"{where}: negative size_bytes")
+        return cls(path=path, ranks=_rank_list(_need(d, "ranks", list, where), where),
+                   writer=_need(d, "writer", int, where), size_bytes=size,
+                   checksum=_need(d, "checksum", str, where), extra=_extra(d, _FILE_FIELDS))
+
+
+@dataclass(frozen=True)
+class ComponentManifest:
+    """What was saved for one component.
+
+    ``ranks`` are the writers (sorted); ``replicated_across`` the replica sets,
+    one per file; ``validation`` the level used, or ``None`` when not validated;
+    ``size_bytes`` the exact sum of the file sizes; ``checksum`` a digest of the
+    files' checksums in order.
+    """
+
+    key: str
+    sharing_pattern: SharingPattern
+    group_name: str | None
+    ranks: tuple[int, ...]
+    replicated_across: tuple[tuple[int, ...], ...]
+    files: tuple[FileEntry, ...]
+    required: bool = True
+    validation: str | None = None
+    size_bytes: int = 0
+    checksum: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def file_for_rank(self, rank: int) -> FileEntry:
+        """The file whose replica set holds ``rank``; ``KeyError`` if none does."""
+        for entry in self.files:
+            if rank in entry.ranks:
+                return entry
+        raise KeyError(f"no file of component {self.key!r} belongs to rank {rank}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "sharing_pattern": self.sharing_pattern.value,
+            "group_name": self.group_name,
+            "ranks": list(self.ranks),
+            "replicated_across": [list(s) for s in self.replicated_across],
+            "required": self.required,
+            "validation": self.validation,
+            "size_bytes": self.size_bytes,
+            "checksum": self.checksum,
+            "files": [f.to_dict() for f in self.files],
+            "metadata": dict(self.metadata),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> ComponentManifest:
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected an object")
+        try:
+            pattern = SharingPattern.coerce(_need(d, "sharing_pattern", str, where))
+        except ValueError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+        files_raw = _need(d, "files", list, where)
+        files = tuple(FileEntry.from_dict(f, f"{where}.files[{i}]") for i, f in enumerate(files_raw))
+        group = d.get("group_name")
+        if group is not None and not isinstance(group, str):
+            raise ManifestError(f"{where}: group_name must be a string or null")
+        validation = d.get("validation")
+        if validation is not None and not isinstance(validation, str):
+            raise ManifestError(f"{where}: validation must be a string or null")
+        sets = _need(d, "replicated_across", list, where)
+        metadata = d.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ManifestError(f"{where}: metadata must be an object")
+        return cls(
+            key=_need(d, "key", str, where),
+            sharing_pattern=pattern,
+            group_name=group,
+            ranks=_rank_list(_need(d, "ranks", list, where), where),
+            replicated_across=tuple(_rank_list(s, where) for s in sets),
+            files=files,
+            required=bool(d.get("required", True)),
+            validation=validation,
+            size_bytes=_need(d, "size_bytes", int, where),
+            checksum=d.get("checksum"),
+            metadata=metadata,
+            extra=_extra(d, _COMPONENT_FIELDS),
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointManifest:
+    """The committed record of one checkpoint.
+
+    ``sequence`` orders checkpoints of one output directory: "latest" is the
+    committed checkpoint with the highest sequence, never the newest mtime.
+    ``topology`` is ``{"nodes": [[ranks]...], "groups": {name: [[ranks]...]}}``.
+    """
+
+    checkpoint_id: str
+    world_size: int
+    timestamp: str
+    components: Mapping[str, ComponentManifest]
+    topology: Mapping[str, Any]
+    sequence: int = 0
+    library_version: str = ""
+    pytorch_version: str = ""
+    format_version: str = FORMAT_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "checkpoint_id": self.checkpoint_id,
+            "sequence": self.sequence,
+            "world_size": self.world_size,
+            "timestamp": self.timestamp,
+            "library_version": self.library_version,
+            "pytorch_version": self.pytorch_version,
+            "topology": dict(self.topology),
+            "components": {k: c.to_dict() for k, c in self.components.items()},
+            **self.extra,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest") -> CheckpointManifest:
+        """Validate and build; raises :class:`ManifestError` naming ``where``."""
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: top level must be a JSON object")
+        if d.get("format") != FORMAT_NAME:
+            raise ManifestError(f"{where}: not a distckpt manifest (format={d.get('format')!r})")
+        version = _need(d, "format_version", str, where)
+        major = version.split(".", 1)[0]
+        if major != FORMAT_VERSION.split(".", 1)[0]:
+            raise ManifestError(
+                f"{where}: format version {version} is not readable by this library "
+                f"(reads {FORMAT_VERSION.split('.')[0]}.x); upgrade distckpt"
+            )
+        comps_raw = _need(d, "components", dict, where)
+        components = {
+            key: ComponentManifest.from_dict(c, f"{where}: components.{key}") for key, c in comps_raw.items()
+        }
+        for key, comp in components.items():
+            if comp.key != key:
+                raise ManifestError(f"{where}: component listed under {key!r} says its key is {comp.key!r}")
+        topology = _need(d, "topology", dict, where)
+        world = _need(d, "world_size", int, where)
+        if world < 1:
+            raise ManifestError(f"{where}: world_size must be positive")
+        return cls(
+            checkpoint_id=_need(d, "checkpoint_id", str, where),
+            world_size=world,
+            timestamp=_need(d, "timestamp", str, where),
+            components=components,
+            topology=topology,
+            sequence=_need(d, "sequence", int, where) if "sequence" in d else 0,
+            library_version=str(d.get("library_version", "")),
+            pytorch_version=str(d.get("pytorch_version", "")),
+            format_version=version,
+            extra=_extra(d, _TOP_FIELDS),
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "manifest") -> CheckpointManifest:
+        """Parse manifest bytes strictly; raises :class:`ManifestError` naming ``where``."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where}: {len(data)} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        try:
+            raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except ValueError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+        return cls.from_dict(raw, where)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically to ``path`` (a checkpoint directory or a file path)."""
+        from .storage import atomic_write_bytes
+
+        target = os.fspath(path)
+        if os.path.isdir(target):
+            target = os.path.join(target, MANIFEST_NAME)
+        atomic_write_bytes(target, self.to_json().encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CheckpointManifest:
+        """Read from a checkpoint directory or a manifest file; :class:`ManifestError` on any problem."""
+        from .storage import read_manifest_bytes
+
+        target = os.fspath(path)
+        if os.path.isdir(target):
+            target = os.path.join(target, MANIFEST_NAME)
+        return cls.from_json(read_manifest_bytes(target), where=target)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")

@@ -1,0 +1,341 @@
+"""Storage: the only module that writes to disk.
+
+Every write lands first in a staging directory or a temporary file beside its
+final name, is hashed while written, fsynced, and made visible by a rename
+followed by an fsync of the parent directory. Reads refuse symlinks and verify
+size and checksum before anything is parsed. Nothing here is collective; the
+coordinator decides which rank calls what.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import xxhash
+
+from .errors import CheckpointExistsError, IntegrityError, ManifestError
+from .layout import check_relpath
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest
+
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "CheckpointEntry",
+    "atomic_write_bytes",
+    "checksum_of",
+    "clean_stale",
+    "commit_directory",
+    "create_staging",
+    "fsync_dir",
+    "list_checkpoints",
+    "make_component_dir",
+    "new_hasher",
+    "read_manifest_bytes",
+    "read_verified",
+    "remove_checkpoint",
+    "safe_join",
+    "staging_prefix",
+    "write_file",
+]
+
+log = logging.getLogger("distckpt")
+
+CHECKSUM_ALGORITHM = "xxh3-128"
+_WRITE_CHUNK = 64 * 1024 * 1024
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes | memoryview | bytearray, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def new_hasher(algorithm: str = CHECKSUM_ALGORITHM) -> _Hasher:
+    """A streaming hasher for ``algorithm`` ("xxh3-128", "xxh3-64" or "sha256")."""
+    if algorithm == "xxh3-128":
+        return xxhash.xxh3_128()
+    if algorithm == "xxh3-64":
+        return xxhash.xxh3_64()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise IntegrityError(f"unknown checksum algorithm {algorithm!r}")
+
+
+def checksum_of(data: bytes | bytearray | memoryview, algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    """``"<algorithm>:<hex>"`` of ``data``."""
+    h = new_hasher(algorithm)
+    h.update(data)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, chunk: memoryview) -> None:
+    view = chunk.cast("B") if chunk.format != "B" or chunk.ndim != 1 else chunk
+    while len(view):
+        written = os.write(fd, view[:_WRITE_CHUNK])
+        view = view[written:]
+
+
+def write_file(path: str, chunks: Iterable[memoryview | bytes]) -> tuple[int, str]:
+    """Create ``path`` (never overwriting, never following a symlink), write, hash, fsync.
+
+    Returns ``(size, "<algorithm>:<hex>")`` computed from the bytes as they were
+    written. On failure the partial file is removed and the ``OSError`` propagates.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+    hasher = new_hasher()
+    size = 0
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            hasher.update(view)
+            _write_all(fd, view)
+            size += view.nbytes
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return size, f"{CHECKSUM_ALGORITHM}:{hasher.hexdigest()}"
+
+
+def _open_regular(path: str, what: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: {what} is missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IntegrityError(f"{path}: {what} is a symlink; refusing to follow it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IntegrityError(f"{path}: {what} is not a regular file")
+    return fd
+
+
+def read_verified(path: str, size: int, checksum: str) -> bytearray:
+    """Read a whole file, checking its size and checksum against the manifest's.
+
+    Raises :class:`IntegrityError` naming ``path`` when the file is missing, a
+    symlink, of another size, or its checksum differs.
+    """
+    fd = _open_regular(path, "checkpoint file")
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise IntegrityError(f"{path}: size is {actual} bytes, the manifest says {size}")
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = os.readv(fd, [view[got:got + _WRITE_CHUNK]])
+            if n == 0:
+                raise IntegrityError(f"{path}: file shrank while being read")
+            got += n
+    finally:
+        os.close(fd)
+    algorithm, _, _ = checksum.partition(":")
+    if checksum_of(buf, algorithm) != checksum:
+        raise IntegrityError(f"{path}: checksum mismatch (file is corrupt or was modified)")
+    return buf
+
+
+def read_manifest_bytes(path: str) -> bytes:
+    """Read a manifest file; :class:`ManifestError` naming ``path`` if missing, a symlink or too large."""
+    try:
+        fd = _open_regular(path, "manifest")
+    except IntegrityError as exc:
+        raise ManifestError(str(exc)) from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    write_file(tmp, [data])
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    fsync_dir(parent)
+
+
+def _check_real_dir(path: str, what: str) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise IntegrityError(f"{path}: {what} is a symlink; refusing to use it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise IntegrityError(f"{path}: {what} is not a directory")
+
+
+def safe_join(root: str, relpath: str) -> str:
+    """Join a manifest path to a checkpoint directory, refusing escapes and symlinked directories."""
+    try:
+        check_relpath(relpath)
+    except ValueError as exc:
+        raise IntegrityError(f"{root}: {exc}") from None
+    key_dir = os.path.join(root, relpath.split("/")[0])
+    if os.path.lexists(key_dir):
+        _check_real_dir(key_dir, "component directory")
+    return os.path.join(root, relpath)
+
+
+def staging_prefix(final: str) -> str:
+    """Name prefix of the staging directories of ``final`` (hidden, beside it)."""
+    return f".{os.path.basename(final)}.staging-"
+
+
+def create_staging(final: str, nonce: str) -> str:
+    """Create the staging directory of ``final`` (and the parents); return its path."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    _check_real_dir(parent, "checkpoint parent directory")
+    path = os.path.join(parent, staging_prefix(final) + nonce)
+    os.mkdir(path, 0o755)
+    return path
+
+
+def make_component_dir(staging: str, key: str) -> str:
+    """Create (race-free between ranks) and check ``<staging>/<key>``."""
+    _check_real_dir(staging, "staging directory")
+    path = os.path.join(staging, key)
+    os.makedirs(path, exist_ok=True)
+    _check_real_dir(path, "component directory")
+    return path
+
+
+def clean_stale(parent: str, keep: str | None = None) -> list[str]:
+    """Remove leftover staging and trash directories in ``parent``; return what was removed.
+
+    Called by rank 0 at the start of a save, so a crash's leftovers never
+    accumulate. ``keep`` is a staging directory that must survive.
+    """
+    removed: list[str] = []
+    if not os.path.isdir(parent):
+        return removed
+    for name in sorted(os.listdir(parent)):
+        if not name.startswith(".") or (".staging-" not in name and ".trash-" not in name):
+            continue
+        path = os.path.join(parent, name)
+        if keep is not None and os.path.abspath(path) == os.path.abspath(keep):
+            continue
+        try:
+            if os.path.islink(path) or not os.path.isdir(path):
+                os.unlink(path)
+            else:
+                shutil.rmtree(path)
+            removed.append(path)
+        except OSError as exc:
+            log.warning("distckpt: could not remove stale %s: %s", path, exc)
+    return removed
+
+
+def commit_directory(staging: str, final: str, overwrite: bool) -> None:
+    """Rename a complete staging directory to its final name and fsync the parent.
+
+    Raises :class:`CheckpointExistsError` if ``final`` exists and ``overwrite``
+    is false. With ``overwrite``, the old directory is first renamed to a trash
+    name (no longer a committed checkpoint) and removed after the new one is in
+    place; a crash in between leaves the trash to the next save's cleanup.
+    """
+    parent = os.path.dirname(os.path.abspath(final))
+    trash = None
+    if os.path.lexists(final):
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
+            )
+        trash = os.path.join(parent, f".{os.path.basename(final)}.trash-{uuid.uuid4().hex[:12]}")
+        os.rename(final, trash)
+    os.rename(staging, final)
+    fsync_dir(parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_checkpoint(path: str) -> None:
+    """Retire a committed checkpoint: rename it out of sight first, then delete it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    trash = os.path.join(parent, f".{os.path.basename(path)}.trash-{uuid.uuid4().hex[:12]}")
+    os.rename(path, trash)
+    fsync_dir(parent)
+    shutil.rmtree(trash)
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """A directory under a checkpoints folder: committed (with manifest) or not (with why)."""
+
+    path: str
+    manifest: CheckpointManifest | None
+    problem: str | None
+
+    @property
+    def committed(self) -> bool:
+        return self.manifest is not None
+
+
+def list_checkpoints(parent: str, include_hidden: bool = False) -> list[CheckpointEntry]:
+    """Every checkpoint directory in ``parent``, committed ones ordered oldest to newest.
+
+    Order is by manifest ``sequence``, then timestamp, then name: never by
+    mtime. Directories without a readable manifest come first, with the reason.
+    Staging and trash directories are skipped unless ``include_hidden``.
+    """
+    if not os.path.isdir(parent):
+        return []
+    broken: list[CheckpointEntry] = []
+    good: list[CheckpointEntry] = []
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if name.startswith(".") and not include_hidden:
+            continue
+        if os.path.islink(path):
+            broken.append(CheckpointEntry(path, None, "is a symlink"))
+            continue
+        if not os.path.isdir(path):
+            continue
+        if name.startswith("."):
+            broken.append(CheckpointEntry(path, None, "staging or trash directory (incomplete)"))
+            continue
+        try:
+            good.append(CheckpointEntry(path, CheckpointManifest.load(os.path.join(path, MANIFEST_NAME)), None))
+        except ManifestError as exc:
+            broken.append(CheckpointEntry(path, None, str(exc)))
+    good.sort(key=lambda e: (e.manifest.sequence, e.manifest.timestamp, e.path) if e.manifest else (0, "", e.path))
+    return broken + good
