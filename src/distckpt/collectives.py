@@ -47,6 +47,10 @@ class Comm(Protocol):
         """Global ranks of ``group`` (a process group this rank belongs to). Local."""
         ...
 
+    def node_id(self) -> str:
+        """This rank's node identity (ranks with equal ids share a node). Local."""
+        ...
+
 
 class LocalComm:
     """A world of one process: collectives are identities."""
@@ -59,6 +63,9 @@ class LocalComm:
 
     def group_members(self, group: Any) -> tuple[int, ...]:
         return (0,)
+
+    def node_id(self) -> str:
+        return local_node_id()
 
 
 class TorchComm:
@@ -85,6 +92,9 @@ class TorchComm:
 
     def group_members(self, group: Any) -> tuple[int, ...]:
         return tuple(sorted(self._dist.get_process_group_ranks(group)))
+
+    def node_id(self) -> str:
+        return local_node_id()
 
     def _key(self, seq: int, rank: int) -> str:
         return f"distckpt/{self._serial}/{seq}/{rank}"

@@ -4,8 +4,9 @@ Save is four phases, each ending in one error-carrying all-gather
 (:func:`~distckpt.collectives.exchange`): **plan** (rank 0 fixes path and id;
 every rank reports its node, groups and declarations), **validate** (replica
 digests compared member against member), **write** (each set's lowest rank
-writes its file into a staging directory) and **commit** (rank 0 writes the
-manifest last and renames the staging directory into place). Load is two:
+writes its file into a staging directory) and **commit** (every rank votes;
+only then does rank 0 write the manifest last, rename the staging directory
+into place and report back). Load is two:
 **resolve** (rank 0 finds the checkpoint and parses its manifest; every rank
 checks compatibility before reading data) and **read**. The number of
 collectives does not depend on the number of components.
@@ -26,7 +27,7 @@ import torch
 
 from . import __version__, storage
 from .codec import decode, encode
-from .collectives import Comm, default_comm, exchange, local_node_id
+from .collectives import Comm, default_comm, exchange
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
 from .errors import (
     CheckpointError,
@@ -213,7 +214,7 @@ class CheckpointCoordinator:
 
     def _local_report(self) -> dict[str, Any]:
         return {
-            "node": local_node_id(),
+            "node": self._comm.node_id(),
             "groups": {name: self._comm.group_members(pg) for name, pg in self._groups.items()},
             "declarations": [_declaration(c) for c in self.components],
         }
@@ -231,24 +232,26 @@ class CheckpointCoordinator:
         return Topology.from_reports([r["node"] for r in reports], [r["groups"] for r in reports])
 
     def _plan_save(self, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool) -> _SavePlan:
+        mine: dict[str, Any] = {}
+
         def work() -> dict[str, Any]:
             self._hook("plan")
             report = self._local_report()
             if self.rank == 0:
-                report["decision"] = self._decide_path(checkpoint_path, checkpoint_id, overwrite)
+                report["decision"] = mine["decision"] = self._decide_path(checkpoint_path, checkpoint_id, overwrite)
             return report
 
-        reports = exchange(self._comm, "plan", work)
-        decision = reports[0]["decision"]
         try:
+            reports = exchange(self._comm, "plan", work)
+            decision = reports[0]["decision"]
             topology = self._agree(reports)
             plans = {
                 c.key: plan_component(topology, c.key, c.sharing_pattern, c.process_group_name)
                 for c in self.components
             }
         except BaseException:
-            if self.rank == 0:
-                _remove_tree(decision["staging"])
+            if "decision" in mine:
+                _remove_tree(mine["decision"]["staging"])
             raise
         return _SavePlan(topology=topology, components=plans, **decision)
 
@@ -382,18 +385,23 @@ class CheckpointCoordinator:
         validated = {c.key: c.validation_level.value for c in self._validated(validate)}
         manifest = _build_manifest(plan, self.components, records, validated)
 
-        def work() -> None:
+        def prepare() -> None:
             self._hook("commit")
-            if self.rank != 0:
-                return
-            for key in plan.components:
-                storage.fsync_dir(os.path.join(plan.staging, key))
-            manifest.save(os.path.join(plan.staging, MANIFEST_NAME))
-            storage.fsync_dir(plan.staging)
-            storage.commit_directory(plan.staging, plan.path, overwrite)
-            self._retain(plan.path)
+            if self.rank == 0:
+                for key in plan.components:
+                    storage.fsync_dir(os.path.join(plan.staging, key))
+                manifest.save(os.path.join(plan.staging, MANIFEST_NAME))
+                storage.fsync_dir(plan.staging)
 
-        exchange(self._comm, "commit", work)
+        def publish() -> None:
+            if self.rank == 0:
+                storage.commit_directory(plan.staging, plan.path, overwrite)
+                self._retain(plan.path)
+
+        # Every rank votes before anything becomes visible; then rank 0 renames
+        # and tells everyone whether it worked.
+        exchange(self._comm, "commit", prepare)
+        exchange(self._comm, "commit", publish)
         return manifest
 
     def _retain(self, committed: str) -> None:

@@ -1,0 +1,91 @@
+"""In-process worlds for testing declarations and trainers without processes.
+
+:func:`run_threads` runs one function per simulated rank in threads that share
+a :class:`ThreadComm` world: real coordinator code, real files, no
+torch.distributed. Process groups are plain tuples of global ranks, node
+membership is given explicitly. Used by distckpt's own property tests; handy
+for a trainer's unit tests too. Real multi-process behaviour (gloo, dead
+peers, timeouts) needs real processes: see the project's harness.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from .errors import CollectiveTimeoutError
+
+__all__ = ["ThreadComm", "ThreadWorld", "run_threads"]
+
+T = TypeVar("T")
+
+
+class ThreadWorld:
+    """Shared state of one simulated world: a barrier-based all-gather."""
+
+    def __init__(self, world_size: int, nodes: Sequence[int] | None = None, timeout: float = 30.0) -> None:
+        if world_size < 1:
+            raise ValueError("world_size must be positive")
+        self.world_size = world_size
+        self.nodes = list(nodes) if nodes is not None else [0] * world_size
+        if len(self.nodes) != world_size:
+            raise ValueError("nodes must give one node index per rank")
+        self.timeout = timeout
+        self._barrier = threading.Barrier(world_size)
+        self._slots: list[Any] = [None] * world_size
+        self._phases: list[str | None] = [None] * world_size
+
+    def comm(self, rank: int) -> ThreadComm:
+        return ThreadComm(self, rank)
+
+
+class ThreadComm:
+    """One rank's view of a :class:`ThreadWorld`; satisfies :class:`~distckpt.collectives.Comm`."""
+
+    def __init__(self, world: ThreadWorld, rank: int) -> None:
+        self.world = world
+        self.rank = rank
+        self.world_size = world.world_size
+
+    def node_id(self) -> str:
+        return f"node={self.world.nodes[self.rank]}"
+
+    def group_members(self, group: Any) -> tuple[int, ...]:
+        return tuple(sorted(group))
+
+    def all_gather(self, obj: Any, phase: str) -> list[Any]:
+        w = self.world
+        try:
+            w._barrier.wait(w.timeout)
+            w._slots[self.rank] = obj
+            w._phases[self.rank] = phase
+            w._barrier.wait(w.timeout)
+            out = list(w._slots)
+            w._barrier.wait(w.timeout)
+        except threading.BrokenBarrierError:
+            w._barrier.abort()
+            raise CollectiveTimeoutError(
+                f"checkpoint '{phase}' step could not complete: a peer is unreachable",
+                failures={self.rank: f"'{phase}' collective broken (a peer failed or timed out)"},
+                phase=phase,
+            ) from None
+        return out
+
+
+def run_threads(world: ThreadWorld, fn: Callable[[ThreadComm], T]) -> list[T | BaseException]:
+    """Run ``fn(comm)`` on every rank of ``world`` in threads; results or exceptions by rank."""
+    results: list[Any] = [None] * world.world_size
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(world.comm(rank))
+        except BaseException as exc:  # returned to the caller
+            results[rank] = exc
+
+    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(world.world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(world.timeout * 4)
+    return results

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distckpt import CheckpointExistsError, IntegrityError, ManifestError
+from distckpt import storage
+
+
+def test_write_file_hashes_what_it_writes(tmp_path: Path) -> None:
+    path = str(tmp_path / "f")
+    size, checksum = storage.write_file(path, [b"abc", memoryview(b"defg")])
+    assert size == 7 and checksum == storage.checksum_of(b"abcdefg")
+    assert storage.read_verified(path, 7, checksum) == bytearray(b"abcdefg")
+
+
+def test_write_file_never_overwrites_or_follows_symlinks(tmp_path: Path) -> None:
+    target = tmp_path / "outside"
+    target.write_bytes(b"precious")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError):
+        storage.write_file(str(link), [b"x"])
+    assert target.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "symlink"])
+def test_read_verified_names_the_damaged_file(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "f"
+    size, checksum = storage.write_file(str(path), [b"0123456789"])
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[3] ^= 1
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(b"01234")
+    elif damage == "missing":
+        path.unlink()
+    else:
+        real = tmp_path / "real"
+        path.rename(real)
+        path.symlink_to(real)
+    with pytest.raises(IntegrityError, match=str(path)):
+        storage.read_verified(str(path), size, checksum)
+
+
+def test_commit_refuses_to_replace_a_checkpoint_unless_asked(tmp_path: Path) -> None:
+    final = tmp_path / "checkpoint-1"
+    final.mkdir()
+    (final / "old").write_text("old")
+    staging = storage.create_staging(str(final), "n1")
+    (Path(staging) / "new").write_text("new")
+    with pytest.raises(CheckpointExistsError):
+        storage.commit_directory(staging, str(final), overwrite=False)
+    assert (final / "old").exists()
+    storage.commit_directory(staging, str(final), overwrite=True)
+    assert (final / "new").exists() and not (final / "old").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+
+def test_clean_stale_removes_staging_and_trash_but_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / ".checkpoint-3.staging-abc").mkdir()
+    (tmp_path / ".checkpoint-2.trash-def").mkdir()
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / ".hidden-user-file").write_text("keep")
+    removed = storage.clean_stale(str(tmp_path))
+    assert len(removed) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-user-file", "checkpoint-1"]
+
+
+def test_listing_reports_broken_directories_with_their_reason(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / "checkpoint-8" / "manifest.json").write_text("{")
+    entries = storage.list_checkpoints(str(tmp_path))
+    assert [e.committed for e in entries] == [False, False]
+    assert all(e.problem for e in entries)
+
+
+def test_manifest_bytes_are_read_without_following_symlinks(tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    real.write_text("{}")
+    (tmp_path / "manifest.json").symlink_to(real)
+    with pytest.raises(ManifestError, match="symlink"):
+        storage.read_manifest_bytes(str(tmp_path / "manifest.json"))
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
+    storage.atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
+    storage.atomic_write_bytes(str(tmp_path / "m.json"), b"[]")
+    assert os.listdir(tmp_path) == ["m.json"] and (tmp_path / "m.json").read_bytes() == b"[]"
