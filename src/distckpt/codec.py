@@ -69,7 +69,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Raw bytes of a contiguous CPU tensor, without copying."""
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
+    array: Any = t.detach().reshape(-1).view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
 
 
 def _plain_cpu(t: torch.Tensor, path: str) -> torch.Tensor:

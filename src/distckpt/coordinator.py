@@ -447,7 +447,7 @@ class CheckpointCoordinator:
                     "directories are ignored)"
                 )
             return latest
-        path = os.path.abspath(os.fspath(checkpoint_path))
+        path: str = os.path.abspath(os.fspath(checkpoint_path))
         if os.path.islink(path):
             raise CheckpointNotFoundError(f"{path}: checkpoint directory is a symlink; refusing to follow it")
         if not os.path.isdir(path):

@@ -10,9 +10,8 @@ path may be joined to a checkpoint directory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
+from dataclasses import dataclass
 
 from .patterns import SharingPattern
 from .topology import Topology, replica_sets

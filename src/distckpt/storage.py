@@ -9,6 +9,7 @@ coordinator decides which rank calls what.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -111,10 +112,8 @@ def write_file(path: str, chunks: Iterable[memoryview | bytes]) -> tuple[int, st
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
         raise
     os.close(fd)
     return size, f"{CHECKSUM_ALGORITHM}:{hasher.hexdigest()}"

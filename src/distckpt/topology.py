@@ -100,7 +100,7 @@ class Topology:
         for rank, node in enumerate(node_ids):
             by_node.setdefault(node, []).append(rank)
         names = {name for report in group_members for name in report}
-        groups: dict[str, list[tuple[int, ...]]] = {}
+        groups: dict[str, Partition] = {}
         for name in sorted(names):
             without = [r for r, report in enumerate(group_members) if name not in report]
             if without:
@@ -122,7 +122,7 @@ class Topology:
                         f"process group {name!r}: group {list(members)} was reported by ranks "
                         f"{sorted(reporters)}; every member must report the same members"
                     )
-            groups[name] = list(claimed)
+            groups[name] = tuple(claimed)
         return cls(world, tuple(tuple(v) for v in by_node.values()), groups)
 
     def node_index(self, rank: int) -> int:
