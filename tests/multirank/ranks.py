@@ -1,0 +1,155 @@
+"""Functions that run inside real gloo rank processes (module level, so they pickle)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distckpt import (
+    CheckpointCoordinator,
+    CheckpointManifest,
+    SharingPattern,
+    StateComponent,
+)
+from tests.helpers import Box
+
+
+def _mesh_groups(dims: list[tuple[str, int]]) -> dict[str, Any]:
+    """Real process groups for a row-major mesh (every rank creates every group, as torch requires)."""
+    world = dist.get_world_size()
+    sizes = [s for _, s in dims]
+    ranks = torch.arange(world).reshape(sizes)
+    mine: dict[str, Any] = {}
+    for d, (name, _) in enumerate(dims):
+        moved = ranks.movedim(d, -1).reshape(-1, sizes[d])
+        for row in moved.tolist():
+            group = dist.new_group(row, backend="gloo")
+            if dist.get_rank() in row:
+                mine[name] = group
+    return mine
+
+
+def _state_for(key: str, pattern: str, rank: int, node: int, groups: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Content consistent with the pattern: identical within a replica set, distinct across sets."""
+    if pattern in ("global", "replicated"):
+        tag = 0
+    elif pattern == "per_rank":
+        tag = rank
+    elif pattern == "per_node":
+        tag = 100 + node
+    else:
+        tag = 1000 + min(groups[key.split("_")[-1]])
+    g = torch.Generator().manual_seed(tag)
+    return {"w": torch.randn(4, 3, generator=g), "half": torch.randn(5, generator=g).bfloat16(),
+            "state": {0: {"exp_avg": torch.randn(3, generator=g), "step": tag}}, "tag": tag}
+
+
+def every_pattern(ctx: Any, dims: list[tuple[str, int]], use_mesh: bool) -> dict[str, Any]:
+    """Save every pattern (replicas validated), reload into fresh objects, report what happened."""
+    if use_mesh:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", tuple(s for _, s in dims), mesh_dim_names=tuple(n for n, _ in dims))
+        pgs: Any = mesh
+        members = {n: tuple(dist.get_process_group_ranks(mesh.get_group(n))) for n, _ in dims}
+    else:
+        pgs = _mesh_groups(dims)
+        members = {n: tuple(dist.get_process_group_ranks(g)) for n, g in pgs.items()}
+    rank, node = ctx.rank, int(os.environ["GROUP_RANK"])
+    decl = [("global", "global"), ("replicated", "replicated"), ("per_rank", "per_rank"), ("per_node", "per_node")]
+    decl += [(f"group_{n}", "per_group") for n, _ in dims]
+
+    def components(fresh: bool) -> list[StateComponent]:
+        out = []
+        for key, pattern in decl:
+            state = None if fresh else _state_for(key, pattern, rank, node, members)
+            out.append(StateComponent(
+                key, Box(state), pattern,
+                process_group_name=key.split("_")[-1] if pattern == "per_group" else None,
+                validate_replication=pattern in ("replicated", "per_node", "per_group")))
+        return out
+
+    saved = components(False)
+    coord = CheckpointCoordinator(saved, process_groups=pgs, output_dir=ctx.workdir, timeout=30)
+    path = coord.save_checkpoint(checkpoint_id="1")
+    fresh = components(True)
+    report = CheckpointCoordinator(fresh, process_groups=pgs, output_dir=ctx.workdir, timeout=30).load_checkpoint()
+    exact = all(
+        torch.equal(a.stateful.state["w"], b.stateful.state["w"])  # type: ignore[attr-defined]
+        and torch.equal(a.stateful.state["half"], b.stateful.state["half"])  # type: ignore[attr-defined]
+        and a.stateful.state["state"][0]["step"] == b.stateful.state["state"][0]["step"]  # type: ignore[attr-defined]
+        for a, b in zip(saved, fresh)
+    )
+    manifest = CheckpointManifest.load(path)
+    return {"path": path, "exact": exact, "files": dict(report.files),
+            "writers": {k: list(c.ranks) for k, c in manifest.components.items()},
+            "sets": {k: [list(s) for s in c.replicated_across] for k, c in manifest.components.items()},
+            "nodes": manifest.topology["nodes"]}
+
+
+def dp_tp(ctx: Any, perturb_rank: int | None) -> dict[str, Any]:
+    """The issue's acceptance layout: DP x TP = 2 x 4 on two nodes."""
+    groups = _mesh_groups([("dp", 2), ("tp", 4)])
+    rank = ctx.rank
+    tp = rank % 4
+
+    def model_state() -> dict[str, Any]:
+        g = torch.Generator().manual_seed(tp)
+        shard = torch.randn(8, 4, generator=g)
+        return {"layer.weight": shard, "opt": {"state": {0: {"exp_avg": shard * 0.1}}}}
+
+    def comps(model: Box, data: Box, sched: Box, rng: Box) -> list[StateComponent]:
+        return [StateComponent("model", model, SharingPattern.PER_GROUP, process_group_name="dp", validate_replication=True),
+                StateComponent("dataset", data, SharingPattern.PER_GROUP, process_group_name="tp"),
+                StateComponent("scheduler", sched, SharingPattern.REPLICATED),
+                StateComponent("rng", rng, SharingPattern.PER_RANK)]
+
+    model = model_state()
+    if perturb_rank == rank:
+        model["layer.weight"][3, 1] += 1.0
+    boxes = [Box(model), Box({"position": 17 + rank // 4}), Box({"last_epoch": 5}), Box({"seed": torch.tensor([rank])})]
+    coord = CheckpointCoordinator(comps(*boxes), process_groups=groups, output_dir=ctx.workdir, timeout=30)
+    path = coord.save_checkpoint(checkpoint_id="dp-tp")
+    fresh = [Box(), Box(), Box(), Box()]
+    CheckpointCoordinator(comps(*fresh), process_groups=groups, output_dir=ctx.workdir, timeout=30).load_checkpoint(path)
+    exact = (torch.equal(fresh[0].state["layer.weight"], model["layer.weight"])
+             and torch.equal(fresh[0].state["opt"]["state"][0]["exp_avg"], model["opt"]["state"][0]["exp_avg"])
+             and fresh[1].state == {"position": 17 + rank // 4} and fresh[2].state == {"last_epoch": 5}
+             and int(fresh[3].state["seed"]) == rank)
+    m = CheckpointManifest.load(path)
+    return {"exact": exact, "model": list(m.components["model"].ranks), "dataset": list(m.components["dataset"].ranks)}
+
+
+def fail_or_die_in_write(ctx: Any, victim: int, how: str) -> str:
+    """A first save succeeds; a second one fails on ``victim`` (raise or SIGKILL) during write."""
+    box = Box({"w": torch.full((4,), float(ctx.rank))})
+    first = CheckpointCoordinator([StateComponent("state", box, "per_rank")], output_dir=ctx.workdir,
+                                  timeout=8).save_checkpoint(checkpoint_id="good")
+
+    def hook(phase: str, rank: int) -> None:
+        if phase == "write" and rank == victim:
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(28, "No space left on device")
+
+    coord = CheckpointCoordinator([StateComponent("state", box, "per_rank")], output_dir=ctx.workdir,
+                                  timeout=8, phase_hook=hook)
+    try:
+        coord.save_checkpoint(checkpoint_id="bad")
+    finally:
+        assert coord.latest_checkpoint() == first
+    return "saved"
+
+
+def per_node_without_local_rank(ctx: Any) -> list[int]:
+    """PER_NODE writers come from GROUP_RANK even when LOCAL_RANK is unset."""
+    os.environ.pop("LOCAL_RANK", None)
+    node = int(os.environ["GROUP_RANK"])
+    coord = CheckpointCoordinator([StateComponent("cache", Box({"node": node}), "per_node", validate_replication=True)],
+                                  output_dir=ctx.workdir, timeout=30)
+    path = coord.save_checkpoint()
+    return list(CheckpointManifest.load(path).components["cache"].ranks)
