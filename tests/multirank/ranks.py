@@ -82,7 +82,7 @@ def every_pattern(ctx: Any, dims: list[tuple[str, int]], use_mesh: bool) -> dict
         torch.equal(a.stateful.state["w"], b.stateful.state["w"])  # type: ignore[attr-defined]
         and torch.equal(a.stateful.state["half"], b.stateful.state["half"])  # type: ignore[attr-defined]
         and a.stateful.state["state"][0]["step"] == b.stateful.state["state"][0]["step"]  # type: ignore[attr-defined]
-        for a, b in zip(saved, fresh)
+        for a, b in zip(saved, fresh, strict=True)
     )
     manifest = CheckpointManifest.load(path)
     return {"path": path, "exact": exact, "files": dict(report.files),

@@ -45,7 +45,7 @@ def test_single_process_round_trip_restores_model_and_optimizer(tmp_path: Path) 
     report = CheckpointCoordinator([StateComponent("model", model2, "global"),
                                     StateComponent("optimizer", opt2, "global")], output_dir=tmp_path).load_checkpoint()
     assert report.loaded == ("model", "optimizer") and report.path == path
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True))
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
     assert opt2.param_groups[0]["lr"] == 0.01
 
@@ -115,7 +115,7 @@ def test_dp_x_tp_declares_one_file_per_shard_and_loads_each_rank_its_own(tmp_pat
             c.stateful.state = None  # type: ignore[attr-defined]
         coordinator(comm, tmp_path, fresh, groups=mesh_groups(comm.rank, dims)).load_checkpoint()
         return all(repr(a.stateful.state) == repr(b.stateful.state)  # type: ignore[attr-defined]
-                   for a, b in zip(fresh, comps(comm.rank)))
+                   for a, b in zip(fresh, comps(comm.rank), strict=True))
 
     assert all_ok(threads(8, load, nodes=[0] * 4 + [1] * 4)) == [True] * 8
 
@@ -224,7 +224,8 @@ def test_an_existing_checkpoint_is_never_overwritten_unless_asked(tmp_path: Path
     box.state = {"v": 2}
     with pytest.raises(CheckpointExistsError):
         c.save_checkpoint(checkpoint_id="5")
-    assert CheckpointCoordinator([StateComponent("a", out := Box(), "global")], output_dir=tmp_path).load_checkpoint(path)
+    out = Box()
+    CheckpointCoordinator([StateComponent("a", out, "global")], output_dir=tmp_path).load_checkpoint(path)
     assert out.state == {"v": 1}
     c.save_checkpoint(checkpoint_id="5", overwrite=True)
     CheckpointCoordinator([StateComponent("a", out, "global")], output_dir=tmp_path).load_checkpoint(path)

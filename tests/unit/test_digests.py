@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from distckpt import ValidationLevel
-from distckpt.digests import STRUCTURE, compare_replicas, describe_difference, digest_state, quick_sample_indices
+from distckpt.digests import (
+    STRUCTURE,
+    compare_replicas,
+    describe_difference,
+    digest_state,
+    quick_sample_indices,
+)
 
 
 def optimizer_state() -> dict:

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from distckpt import CheckpointExistsError, IntegrityError, ManifestError
-from distckpt import storage
+from distckpt import CheckpointExistsError, IntegrityError, ManifestError, storage
 
 
 def test_write_file_hashes_what_it_writes(tmp_path: Path) -> None:
