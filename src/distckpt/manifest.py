@@ -216,7 +216,8 @@ class CheckpointManifest:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        """Indented JSON in which lists of plain values (rank lists) stay on one line."""
+        return _dumps(self.to_dict(), 0) + "\n"
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> CheckpointManifest:
@@ -291,6 +292,19 @@ class CheckpointManifest:
         if os.path.isdir(target):
             target = os.path.join(target, MANIFEST_NAME)
         return cls.from_json(read_manifest_bytes(target), where=target)
+
+
+def _dumps(value: Any, level: int) -> str:
+    pad = "  " * (level + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(k)}: {_dumps(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) and v for v in value):
+        if all(isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v) for v in value):
+            return json.dumps(value, allow_nan=False, separators=(", ", ": "))
+        items = [pad + _dumps(v, level + 1) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + "  " * level + "]"
+    return json.dumps(value, allow_nan=False, separators=(", ", ": "))
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
