@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from harness.world import WorldPool
 
 
-@pytest.fixture(scope="session")
-def pool() -> Iterator[WorldPool]:
-    with WorldPool(max_ranks=8) as p:
-        yield p
+@pytest.fixture
+def pool(world_pool: WorldPool) -> WorldPool:
+    return world_pool

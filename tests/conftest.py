@@ -1,0 +1,16 @@
+"""Fixtures shared by every test directory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def world_pool() -> Iterator[object]:
+    """One pool of warm rank processes for the whole session (torch imported once)."""
+    from harness.world import WorldPool
+
+    with WorldPool(max_ranks=8) as p:
+        yield p
