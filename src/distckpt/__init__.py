@@ -31,6 +31,7 @@ from .errors import (
     SerializationError,
     TopologyMismatchError,
 )
+from .handle import SaveHandle
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
 from .patterns import SharingPattern, StateComponent, Stateful, ValidationLevel
 from .report import LoadReport
@@ -52,6 +53,7 @@ __all__ = [
     "ManifestError",
     "RNGState",
     "ReplicationMismatchError",
+    "SaveHandle",
     "SerializationError",
     "SharingPattern",
     "StateComponent",

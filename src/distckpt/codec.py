@@ -73,7 +73,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def _plain_cpu(t: torch.Tensor, path: str) -> torch.Tensor:
+def _plain_cpu(t: torch.Tensor, path: str, copy: bool = False) -> torch.Tensor:
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         hint = " (DTensor: save t.to_local() or t.full_tensor())" if type(t).__name__ == "DTensor" else ""
         raise SerializationError(f"{path}: tensor subclass {type(t).__qualname__} is not serializable{hint}")
@@ -85,12 +85,20 @@ def _plain_cpu(t: torch.Tensor, path: str) -> torch.Tensor:
         raise SerializationError(f"{path}: meta tensors hold no data and cannot be saved")
     out = t.detach()
     if out.device.type != "cpu":
-        out = out.cpu()
+        if copy and torch.cuda.is_available():
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out)
+            out = host
+        else:
+            out = out.cpu()
     if out.is_conj():
         out = out.resolve_conj()
     if out.is_neg():
         out = out.resolve_neg()
-    return out.contiguous()
+    out = out.contiguous()
+    if copy and out.numel() and t.device.type == "cpu" and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        out = out.clone()
+    return out
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,8 @@ class EncodedState:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = False) -> None:
+        self.copy = copy
         self.tensors: list[tuple[str, torch.Tensor, str]] = []  # name, data, safetensors dtype
         self.extra: dict[str, dict[str, Any]] = {}
         self._alias: dict[tuple[Any, ...], str] = {}
@@ -161,7 +170,7 @@ class _Encoder:
         )
 
     def tensor(self, t: torch.Tensor, path: str) -> Any:
-        data = _plain_cpu(t, path)
+        data = _plain_cpu(t, path, self.copy)
         alias = None
         if t.numel() > 0 and t.layout is torch.strided:
             alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
@@ -224,9 +233,15 @@ def encode_leaf(obj: Any, path: str) -> Any:
     )
 
 
-def encode(state: Any) -> EncodedState:
-    """Encode a state dict; raises :class:`SerializationError` naming the first bad path."""
-    enc = _Encoder()
+def encode(state: Any, copy: bool = False) -> EncodedState:
+    """Encode a state dict; raises :class:`SerializationError` naming the first bad path.
+
+    Without ``copy``, contiguous CPU tensors are referenced, not copied (the
+    caller writes them before training mutates them). With ``copy`` every
+    tensor is snapshotted (into pinned host memory when it lives on a GPU), so
+    the result stays valid while training continues: used by async saves.
+    """
+    enc = _Encoder(copy)
     skeleton = enc.value(state, "")
     # Largest elements first, so every tensor starts aligned to its element size.
     order = sorted(enc.tensors, key=lambda item: -item[1].element_size())

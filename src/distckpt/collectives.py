@@ -67,6 +67,9 @@ class LocalComm:
     def node_id(self) -> str:
         return local_node_id()
 
+    def fork(self) -> LocalComm:
+        return LocalComm()
+
 
 class TorchComm:
     """torch.distributed world; objects travel on a dedicated gloo group with a timeout.
@@ -95,6 +98,10 @@ class TorchComm:
 
     def node_id(self) -> str:
         return local_node_id()
+
+    def fork(self) -> TorchComm:
+        """Collective: an independent channel (its own gloo group) among the same ranks."""
+        return TorchComm(self.timeout)
 
     def _key(self, seq: int, rank: int) -> str:
         return f"distckpt/{self._serial}/{seq}/{rank}"

@@ -17,16 +17,17 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from . import __version__, storage
-from .codec import decode, encode
+from .codec import EncodedState, decode, encode
 from .collectives import Comm, default_comm, exchange
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
 from .errors import (
@@ -37,6 +38,7 @@ from .errors import (
     ReplicationMismatchError,
     TopologyMismatchError,
 )
+from .handle import SaveHandle
 from .layout import ComponentPlan, plan_component
 from .legacy import is_legacy_checkpoint, load_legacy
 from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
@@ -49,6 +51,7 @@ __all__ = ["CheckpointCoordinator"]
 log = logging.getLogger("distckpt")
 
 PhaseHook = Callable[[str, int], None]
+_Job = tuple[str, str, EncodedState]  # component key, relative path, encoded file
 _DETAIL_LIMIT_BYTES = 64 * 1024 * 1024
 
 
@@ -125,6 +128,8 @@ class CheckpointCoordinator:
         self.phase_hook = phase_hook
         self._groups = _normalise_groups(process_groups)
         self._comm = default_comm(dist, seconds)
+        self._async_comm: Comm | None = None
+        self._pending: SaveHandle | None = None
         self._by_key = {c.key: c for c in self.components}
 
     # ------------------------------------------------------------------ public
@@ -147,6 +152,18 @@ class CheckpointCoordinator:
         committed = [e for e in storage.list_checkpoints(self.checkpoints_dir) if e.committed]
         return committed[-1].path if committed else None
 
+    @overload
+    def save_checkpoint(
+        self, checkpoint_path: str | os.PathLike[str] | None = ..., checkpoint_id: str | int | None = ...,
+        validate: bool = ..., *, overwrite: bool = ..., async_save: Literal[False] = ...,
+    ) -> str: ...
+
+    @overload
+    def save_checkpoint(
+        self, checkpoint_path: str | os.PathLike[str] | None = ..., checkpoint_id: str | int | None = ...,
+        validate: bool = ..., *, overwrite: bool = ..., async_save: Literal[True],
+    ) -> SaveHandle: ...
+
     def save_checkpoint(
         self,
         checkpoint_path: str | os.PathLike[str] | None = None,
@@ -154,7 +171,8 @@ class CheckpointCoordinator:
         validate: bool = False,
         *,
         overwrite: bool = False,
-    ) -> str:
+        async_save: bool = False,
+    ) -> str | SaveHandle:
         """Collective: save every component and return the committed path (same on every rank).
 
         ``checkpoint_path`` defaults to ``<output_dir>/checkpoints/checkpoint-<id>``;
@@ -163,26 +181,42 @@ class CheckpointCoordinator:
         those declared with ``validate_replication``. An existing committed
         checkpoint is replaced only with ``overwrite=True``.
 
+        With ``async_save=True`` the call returns a :class:`SaveHandle` as soon
+        as this rank's files are snapshotted to host memory (after plan and
+        validation); writing and commit go on in a background thread on a
+        channel of their own. A pending asynchronous save is always finished
+        (and its error raised) before the next save or load starts.
+
         On any failure on any rank, every rank raises the same
         :class:`CheckpointError` subclass naming the failing ranks, nothing
         becomes visible, and earlier checkpoints are untouched.
         """
+        self.wait()
         started = time.perf_counter()
         plan = self._plan_save(checkpoint_path, checkpoint_id, overwrite)
         try:
             states: dict[str, Any] = {}
             self._validate(plan, validate, states)
-            records = self._write(plan, states)
-            manifest = self._commit(plan, records, validate, overwrite)
+            if async_save:
+                return self._start_async(plan, states, validate, overwrite, started)
+            self._write_and_commit(self._comm, plan, self._encoder(plan, states, copy=False),
+                                   validate, overwrite, started)
         except BaseException:
             if self.rank == 0:
                 _remove_tree(plan.staging)
             raise
-        total = sum(c.size_bytes for c in manifest.components.values())
-        log.info("distckpt: saved %s (%d components, %d files, %d bytes) in %.3f s", plan.path,
-                 len(manifest.components), sum(len(c.files) for c in manifest.components.values()),
-                 total, time.perf_counter() - started)
         return plan.path
+
+    def wait(self) -> str | None:
+        """Finish a pending asynchronous save: its path, or ``None`` if there was none
+        (or it failed and :meth:`SaveHandle.result` already raised its error).
+
+        Raises the save's error otherwise (the same on every rank). Called by
+        every save and load; call it before a trainer that saved
+        asynchronously exits.
+        """
+        handle, self._pending = self._pending, None
+        return None if handle is None else handle._settle()
 
     def load_checkpoint(
         self, checkpoint_path: str | os.PathLike[str] | None = None, strict: bool = True
@@ -195,6 +229,7 @@ class CheckpointCoordinator:
         rejects components in the checkpoint that nobody declared. On any
         failure every rank raises the same :class:`CheckpointError` subclass.
         """
+        self.wait()
         started = time.perf_counter()
         path, manifest, topology = self._resolve(checkpoint_path)
         if manifest is None:
@@ -355,22 +390,75 @@ class CheckpointCoordinator:
             out.append(Mismatch(m.component, m.replica_set, m.groups, m.entries, details))
         return out
 
-    def _write(self, plan: _SavePlan, states: dict[str, Any]) -> dict[str, dict[str, tuple[int, str, int]]]:
+    def _encoder(self, plan: _SavePlan, states: dict[str, Any], copy: bool) -> Callable[[], Iterator[_Job]]:
+        """This rank's files to write, encoded lazily (sync) or snapshotted up front (async)."""
+        def jobs() -> Iterator[_Job]:
+            for c in self.components:
+                for f in plan.components[c.key].files:
+                    if f.writer == self.rank:
+                        yield c.key, f.path, encode(self._state(states, c.key), copy=copy)
+
+        if not copy:
+            return jobs
+        try:
+            snapshot = list(jobs())
+        except Exception as exc:  # reported through the write phase, so every rank hears it
+            error = exc
+
+            def failed() -> Iterator[_Job]:
+                raise error
+            return failed
+        return lambda: iter(snapshot)
+
+    def _start_async(self, plan: _SavePlan, states: dict[str, Any], validate: bool, overwrite: bool,
+                     started: float) -> SaveHandle:
+        if self._async_comm is None:
+            fork = getattr(self._comm, "fork", None)
+            if fork is None:
+                raise TypeError(f"async_save needs a Comm with fork(); {type(self._comm).__name__} has none")
+            self._async_comm = fork()
+        produce = self._encoder(plan, states, copy=True)
+        handle = SaveHandle(plan.path)
+        comm = self._async_comm
+        log.debug("distckpt: %s snapshotted in %.3f s; writing in the background", plan.path,
+                  time.perf_counter() - started)
+
+        def run() -> None:
+            try:
+                self._write_and_commit(comm, plan, produce, validate, overwrite, started)
+            except BaseException as exc:
+                if self.rank == 0:
+                    _remove_tree(plan.staging)
+                handle._finish(exc)
+            else:
+                handle._finish(None)
+
+        self._pending = handle
+        threading.Thread(target=run, name=f"distckpt-save-{plan.checkpoint_id}", daemon=False).start()
+        return handle
+
+    def _write_and_commit(self, comm: Comm, plan: _SavePlan, produce: Callable[[], Iterator[_Job]],
+                          validate: bool, overwrite: bool, started: float) -> None:
+        records = self._write(comm, plan, produce)
+        manifest = self._commit(comm, plan, records, validate, overwrite)
+        total = sum(c.size_bytes for c in manifest.components.values())
+        log.info("distckpt: saved %s (%d components, %d files, %d bytes) in %.3f s", plan.path,
+                 len(manifest.components), sum(len(c.files) for c in manifest.components.values()),
+                 total, time.perf_counter() - started)
+
+    def _write(self, comm: Comm, plan: _SavePlan,
+               produce: Callable[[], Iterator[_Job]]) -> dict[str, dict[str, tuple[int, str, int]]]:
         """Phase 3: each writer writes its sets' files into staging; all-gather the records."""
         def work() -> list[tuple[str, str, int, str]]:
             self._hook("write")
             written = []
-            for c in self.components:
-                for f in plan.components[c.key].files:
-                    if f.writer != self.rank:
-                        continue
-                    encoded = encode(self._state(states, c.key))
-                    storage.make_component_dir(plan.staging, c.key)
-                    size, checksum = storage.write_file(os.path.join(plan.staging, f.path), encoded.chunks())
-                    written.append((c.key, f.path, size, checksum))
+            for key, path, encoded in produce():
+                storage.make_component_dir(plan.staging, key)
+                size, checksum = storage.write_file(os.path.join(plan.staging, path), encoded.chunks())
+                written.append((key, path, size, checksum))
             return written
 
-        gathered = exchange(self._comm, "write", work)
+        gathered = exchange(comm, "write", work)
         records: dict[str, dict[str, tuple[int, str, int]]] = {}
         for rank, items in enumerate(gathered):
             for key, path, size, checksum in items:
@@ -378,10 +466,10 @@ class CheckpointCoordinator:
         return records
 
     def _commit(
-        self, plan: _SavePlan, records: Mapping[str, Mapping[str, tuple[int, str, int]]],
+        self, comm: Comm, plan: _SavePlan, records: Mapping[str, Mapping[str, tuple[int, str, int]]],
         validate: bool, overwrite: bool,
     ) -> CheckpointManifest:
-        """Phase 4: rank 0 writes the manifest last and renames staging into place."""
+        """Phase 4: every rank votes; then rank 0 writes the manifest last and renames staging into place."""
         validated = {c.key: c.validation_level.value for c in self._validated(validate)}
         manifest = _build_manifest(plan, self.components, records, validated)
 
@@ -398,10 +486,8 @@ class CheckpointCoordinator:
                 storage.commit_directory(plan.staging, plan.path, overwrite)
                 self._retain(plan.path)
 
-        # Every rank votes before anything becomes visible; then rank 0 renames
-        # and tells everyone whether it worked.
-        exchange(self._comm, "commit", prepare)
-        exchange(self._comm, "commit", publish)
+        exchange(comm, "commit", prepare)
+        exchange(comm, "commit", publish)
         return manifest
 
     def _retain(self, committed: str) -> None:

@@ -35,9 +35,18 @@ class ThreadWorld:
         self._barrier = threading.Barrier(world_size)
         self._slots: list[Any] = [None] * world_size
         self._phases: list[str | None] = [None] * world_size
+        self._children: list[ThreadWorld] = []
+        self._lock = threading.Lock()
 
     def comm(self, rank: int) -> ThreadComm:
         return ThreadComm(self, rank)
+
+    def child(self, index: int) -> ThreadWorld:
+        """The ``index``-th independent channel of this world (created on first use)."""
+        with self._lock:
+            while len(self._children) <= index:
+                self._children.append(ThreadWorld(self.world_size, self.nodes, self.timeout))
+            return self._children[index]
 
 
 class ThreadComm:
@@ -47,6 +56,13 @@ class ThreadComm:
         self.world = world
         self.rank = rank
         self.world_size = world.world_size
+        self._forks = 0
+
+    def fork(self) -> ThreadComm:
+        """An independent channel among the same ranks (ranks fork in the same order)."""
+        child = self.world.child(self._forks)
+        self._forks += 1
+        return child.comm(self.rank)
 
     def node_id(self) -> str:
         return f"node={self.world.nodes[self.rank]}"

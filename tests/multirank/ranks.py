@@ -153,3 +153,29 @@ def per_node_without_local_rank(ctx: Any) -> list[int]:
                                   output_dir=ctx.workdir, timeout=30)
     path = coord.save_checkpoint()
     return list(CheckpointManifest.load(path).components["cache"].ranks)
+
+
+def async_then_mutate(ctx: Any) -> bool:
+    """Async REPLICATED + PER_RANK save on gloo while the 'trainer' keeps mutating its tensors."""
+    model = torch.nn.Linear(32, 32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    mine = Box({"rank": torch.tensor([ctx.rank])})
+    comps = [StateComponent("model", model, "replicated", validate_replication=True),
+             StateComponent("rng", mine, "per_rank")]
+    coord = CheckpointCoordinator(comps, output_dir=ctx.workdir, timeout=30)
+    handle = coord.save_checkpoint(checkpoint_id="a", async_save=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    t = torch.ones(1)
+    dist.all_reduce(t)  # the trainer's own collectives keep working meanwhile
+    path = handle.result(60)
+    fresh = torch.nn.Linear(32, 32)
+    out = Box()
+    CheckpointCoordinator([StateComponent("model", fresh, "replicated"), StateComponent("rng", out, "per_rank")],
+                          output_dir=ctx.workdir, timeout=30).load_checkpoint(path)
+    return all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items()) and int(out.state["rank"]) == ctx.rank

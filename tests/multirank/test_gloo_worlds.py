@@ -84,3 +84,7 @@ def test_a_rank_killed_during_write_makes_survivors_raise_naming_it(pool: WorldP
 def test_per_node_writers_come_from_group_rank_when_local_rank_is_unset(pool: WorldPool, tmp_path: Path) -> None:
     results = pool.run_ok(WorldSpec(nodes=2, procs_per_node=3, workdir=tmp_path), ranks.per_node_without_local_rank, timeout=60)
     assert results == [[0, 3]] * 6
+
+
+def test_an_async_save_on_gloo_commits_the_snapshot_while_training_goes_on(pool: WorldPool, tmp_path: Path) -> None:
+    assert pool.run_ok(WorldSpec(nodes=2, procs_per_node=2, workdir=tmp_path), ranks.async_then_mutate, timeout=90) == [True] * 4

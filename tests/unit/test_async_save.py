@@ -1,0 +1,99 @@
+"""Asynchronous saves: snapshot semantics, background errors on every rank, same atomicity."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from distckpt import CheckpointCoordinator, CrossRankError, SaveHandle, StateComponent
+from distckpt.testing import ThreadComm
+from tests.helpers import Box, all_ok, threads
+
+
+def test_an_async_save_snapshots_state_so_later_training_does_not_leak_in(tmp_path: Path) -> None:
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    gate = threading.Event()
+
+    def hook(phase: str, rank: int) -> None:
+        if phase == "write":
+            gate.wait(10)  # hold the background writer until the trainer has moved on
+
+    coord = CheckpointCoordinator([StateComponent("model", model, "global"), StateComponent("opt", opt, "global")],
+                                  output_dir=tmp_path, phase_hook=hook)
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True)
+    assert isinstance(handle, SaveHandle) and not handle.done()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    gate.set()
+    assert handle.result(30) == str(tmp_path / "checkpoints" / "checkpoint-1")
+    restored = torch.nn.Linear(64, 64)
+    CheckpointCoordinator([StateComponent("model", restored, "global"), StateComponent("opt", torch.optim.AdamW(restored.parameters()), "global")],
+                          output_dir=tmp_path).load_checkpoint()
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_an_async_failure_on_one_rank_surfaces_on_every_rank_and_commits_nothing(tmp_path: Path) -> None:
+    def fn(comm: ThreadComm) -> list[str]:
+        def hook(phase: str, rank: int) -> None:
+            if phase == "write" and rank == 1 and "bad" in seen:
+                raise OSError(28, "No space left on device")
+
+        seen: set[str] = set()
+        coord = CheckpointCoordinator([StateComponent("s", Box({"w": torch.full((3,), float(comm.rank))}), "per_rank")],
+                                      dist=comm, output_dir=tmp_path, phase_hook=hook)
+        good = coord.save_checkpoint(checkpoint_id="good", async_save=True)
+        assert coord.wait() == good.path
+        seen.add("bad")
+        bad = coord.save_checkpoint(checkpoint_id="bad", async_save=True)
+        outcome = []
+        try:
+            bad.result(30)
+        except CrossRankError as exc:
+            outcome.append(f"{type(exc).__name__}:{sorted(exc.failures)}")
+        seen.clear()
+        assert coord.wait() is None  # result() already raised it: not raised twice
+        outcome.append(os.path.basename(coord.save_checkpoint(checkpoint_id="after")))
+        outcome.append(os.path.basename(str(coord.latest_checkpoint())))
+        return outcome
+
+    results = all_ok(threads(3, fn))
+    assert results == [["CrossRankError:[1]", "checkpoint-after", "checkpoint-after"]] * 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-after", "checkpoint-good"]
+
+
+def test_the_next_save_raises_a_pending_async_error_on_every_rank(tmp_path: Path) -> None:
+    def fn(comm: ThreadComm) -> str:
+        def hook(phase: str, rank: int) -> None:
+            if phase == "commit" and rank == 2:
+                raise RuntimeError("injected")
+
+        coord = CheckpointCoordinator([StateComponent("s", Box({"x": 1}), "replicated")], dist=comm,
+                                      output_dir=tmp_path, phase_hook=hook)
+        coord.save_checkpoint(async_save=True)
+        try:
+            coord.save_checkpoint()
+        except CrossRankError as exc:
+            return f"{exc.phase}:{sorted(exc.failures)}"
+        return "no error"
+
+    assert all_ok(threads(3, fn)) == ["commit:[2]"] * 3
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_async_saves_in_a_row_each_commit_in_order(tmp_path: Path) -> None:
+    box = Box({"step": 0})
+    coord = CheckpointCoordinator([StateComponent("t", box, "global")], output_dir=tmp_path, keep_last=2)
+    for step in range(1, 5):
+        box.state = {"step": step}
+        coord.save_checkpoint(checkpoint_id=str(step), async_save=True)
+    assert coord.wait() is not None
+    assert sorted(os.listdir(coord.checkpoints_dir)) == ["checkpoint-3", "checkpoint-4"]
+    out = Box()
+    CheckpointCoordinator([StateComponent("t", out, "global")], output_dir=tmp_path).load_checkpoint()
+    assert out.state == {"step": 4}
