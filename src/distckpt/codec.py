@@ -16,6 +16,8 @@ floats are JSON numbers, and every other value is a one-tag object such as
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import json
 import math
 import struct
@@ -63,6 +65,19 @@ def _dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise IntegrityError(f"unknown torch dtype {name!r} in checkpoint")
     return dtype
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while building many small objects (halves encode/decode time
+    for states of thousands of tensors); restores whatever state it found."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -242,7 +257,8 @@ def encode(state: Any, copy: bool = False) -> EncodedState:
     the result stays valid while training continues: used by async saves.
     """
     enc = _Encoder(copy)
-    skeleton = enc.value(state, "")
+    with _gc_paused():
+        skeleton = enc.value(state, "")
     # Largest elements first, so every tensor starts aligned to its element size.
     order = sorted(enc.tensors, key=lambda item: -item[1].element_size())
     entries: dict[str, Any] = {
@@ -273,17 +289,22 @@ def decode(buffer: bytearray | memoryview, where: str = "<buffer>") -> Any:
     if hlen > min(_HEADER_LIMIT, len(view) - 8):
         raise IntegrityError(f"{where}: header length {hlen} is out of bounds")
     try:
-        header = json.loads(bytes(view[8:8 + hlen]).decode("utf-8"))
-        meta = header.pop("__metadata__", None) or {}
-        tensors = {name: _tensor_at(buffer, info, 8 + hlen, len(view)) for name, info in header.items()}
-        skeleton = meta.get(SKELETON_KEY)
-        if skeleton is None:
-            return tensors
-        return _Decoder(tensors).value(json.loads(skeleton))
+        with _gc_paused():
+            return _decode(buffer, view, hlen)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise IntegrityError(f"{where}: malformed safetensors content ({exc})") from None
+
+
+def _decode(buffer: bytearray | memoryview, view: memoryview, hlen: int) -> Any:
+    header = json.loads(bytes(view[8:8 + hlen]).decode("utf-8"))
+    meta = header.pop("__metadata__", None) or {}
+    tensors = {name: _tensor_at(buffer, info, 8 + hlen, len(view)) for name, info in header.items()}
+    skeleton = meta.get(SKELETON_KEY)
+    if skeleton is None:
+        return tensors
+    return _Decoder(tensors).value(json.loads(skeleton))
 
 
 def _tensor_at(buffer: bytearray | memoryview, info: dict[str, Any], start: int, end: int) -> torch.Tensor:

@@ -51,6 +51,7 @@ log = logging.getLogger("distckpt")
 
 CHECKSUM_ALGORITHM = "xxh3-128"
 _WRITE_CHUNK = 64 * 1024 * 1024
+_COALESCE_BELOW = 4 * 1024 * 1024
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -103,12 +104,24 @@ def write_file(path: str, chunks: Iterable[memoryview | bytes]) -> tuple[int, st
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
     hasher = new_hasher()
     size = 0
+    pending = bytearray()  # small chunks are coalesced: one syscall per few MB, not per tensor
     try:
         for chunk in chunks:
             view = memoryview(chunk)
             hasher.update(view)
-            _write_all(fd, view)
             size += view.nbytes
+            if view.nbytes < _COALESCE_BELOW:
+                pending += view
+                if len(pending) >= _COALESCE_BELOW:
+                    _write_all(fd, memoryview(pending))
+                    pending.clear()
+                continue
+            if pending:
+                _write_all(fd, memoryview(pending))
+                pending.clear()
+            _write_all(fd, view)
+        if pending:
+            _write_all(fd, memoryview(pending))
         os.fsync(fd)
     except BaseException:
         os.close(fd)
