@@ -1,15 +1,25 @@
 """CheckpointCoordinator: one collective save and one collective load.
 
-Save is four phases, each ending in one error-carrying all-gather
-(:func:`~distckpt.collectives.exchange`): **plan** (rank 0 fixes path and id;
-every rank reports its node, groups and declarations), **validate** (replica
-digests compared member against member), **write** (each set's lowest rank
-writes its file into a staging directory) and **commit** (every rank votes;
-only then does rank 0 write the manifest last, rename the staging directory
-into place and report back). Load is two:
-**resolve** (rank 0 finds the checkpoint and parses its manifest; every rank
-checks compatibility before reading data) and **read**. The number of
-collectives does not depend on the number of components.
+A save runs named phases, each ending in an error-carrying all-gather
+(:func:`~distckpt.collectives.exchange`), so a failure anywhere is raised
+everywhere at the same step:
+
+1. **plan**: rank 0 fixes path, id and sequence and creates the staging
+   directory; every rank reports its node, groups and declarations; every rank
+   checks agreement and derives the same file plan.
+2. **validate** (only when a component asks for it): replica digests are
+   compared member against member; the verdict is identical on every rank.
+3. **write**: the lowest rank of every replica set writes that set's file
+   into staging, hashing while writing.
+4. **commit**: every rank votes; only then does rank 0 write the manifest last,
+   rename staging to the final name, apply retention, and report back.
+
+With ``async_save=True`` phases 3 and 4 run in a background thread on a
+channel of their own, after this rank's files were snapshotted to host memory.
+
+A load runs **resolve** (rank 0 finds the checkpoint and parses the manifest;
+every rank checks compatibility before any data is read) and **read**. The
+number of collectives does not depend on the number of components.
 """
 
 from __future__ import annotations
