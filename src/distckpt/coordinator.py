@@ -687,7 +687,7 @@ def _build_manifest(
             validation=validated.get(c.key),
             size_bytes=sum(f.size_bytes for f in files),
             checksum=storage.checksum_of("\n".join(f.checksum for f in files).encode()),
-            metadata=_json_metadata(c),
+            metadata=dict(c.metadata or {}),
         )
     return CheckpointManifest(
         checkpoint_id=plan.checkpoint_id,
@@ -699,17 +699,6 @@ def _build_manifest(
         library_version=__version__,
         pytorch_version=torch.__version__,
     )
-
-
-def _json_metadata(c: StateComponent) -> dict[str, Any]:
-    import json
-
-    meta = dict(c.metadata or {})
-    try:
-        json.dumps(meta, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"component {c.key!r}: metadata must be JSON-serializable ({exc})") from None
-    return meta
 
 
 def _normalise_groups(process_groups: Any) -> dict[str, Any]:

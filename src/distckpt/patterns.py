@@ -7,6 +7,7 @@ declaration fails at the line that wrote it, before any rank touches the disk.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -126,7 +127,8 @@ class StateComponent:
     - ``stateful`` lacks ``state_dict``/``load_state_dict``;
     - ``process_group_name`` is missing for ``PER_GROUP`` or given for another pattern;
     - ``validate_replication`` is set on ``GLOBAL`` or ``PER_RANK`` (nothing to compare);
-    - ``validation_level`` is not a level.
+    - ``validation_level`` is not a level;
+    - ``metadata`` is not a JSON object (it is recorded in the manifest).
     """
 
     key: str
@@ -174,6 +176,10 @@ class StateComponent:
         meta = {} if self.metadata is None else self.metadata
         if not isinstance(meta, Mapping):
             raise ValueError(f"metadata: expected a mapping, got {type(meta).__name__}")
+        try:
+            json.dumps(dict(meta), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata: component {self.key!r} metadata must be plain JSON ({exc})") from None
         object.__setattr__(self, "metadata", MappingProxyType(dict(meta)))
 
     def describe(self) -> tuple[str, str, str | None]:

@@ -67,3 +67,9 @@ def test_declarations_are_frozen() -> None:
     c = StateComponent("m", torch.nn.Linear(1, 1), "global")
     with pytest.raises(AttributeError):
         c.key = "other"  # type: ignore[misc]
+
+
+def test_metadata_must_be_plain_json_because_it_goes_into_the_manifest() -> None:
+    assert dict(StateComponent("m", Box(), "global", metadata={"note": [1, "x"]}).metadata or {}) == {"note": [1, "x"]}
+    with pytest.raises(ValueError, match="metadata"):
+        StateComponent("m", Box(), "global", metadata={"t": torch.zeros(1)})
