@@ -41,7 +41,6 @@ from .codec import EncodedState, decode, encode
 from .collectives import Comm, default_comm, exchange
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
 from .errors import (
-    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ComponentMismatchError,
