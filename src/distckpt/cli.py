@@ -632,6 +632,12 @@ def _diff_component(pa: str, ca: ComponentManifest, pb: str, cb: ComponentManife
             continue
         ea, eb = fa[path], fb[path]
         if ea.size_bytes == eb.size_bytes and ea.checksum == eb.checksum:
+            # Same recorded content: only make sure both files still hold it.
+            for side, root, entry in (("A", pa, ea), ("B", pb, eb)):
+                problem = _check_file(storage.safe_join(root, entry.path), entry, _Progress(0, sys.stderr, False))
+                if problem is not None:
+                    raise CLIError(f"cannot compare {path}: {side}'s copy is damaged ({problem}); "
+                                   f"run `distckpt verify` on it")
             continue
         try:
             entries = compare_states(read_state(pa, ea), read_state(pb, eb))
