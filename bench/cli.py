@@ -1,0 +1,165 @@
+"""``python -m bench``: distckpt against the alternatives and the disk's limit (issue 5)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from . import report
+from .workloads import WORKLOADS, effective_scale, fmt_bytes
+
+BASE_METHODS = ["physical", "distckpt", "distckpt-nohash", "distckpt-quick", "distckpt-tensor", "distckpt-full",
+                "torch.save-all", "torch.save-writers", "dcp"]
+PROTO_METHODS = ["proto-async", "proto-balanced", "proto-bcast", "proto-inplace"]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scale", type=float, default=None,
+                   help="size factor of every workload (1.0 = the issue's sizes); default 0.05 (quick)")
+    p.add_argument("--full", action="store_true", help="the issue's sizes (scale 1.0), capped by --mem-budget-gb")
+    p.add_argument("--smoke", action="store_true", help="tiny run (< 30 s): scale 0.01, worlds 1,2, one repetition")
+    p.add_argument("--worlds", default=None, help="comma-separated world sizes (default 1,2,4,8)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    p.add_argument("--reps", type=int, default=None, help="measured repetitions per method (median reported); default 3")
+    p.add_argument("--warmup", type=int, default=None, help="discarded repetitions first; default 1")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before every load (needs root)")
+    p.add_argument("--mem-budget-gb", type=float, default=3.0,
+                   help="cap on the state held by all ranks of a world together; the per-rank size shrinks to fit")
+    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir under $TMPDIR)")
+    p.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
+    p.add_argument("--png", dest="png_path", default=None, help="write a chart to this PNG file (needs matplotlib)")
+    p.add_argument("--no-protos", action="store_true", help="skip the prototypes of library changes")
+    p.add_argument("--no-validation", action="store_true", help="skip the validation-level saves")
+    p.add_argument("--no-paper", action="store_true", help="skip the in-process scale-on-paper measurement")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also cProfile one in-process distckpt save/load of big and small; write .txt/.pstats there")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for one world")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.scale = 0.01 if args.scale is None else args.scale
+        args.worlds = args.worlds or "1,2"
+        args.reps = 1 if args.reps is None else args.reps
+        args.warmup = 0 if args.warmup is None else args.warmup
+    if args.full and args.scale is None:
+        args.scale = 1.0
+    args.scale = 0.05 if args.scale is None else args.scale
+    args.worlds = [int(w) for w in (args.worlds or "1,2,4,8").split(",")]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r}")
+    args.reps = 3 if args.reps is None else args.reps
+    args.warmup = 1 if args.warmup is None else args.warmup
+    return args
+
+
+def environment(args: argparse.Namespace, root: str) -> dict[str, Any]:
+    import torch
+
+    import distckpt
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "distckpt": distckpt.__version__,
+        "cpus": os.cpu_count(), "platform": platform.platform(), "dir": root,
+        "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        import psutil
+
+        env["memory_total"] = psutil.virtual_memory().total
+    except ImportError:
+        pass
+    du = shutil.disk_usage(root)
+    env["disk_free"] = du.free
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        from harness.world import WorldPool, WorldSpec
+    except ImportError as exc:
+        print(f"bench needs the project's harness package (harness/world.py): {exc}", file=sys.stderr)
+        return 2
+    from .ranks import drop_caches, run_case
+
+    root = args.dir or tempfile.mkdtemp(prefix="distckpt-bench-")
+    os.makedirs(root, exist_ok=True)
+    env = environment(args, root)
+    if args.cold and not drop_caches():
+        print("--cold: cannot drop the page cache here (not root?); reads will be warm", file=sys.stderr)
+        args.cold = False
+    methods = list(BASE_METHODS)
+    if args.no_validation:
+        methods = [m for m in methods if m not in ("distckpt-quick", "distckpt-tensor", "distckpt-full")]
+    if not args.no_protos:
+        methods += PROTO_METHODS
+    print(f"distckpt bench: scale={args.scale:g} worlds={args.worlds} workloads={args.workloads} "
+          f"reps={args.reps} (+{args.warmup} warm-up, medians of the slowest rank) "
+          f"reads={'cold (page cache dropped)' if args.cold else 'warm (page cache)'}")
+    print(f"machine: {env['cpus']} cpus, torch {env['torch']}, load average {env['load_before'][0]:.2f}, "
+          f"checkpoints in {root} ({fmt_bytes(env['disk_free'])} free); memory budget "
+          f"{args.mem_budget_gb:g} GB of state per world", flush=True)
+    cases: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with WorldPool(max_ranks=max(args.worlds)) as pool:
+        pool.warm_up(max(args.worlds))
+        for workload in args.workloads:
+            for world in args.worlds:
+                scale = effective_scale(workload, world, args.scale, args.mem_budget_gb * 1e9)
+                cfg = {"workload": workload, "scale": scale, "reps": args.reps, "warmup": args.warmup,
+                       "cold": args.cold, "methods": methods, "root": root}
+                t0 = time.perf_counter()
+                ranks = pool.run_ok(WorldSpec(nodes=1, procs_per_node=world), run_case, cfg, timeout=args.timeout)
+                case = report.aggregate(workload, world, scale, args.warmup, ranks)
+                case["wall_s"] = time.perf_counter() - t0
+                case["load_avg"] = os.getloadavg()[0]
+                cases.append(case)
+                print(report.case_table(case) + f"\n   ({case['wall_s']:.1f} s, load average {case['load_avg']:.2f})",
+                      flush=True)
+    gs = report.goals(cases)
+    print(report.summary_tables(cases))
+    paper = None
+    if not args.no_paper:
+        from . import paper as paper_mod
+
+        paper = paper_mod.run((1024,) if args.smoke else (1024, 16384))
+        print(report.paper_table(paper))
+    print(report.goals_table(gs))
+    profiles = []
+    if args.profile:
+        from .profiling import profile
+
+        os.makedirs(args.profile, exist_ok=True)
+        for w in ("big", "small"):
+            prof = profile(w, effective_scale(w, 1, args.scale, args.mem_budget_gb * 1e9), args.profile)
+            profiles.append(prof)
+            for what in ("save", "load"):
+                print(f"\n== cProfile: distckpt {what} of {w} (world 1, in-process, {prof[what]['wall_s']:.3f} s)")
+                print("\n".join(prof[what]["top_tottime"]))
+    env["load_after"] = os.getloadavg()
+    env["wall_s"] = time.perf_counter() - started
+    print(f"\ntotal {env['wall_s']:.1f} s; load average before {env['load_before'][0]:.2f}, after "
+          f"{env['load_after'][0]:.2f} (other work on this machine makes timings noisy: compare ratios)")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "environment": env, "cases": cases,
+                       "goals": gs, "paper": paper, "profiles": profiles}, f, indent=1, default=str)
+        print(f"wrote {args.json_path}")
+    if args.png_path:
+        if report.chart(cases, args.png_path):
+            print(f"wrote {args.png_path}")
+        else:
+            print("--png: matplotlib is not installed; no chart (pip install -c constraints.txt matplotlib)")
+    if not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0

@@ -1,0 +1,171 @@
+"""Scale on paper: planning, manifest and collective counts for worlds we cannot launch.
+
+Everything here runs in-process on the library's pure modules, exactly as the
+coordinator calls them on every rank (``Topology.from_reports``, then
+``layout.plan_component`` per component), for a DP x PP x TP mesh of 1,024 or
+16,384 ranks with 8 ranks per node. It also sizes what the collectives would
+carry: ``torch.distributed.all_gather_object`` pads every rank's payload to the
+largest one, so a phase in which only rank 0 carries something big (the
+manifest, in the load's *resolve* phase) makes every rank receive
+``world x that size``.
+
+The collective count is measured, not derived: a :class:`distckpt.testing.ThreadComm`
+world runs real saves and loads with 1 and with 50 components while every
+``all_gather`` call is counted.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tempfile
+import time
+from typing import Any
+
+MESHES = {1024: (16, 8, 8), 16384: (256, 8, 8)}  # (dp, pp, tp)
+RANKS_PER_NODE = 8
+
+
+def _components() -> list[tuple[str, str, str | None]]:
+    return [
+        ("model", "per_group", "dp"),
+        ("optimizer", "per_group", "dp"),
+        ("dataloader", "per_group", "mp"),
+        ("rng", "per_rank", None),
+        ("scheduler", "replicated", None),
+        ("node_cache", "per_node", None),
+    ]
+
+
+def _reports(world: int, dims: tuple[int, int, int]) -> tuple[list[str], list[dict[str, tuple[int, ...]]]]:
+    dp, pp, tp = dims
+    assert dp * pp * tp == world
+
+    def rank_of(d: int, p: int, t: int) -> int:
+        return (d * pp + p) * tp + t
+
+    nodes = [f"host-{r // RANKS_PER_NODE:05d}" for r in range(world)]
+    groups: list[dict[str, tuple[int, ...]]] = []
+    for r in range(world):
+        d, rest = divmod(r, pp * tp)
+        p, t = divmod(rest, tp)
+        groups.append({
+            "dp": tuple(rank_of(x, p, t) for x in range(dp)),
+            "pp": tuple(rank_of(d, x, t) for x in range(pp)),
+            "tp": tuple(rank_of(d, p, x) for x in range(tp)),
+            "mp": tuple(range(d * pp * tp, (d + 1) * pp * tp)),
+        })
+    return nodes, groups
+
+
+def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
+    from distckpt import CheckpointManifest, ComponentManifest, FileEntry, SharingPattern
+    from distckpt.layout import plan_component
+    from distckpt.topology import Topology
+
+    dims = MESHES[world]
+    nodes, groups = _reports(world, dims)
+    comps = _components()
+    best: dict[str, float] = {}
+
+    def clock(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        best[name] = min(best.get(name, float("inf")), now - t0)
+        return now
+
+    manifest_json = ""
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        topo = Topology.from_reports(nodes, groups)
+        t0 = clock("topology_s", t0)
+        plans = {key: plan_component(topo, key, SharingPattern(pat), group) for key, pat, group in comps}
+        t0 = clock("plan_s", t0)
+        entries = {}
+        for key, pat, group in comps:
+            cp = plans[key]
+            files = tuple(FileEntry(path=f.path, ranks=f.ranks, writer=f.writer, size_bytes=123_456_789,
+                                    checksum="xxh3-128:" + "0123456789abcdef" * 2) for f in cp.files)
+            entries[key] = ComponentManifest(
+                key=key, sharing_pattern=SharingPattern(pat), group_name=group, ranks=cp.writers,
+                replicated_across=cp.replica_sets, files=files, size_bytes=sum(f.size_bytes for f in files),
+                checksum="xxh3-128:" + "f" * 32)
+        manifest = CheckpointManifest(checkpoint_id="1000", world_size=world, timestamp="2025-01-01T00:00:00Z",
+                                      components=entries, topology=topo.to_dict(), sequence=1,
+                                      library_version="bench", pytorch_version="bench")
+        t0 = clock("manifest_build_s", t0)
+        manifest_json = manifest.to_json()
+        t0 = clock("to_json_s", t0)
+        parsed = CheckpointManifest.from_json(manifest_json.encode())
+        t0 = clock("from_json_s", t0)
+        for key, _, _ in comps:
+            parsed.components[key].file_for_rank(world - 1)
+        clock("find_file_last_rank_s", t0)
+    # What the plan and resolve all-gathers carry (pickled, as all_gather_object sends it).
+    decl = [(k, p, g, True, False, "tensor") for k, p, g in comps]
+    report = {"node": nodes[-1], "groups": groups[-1], "declarations": decl}
+    report_bytes = len(pickle.dumps(report))
+    manifest_dict_bytes = len(pickle.dumps(parsed.to_dict()))
+    n_files = sum(len(plans[k].files) for k, _, _ in comps)
+    return {
+        "world": world, "mesh": {"dp": dims[0], "pp": dims[1], "tp": dims[2]},
+        "components": len(comps), "files": n_files,
+        **best,
+        "plan_total_s": best["topology_s"] + best["plan_s"],
+        "manifest_bytes": len(manifest_json.encode()),
+        "plan_gather_bytes_per_rank": report_bytes,
+        "plan_gather_received_per_rank": report_bytes * world,
+        "resolve_gather_received_per_rank": (manifest_dict_bytes + report_bytes) * world,
+        "manifest_pickled_bytes": manifest_dict_bytes,
+    }
+
+
+def count_collectives(world: int = 4, component_counts: tuple[int, ...] = (1, 50)) -> dict[str, Any]:
+    """all_gather calls per rank for a save (plain and validated) and a load, by component count."""
+    import torch
+
+    from distckpt import CheckpointCoordinator, StateComponent
+    from distckpt.testing import ThreadComm, ThreadWorld, run_threads
+
+    from .workloads import Holder
+
+    calls: dict[int, int] = {}
+    original = ThreadComm.all_gather
+
+    def counting(self: ThreadComm, obj: Any, phase: str) -> list[Any]:
+        calls[self.rank] = calls.get(self.rank, 0) + 1
+        return original(self, obj, phase)
+
+    out: dict[str, Any] = {"world": world, "by_components": {}}
+    ThreadComm.all_gather = counting  # type: ignore[method-assign]
+    try:
+        for n in component_counts:
+            with tempfile.TemporaryDirectory(prefix="distckpt-bench-") as tmp:
+                def comps(validate: bool) -> list[StateComponent]:
+                    return [StateComponent(f"c{i:03d}", Holder({"w": torch.full((4,), float(i))}),
+                                           "replicated", validate_replication=validate) for i in range(n)]
+
+                row = {}
+                for what in ("save", "save_validated", "load"):
+                    calls.clear()
+
+                    def fn(comm: ThreadComm, what: str = what) -> Any:
+                        c = CheckpointCoordinator(comps(what == "save_validated"), dist=comm, output_dir=tmp)
+                        if what == "load":
+                            return c.load_checkpoint()
+                        return c.save_checkpoint(checkpoint_id=what, overwrite=True)
+
+                    results = run_threads(ThreadWorld(world), fn)
+                    errors = [r for r in results if isinstance(r, BaseException)]
+                    if errors:
+                        raise errors[0]
+                    per_rank = sorted(set(calls.values()))
+                    row[what] = per_rank[0] if len(per_rank) == 1 else per_rank
+                out["by_components"][n] = row
+    finally:
+        ThreadComm.all_gather = original  # type: ignore[method-assign]
+    rows = list(out["by_components"].values())
+    out["constant"] = all(r == rows[0] for r in rows)
+    return out
+
+
+def run(worlds: tuple[int, ...] = (1024, 16384)) -> dict[str, Any]:
+    return {"plans": [plan_at_scale(w) for w in worlds], "collectives": count_collectives()}

@@ -1,0 +1,301 @@
+"""Aggregation of the ranks' raw timings, goals, the stdout tables and the PNG chart."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from .workloads import fmt_bytes, mesh_shape
+
+ALTERNATIVES = ("torch.save-all", "torch.save-writers", "dcp")
+LABELS = {
+    "physical": "physical limit",
+    "distckpt": "distckpt",
+    "distckpt-nohash": "distckpt, no checksum",
+    "distckpt-quick": "distckpt +validate quick",
+    "distckpt-tensor": "distckpt +validate tensor",
+    "distckpt-full": "distckpt +validate full",
+    "torch.save-all": "torch.save, every rank",
+    "torch.save-writers": "torch.save, set writers",
+    "dcp": "torch DCP (FileSystem)",
+    "proto-async": "proto: async save",
+    "proto-balanced": "proto: balanced writes",
+    "proto-bcast": "proto: read + broadcast",
+    "proto-inplace": "proto: read into tensors",
+}
+PATTERNS = {"big": "REPLICATED", "small": "REPLICATED", "hybrid": 'PER_GROUP("dp")', "rng": "PER_RANK"}
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _slowest(per_rank: list[list[dict[str, Any]]], warmup: int, key: str = "s") -> list[float]:
+    reps = len(per_rank[0])
+    return [max(r[i].get(key, 0.0) for r in per_rank) for i in range(warmup, reps)]
+
+
+def aggregate(workload: str, world: int, scale: float, warmup: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case from every rank's raw result."""
+    r0 = ranks[0]
+    methods: dict[str, dict[str, Any]] = {}
+    for m in r0["methods"]:
+        row: dict[str, Any] = {"label": LABELS.get(m, m)}
+        if m in r0["saves"]:
+            per = [r["saves"][m] for r in ranks]
+            reps = _slowest(per, warmup)
+            row.update(save_s=_median(reps), save_reps=reps, written=r0["written"].get(m),
+                       save_peak_rss=max(x["peak"] for p in per for x in p[warmup:]),
+                       save_rss_delta=max(x["peak"] - x["base"] for p in per for x in p[warmup:]))
+            if m == "proto-async":
+                row["blocking_s"] = _median(_slowest(per, warmup, "blocking_s"))
+        if m in r0["loads"]:
+            per = [r["loads"][m] for r in ranks]
+            reps = _slowest(per, warmup)
+            row.update(load_s=_median(reps), load_reps=reps,
+                       load_peak_rss=max(x["peak"] for p in per for x in p[warmup:]),
+                       load_rss_delta=max(x["peak"] - x["base"] for p in per for x in p[warmup:]))
+            if m != "physical":
+                row["verified"] = all(r["verified"].get(m, False) for r in ranks)
+        methods[m] = row
+    case: dict[str, Any] = {
+        "workload": workload, "world": world, "pattern": PATTERNS.get(workload, ""),
+        "mesh": "dp{}xtp{}".format(*mesh_shape(world)) if workload == "hybrid" else None,
+        "scale": scale, "rank_bytes": r0["rank_bytes"], "rank_tensors": r0["rank_tensors"],
+        "unique_bytes": r0["unique"], "cold_reads": bool(r0.get("cold")),
+        "hash_write_s": max(r["hash"]["write_s"] for r in ranks),
+        "hash_read_s": max(r["hash"]["read_s"] for r in ranks),
+        "methods": methods,
+    }
+    _ratios(case)
+    return case
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b != b or a != a or b <= 0:
+        return None
+    return a / b
+
+
+def _ratios(case: dict[str, Any]) -> None:
+    ms = case["methods"]
+    phys = ms.get("physical", {})
+    for row in ms.values():
+        row["save_x_phys"] = _ratio(row.get("save_s"), phys.get("save_s"))
+        row["load_x_phys"] = _ratio(row.get("load_s"), phys.get("load_s"))
+        row["written_x_unique"] = _ratio(row.get("written"), case["unique_bytes"])
+        row["save_MBps"] = _ratio(case["unique_bytes"] / 1e6, row.get("save_s"))
+        row["load_MBps"] = _ratio(case["unique_bytes"] / 1e6, row.get("load_s"))
+    d = ms.get("distckpt", {})
+    # speedup_vs[alt] = alt time / distckpt time: > 1 means distckpt is faster.
+    d["speedup_vs"] = {
+        alt: {"save": _ratio(ms[alt].get("save_s"), d.get("save_s")),
+              "load": _ratio(ms[alt].get("load_s"), d.get("load_s"))}
+        for alt in (*ALTERNATIVES, "physical") if alt in ms
+    }
+    over: dict[str, Any] = {}
+    for level in ("quick", "tensor", "full"):
+        v = ms.get(f"distckpt-{level}")
+        if v is not None:
+            over[f"validate_{level}"] = _minus1(_ratio(v.get("save_s"), d.get("save_s")))
+    nh = ms.get("distckpt-nohash")
+    if nh is not None:
+        over["checksum_save"] = _minus1(_ratio(d.get("save_s"), nh.get("save_s")))
+        over["checksum_load"] = _minus1(_ratio(d.get("load_s"), nh.get("load_s")))
+    over["xxh3_est_save"] = _ratio(case["hash_write_s"], d.get("save_s"))
+    over["xxh3_est_load"] = _ratio(case["hash_read_s"], d.get("load_s"))
+    case["overheads"] = over
+    pa = ms.get("proto-async")
+    if pa is not None:
+        case["async_blocking_x_sync"] = _ratio(pa.get("blocking_s"), d.get("save_s"))
+
+
+def _minus1(x: float | None) -> float | None:
+    return None if x is None else x - 1.0
+
+
+# ------------------------------------------------------------------- goals
+
+def goals(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def worst(name: str, target: str, values: list[tuple[float, str]], limit: float, higher_is_better: bool = False,
+              note: str = "") -> None:
+        values = [(v, c) for v, c in values if v is not None]
+        if not values:
+            out.append({"goal": name, "target": target, "met": None, "worst": None, "case": None, "note": "not measured"})
+            return
+        v, c = (min if higher_is_better else max)(values)
+        met = v >= limit if higher_is_better else v <= limit
+        out.append({"goal": name, "target": target, "met": met, "worst": v, "case": c, "note": note})
+
+    def cname(c: dict[str, Any]) -> str:
+        return f"{c['workload']}/w{c['world']}"
+
+    def d(c: dict[str, Any]) -> dict[str, Any]:
+        return c["methods"].get("distckpt", {})
+
+    worst("save big <= 1.25x physical write", "<= 1.25", [(d(c).get("save_x_phys"), cname(c)) for c in cases
+                                                           if c["workload"] == "big"], 1.25)
+    worst("save small <= 2x physical write", "<= 2.0", [(d(c).get("save_x_phys"), cname(c)) for c in cases
+                                                         if c["workload"] == "small"], 2.0)
+    worst("faster than DCP, save, every case", "speed-up > 1",
+          [(d(c)["speedup_vs"].get("dcp", {}).get("save"), cname(c)) for c in cases], 1.0, True)
+    worst("faster than DCP, load, every case", "speed-up > 1",
+          [(d(c)["speedup_vs"].get("dcp", {}).get("load"), cname(c)) for c in cases], 1.0, True)
+    worst(">= 5x faster than DCP on small, save", "speed-up >= 5",
+          [(d(c)["speedup_vs"].get("dcp", {}).get("save"), cname(c)) for c in cases if c["workload"] == "small"],
+          5.0, True)
+    worst(">= 5x faster than DCP on small, load", "speed-up >= 5",
+          [(d(c)["speedup_vs"].get("dcp", {}).get("load"), cname(c)) for c in cases if c["workload"] == "small"],
+          5.0, True)
+    worst("load <= 1.25x physical read (big, small, hybrid)", "<= 1.25",
+          [(d(c).get("load_x_phys"), cname(c)) for c in cases if c["workload"] != "rng"], 1.25,
+          note="rng (a few KiB per rank) is all fixed cost and is reported, not judged")
+    worst("load <= 1.25x physical read, world 1 only", "<= 1.25",
+          [(d(c).get("load_x_phys"), cname(c)) for c in cases if c["workload"] != "rng" and c["world"] == 1], 1.25)
+    worst("TENSOR validation adds <= 10% to a save", "<= 0.10",
+          [(c["overheads"].get("validate_tensor"), cname(c)) for c in cases if c["workload"] != "rng"], 0.10)
+    worst("checksums add <= 5% to a save (no-hash run)", "<= 0.05",
+          [(c["overheads"].get("checksum_save"), cname(c)) for c in cases if c["workload"] != "rng"], 0.05)
+    worst("checksums add <= 5% to a save (xxh3 timed on the same bytes)", "<= 0.05",
+          [(c["overheads"].get("xxh3_est_save"), cname(c)) for c in cases if c["workload"] != "rng"], 0.05)
+    worst("checksums add <= 5% to a load (xxh3 timed on the same bytes)", "<= 0.05",
+          [(c["overheads"].get("xxh3_est_load"), cname(c)) for c in cases if c["workload"] != "rng"], 0.05,
+          note="not a goal of the issue; shown for completeness")
+    rep = [c for c in cases if c["pattern"] == "REPLICATED"]
+    worst("REPLICATED writes one copy (bytes written / unique tensor bytes)", "<= 1.05",
+          [(d(c).get("written_x_unique"), cname(c)) for c in rep], 1.05,
+          note="the excess is the safetensors header, typed skeleton and manifest")
+    spreads = []
+    for w in ("big", "small"):
+        sizes = [d(c).get("written") for c in rep if c["workload"] == w and d(c).get("written")]
+        if len(sizes) > 1:
+            spreads.append((max(sizes) / min(sizes) - 1, f"{w}/all worlds"))
+    worst("REPLICATED bytes written independent of world size (spread)", "<= 0.01", spreads, 0.01)
+    worst("async save blocks <= 25% of a sync save (big) [PROTOTYPE]", "<= 0.25",
+          [(c.get("async_blocking_x_sync"), cname(c)) for c in cases if c["workload"] == "big"], 0.25,
+          note="measured on a bench prototype; the library has no async_save yet")
+    return out
+
+
+# ------------------------------------------------------------------- text
+
+def _f(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None or x != x else fmt.format(x)
+
+
+def case_table(c: dict[str, Any]) -> str:
+    title = (f"== {c['workload']}  world={c['world']}  {c['pattern']}"
+             + (f" {c['mesh']}" if c["mesh"] else "")
+             + f"  scale={c['scale']:.3g}  state/rank={fmt_bytes(c['rank_bytes'])} in {c['rank_tensors']} tensors"
+             + f"  unique={fmt_bytes(c['unique_bytes'])}  reads={'cold' if c['cold_reads'] else 'warm'}")
+    head = (f"{'method':<26}{'save s':>9}{'x phys':>8}{'MB/s':>8}{'load s':>9}{'x phys':>8}{'MB/s':>8}"
+            f"{'written':>11}{'x uniq':>8}{'peakRSS save/load MiB':>23}{'dRSS s/l':>12}  ok")
+    lines = [title, head]
+    for m, r in c["methods"].items():
+        rss = (f"{_f(r.get('save_peak_rss') and r['save_peak_rss'] / 2**20, '{:.0f}')}/"
+               f"{_f(r.get('load_peak_rss') and r['load_peak_rss'] / 2**20, '{:.0f}')}")
+        drss = (f"{_f(r.get('save_rss_delta') is not None and r['save_rss_delta'] / 2**20 or None, '{:.0f}')}/"
+                f"{_f(r.get('load_rss_delta') is not None and r['load_rss_delta'] / 2**20 or None, '{:.0f}')}")
+        ok = {True: "yes", False: "NO", None: ""}[r.get("verified")]
+        extra = f"  blocking {_f(r['blocking_s'])} s" if "blocking_s" in r else ""
+        lines.append(
+            f"{r['label']:<26}{_f(r.get('save_s')):>9}{_f(r.get('save_x_phys'), '{:.2f}'):>8}"
+            f"{_f(r.get('save_MBps'), '{:.0f}'):>8}{_f(r.get('load_s')):>9}{_f(r.get('load_x_phys'), '{:.2f}'):>8}"
+            f"{_f(r.get('load_MBps'), '{:.0f}'):>8}"
+            f"{(fmt_bytes(r['written']) if r.get('written') is not None else '-'):>11}"
+            f"{_f(r.get('written_x_unique'), '{:.3f}'):>8}{rss:>23}{drss:>12}  {ok}{extra}")
+    return "\n".join(lines)
+
+
+def summary_tables(cases: list[dict[str, Any]]) -> str:
+    lines = ["", "== distckpt speed-up over each alternative (alternative time / distckpt time; > 1 = distckpt faster)",
+             f"{'case':<14}" + "".join(f"{LABELS[a] + ' save/load':>36}" for a in ALTERNATIVES)
+             + f"{'x physical save/load':>24}"]
+    for c in cases:
+        sv = c["methods"].get("distckpt", {}).get("speedup_vs", {})
+        cells = "".join(f"{_f(sv.get(a, {}).get('save'), '{:.2f}') + ' / ' + _f(sv.get(a, {}).get('load'), '{:.2f}'):>36}"
+                        for a in ALTERNATIVES)
+        d = c["methods"].get("distckpt", {})
+        phys = _f(d.get("save_x_phys"), "{:.2f}") + " / " + _f(d.get("load_x_phys"), "{:.2f}")
+        lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{cells}{phys:>24}")
+    lines += ["", "== cost of validation and checksums (fraction added to a distckpt save or load; medians, noisy)",
+              f"{'case':<14}{'quick':>8}{'tensor':>8}{'full':>8}{'cksum save':>12}{'cksum load':>12}"
+              f"{'xxh3 save':>11}{'xxh3 load':>11}{'async blk/sync':>16}"]
+    for c in cases:
+        o = c["overheads"]
+
+        def pct(x: float | None) -> str:
+            return _f(None if x is None else 100 * x, "{:+.1f}%")
+
+        lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{pct(o.get('validate_quick')):>8}"
+                     f"{pct(o.get('validate_tensor')):>8}{pct(o.get('validate_full')):>8}"
+                     f"{pct(o.get('checksum_save')):>12}{pct(o.get('checksum_load')):>12}"
+                     f"{pct(o.get('xxh3_est_save')):>11}{pct(o.get('xxh3_est_load')):>11}"
+                     f"{_f(c.get('async_blocking_x_sync'), '{:.2f}'):>16}")
+    return "\n".join(lines)
+
+
+def goals_table(gs: list[dict[str, Any]]) -> str:
+    lines = ["", "== goals of issue 5", f"{'goal':<66}{'target':>15}{'worst':>9}  {'case':<16}met"]
+    for g in gs:
+        met = {True: "MET", False: "NOT MET", None: "n/a"}[g["met"]]
+        lines.append(f"{g['goal']:<66}{g['target']:>15}{_f(g['worst'], '{:.3f}'):>9}  {str(g['case'] or '-'):<16}{met}"
+                     + (f"  ({g['note']})" if g.get("note") else ""))
+    return "\n".join(lines)
+
+
+def paper_table(p: dict[str, Any]) -> str:
+    lines = ["", "== scale on paper (in-process; DP x PP x TP mesh, 8 ranks/node, 6 components)",
+             f"{'ranks':>7}{'mesh':>14}{'files':>7}{'topology':>10}{'plan':>9}{'manifest':>10}{'to_json':>9}"
+             f"{'from_json':>10}{'manifest':>11}{'plan gather rx/rank':>21}{'resolve gather rx/rank':>24}"]
+    for r in p["plans"]:
+        mesh = "{dp}x{pp}x{tp}".format(**r["mesh"])
+        lines.append(f"{r['world']:>7}{mesh:>14}{r['files']:>7}{r['topology_s'] * 1e3:>8.1f}ms{r['plan_s'] * 1e3:>7.1f}ms"
+                     f"{r['manifest_build_s'] * 1e3:>8.1f}ms{r['to_json_s'] * 1e3:>7.1f}ms{r['from_json_s'] * 1e3:>8.1f}ms"
+                     f"{fmt_bytes(r['manifest_bytes']):>11}{fmt_bytes(r['plan_gather_received_per_rank']):>21}"
+                     f"{fmt_bytes(r['resolve_gather_received_per_rank']):>24}")
+    col = p["collectives"]
+    lines.append(f"collectives per rank (world {col['world']}): "
+                 + "; ".join(f"{n} components: " + ", ".join(f"{k}={v}" for k, v in row.items())
+                             for n, row in col["by_components"].items())
+                 + f"  -> constant in the number of components: {col['constant']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- chart
+
+def chart(cases: list[dict[str, Any]], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    methods = [m for m in ("distckpt", "distckpt-tensor", "torch.save-all", "torch.save-writers", "dcp",
+                           "proto-balanced", "proto-bcast", "proto-inplace")
+               if any(m in c["methods"] for c in cases)]
+    names = [f"{c['workload']}\nw{c['world']}" for c in cases]
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(cases) + 3), 9), sharex=True)
+    width = 0.8 / max(1, len(methods))
+    for ax, what in zip(axes, ("save", "load")):
+        for i, m in enumerate(methods):
+            ys = [c["methods"].get(m, {}).get(f"{what}_x_phys") or 0 for c in cases]
+            xs = [k + (i - len(methods) / 2 + 0.5) * width for k in range(len(cases))]
+            ax.bar(xs, ys, width=width, label=LABELS.get(m, m))
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(1.25, color="red", linewidth=0.8, linestyle="--")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{what} time / physical limit")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=4)
+    axes[1].set_xticks(range(len(cases)))
+    axes[1].set_xticklabels(names, fontsize=8)
+    axes[0].set_title("distckpt and alternatives, time relative to one sequential write/read of the unique bytes "
+                      "(lower is better; dashed = 1.25x goal)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
