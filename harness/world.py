@@ -1,0 +1,561 @@
+"""Warm multi-process worlds: run a function on every rank of a gloo world in < 1 s.
+
+A :class:`WorldPool` keeps rank processes alive between worlds. They are forked
+from a ``multiprocessing`` fork server that has already imported torch, so a
+replacement costs a fork rather than a fresh interpreter. For each world the
+ranks rendezvous through a fresh ``FileStore`` in the pool's temporary
+directory, every rank gets the environment torchrun would give it,
+``torch.distributed`` is initialised before the function runs and destroyed
+after it returns, and ``os.environ`` is restored. The parent never imports torch.
+
+Why a ``FileStore`` and not a ``TCPStore``: a c10d TCP client reverse-resolves
+the address it connects to (``::ffff:127.0.0.1``), which ``/etc/hosts`` does not
+answer; on machines whose DNS drops packets that costs a 5 s resolver timeout
+in about one world out of four.
+
+The parent's ``__main__`` module is imported by new rank processes, as with any
+``multiprocessing`` start method other than fork: scripts that create a pool
+need the ``if __name__ == "__main__":`` guard.
+
+Nothing hangs: every process group and store has a timeout, every world has an
+outer deadline, and on that deadline each unfinished rank dumps its Python
+stacks (``faulthandler`` on ``SIGUSR1``) before it is killed and replaced; the
+stacks are reported in :class:`WorldTimeout`. A rank that dies (for instance a
+fault injection that sends itself ``SIGKILL``) is reported as an outcome with
+its negative signal number as ``exit_code`` while the other ranks' outcomes are
+still collected. Rank processes exit when the pool's process dies.
+
+Example::
+
+    def add(ctx: RankContext, x: int) -> int:
+        t = torch.tensor([ctx.rank + x])
+        dist.all_reduce(t)
+        return int(t)
+
+    with WorldPool(max_ranks=8) as pool:
+        values = pool.run_ok(WorldSpec(nodes=2, procs_per_node=4), add, 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback as tb_module
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from multiprocessing.context import ForkServerProcess
+
+__all__ = [
+    "DEFAULT_PRELOAD",
+    "RankContext",
+    "RankOutcome",
+    "WorldPool",
+    "WorldSpec",
+    "WorldTimeout",
+    "rank_env",
+]
+
+#: Modules the fork server imports once, so that every rank process starts warm.
+DEFAULT_PRELOAD: tuple[str, ...] = ("torch", "torch.distributed", "numpy", "harness._rank")
+
+_STACK_DUMP_WAIT_S = 0.5
+_KILL_WAIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """The shape of one world: ``nodes x procs_per_node`` ranks on this machine.
+
+    ``workdir`` is the directory shared by the world's ranks (a fresh temporary
+    directory, removed after the world, when not given). ``env`` adds variables
+    to every rank's environment for the duration of the world.
+    """
+
+    nodes: int = 1
+    procs_per_node: int = 1
+    workdir: str | os.PathLike[str] | None = None
+    backend: str = "gloo"
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "procs_per_node"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"WorldSpec.{name} must be a positive int, got {value!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Total number of ranks."""
+        return self.nodes * self.procs_per_node
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What a rank function learns about its place in the world (its first argument)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    node_rank: int
+    nodes: int
+    procs_per_node: int
+    workdir: str
+    backend: str = "gloo"
+    timeout: float = 60.0
+    run_id: str = ""
+
+
+@dataclass
+class RankOutcome:
+    """What happened on one rank: a return value, an exception, or a process death."""
+
+    rank: int
+    ok: bool
+    value: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    exception: BaseException | None = None
+    exit_code: int | None = None
+    pid: int | None = None
+
+    def describe(self) -> str:
+        """A readable one-paragraph account of this rank's outcome."""
+        if self.ok:
+            return f"rank {self.rank}: ok -> {self.value!r}"
+        head = f"rank {self.rank}: {self.error_type}: {self.error_message}"
+        if self.traceback:
+            return f"{head}\n{self.traceback}"
+        return head
+
+
+class WorldTimeout(Exception):
+    """A world did not finish before its deadline.
+
+    ``stacks`` maps each unfinished rank to its Python stack dump, ``outcomes``
+    holds the outcome of every rank that did finish (``None`` for the others).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        stacks: Mapping[int, str] | None = None,
+        outcomes: Sequence[RankOutcome | None] = (),
+    ) -> None:
+        super().__init__(message)
+        self.stacks: dict[int, str] = dict(stacks or {})
+        self.outcomes: list[RankOutcome | None] = list(outcomes)
+
+
+def rank_env(
+    spec: WorldSpec, rank: int, master_addr: str, master_port: int, run_id: str
+) -> dict[str, str]:
+    """The environment torchrun gives ``rank`` of a world shaped like ``spec``.
+
+    Ranks are numbered node by node (``rank = node * procs_per_node + local``).
+    ``MASTER_ADDR``/``MASTER_PORT`` are set as torchrun sets them, but the
+    pool's ranks rendezvous through a file store, so nothing listens there.
+    """
+    node, local = divmod(rank, spec.procs_per_node)
+    env = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local),
+        "WORLD_SIZE": str(spec.world_size),
+        "LOCAL_WORLD_SIZE": str(spec.procs_per_node),
+        "GROUP_RANK": str(node),
+        "GROUP_WORLD_SIZE": str(spec.nodes),
+        "ROLE_RANK": str(rank),
+        "ROLE_WORLD_SIZE": str(spec.world_size),
+        "ROLE_NAME": "default",
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.update(spec.env)
+    return env
+
+
+@dataclass
+class _Worker:
+    proc: ForkServerProcess
+    conn: Connection
+    dump_path: str
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None
+        return self.proc.pid
+
+
+class WorldPool:
+    """A pool of warm rank processes reused by worlds of any size up to ``max_ranks``.
+
+    Processes start lazily on the first world that needs them; a process that
+    died or hung is replaced by the next world. One world runs at a time.
+    """
+
+    def __init__(
+        self,
+        max_ranks: int = 16,
+        *,
+        preload: Sequence[str] = DEFAULT_PRELOAD,
+        start_timeout: float = 120.0,
+    ) -> None:
+        if max_ranks < 1:
+            raise ValueError(f"max_ranks must be >= 1, got {max_ranks}")
+        self.max_ranks = max_ranks
+        self.start_timeout = start_timeout
+        self._preload = list(preload)
+        self._ctx: multiprocessing.context.ForkServerContext | None = None
+        self._workers: list[_Worker] = []
+        self._root = tempfile.mkdtemp(prefix="harness-world-")
+        self._lock = threading.Lock()
+        self._closed = False
+        self._counter = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> WorldPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every rank process and remove the pool's temporary files."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        deadline = time.monotonic() + 2.0
+        for worker in self._workers:
+            worker.proc.join(max(0.0, deadline - time.monotonic()))
+            if worker.proc.is_alive():
+                worker.proc.kill()
+                worker.proc.join(_KILL_WAIT_S)
+            worker.conn.close()
+        self._workers.clear()
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live rank processes, in rank order of the next world."""
+        return [w.pid for w in self._workers if w.proc.is_alive()]
+
+    def warm_up(self, n: int | None = None) -> None:
+        """Start ``n`` (default ``max_ranks``) rank processes now rather than lazily."""
+        with self._lock:
+            self._ensure_workers(self.max_ranks if n is None else n)
+
+    # -- running worlds ----------------------------------------------------
+
+    def run(
+        self,
+        spec: WorldSpec,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> list[RankOutcome]:
+        """Run ``fn(ctx, *args, **kwargs)`` on every rank of ``spec``; one outcome per rank.
+
+        Raises :class:`WorldTimeout` when some rank has not finished within
+        ``timeout`` seconds (its stacks are in the exception).
+        """
+        if self._closed:
+            raise RuntimeError("WorldPool is closed")
+        if spec.world_size > self.max_ranks:
+            raise ValueError(
+                f"world of {spec.world_size} ranks exceeds this pool's max_ranks={self.max_ranks}"
+            )
+        try:
+            payload = pickle.dumps((fn, args, kwargs))
+        except Exception as exc:
+            raise TypeError(f"cannot pickle the rank function or its arguments: {exc}") from exc
+        with self._lock:
+            return self._run_locked(spec, payload, timeout)
+
+    def run_ok(
+        self,
+        spec: WorldSpec,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Like :meth:`run` but return the values; ``AssertionError`` if any rank failed."""
+        outcomes = self.run(spec, fn, *args, timeout=timeout, **kwargs)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            details = "\n\n".join(o.describe() for o in outcomes if not o.ok)
+            raise AssertionError(
+                f"{len(failed)} of {len(outcomes)} ranks failed in {getattr(fn, '__name__', fn)}:"
+                f"\n\n{details}"
+            )
+        return [o.value for o in outcomes]
+
+    # -- internals ---------------------------------------------------------
+
+    def _context(self) -> multiprocessing.context.ForkServerContext:
+        if self._ctx is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(self._preload)
+            self._ctx = ctx
+        return self._ctx
+
+    def _ensure_workers(self, n: int) -> list[_Worker]:
+        """Return ``n`` live workers, replacing dead ones and starting missing ones."""
+        alive: list[_Worker] = []
+        for worker in self._workers:
+            if worker.proc.is_alive():
+                alive.append(worker)
+            else:
+                worker.proc.join(0)
+                worker.conn.close()
+        self._workers = alive
+        starting: list[_Worker] = []
+        while len(self._workers) + len(starting) < n:
+            starting.append(self._spawn())
+        deadline = time.monotonic() + self.start_timeout
+        for worker in starting:
+            remaining = max(0.0, deadline - time.monotonic())
+            if not worker.conn.poll(remaining):
+                worker.proc.kill()
+                raise RuntimeError(f"rank process {worker.pid} did not start in time")
+            msg = worker.conn.recv()
+            if msg != ("ready", worker.pid):
+                raise RuntimeError(f"unexpected start message from rank process: {msg!r}")
+        self._workers.extend(starting)
+        return self._workers[:n]
+
+    def _spawn(self) -> _Worker:
+        ctx = self._context()
+        self._counter += 1
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        dump_path = os.path.join(self._root, f"stacks-{self._counter}.txt")
+        proc = ctx.Process(
+            target=_serve,
+            args=(child_conn, dump_path, os.getpid()),
+            name=f"harness-rank-{self._counter}",
+            daemon=True,
+        )
+        proc.start()
+        child_conn.close()
+        return _Worker(proc=proc, conn=parent_conn, dump_path=dump_path)
+
+    def _run_locked(self, spec: WorldSpec, payload: bytes, timeout: float) -> list[RankOutcome]:
+        workers = self._ensure_workers(spec.world_size)
+        own_workdir = spec.workdir is None
+        if spec.workdir is None:
+            workdir = tempfile.mkdtemp(prefix="world-", dir=self._root)
+        else:
+            workdir = os.fspath(spec.workdir)
+            os.makedirs(workdir, exist_ok=True)
+        run_id = uuid.uuid4().hex[:12]
+        store_path = os.path.join(self._root, f"store-{run_id}")
+        port = _free_port()
+        offsets: list[int] = []
+        try:
+            for rank, worker in enumerate(workers):
+                offsets.append(_file_size(worker.dump_path))
+                info = {
+                    "rank": rank,
+                    "world_size": spec.world_size,
+                    "nodes": spec.nodes,
+                    "procs_per_node": spec.procs_per_node,
+                    "workdir": workdir,
+                    "backend": spec.backend,
+                    "timeout": timeout,
+                    "run_id": run_id,
+                    "store_path": store_path,
+                    "sys_path": list(sys.path),
+                    "env": rank_env(spec, rank, "127.0.0.1", port, run_id),
+                }
+                worker.conn.send(("run", run_id, info, payload))
+            return self._collect(workers, run_id, offsets, time.monotonic() + timeout, timeout)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(store_path)
+            if own_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _collect(
+        self,
+        workers: list[_Worker],
+        task_id: str,
+        offsets: list[int],
+        deadline: float,
+        timeout: float,
+    ) -> list[RankOutcome]:
+        outcomes: list[RankOutcome | None] = [None] * len(workers)
+        pending = set(range(len(workers)))
+        self._gather(workers, task_id, outcomes, pending, deadline)
+        if not pending:
+            return [o for o in outcomes if o is not None]
+        # Deadline passed: dump the stuck ranks' stacks, then kill and forget them.
+        for rank in pending:
+            _signal(workers[rank].pid, signal.SIGUSR1)
+        self._gather(workers, task_id, outcomes, pending, time.monotonic() + _STACK_DUMP_WAIT_S)
+        stacks = {r: _read_from(workers[r].dump_path, offsets[r]) for r in sorted(pending)}
+        for rank in pending:
+            workers[rank].proc.kill()
+        for rank in pending:
+            workers[rank].proc.join(_KILL_WAIT_S)
+        self._workers = [w for w in self._workers if w.proc.is_alive()]
+        finished = [o for o in outcomes if o is not None]
+        lines = [
+            f"world of {len(workers)} ranks timed out after {timeout:.1f}s; "
+            f"ranks {sorted(pending)} did not finish"
+        ]
+        lines += [o.describe() for o in finished if not o.ok]
+        for rank, text in stacks.items():
+            lines.append(f"--- stacks of rank {rank} ---\n{text.strip() or '(no dump)'}")
+        raise WorldTimeout("\n".join(lines), stacks=stacks, outcomes=outcomes)
+
+    def _gather(
+        self,
+        workers: list[_Worker],
+        task_id: str,
+        outcomes: list[RankOutcome | None],
+        pending: set[int],
+        deadline: float,
+    ) -> None:
+        """Fill ``outcomes`` from results and deaths until nothing is pending or ``deadline``."""
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            waitables: dict[Any, int] = {}
+            for rank in pending:
+                waitables[workers[rank].conn] = rank
+                waitables[workers[rank].proc.sentinel] = rank
+            ready = wait(list(waitables), timeout=remaining)
+            for obj in ready:
+                rank = waitables[obj]
+                if rank not in pending:
+                    continue
+                outcome = self._receive(workers[rank], rank, task_id)
+                if outcome is not None:
+                    outcomes[rank] = outcome
+                    pending.discard(rank)
+
+    def _receive(self, worker: _Worker, rank: int, task_id: str) -> RankOutcome | None:
+        """The outcome of ``rank`` if its process reported or died, else ``None``."""
+        try:
+            if worker.conn.poll():
+                msg = worker.conn.recv()
+                if msg[0] == "done" and msg[1] == task_id:
+                    return _outcome_from_message(rank, worker.pid, msg[2])
+                return None
+        except (EOFError, OSError):
+            pass
+        if worker.proc.is_alive():
+            # The pipe closed but the process lingers: wait briefly for its exit.
+            worker.proc.join(_KILL_WAIT_S)
+            if worker.proc.is_alive():
+                worker.proc.kill()
+                worker.proc.join(_KILL_WAIT_S)
+        code = worker.proc.exitcode
+        how = (
+            f"signal {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exit code {code}"
+        )
+        return RankOutcome(
+            rank=rank,
+            ok=False,
+            error_type="harness.world.RankDied",
+            error_message=f"rank {rank} (pid {worker.pid}) died with {how}",
+            exit_code=code,
+            pid=worker.pid,
+        )
+
+
+def _outcome_from_message(rank: int, pid: int, data: dict[str, Any]) -> RankOutcome:
+    value: Any = None
+    if data["ok"]:
+        try:
+            value = pickle.loads(data["value"])
+        except Exception:
+            return RankOutcome(
+                rank=rank,
+                ok=False,
+                error_type="harness.world.ResultError",
+                error_message="the parent could not unpickle the rank's return value",
+                traceback=tb_module.format_exc(),
+                pid=pid,
+            )
+    exception: BaseException | None = None
+    if data.get("exception") is not None:
+        try:
+            exception = pickle.loads(data["exception"])
+        except Exception:
+            exception = None
+    return RankOutcome(
+        rank=rank,
+        ok=bool(data["ok"]),
+        value=value,
+        error_type=data.get("error_type"),
+        error_message=data.get("error_message"),
+        traceback=data.get("traceback"),
+        exception=exception,
+        exit_code=None,
+        pid=pid,
+    )
+
+
+def _serve(conn: Connection, dump_path: str, parent_pid: int) -> None:
+    """Entry point of a rank process (its module is preloaded by the fork server)."""
+    from harness._rank import serve
+
+    serve(conn, dump_path, parent_pid)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _read_from(path: str, offset: int) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            f.seek(offset)
+            return f.read()
+    except OSError as exc:
+        return f"(cannot read stack dump {path}: {exc})"
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
