@@ -66,6 +66,16 @@ def _status_bytes(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS, so that RSS growth shows what an operation allocates."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -154,6 +164,7 @@ class RankBench:
         self.build_s = time.perf_counter() - t0
         self.coords: dict[str, Any] = {}
         self._snap: dict[str, Any] = {}
+        self._phase_log: list[tuple[str, float]] = []
         self._make_coordinators()
         self.digest = _digest(self.comps)
         mine = sum(state_bytes(c.holder.state_dict()) for c in self.comps if c.writer == self.rank)
@@ -213,24 +224,37 @@ class RankBench:
                     validate_replication=level != "none",
                     validation_level=level if level != "none" else "tensor"))
             self.coords[name] = CheckpointCoordinator(
-                comps, process_groups=self.groups or None, output_dir=self.root, timeout=900)
+                comps, process_groups=self.groups or None, output_dir=self.root, timeout=900,
+                phase_hook=self._hook if name != "proto-async" else None)
         self.methods = [m for m in self.methods if not m.startswith("distckpt-") or m in self.coords
                         or m == "distckpt-nohash"]
 
     # -- timing
 
     def _timed(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        _malloc_trim()
         dist.barrier()
-        ok = _reset_peak()
+        _reset_peak()
         base = _status_bytes("VmRSS:")
+        self._phase_log.clear()
         t0 = time.perf_counter()
         extra = fn()
-        elapsed = time.perf_counter() - t0
-        peak = _status_bytes("VmHWM:") if ok else _status_bytes("VmHWM:")
-        out = {"s": elapsed, "peak": peak, "base": base}
+        end = time.perf_counter()
+        peak = _status_bytes("VmHWM:")
+        out = {"s": end - t0, "peak": peak, "base": base}
+        if self._phase_log:
+            # distckpt's phase_hook fires at the start of each phase: durations between marks.
+            marks = [*self._phase_log, ("end", end)]
+            phases: dict[str, float] = {"start": marks[0][1] - t0}
+            for (name, at), (_, nxt) in zip(marks, marks[1:]):
+                phases[name] = phases.get(name, 0.0) + nxt - at
+            out["phases"] = phases
         if isinstance(extra, dict):
             out.update(extra)
         return out
+
+    def _hook(self, phase: str, rank: int) -> None:
+        self._phase_log.append((phase, time.perf_counter()))
 
     # -- methods
 

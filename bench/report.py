@@ -35,6 +35,16 @@ def _slowest(per_rank: list[list[dict[str, Any]]], warmup: int, key: str = "s") 
     return [max(r[i].get(key, 0.0) for r in per_rank) for i in range(warmup, reps)]
 
 
+def _phases(per_rank: list[list[dict[str, Any]]], warmup: int) -> dict[str, float] | None:
+    """Median over repetitions of the slowest rank's time in each distckpt phase."""
+    if not all("phases" in x for p in per_rank for x in p[warmup:]) or not per_rank[0][warmup:]:
+        return None
+    names = list(per_rank[0][warmup]["phases"])
+    reps = len(per_rank[0])
+    return {n: _median([max(p[i]["phases"].get(n, 0.0) for p in per_rank) for i in range(warmup, reps)])
+            for n in names}
+
+
 def aggregate(workload: str, world: int, scale: float, warmup: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """One case from every rank's raw result."""
     r0 = ranks[0]
@@ -49,12 +59,14 @@ def aggregate(workload: str, world: int, scale: float, warmup: int, ranks: list[
                        save_rss_delta=max(x["peak"] - x["base"] for p in per for x in p[warmup:]))
             if m == "proto-async":
                 row["blocking_s"] = _median(_slowest(per, warmup, "blocking_s"))
+            row["save_phases"] = _phases(per, warmup)
         if m in r0["loads"]:
             per = [r["loads"][m] for r in ranks]
             reps = _slowest(per, warmup)
             row.update(load_s=_median(reps), load_reps=reps,
                        load_peak_rss=max(x["peak"] for p in per for x in p[warmup:]),
                        load_rss_delta=max(x["peak"] - x["base"] for p in per for x in p[warmup:]))
+            row["load_phases"] = _phases(per, warmup)
             if m != "physical":
                 row["verified"] = all(r["verified"].get(m, False) for r in ranks)
         methods[m] = row
@@ -220,6 +232,21 @@ def summary_tables(cases: list[dict[str, Any]]) -> str:
         d = c["methods"].get("distckpt", {})
         phys = _f(d.get("save_x_phys"), "{:.2f}") + " / " + _f(d.get("load_x_phys"), "{:.2f}")
         lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{cells}{phys:>24}")
+    lines += ["", "== where a distckpt save / load spends its time (slowest rank per phase, median, ms; "
+              "a phase ends with its all-gather)",
+              f"{'case':<14}{'save total':>11}{'plan':>8}{'validate':>10}{'write':>8}{'commit':>8}   "
+              f"{'(tensor: validate)':>18}{'load total':>12}{'resolve':>9}{'read':>8}"]
+    for c in cases:
+        d = c["methods"].get("distckpt", {})
+        sp, lp = d.get("save_phases") or {}, d.get("load_phases") or {}
+        tv = (c["methods"].get("distckpt-tensor", {}).get("save_phases") or {}).get("validate")
+
+        def ms(x: float | None) -> str:
+            return _f(None if x is None else 1e3 * x, "{:.1f}")
+
+        lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{ms(d.get('save_s')):>11}{ms(sp.get('plan')):>8}"
+                     f"{ms(sp.get('validate')):>10}{ms(sp.get('write')):>8}{ms(sp.get('commit')):>8}   {ms(tv):>18}"
+                     f"{ms(d.get('load_s')):>12}{ms(lp.get('resolve')):>9}{ms(lp.get('read')):>8}")
     lines += ["", "== cost of validation and checksums (fraction added to a distckpt save or load; medians, noisy)",
               f"{'case':<14}{'quick':>8}{'tensor':>8}{'full':>8}{'cksum save':>12}{'cksum load':>12}"
               f"{'xxh3 save':>11}{'xxh3 load':>11}{'async blk/sync':>16}"]
