@@ -11,7 +11,8 @@ high-water mark (``/proc/self/clear_refs``) before it and reading ``VmHWM`` afte
 Methods (``kind``):
 
 - ``physical`` (limit): rank 0 writes the case's unique tensor bytes as one
-  sequential file with ``os.write`` + ``fsync``, and reads it back into a fresh buffer.
+  sequential file with ``os.write`` + ``fsync``, and reads it back into that
+  same, already resident buffer.
 - ``distckpt``: :class:`distckpt.CheckpointCoordinator` save / load.
 - ``distckpt-nohash``: the same with ``distckpt.storage.new_hasher`` replaced by
   a no-op hasher on save *and* load (so the checkpoint verifies): the cost of checksums.
@@ -174,6 +175,8 @@ class RankBench:
         self.rank_bytes = sum(state_bytes(c.holder.state_dict()) for c in self.comps)
         self.rank_tensors = sum(count_tensors(c.holder.state_dict()) for c in self.comps)
         self._phys_buf: torch.Tensor | None = None
+        if self.rank == 0 and "physical" in self.methods:
+            self._phys_buf = torch.rand(max(1, self.unique // 4) + 1).view(torch.uint8)[: self.unique]
         if self.rank == 0:
             shutil.rmtree(self.root, ignore_errors=True)
             os.makedirs(self.root, exist_ok=True)
@@ -338,8 +341,7 @@ class RankBench:
     def _phys_save(self, d: str) -> None:
         if self.rank != 0:
             return
-        if self._phys_buf is None:
-            self._phys_buf = torch.rand(max(1, self.unique // 4) + 1).view(torch.uint8)[: self.unique]
+        assert self._phys_buf is not None
         os.makedirs(d, exist_ok=True)
         view = memoryview(self._phys_buf.numpy()).cast("B")
         fd = os.open(os.path.join(d, "physical.bin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -354,10 +356,12 @@ class RankBench:
     def _phys_load(self, d: str) -> None:
         if self.rank != 0:
             return
+        # Into memory that is already resident (the write buffer): the pure cost of
+        # moving the bytes, as a load into the trainer's existing tensors would pay.
         path = os.path.join(d, "physical.bin")
         size = os.path.getsize(path)
-        buf = bytearray(size)
-        view = memoryview(buf)
+        assert self._phys_buf is not None and self._phys_buf.numel() >= size
+        view = memoryview(self._phys_buf.numpy()).cast("B")
         fd = os.open(path, os.O_RDONLY)
         try:
             got = 0
