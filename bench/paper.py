@@ -128,11 +128,16 @@ def count_collectives(world: int = 4, component_counts: tuple[int, ...] = (1, 50
     from .workloads import Holder
 
     calls: dict[int, int] = {}
+    payload: dict[str, int] = {}
     original = ThreadComm.all_gather
 
     def counting(self: ThreadComm, obj: Any, phase: str) -> list[Any]:
         calls[self.rank] = calls.get(self.rank, 0) + 1
+        if measure_payload:
+            payload[phase] = max(payload.get(phase, 0), len(pickle.dumps(obj)))
         return original(self, obj, phase)
+
+    measure_payload = False
 
     out: dict[str, Any] = {"world": world, "by_components": {}}
     ThreadComm.all_gather = counting  # type: ignore[method-assign]
@@ -160,6 +165,24 @@ def count_collectives(world: int = 4, component_counts: tuple[int, ...] = (1, 50
                     per_rank = sorted(set(calls.values()))
                     row[what] = per_rank[0] if len(per_rank) == 1 else per_rank
                 out["by_components"][n] = row
+        # Bytes the largest rank contributes to each phase of a validated save of one
+        # component of 10,000 tensors (the "small" workload's count), and what every
+        # rank would receive at 16,384 ranks (all_gather_object pads to the largest).
+        measure_payload = True
+        payload.clear()
+        with tempfile.TemporaryDirectory(prefix="distckpt-bench-") as tmp:
+            def big_fn(comm: ThreadComm) -> Any:
+                state = {"state": {i: {"exp_avg": torch.zeros(1)} for i in range(10_000)}}
+                c = CheckpointCoordinator([StateComponent("optimizer", Holder(state), "replicated",
+                                                          validate_replication=True)], dist=comm, output_dir=tmp)
+                return c.save_checkpoint(checkpoint_id="v")
+
+            results = run_threads(ThreadWorld(2), big_fn)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+        out["payload_10k_tensors_validated"] = dict(payload)
+        out["payload_rx_per_rank_at_16384"] = {k: v * 16384 for k, v in payload.items()}
     finally:
         ThreadComm.all_gather = original  # type: ignore[method-assign]
     rows = list(out["by_components"].values())

@@ -288,6 +288,11 @@ def paper_table(p: dict[str, Any]) -> str:
                  + "; ".join(f"{n} components: " + ", ".join(f"{k}={v}" for k, v in row.items())
                              for n, row in col["by_components"].items())
                  + f"  -> constant in the number of components: {col['constant']}")
+    if "payload_10k_tensors_validated" in col:
+        lines.append("largest per-rank payload of each all-gather, validated save of 10,000 tensors: "
+                     + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in col["payload_10k_tensors_validated"].items())
+                     + "; received per rank at 16,384 ranks: "
+                     + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in col["payload_rx_per_rank_at_16384"].items()))
     return "\n".join(lines)
 
 
