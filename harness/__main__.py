@@ -1,0 +1,76 @@
+"""``python -m harness run scenarios/``: the main job (also the ``distckpt-harness`` script).
+
+Runs every scenario in simulated multi-node gloo worlds on this machine, prints
+one table row per scenario and exits non-zero if any scenario falls short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from harness.report import format_problems, format_row, format_summary, table_header
+from harness.scenario import ScenarioError, load_scenarios
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="Checkpoint/resume scenarios for distckpt in simulated multi-node worlds.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run scenario files (or directories of them)")
+    run.add_argument("paths", nargs="+", help="scenario .toml files or directories")
+    run.add_argument("--workdir", help="keep checkpoints in DIR/<scenario>/checkpoints/")
+    run.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
+    run.add_argument("-k", dest="select", metavar="TEXT",
+                     help="only scenarios whose name contains TEXT")
+    check = sub.add_parser("check", help="parse and validate scenario files without running them")
+    check.add_argument("paths", nargs="+")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 when every scenario met its expectation)."""
+    args = _parser().parse_args(argv)
+    try:
+        scenarios = load_scenarios(args.paths)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        for s in scenarios:
+            print(f"{s.name}: {s.trainer} {s.describe_world()} ok")
+        return 0
+    if args.select:
+        scenarios = [s for s in scenarios if args.select in s.name]
+    if not scenarios:
+        print("error: no scenarios to run", file=sys.stderr)
+        return 2
+    from harness.runner import run_scenarios
+    from harness.world import WorldPool
+
+    started = time.perf_counter()
+    max_ranks = max(max(s.topology.world_size, s.resume_topology.world_size) for s in scenarios)
+    print(table_header(), flush=True)
+    with WorldPool(max_ranks=max_ranks) as pool:
+        results = run_scenarios(pool, scenarios, args.workdir,
+                                on_result=lambda r: print(format_row(r), flush=True))
+    elapsed = time.perf_counter() - started
+    problems = format_problems(results)
+    if problems:
+        print(problems)
+    print(format_summary(results, elapsed))
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump({"seconds": elapsed, "scenarios": [r.to_json() for r in results]}, f, indent=2)
+    return 0 if all(r.met for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Run scenarios in warm worlds and judge them.
+
+For a positive scenario: a reference world trains ``steps`` steps; a saving
+world trains ``save_at`` steps and saves; the checkpoint on disk is checked
+against :mod:`harness.oracle`; a fresh resuming world loads and trains to
+``steps``. Parameters, optimizer state, scheduler, data position, every rank's
+generators and the loss sequence must be bit-identical with the reference.
+For a negative scenario: the expected error class must be raised by every
+surviving rank at the expected stage (the same class everywhere, naming the
+expected failing ranks when given), and a failed save must leave nothing
+committed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import oracle, session
+from harness.scenario import Scenario, Topology
+from harness.world import RankOutcome, WorldPool, WorldSpec, WorldTimeout
+
+__all__ = ["ScenarioResult", "run_scenario", "run_scenarios"]
+
+_MAX_DIFFS = 6
+
+
+@dataclass
+class ScenarioResult:
+    """The verdict on one scenario and the figures of its table row."""
+
+    name: str
+    trainer: str
+    world: str
+    path: str
+    components: int
+    expectation: str
+    files: int | None = None
+    bytes: int | None = None
+    save_s: float | None = None
+    load_s: float | None = None
+    bit_exact: bool | None = None
+    met: bool = False
+    problems: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+class _Failed(Exception):
+    """A scenario fell short; the message says how (collected into ``problems``)."""
+
+
+def run_scenarios(
+    pool: WorldPool,
+    scenarios: Sequence[Scenario],
+    workdir: str | os.PathLike[str] | None = None,
+    on_result: Callable[[ScenarioResult], None] | None = None,
+) -> list[ScenarioResult]:
+    """Run every scenario in turn; ``on_result`` is called as each one finishes."""
+    results = []
+    for scenario in scenarios:
+        result = run_scenario(pool, scenario, workdir)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def run_scenario(
+    pool: WorldPool, scenario: Scenario, workdir: str | os.PathLike[str] | None = None
+) -> ScenarioResult:
+    """Run one scenario; checkpoints go to ``<workdir>/<name>/`` (kept) or a temp dir (removed)."""
+    started = time.perf_counter()
+    result = ScenarioResult(
+        name=scenario.name,
+        trainer=scenario.trainer,
+        world=scenario.describe_world(),
+        path=scenario.path,
+        components=len(scenario.components),
+        expectation="success" if scenario.expect.succeeds
+        else f"{scenario.expect.error} at {scenario.expect.stage}",
+    )
+    keep = workdir is not None
+    out = Path(workdir, scenario.name) if keep else Path(tempfile.mkdtemp(prefix=f"{scenario.name}-"))
+    if keep and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if scenario.expect.succeeds:
+            _run_positive(pool, scenario, out, result)
+        else:
+            _run_negative(pool, scenario, out, result)
+    except _Failed as exc:
+        result.problems.append(str(exc))
+    except WorldTimeout as exc:
+        result.problems.append(f"world timed out: {_shorten(str(exc), 4000)}")
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    result.met = not result.problems
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ------------------------------------------------------------------ worlds
+
+
+def _spec(topology: Topology, workdir: Path | None = None) -> WorldSpec:
+    return WorldSpec(nodes=topology.nodes, procs_per_node=topology.procs_per_node,
+                     workdir=None if workdir is None else str(workdir))
+
+
+def _values(outcomes: list[RankOutcome], what: str) -> list[session.RankRun]:
+    """The RankRun of every rank, or ``_Failed`` with every failed rank's story."""
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        details = "\n".join(_shorten(o.describe(), 1500) for o in failed)
+        raise _Failed(f"{what}: {len(failed)} of {len(outcomes)} ranks failed:\n{details}")
+    return [o.value for o in outcomes]
+
+
+def _no_library_errors(runs: list[session.RankRun], what: str) -> None:
+    errors = [(r.rank, r.error) for r in runs if r.error is not None]
+    if errors:
+        rank, err = errors[0]
+        assert err is not None
+        raise _Failed(f"{what}: ranks {[r for r, _ in errors]} raised {err.error_type}: "
+                      f"{_shorten(err.message, 1500)}")
+
+
+# ---------------------------------------------------------------- positive
+
+
+def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResult) -> None:
+    timeout = s.run.world_timeout
+    if s.elastic:
+        first = _values(pool.run(_spec(s.topology), session.handoff_start, s, timeout=timeout),
+                        "reference (to the save step)")
+        handed = {c.key: first[0].state for c in s.components}
+        states = {k: v[k] for k, v in handed.items() if v is not None}
+        ref_tail = _values(
+            pool.run(_spec(s.resume_topology), session.handoff_finish, s, states, timeout=timeout),
+            "reference (in-memory hand-over to the resumed world)",
+        )
+    saved = _values(pool.run(_spec(s.topology, out), session.save, s, timeout=timeout), "save")
+    _no_library_errors(saved, "save")
+    paths = {r.path for r in saved}
+    if len(paths) != 1:
+        raise _Failed(f"save: ranks returned different paths: {sorted(map(str, paths))}")
+    path = str(saved[0].path)
+    result.checkpoint = path
+    result.save_s = max(r.seconds for r in saved)
+    expected_path = os.path.join(out, "checkpoints", f"checkpoint-{s.run.save_at}")
+    if os.path.realpath(path) != os.path.realpath(expected_path):
+        result.problems.append(f"checkpoint at {path}, expected {expected_path}")
+    result.problems.extend(f"oracle: {p}" for p in oracle.check_checkpoint(path, s))
+    result.files, result.bytes = _manifest_totals(path, result)
+    resumed = _values(
+        pool.run(_spec(s.resume_topology, out), session.resume, s, s.resume_topology, timeout=timeout),
+        "resume",
+    )
+    _no_library_errors(resumed, "resume")
+    result.load_s = max(r.seconds for r in resumed)
+    declared = sorted(c.key for c in s.components)
+    for r in resumed:
+        if sorted(r.loaded) != declared:
+            result.problems.append(f"rank {r.rank} loaded {sorted(r.loaded)}, declared {declared}")
+    if s.elastic:
+        diffs = _compare_elastic(first, ref_tail, saved, resumed)
+    else:
+        reference = _values(pool.run(_spec(s.topology), session.reference, s, timeout=timeout),
+                            "reference")
+        diffs = _compare(reference, saved, resumed)
+    result.bit_exact = not diffs
+    if diffs and s.expect.bit_exact:
+        result.problems.append("resume is not bit-exact:\n  " + "\n  ".join(diffs[:_MAX_DIFFS]))
+
+
+def _manifest_totals(path: str, result: ScenarioResult) -> tuple[int | None, int | None]:
+    """(files, bytes) from the manifest, read through distckpt's public API."""
+    from distckpt import CheckpointManifest, ManifestError
+
+    try:
+        manifest = CheckpointManifest.load(path)
+    except ManifestError as exc:
+        result.problems.append(f"manifest: {exc}")
+        return None, None
+    entries = [f for c in manifest.components.values() for f in c.files]
+    return len(entries), sum(f.size_bytes for f in entries)
+
+
+def _compare(reference: list[session.RankRun], saved: list[session.RankRun],
+             resumed: list[session.RankRun]) -> list[str]:
+    diffs: list[str] = []
+    for ref, first, last in zip(reference, saved, resumed, strict=True):
+        joined = first.losses + last.losses
+        if ref.losses != joined:
+            diffs.append(f"rank {ref.rank} losses differ: reference {_losses(ref.losses)}, "
+                         f"saved+resumed {_losses(joined)}")
+        diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint))
+    return diffs
+
+
+def _compare_elastic(first: list[session.RankRun], tail: list[session.RankRun],
+                     saved: list[session.RankRun], resumed: list[session.RankRun]) -> list[str]:
+    diffs: list[str] = []
+    for a, b in zip(first, saved, strict=True):
+        if a.losses != b.losses:
+            diffs.append(f"rank {a.rank} losses before the save differ: "
+                         f"{_losses(a.losses)} vs {_losses(b.losses)}")
+    for ref, last in zip(tail, resumed, strict=True):
+        if ref.losses != last.losses:
+            diffs.append(f"rank {ref.rank} losses after the resume differ: reference "
+                         f"{_losses(ref.losses)}, resumed {_losses(last.losses)}")
+        diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint))
+    return diffs
+
+
+def _fingerprint_diff(rank: int, want: dict[str, dict[str, str]],
+                      got: dict[str, dict[str, str]]) -> list[str]:
+    out: list[str] = []
+    for key in sorted(set(want) | set(got)):
+        a, b = want.get(key, {}), got.get(key, {})
+        if a == b:
+            continue
+        leaves = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        shown = ", ".join(leaves[:4]) + (f" (+{len(leaves) - 4} more)" if len(leaves) > 4 else "")
+        out.append(f"rank {rank} {key} differs at {shown}")
+    return out
+
+
+def _losses(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.9g}" for v in values) + "]"
+
+
+# ---------------------------------------------------------------- negative
+
+
+def _run_negative(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResult) -> None:
+    timeout = s.run.world_timeout
+    killed = {r for f in s.faults if f.kind == "sigkill" for r in f.ranks}
+    outcomes = pool.run(_spec(s.topology, out), session.save, s, timeout=timeout)
+    if s.expect.stage == "save":
+        runs = _survivors(outcomes, killed, "save")
+        result.save_s = max((r.seconds for r in runs), default=None)
+        _expect_error(s, runs, "save")
+        committed = _committed(out)
+        if committed:
+            raise _Failed(f"save failed but left committed checkpoints: {committed}")
+        return
+    saved = _values(outcomes, "save")
+    _no_library_errors(saved, "save")
+    result.save_s = max(r.seconds for r in saved)
+    result.checkpoint = saved[0].path
+    if saved[0].path:
+        result.problems.extend(f"oracle: {p}" for p in oracle.check_checkpoint(saved[0].path, s))
+        result.files, result.bytes = _manifest_totals(saved[0].path, result)
+    resumed = _values(
+        pool.run(_spec(s.resume_topology, out), session.resume, s, s.resume_topology, timeout=timeout),
+        "resume",
+    )
+    result.load_s = max(r.seconds for r in resumed)
+    _expect_error(s, resumed, "load")
+
+
+def _survivors(outcomes: list[RankOutcome], killed: set[int], what: str) -> list[session.RankRun]:
+    runs: list[session.RankRun] = []
+    problems: list[str] = []
+    for o in outcomes:
+        if o.rank in killed:
+            if o.exit_code != -9:
+                problems.append(f"rank {o.rank} should have been killed by its fault; "
+                                f"it ended with {'a value' if o.ok else o.error_type}")
+            continue
+        if not o.ok:
+            problems.append(_shorten(o.describe(), 1500))
+        else:
+            runs.append(o.value)
+    if problems:
+        raise _Failed(f"{what}: " + "\n".join(problems))
+    return runs
+
+
+def _expect_error(s: Scenario, runs: list[session.RankRun], stage: str) -> None:
+    want = s.expect.error
+    assert want is not None
+    clean = [r.rank for r in runs if r.error is None]
+    if clean:
+        raise _Failed(f"{stage}: expected {want} on every rank; ranks {clean} raised nothing")
+    errors = [r.error for r in runs if r.error is not None]
+    kinds = sorted({e.error_type for e in errors})
+    if len(kinds) != 1:
+        raise _Failed(f"{stage}: ranks raised different error classes {kinds}; every rank must "
+                      "raise the same")
+    first = errors[0]
+    if want not in first.classes:
+        raise _Failed(f"{stage}: expected {want}, got {first.error_type}: "
+                      f"{_shorten(first.message, 1500)}")
+    if s.expect.failing_ranks is not None:
+        for r, e in zip(runs, errors, strict=True):
+            if tuple(sorted(e.failures)) != s.expect.failing_ranks:
+                raise _Failed(f"{stage}: rank {r.rank} reports failing ranks {sorted(e.failures)}, "
+                              f"expected {list(s.expect.failing_ranks)}")
+    failures = {tuple(sorted(e.failures)) for e in errors}
+    if len(failures) != 1:
+        raise _Failed(f"{stage}: ranks disagree on which ranks failed: "
+                      f"{[sorted(e.failures) for e in errors]}")
+
+
+def _committed(out: Path) -> list[str]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / oracle.MANIFEST).is_file())
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 20] + " ... [truncated]"

@@ -1,0 +1,196 @@
+"""What one rank does in each world of a scenario run (module level, so it pickles).
+
+A positive scenario takes three worlds: :func:`reference` trains ``steps``
+steps uninterrupted; :func:`save` trains ``save_at`` steps and saves;
+:func:`resume` starts from a *fresh* trainer, loads and trains to ``steps``.
+An elastic scenario replaces the reference by :func:`handoff_start` (train to
+``save_at`` in the saving world, hand the state over in memory) and
+:func:`handoff_finish` (restore it in the resuming world without distckpt and
+train to the end). The same functions serve :mod:`harness.worker` under torchrun.
+
+Library errors are caught and returned as :class:`LibraryError` values (with
+``failures`` and the class hierarchy), since a ``CheckpointError`` pickled as an
+exception would lose them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distckpt import CheckpointCoordinator, CheckpointError, StateComponent
+from harness.scenario import FaultSpec, Scenario, Topology
+from harness.trainers import Trainer, trainer_class
+from harness.world import RankContext
+
+__all__ = [
+    "LibraryError",
+    "RankRun",
+    "handoff_finish",
+    "handoff_start",
+    "reference",
+    "resume",
+    "save",
+]
+
+
+@dataclass
+class LibraryError:
+    """A distckpt error as one rank saw it."""
+
+    error_type: str
+    classes: tuple[str, ...]
+    message: str
+    failures: dict[int, str]
+    phase: str | None
+
+    @classmethod
+    def of(cls, exc: CheckpointError) -> LibraryError:
+        return cls(
+            error_type=type(exc).__name__,
+            classes=tuple(c.__name__ for c in type(exc).__mro__),
+            message=str(exc),
+            failures=dict(exc.failures),
+            phase=exc.phase,
+        )
+
+
+@dataclass
+class RankRun:
+    """What one rank reports from one world."""
+
+    rank: int
+    losses: list[float] = field(default_factory=list)
+    fingerprint: dict[str, dict[str, str]] = field(default_factory=dict)
+    path: str | None = None
+    seconds: float = 0.0
+    loaded: tuple[str, ...] = ()
+    error: LibraryError | None = None
+    state: dict[str, Any] | None = None
+
+
+def device_for(ctx: RankContext) -> torch.device:
+    """This rank's device: its GPU under NCCL, else the CPU."""
+    if ctx.backend == "nccl":
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def build_trainer(ctx: RankContext, scenario: Scenario, topology: Topology, *, fresh: bool) -> Trainer:
+    """The scenario's trainer for this rank."""
+    if ctx.backend == "nccl":
+        torch.cuda.set_device(ctx.local_rank)
+    return trainer_class(scenario.trainer)(scenario, topology, device_for(ctx), fresh=fresh)
+
+
+def coordinator(ctx: RankContext, scenario: Scenario, trainer: Trainer,
+                hook: Callable[[str, int], None] | None = None) -> CheckpointCoordinator:
+    """A coordinator over the scenario's declared components, writing under ``ctx.workdir``."""
+    available = trainer.components()
+    components = [
+        StateComponent(
+            key=c.key,
+            stateful=available[c.key],
+            sharing_pattern=c.pattern,
+            process_group_name=c.group,
+            required=c.required,
+            validate_replication=c.validate,
+            validation_level=c.level,
+        )
+        for c in scenario.components
+    ]
+    return CheckpointCoordinator(
+        components,
+        process_groups=trainer.process_groups(),
+        output_dir=ctx.workdir,
+        timeout=scenario.run.timeout,
+        phase_hook=hook,
+    )
+
+
+def _train(trainer: Trainer, steps: range) -> list[float]:
+    return [trainer.train_step() for _ in steps]
+
+
+def reference(ctx: RankContext, scenario: Scenario) -> RankRun:
+    """Train ``steps`` steps uninterrupted."""
+    trainer = build_trainer(ctx, scenario, scenario.topology, fresh=False)
+    losses = _train(trainer, range(scenario.run.steps))
+    return RankRun(ctx.rank, losses=losses, fingerprint=trainer.fingerprint())
+
+
+def _fault_hook(faults: tuple[FaultSpec, ...]) -> Callable[[str, int], None] | None:
+    acting = [f for f in faults if f.kind in ("raise", "sigkill")]
+    if not acting:
+        return None
+
+    def hook(phase: str, rank: int) -> None:
+        for f in acting:
+            if f.phase == phase and rank in f.ranks:
+                if f.kind == "sigkill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"injected fault: {f.kind} in phase {phase} on rank {rank}")
+
+    return hook
+
+
+def save(ctx: RankContext, scenario: Scenario) -> RankRun:
+    """Train ``save_at`` steps, apply diverge faults, save (faults in the phase hook)."""
+    trainer = build_trainer(ctx, scenario, scenario.topology, fresh=False)
+    losses = _train(trainer, range(scenario.run.save_at))
+    for fault in scenario.faults:
+        if fault.kind == "diverge" and ctx.rank in fault.ranks:
+            assert fault.component is not None
+            trainer.diverge(fault.component)
+    coord = coordinator(ctx, scenario, trainer, _fault_hook(scenario.faults))
+    started = time.perf_counter()
+    try:
+        path = coord.save_checkpoint(checkpoint_id=str(scenario.run.save_at),
+                                     validate=scenario.run.validate)
+    except CheckpointError as exc:
+        return RankRun(ctx.rank, losses=losses, seconds=time.perf_counter() - started,
+                       error=LibraryError.of(exc))
+    return RankRun(ctx.rank, losses=losses, path=path, seconds=time.perf_counter() - started)
+
+
+def resume(ctx: RankContext, scenario: Scenario, topology: Topology) -> RankRun:
+    """Fresh trainer in ``topology``, load the latest checkpoint, train to ``steps``."""
+    trainer = build_trainer(ctx, scenario, topology, fresh=True)
+    coord = coordinator(ctx, scenario, trainer)
+    started = time.perf_counter()
+    try:
+        report = coord.load_checkpoint()
+    except CheckpointError as exc:
+        return RankRun(ctx.rank, seconds=time.perf_counter() - started, error=LibraryError.of(exc))
+    seconds = time.perf_counter() - started
+    losses = _train(trainer, range(scenario.run.save_at, scenario.run.steps))
+    return RankRun(ctx.rank, losses=losses, fingerprint=trainer.fingerprint(), path=report.path,
+                   seconds=seconds, loaded=tuple(report.loaded))
+
+
+def handoff_start(ctx: RankContext, scenario: Scenario) -> RankRun:
+    """Elastic reference, part 1: train to ``save_at`` and return every component's state."""
+    trainer = build_trainer(ctx, scenario, scenario.topology, fresh=False)
+    losses = _train(trainer, range(scenario.run.save_at))
+    return RankRun(ctx.rank, losses=losses, state=trainer.state_snapshot())
+
+
+def handoff_finish(ctx: RankContext, scenario: Scenario, states: dict[str, Any]) -> RankRun:
+    """Elastic reference, part 2: restore ``states`` in memory (no distckpt) and train on.
+
+    ``states`` maps each declared component to the state this rank should get
+    (rank 0's, for the GLOBAL and REPLICATED components an elastic scenario
+    may declare).
+    """
+    trainer = build_trainer(ctx, scenario, scenario.resume_topology, fresh=True)
+    available = trainer.components()
+    for key, state in states.items():
+        available[key].load_state_dict(state)
+    losses = _train(trainer, range(scenario.run.save_at, scenario.run.steps))
+    return RankRun(ctx.rank, losses=losses, fingerprint=trainer.fingerprint())
