@@ -28,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("paths", nargs="+", help="scenario .toml files or directories")
     run.add_argument("--workdir", help="keep checkpoints in DIR/<scenario>/checkpoints/")
     run.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
-    run.add_argument("-k", dest="select", metavar="TEXT",
-                     help="only scenarios whose name contains TEXT")
+    run.add_argument(
+        "-k", dest="select", metavar="TEXT", help="only scenarios whose name contains TEXT"
+    )
     check = sub.add_parser("check", help="parse and validate scenario files without running them")
     check.add_argument("paths", nargs="+")
     return parser
@@ -59,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_ranks = max(max(s.topology.world_size, s.resume_topology.world_size) for s in scenarios)
     print(table_header(), flush=True)
     with WorldPool(max_ranks=max_ranks) as pool:
-        results = run_scenarios(pool, scenarios, args.workdir,
-                                on_result=lambda r: print(format_row(r), flush=True))
+        results = run_scenarios(
+            pool, scenarios, args.workdir, on_result=lambda r: print(format_row(r), flush=True)
+        )
     elapsed = time.perf_counter() - started
     problems = format_problems(results)
     if problems:
@@ -68,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_summary(results, elapsed))
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
-            json.dump({"seconds": elapsed, "scenarios": [r.to_json() for r in results]}, f, indent=2)
+            json.dump(
+                {"seconds": elapsed, "scenarios": [r.to_json() for r in results]}, f, indent=2
+            )
     return 0 if all(r.met for r in results) else 1
 
 

@@ -46,7 +46,9 @@ class StatefulLoader:
 
     def __init__(self, dataset: SyntheticRegression, batch_size: int, seed: int) -> None:
         if batch_size > len(dataset):
-            raise ValueError(f"batch_size {batch_size} exceeds the dataset's {len(dataset)} samples")
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the dataset's {len(dataset)} samples"
+            )
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed

@@ -91,7 +91,9 @@ def mesh_groups(topology: Topology, dim: str) -> tuple[tuple[int, ...], ...]:
     return tuple(sorted(groups))
 
 
-def replica_sets(topology: Topology, pattern: str, group: str | None) -> tuple[tuple[int, ...], ...]:
+def replica_sets(
+    topology: Topology, pattern: str, group: str | None
+) -> tuple[tuple[int, ...], ...]:
     """A pattern's replica sets in a topology, ordered by lowest rank."""
     world = topology.world_size
     if pattern in ("global", "replicated"):
@@ -132,7 +134,9 @@ def expected_component(topology: Topology, spec: ComponentSpec) -> ExpectedCompo
     return ExpectedComponent(spec.key, spec.pattern, spec.group, sets, files)
 
 
-def expected_components(scenario: Scenario, topology: Topology | None = None) -> dict[str, ExpectedComponent]:
+def expected_components(
+    scenario: Scenario, topology: Topology | None = None
+) -> dict[str, ExpectedComponent]:
     """Every declared component of ``scenario`` in its saving topology (or ``topology``)."""
     topo = topology or scenario.topology
     return {c.key: expected_component(topo, c) for c in scenario.components}
@@ -151,8 +155,10 @@ def check_checkpoint(path: str, scenario: Scenario, topology: Topology | None = 
     problems: list[str] = []
     for key, want in scenario.expect.writers.items():
         if tuple(want) != expected[key].writers:
-            problems.append(f"scenario says {key} writers {list(want)}, oracle derives "
-                            f"{list(expected[key].writers)}")
+            problems.append(
+                f"scenario says {key} writers {list(want)}, oracle derives "
+                f"{list(expected[key].writers)}"
+            )
     on_disk = _files_under(path)
     want_files = {f.path for comp in expected.values() for f in comp.files} | {MANIFEST}
     if on_disk != want_files:
@@ -178,7 +184,9 @@ def check_checkpoint(path: str, scenario: Scenario, topology: Topology | None = 
     return problems
 
 
-def _check_component(root: str, key: str, got: dict[str, object], want: ExpectedComponent) -> list[str]:
+def _check_component(
+    root: str, key: str, got: dict[str, object], want: ExpectedComponent
+) -> list[str]:
     problems: list[str] = []
 
     def differ(what: str, have: object, expect: object) -> None:

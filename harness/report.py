@@ -24,7 +24,9 @@ _COLUMNS = (
 
 
 def _line(cells: Sequence[str]) -> str:
-    parts = [f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)]
+    parts = [
+        f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)
+    ]
     return "  ".join(parts).rstrip()
 
 
@@ -44,19 +46,21 @@ def _yes(value: bool | None) -> str:
 
 def format_row(r: ScenarioResult) -> str:
     """One scenario's row."""
-    return _line([
-        r.name[:30],
-        r.trainer,
-        r.world[:16],
-        str(r.components),
-        _num(r.files, "d"),
-        _num(r.bytes, ",d"),
-        _num(r.save_s, ".3f"),
-        _num(r.load_s, ".3f"),
-        _yes(r.bit_exact),
-        r.expectation[:32],
-        _yes(r.met),
-    ])
+    return _line(
+        [
+            r.name[:30],
+            r.trainer,
+            r.world[:16],
+            str(r.components),
+            _num(r.files, "d"),
+            _num(r.bytes, ",d"),
+            _num(r.save_s, ".3f"),
+            _num(r.load_s, ".3f"),
+            _yes(r.bit_exact),
+            r.expectation[:32],
+            _yes(r.met),
+        ]
+    )
 
 
 def format_problems(results: Sequence[ScenarioResult]) -> str:

@@ -49,6 +49,7 @@ class ScenarioResult:
     met: bool = False
     problems: list[str] = field(default_factory=list)
     checkpoint: str | None = None
+    detail: str = ""
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -87,11 +88,14 @@ def run_scenario(
         world=scenario.describe_world(),
         path=scenario.path,
         components=len(scenario.components),
-        expectation="success" if scenario.expect.succeeds
+        expectation="success"
+        if scenario.expect.succeeds
         else f"{scenario.expect.error} at {scenario.expect.stage}",
     )
     keep = workdir is not None
-    out = Path(workdir, scenario.name) if keep else Path(tempfile.mkdtemp(prefix=f"{scenario.name}-"))
+    out = (
+        Path(workdir, scenario.name) if keep else Path(tempfile.mkdtemp(prefix=f"{scenario.name}-"))
+    )
     if keep and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,8 +120,11 @@ def run_scenario(
 
 
 def _spec(topology: Topology, workdir: Path | None = None) -> WorldSpec:
-    return WorldSpec(nodes=topology.nodes, procs_per_node=topology.procs_per_node,
-                     workdir=None if workdir is None else str(workdir))
+    return WorldSpec(
+        nodes=topology.nodes,
+        procs_per_node=topology.procs_per_node,
+        workdir=None if workdir is None else str(workdir),
+    )
 
 
 def _values(outcomes: list[RankOutcome], what: str) -> list[session.RankRun]:
@@ -132,10 +139,12 @@ def _values(outcomes: list[RankOutcome], what: str) -> list[session.RankRun]:
 def _no_library_errors(runs: list[session.RankRun], what: str) -> None:
     errors = [(r.rank, r.error) for r in runs if r.error is not None]
     if errors:
-        rank, err = errors[0]
+        err = errors[0][1]
         assert err is not None
-        raise _Failed(f"{what}: ranks {[r for r, _ in errors]} raised {err.error_type}: "
-                      f"{_shorten(err.message, 1500)}")
+        raise _Failed(
+            f"{what}: ranks {[r for r, _ in errors]} raised {err.error_type}: "
+            f"{_shorten(err.message, 1500)}"
+        )
 
 
 # ---------------------------------------------------------------- positive
@@ -144,8 +153,10 @@ def _no_library_errors(runs: list[session.RankRun], what: str) -> None:
 def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResult) -> None:
     timeout = s.run.world_timeout
     if s.elastic:
-        first = _values(pool.run(_spec(s.topology), session.handoff_start, s, timeout=timeout),
-                        "reference (to the save step)")
+        first = _values(
+            pool.run(_spec(s.topology), session.handoff_start, s, timeout=timeout),
+            "reference (to the save step)",
+        )
         handed = {c.key: first[0].state for c in s.components}
         states = {k: v[k] for k, v in handed.items() if v is not None}
         ref_tail = _values(
@@ -166,7 +177,9 @@ def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
     result.problems.extend(f"oracle: {p}" for p in oracle.check_checkpoint(path, s))
     result.files, result.bytes = _manifest_totals(path, result)
     resumed = _values(
-        pool.run(_spec(s.resume_topology, out), session.resume, s, s.resume_topology, timeout=timeout),
+        pool.run(
+            _spec(s.resume_topology, out), session.resume, s, s.resume_topology, timeout=timeout
+        ),
         "resume",
     )
     _no_library_errors(resumed, "resume")
@@ -178,8 +191,9 @@ def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
     if s.elastic:
         diffs = _compare_elastic(first, ref_tail, saved, resumed)
     else:
-        reference = _values(pool.run(_spec(s.topology), session.reference, s, timeout=timeout),
-                            "reference")
+        reference = _values(
+            pool.run(_spec(s.topology), session.reference, s, timeout=timeout), "reference"
+        )
         diffs = _compare(reference, saved, resumed)
     result.bit_exact = not diffs
     if diffs and s.expect.bit_exact:
@@ -199,35 +213,47 @@ def _manifest_totals(path: str, result: ScenarioResult) -> tuple[int | None, int
     return len(entries), sum(f.size_bytes for f in entries)
 
 
-def _compare(reference: list[session.RankRun], saved: list[session.RankRun],
-             resumed: list[session.RankRun]) -> list[str]:
+def _compare(
+    reference: list[session.RankRun], saved: list[session.RankRun], resumed: list[session.RankRun]
+) -> list[str]:
     diffs: list[str] = []
     for ref, first, last in zip(reference, saved, resumed, strict=True):
         joined = first.losses + last.losses
         if ref.losses != joined:
-            diffs.append(f"rank {ref.rank} losses differ: reference {_losses(ref.losses)}, "
-                         f"saved+resumed {_losses(joined)}")
+            diffs.append(
+                f"rank {ref.rank} losses differ: reference {_losses(ref.losses)}, "
+                f"saved+resumed {_losses(joined)}"
+            )
         diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint))
     return diffs
 
 
-def _compare_elastic(first: list[session.RankRun], tail: list[session.RankRun],
-                     saved: list[session.RankRun], resumed: list[session.RankRun]) -> list[str]:
+def _compare_elastic(
+    first: list[session.RankRun],
+    tail: list[session.RankRun],
+    saved: list[session.RankRun],
+    resumed: list[session.RankRun],
+) -> list[str]:
     diffs: list[str] = []
     for a, b in zip(first, saved, strict=True):
         if a.losses != b.losses:
-            diffs.append(f"rank {a.rank} losses before the save differ: "
-                         f"{_losses(a.losses)} vs {_losses(b.losses)}")
+            diffs.append(
+                f"rank {a.rank} losses before the save differ: "
+                f"{_losses(a.losses)} vs {_losses(b.losses)}"
+            )
     for ref, last in zip(tail, resumed, strict=True):
         if ref.losses != last.losses:
-            diffs.append(f"rank {ref.rank} losses after the resume differ: reference "
-                         f"{_losses(ref.losses)}, resumed {_losses(last.losses)}")
+            diffs.append(
+                f"rank {ref.rank} losses after the resume differ: reference "
+                f"{_losses(ref.losses)}, resumed {_losses(last.losses)}"
+            )
         diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint))
     return diffs
 
 
-def _fingerprint_diff(rank: int, want: dict[str, dict[str, str]],
-                      got: dict[str, dict[str, str]]) -> list[str]:
+def _fingerprint_diff(
+    rank: int, want: dict[str, dict[str, str]], got: dict[str, dict[str, str]]
+) -> list[str]:
     out: list[str] = []
     for key in sorted(set(want) | set(got)):
         a, b = want.get(key, {}), got.get(key, {})
@@ -253,7 +279,7 @@ def _run_negative(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
     if s.expect.stage == "save":
         runs = _survivors(outcomes, killed, "save")
         result.save_s = max((r.seconds for r in runs), default=None)
-        _expect_error(s, runs, "save")
+        _expect_error(s, runs, "save", result)
         committed = _committed(out)
         if committed:
             raise _Failed(f"save failed but left committed checkpoints: {committed}")
@@ -266,11 +292,13 @@ def _run_negative(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
         result.problems.extend(f"oracle: {p}" for p in oracle.check_checkpoint(saved[0].path, s))
         result.files, result.bytes = _manifest_totals(saved[0].path, result)
     resumed = _values(
-        pool.run(_spec(s.resume_topology, out), session.resume, s, s.resume_topology, timeout=timeout),
+        pool.run(
+            _spec(s.resume_topology, out), session.resume, s, s.resume_topology, timeout=timeout
+        ),
         "resume",
     )
     result.load_s = max(r.seconds for r in resumed)
-    _expect_error(s, resumed, "load")
+    _expect_error(s, resumed, "load", result)
 
 
 def _survivors(outcomes: list[RankOutcome], killed: set[int], what: str) -> list[session.RankRun]:
@@ -279,8 +307,10 @@ def _survivors(outcomes: list[RankOutcome], killed: set[int], what: str) -> list
     for o in outcomes:
         if o.rank in killed:
             if o.exit_code != -9:
-                problems.append(f"rank {o.rank} should have been killed by its fault; "
-                                f"it ended with {'a value' if o.ok else o.error_type}")
+                problems.append(
+                    f"rank {o.rank} should have been killed by its fault; "
+                    f"it ended with {'a value' if o.ok else o.error_type}"
+                )
             continue
         if not o.ok:
             problems.append(_shorten(o.describe(), 1500))
@@ -291,7 +321,9 @@ def _survivors(outcomes: list[RankOutcome], killed: set[int], what: str) -> list
     return runs
 
 
-def _expect_error(s: Scenario, runs: list[session.RankRun], stage: str) -> None:
+def _expect_error(
+    s: Scenario, runs: list[session.RankRun], stage: str, result: ScenarioResult
+) -> None:
     want = s.expect.error
     assert want is not None
     clean = [r.rank for r in runs if r.error is None]
@@ -300,21 +332,30 @@ def _expect_error(s: Scenario, runs: list[session.RankRun], stage: str) -> None:
     errors = [r.error for r in runs if r.error is not None]
     kinds = sorted({e.error_type for e in errors})
     if len(kinds) != 1:
-        raise _Failed(f"{stage}: ranks raised different error classes {kinds}; every rank must "
-                      "raise the same")
+        raise _Failed(
+            f"{stage}: ranks raised different error classes {kinds}; every rank must raise the same"
+        )
     first = errors[0]
+    result.detail = (
+        f"every rank raised {first.error_type} in phase {first.phase}, failing ranks "
+        f"{sorted(first.failures)}: {_shorten(first.message, 600)}"
+    )
     if want not in first.classes:
-        raise _Failed(f"{stage}: expected {want}, got {first.error_type}: "
-                      f"{_shorten(first.message, 1500)}")
+        raise _Failed(
+            f"{stage}: expected {want}, got {first.error_type}: {_shorten(first.message, 1500)}"
+        )
     if s.expect.failing_ranks is not None:
         for r, e in zip(runs, errors, strict=True):
             if tuple(sorted(e.failures)) != s.expect.failing_ranks:
-                raise _Failed(f"{stage}: rank {r.rank} reports failing ranks {sorted(e.failures)}, "
-                              f"expected {list(s.expect.failing_ranks)}")
+                raise _Failed(
+                    f"{stage}: rank {r.rank} reports failing ranks {sorted(e.failures)}, "
+                    f"expected {list(s.expect.failing_ranks)}"
+                )
     failures = {tuple(sorted(e.failures)) for e in errors}
     if len(failures) != 1:
-        raise _Failed(f"{stage}: ranks disagree on which ranks failed: "
-                      f"{[sorted(e.failures) for e in errors]}")
+        raise _Failed(
+            f"{stage}: ranks disagree on which ranks failed: {[sorted(e.failures) for e in errors]}"
+        )
 
 
 def _committed(out: Path) -> list[str]:

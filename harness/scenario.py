@@ -242,7 +242,9 @@ class _Reader:
         fld = self.name(key) if key else (self.prefix.rstrip(".") or "<top level>")
         return ScenarioError(f"{self.where}: {fld}: {message}")
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, what: str = "") -> Any:
+    def get(
+        self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, what: str = ""
+    ) -> Any:
         self.used.add(key)
         if key not in self.table:
             if default is ...:
@@ -303,8 +305,14 @@ class _Reader:
 
 
 def _kind_names(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-             list: "a list", dict: "a table"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -337,18 +345,26 @@ def _parse_topology(r: _Reader, trainer: str, fallback: Topology | None = None) 
         want = " x ".join(info.mesh_dims) if info.mesh_dims else "no mesh"
         raise r.error("mesh", f"trainer {trainer!r} needs {want}; got {dict(mesh) or 'none'}")
     if mesh and math.prod(s for _, s in mesh) != world:
-        raise r.error("mesh", f"sizes {dict(mesh)} multiply to {math.prod(s for _, s in mesh)}, "
-                              f"not the world size {world} ({nodes} x {ppn})")
+        raise r.error(
+            "mesh",
+            f"sizes {dict(mesh)} multiply to {math.prod(s for _, s in mesh)}, "
+            f"not the world size {world} ({nodes} x {ppn})",
+        )
     if not info.min_world <= world <= info.max_world:
-        raise r.error("procs_per_node", f"trainer {trainer!r} runs on {info.min_world} to "
-                                        f"{info.max_world} ranks; this world has {world}")
+        raise r.error(
+            "procs_per_node",
+            f"trainer {trainer!r} runs on {info.min_world} to "
+            f"{info.max_world} ranks; this world has {world}",
+        )
     if nodes < info.min_nodes:
         raise r.error("nodes", f"trainer {trainer!r} needs at least {info.min_nodes} nodes")
     r.finish()
     return Topology(nodes=nodes, procs_per_node=ppn, mesh=mesh)
 
 
-def _rescale_mesh(r: _Reader, mesh: tuple[tuple[str, int], ...], world: int) -> tuple[tuple[str, int], ...]:
+def _rescale_mesh(
+    r: _Reader, mesh: tuple[tuple[str, int], ...], world: int
+) -> tuple[tuple[str, int], ...]:
     if math.prod(s for _, s in mesh) == world:
         return mesh
     raise r.error("mesh", f"the world size changed to {world}; give the resuming world's mesh")
@@ -371,8 +387,9 @@ def _parse_component(r: _Reader, key: str, topology: Topology) -> ComponentSpec:
     level = r.choice("level", LEVELS, "tensor")
     required = r.get("required", bool, True)
     r.finish()
-    return ComponentSpec(key=key, pattern=pattern, group=group, validate=validate,
-                         level=level, required=required)
+    return ComponentSpec(
+        key=key, pattern=pattern, group=group, validate=validate, level=level, required=required
+    )
 
 
 def _parse_fault(r: _Reader, world: int, keys: set[str]) -> FaultSpec:
@@ -418,8 +435,10 @@ def _parse_expect(r: _Reader | None, world: int, keys: set[str]) -> Expectation:
         if error is None:
             raise r.error("error", "is required when outcome is 'error'")
         if error not in ERROR_CLASSES:
-            raise r.error("error", f"{error!r} is not a distckpt error; expected one of "
-                                   f"{', '.join(ERROR_CLASSES)}")
+            raise r.error(
+                "error",
+                f"{error!r} is not a distckpt error; expected one of {', '.join(ERROR_CLASSES)}",
+            )
         if stage is None:
             raise r.error("stage", "is required when outcome is 'error' (save or load)")
         if bit_exact:
@@ -429,8 +448,14 @@ def _parse_expect(r: _Reader | None, world: int, keys: set[str]) -> Expectation:
             if value is not None:
                 raise r.error(name, "only applies when outcome is 'error'")
     r.finish()
-    return Expectation(outcome=outcome, error=error, stage=stage, failing_ranks=failing,
-                       writers=writers, bit_exact=bit_exact)
+    return Expectation(
+        outcome=outcome,
+        error=error,
+        stage=stage,
+        failing_ranks=failing,
+        writers=writers,
+        bit_exact=bit_exact,
+    )
 
 
 def _parse_run(r: _Reader | None) -> RunSpec:
@@ -450,11 +475,20 @@ def _parse_run(r: _Reader | None) -> RunSpec:
         if value <= 0:
             raise r.error(name, f"must be positive, got {value}")
     if world_timeout <= timeout:
-        raise r.error("world_timeout", f"must exceed timeout ({timeout}) so that the library's "
-                                       "own timeout fires first")
+        raise r.error(
+            "world_timeout",
+            f"must exceed timeout ({timeout}) so that the library's own timeout fires first",
+        )
     r.finish()
-    return RunSpec(steps=steps, save_at=save_at, seed=seed, batch_size=batch, validate=validate,
-                   timeout=timeout, world_timeout=world_timeout)
+    return RunSpec(
+        steps=steps,
+        save_at=save_at,
+        seed=seed,
+        batch_size=batch,
+        validate=validate,
+        timeout=timeout,
+        world_timeout=world_timeout,
+    )
 
 
 #: Trainer knobs a scenario may set under ``[options]``, with their types.
@@ -483,7 +517,7 @@ def _parse_options(r: _Reader | None) -> Mapping[str, Any]:
 def parse_scenario(data: Mapping[str, Any], where: str, default_name: str = "") -> Scenario:
     """Build a :class:`Scenario` from parsed TOML; ``where`` names the file in errors."""
     top = _Reader(where, dict(data))
-    name = top.get("name", str, default_name)
+    name = top.get("name", str, default_name or Path(where).stem)
     if not _NAME.fullmatch(name):
         raise top.error("name", f"{name!r} is not a valid name (letters, digits, '.', '_', '-')")
     description = top.get("description", str, "")
@@ -492,7 +526,9 @@ def parse_scenario(data: Mapping[str, Any], where: str, default_name: str = "") 
     assert topo_reader is not None
     topology = _parse_topology(topo_reader, trainer)
     resume_reader = top.sub("resume", None)
-    resume = topology if resume_reader is None else _parse_topology(resume_reader, trainer, topology)
+    resume = (
+        topology if resume_reader is None else _parse_topology(resume_reader, trainer, topology)
+    )
     run = _parse_run(top.sub("run", None))
     comps_reader = top.sub("components")
     assert comps_reader is not None
@@ -500,8 +536,11 @@ def parse_scenario(data: Mapping[str, Any], where: str, default_name: str = "") 
     components: list[ComponentSpec] = []
     for key in list(comps_reader.table):
         if key not in info.components:
-            raise comps_reader.error(key, f"trainer {trainer!r} has no such component "
-                                          f"(it has {', '.join(sorted(info.components))})")
+            raise comps_reader.error(
+                key,
+                f"trainer {trainer!r} has no such component "
+                f"(it has {', '.join(sorted(info.components))})",
+            )
         sub = comps_reader.sub(key)
         assert sub is not None
         components.append(_parse_component(sub, key, topology))
@@ -517,9 +556,19 @@ def parse_scenario(data: Mapping[str, Any], where: str, default_name: str = "") 
     expect = _parse_expect(top.sub("expect", None), topology.world_size, keys)
     options = _parse_options(top.sub("options", None))
     top.finish()
-    scenario = Scenario(name=name, path=where, trainer=trainer, topology=topology,
-                        resume_topology=resume, run=run, components=tuple(components),
-                        faults=faults, expect=expect, description=description, options=options)
+    scenario = Scenario(
+        name=name,
+        path=where,
+        trainer=trainer,
+        topology=topology,
+        resume_topology=resume,
+        run=run,
+        components=tuple(components),
+        faults=faults,
+        expect=expect,
+        description=description,
+        options=options,
+    )
     _check_consistency(scenario, top)
     return scenario
 
@@ -533,13 +582,15 @@ def _check_consistency(s: Scenario, top: _Reader) -> None:
             fixed = [c.key for c in s.components if c.pattern not in ("global", "replicated")]
             if fixed:
                 raise top.error(
-                    "resume", f"components {fixed} are tied to the world's layout and cannot be "
-                              "resumed into another world; expect error TopologyMismatchError at load"
+                    "resume",
+                    f"components {fixed} are tied to the world's layout and cannot be "
+                    "resumed into another world; expect error TopologyMismatchError at load",
                 )
         missing = sorted(set(s.expect.writers) ^ {c.key for c in s.components})
         if s.expect.writers and missing:
-            raise top.error("expect.writers", f"give the writers of every component; "
-                                              f"mismatched keys: {missing}")
+            raise top.error(
+                "expect.writers", f"give the writers of every component; mismatched keys: {missing}"
+            )
     elif s.expect.stage == "load" and any(f.kind != "diverge" for f in s.faults):
         raise top.error("faults", "save-phase faults make the save fail; expect stage 'save'")
 

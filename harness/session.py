@@ -82,15 +82,21 @@ def device_for(ctx: RankContext) -> torch.device:
     return torch.device("cpu")
 
 
-def build_trainer(ctx: RankContext, scenario: Scenario, topology: Topology, *, fresh: bool) -> Trainer:
+def build_trainer(
+    ctx: RankContext, scenario: Scenario, topology: Topology, *, fresh: bool
+) -> Trainer:
     """The scenario's trainer for this rank."""
     if ctx.backend == "nccl":
         torch.cuda.set_device(ctx.local_rank)
     return trainer_class(scenario.trainer)(scenario, topology, device_for(ctx), fresh=fresh)
 
 
-def coordinator(ctx: RankContext, scenario: Scenario, trainer: Trainer,
-                hook: Callable[[str, int], None] | None = None) -> CheckpointCoordinator:
+def coordinator(
+    ctx: RankContext,
+    scenario: Scenario,
+    trainer: Trainer,
+    hook: Callable[[str, int], None] | None = None,
+) -> CheckpointCoordinator:
     """A coordinator over the scenario's declared components, writing under ``ctx.workdir``."""
     available = trainer.components()
     components = [
@@ -151,11 +157,16 @@ def save(ctx: RankContext, scenario: Scenario) -> RankRun:
     coord = coordinator(ctx, scenario, trainer, _fault_hook(scenario.faults))
     started = time.perf_counter()
     try:
-        path = coord.save_checkpoint(checkpoint_id=str(scenario.run.save_at),
-                                     validate=scenario.run.validate)
+        path = coord.save_checkpoint(
+            checkpoint_id=str(scenario.run.save_at), validate=scenario.run.validate
+        )
     except CheckpointError as exc:
-        return RankRun(ctx.rank, losses=losses, seconds=time.perf_counter() - started,
-                       error=LibraryError.of(exc))
+        return RankRun(
+            ctx.rank,
+            losses=losses,
+            seconds=time.perf_counter() - started,
+            error=LibraryError.of(exc),
+        )
     return RankRun(ctx.rank, losses=losses, path=path, seconds=time.perf_counter() - started)
 
 
@@ -170,8 +181,14 @@ def resume(ctx: RankContext, scenario: Scenario, topology: Topology) -> RankRun:
         return RankRun(ctx.rank, seconds=time.perf_counter() - started, error=LibraryError.of(exc))
     seconds = time.perf_counter() - started
     losses = _train(trainer, range(scenario.run.save_at, scenario.run.steps))
-    return RankRun(ctx.rank, losses=losses, fingerprint=trainer.fingerprint(), path=report.path,
-                   seconds=seconds, loaded=tuple(report.loaded))
+    return RankRun(
+        ctx.rank,
+        losses=losses,
+        fingerprint=trainer.fingerprint(),
+        path=report.path,
+        seconds=seconds,
+        loaded=tuple(report.loaded),
+    )
 
 
 def handoff_start(ctx: RankContext, scenario: Scenario) -> RankRun:

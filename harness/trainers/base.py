@@ -45,8 +45,9 @@ class Trainer(ABC):
 
     name: ClassVar[str] = ""
 
-    def __init__(self, scenario: Scenario, topology: Topology, device: torch.device,
-                 *, fresh: bool = False) -> None:
+    def __init__(
+        self, scenario: Scenario, topology: Topology, device: torch.device, *, fresh: bool = False
+    ) -> None:
         self.scenario = scenario
         self.topology = topology
         self.device = device
@@ -54,8 +55,10 @@ class Trainer(ABC):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         if self.world_size != topology.world_size:
-            raise RuntimeError(f"trainer {self.name}: world has {self.world_size} ranks, "
-                               f"topology {topology.describe()} has {topology.world_size}")
+            raise RuntimeError(
+                f"trainer {self.name}: world has {self.world_size} ranks, "
+                f"topology {topology.describe()} has {topology.world_size}"
+            )
         opts = scenario.options
         self.hidden: int = int(opts.get("hidden", 16))
         self.dropout: float = float(opts.get("dropout", 0.1))
@@ -144,7 +147,9 @@ class Trainer(ABC):
         return {k: _to_cpu(v.state_dict()) for k, v in self.components().items()}
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _scheduler(
+    optimizer: torch.optim.Optimizer, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     warmup = min(2, max(1, steps - 1))
     return torch.optim.lr_scheduler.SequentialLR(
         optimizer,

@@ -30,8 +30,10 @@ class DDPTrainer(Trainer):
         batch = self.scenario.run.batch_size
         if self.dispatch:
             if batch % self.world_size:
-                raise ValueError(f"{self.scenario.path}: run.batch_size {batch} does not split "
-                                 f"evenly over {self.world_size} ranks")
+                raise ValueError(
+                    f"{self.scenario.path}: run.batch_size {batch} does not split "
+                    f"evenly over {self.world_size} ranks"
+                )
             self.local_batch = batch // self.world_size
             self.loader = self.dataset(shard=0, batch_size=batch)
             self.data_owner = self.rank == 0

@@ -29,15 +29,17 @@ class TensorParallelTrainer(Trainer):
         from torch.distributed.device_mesh import init_device_mesh
 
         sizes = self.topology.mesh_sizes
-        self.mesh = init_device_mesh(self.device.type, (sizes["dp"], sizes["tp"]),
-                                     mesh_dim_names=("dp", "tp"))
+        self.mesh = init_device_mesh(
+            self.device.type, (sizes["dp"], sizes["tp"]), mesh_dim_names=("dp", "tp")
+        )
         self.dp_group = self.mesh.get_group("dp")
         tp_group = self.mesh.get_group("tp")
         self.dp_size = sizes["dp"]
         dp_rank = self.mesh.get_local_rank("dp")
         tp_rank = self.mesh.get_local_rank("tp")
-        self.model = TensorParallelMLP(self.hidden, self.dropout, tp_rank, sizes["tp"],
-                                       tp_group).to(self.device)
+        self.model = TensorParallelMLP(
+            self.hidden, self.dropout, tp_rank, sizes["tp"], tp_group
+        ).to(self.device)
         self.loader = self.dataset(shard=dp_rank, batch_size=self.scenario.run.batch_size)
 
     def process_groups(self) -> Any:

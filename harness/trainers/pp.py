@@ -38,9 +38,13 @@ class PipelineTrainer(Trainer):
         self.microbatches = int(self.scenario.options.get("microbatches", 2))
         batch = self.scenario.run.batch_size
         if batch % self.microbatches:
-            raise ValueError(f"{self.scenario.path}: run.batch_size {batch} does not split into "
-                             f"{self.microbatches} micro-batches")
-        self.model = pipeline_stage(self.stage, self.stages, self.hidden, self.dropout).to(self.device)
+            raise ValueError(
+                f"{self.scenario.path}: run.batch_size {batch} does not split into "
+                f"{self.microbatches} micro-batches"
+            )
+        self.model = pipeline_stage(self.stage, self.stages, self.hidden, self.dropout).to(
+            self.device
+        )
         self.loader = self.dataset(shard=self.replica, batch_size=batch)
         self.data_owner = self.stage == 0
         self.pipeline_group: Any = None

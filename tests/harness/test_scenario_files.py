@@ -1,0 +1,54 @@
+"""The scenario collection covers every layout, variant and negative case the harness promises."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from harness.scenario import TRAINERS, load_scenarios
+from harness.trainers import TRAINER_CLASSES
+
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
+
+
+def test_every_scenario_file_parses_and_names_are_unique() -> None:
+    scenarios = load_scenarios([SCENARIO_DIR])
+    assert len(scenarios) >= 15
+    assert len({s.name for s in scenarios}) == len(scenarios)
+
+
+def test_the_trainer_table_of_the_parser_matches_the_trainer_classes() -> None:
+    assert set(TRAINERS) == set(TRAINER_CLASSES)
+
+
+def test_every_layout_has_a_positive_scenario() -> None:
+    positive = Counter(s.trainer for s in load_scenarios([SCENARIO_DIR]) if s.expect.succeeds)
+    assert set(positive) == set(TRAINERS)
+
+
+def test_the_promised_variants_exist() -> None:
+    scenarios = load_scenarios([SCENARIO_DIR])
+    shapes = {(s.trainer, tuple(s.topology.mesh)) for s in scenarios if s.expect.succeeds}
+    for trainer, dims in (("dp_tp", ("dp", "tp")), ("dp_pp", ("dp", "pp"))):
+        assert (trainer, ((dims[0], 2), (dims[1], 2))) in shapes
+        assert (trainer, ((dims[0], 2), (dims[1], 4))) in shapes
+    assert any(s.trainer == "per_node" and s.topology.nodes >= 2 for s in scenarios)
+    elastic = [s for s in scenarios if s.elastic and s.expect.succeeds]
+    assert any(s.topology.world_size == 4 and s.resume_topology.world_size == 2 for s in elastic)
+    for s in elastic:
+        assert {c.pattern for c in s.components} <= {"global", "replicated"}
+
+
+def test_the_promised_negative_scenarios_exist() -> None:
+    negative = [s for s in load_scenarios([SCENARIO_DIR]) if not s.expect.succeeds]
+    found = {(s.trainer, s.expect.error, s.expect.stage) for s in negative}
+    assert ("dp_tp", "ReplicationMismatchError", "save") in found
+    assert ("ddp", "ReplicationMismatchError", "save") in found
+    assert any(e == "TopologyMismatchError" and st == "load" for _, e, st in found)
+    tp_model = [s for s in negative if s.trainer == "dp_tp"]
+    assert any(s.component("model").group == "tp" and s.component("model").validate for s in tp_model)
+
+
+def test_scenarios_stay_within_eight_ranks() -> None:
+    for s in load_scenarios([SCENARIO_DIR]):
+        assert s.topology.world_size <= 8 and s.resume_topology.world_size <= 8, s.name
