@@ -39,7 +39,10 @@ def test_files_and_writers_of_each_pattern() -> None:
     assert rng.files[5].path == "rng/rank-00005.safetensors"
     cache = expected_component(DP_TP_2x4, ComponentSpec("cache", "per_node"))
     assert [(f.path, f.writer) for f in cache.files] == [
-        ("cache/node-000.safetensors", 0), ("cache/node-001.safetensors", 4)]
+        ("cache/node-000.safetensors", 0),
+        ("cache/node-001.safetensors", 4),
+    ]
     sched = expected_component(DP_TP_2x4, ComponentSpec("scheduler", "replicated"))
     assert [(f.path, f.ranks) for f in sched.files] == [
-        ("scheduler/replicated.safetensors", tuple(range(8)))]
+        ("scheduler/replicated.safetensors", tuple(range(8)))
+    ]

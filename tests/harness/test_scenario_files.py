@@ -46,7 +46,9 @@ def test_the_promised_negative_scenarios_exist() -> None:
     assert ("ddp", "ReplicationMismatchError", "save") in found
     assert any(e == "TopologyMismatchError" and st == "load" for _, e, st in found)
     tp_model = [s for s in negative if s.trainer == "dp_tp"]
-    assert any(s.component("model").group == "tp" and s.component("model").validate for s in tp_model)
+    assert any(
+        s.component("model").group == "tp" and s.component("model").validate for s in tp_model
+    )
 
 
 def test_scenarios_stay_within_eight_ranks() -> None:

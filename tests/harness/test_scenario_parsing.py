@@ -56,40 +56,77 @@ def test_patterns_and_levels_are_case_insensitive() -> None:
         ({"trainer": "fsdp"}, "trainer", "expected one of"),
         ({"topology": {"nodes": 1}}, "topology.procs_per_node", "is required"),
         ({"topology": {"nodes": 0, "procs_per_node": 4}}, "topology.nodes", ">= 1"),
-        ({"topology": {"nodes": 1, "procs_per_node": 4, "mesh": {"dp": 2, "tp": 3}}},
-         "topology.mesh", "multiply to 6"),
-        ({"topology": {"nodes": 1, "procs_per_node": 4, "mesh": {"tp": 2, "dp": 2}}},
-         "topology.mesh", "needs dp x tp"),
-        ({"components": {"model": {"pattern": "per_group", "group": "pp"}}},
-         "components.model.group", "not a mesh dimension"),
+        (
+            {"topology": {"nodes": 1, "procs_per_node": 4, "mesh": {"dp": 2, "tp": 3}}},
+            "topology.mesh",
+            "multiply to 6",
+        ),
+        (
+            {"topology": {"nodes": 1, "procs_per_node": 4, "mesh": {"tp": 2, "dp": 2}}},
+            "topology.mesh",
+            "needs dp x tp",
+        ),
+        (
+            {"components": {"model": {"pattern": "per_group", "group": "pp"}}},
+            "components.model.group",
+            "not a mesh dimension",
+        ),
         ({"components": {"model": {"pattern": "per_group"}}}, "components.model.group", "required"),
-        ({"components": {"model": {"pattern": "global", "validate": True}}},
-         "components.model.validate", "no replicas"),
-        ({"components": {"model": {"pattern": "replicated", "group": "dp"}}},
-         "components.model.group", "only pattern per_group"),
-        ({"components": {"model": {"pattern": "sharded"}}}, "components.model.pattern",
-         "expected one of"),
-        ({"components": {"cache": {"pattern": "per_node"}}}, "components.cache", "no such component"),
-        ({"components": {"model": {"pattern": "replicated", "valdiate": True}}},
-         "components.model.valdiate", "did you mean 'validate'"),
+        (
+            {"components": {"model": {"pattern": "global", "validate": True}}},
+            "components.model.validate",
+            "no replicas",
+        ),
+        (
+            {"components": {"model": {"pattern": "replicated", "group": "dp"}}},
+            "components.model.group",
+            "only pattern per_group",
+        ),
+        (
+            {"components": {"model": {"pattern": "sharded"}}},
+            "components.model.pattern",
+            "expected one of",
+        ),
+        (
+            {"components": {"cache": {"pattern": "per_node"}}},
+            "components.cache",
+            "no such component",
+        ),
+        (
+            {"components": {"model": {"pattern": "replicated", "valdiate": True}}},
+            "components.model.valdiate",
+            "did you mean 'validate'",
+        ),
         ({"run": {"steps": 3, "save_at": 4}}, "run.save_at", "<= steps"),
         ({"run": {"steps": "6"}}, "run.steps", "expected an integer"),
         ({"run": {"validate": 1}}, "run.validate", "expected a boolean"),
         ({"run": {"timeout": 30, "world_timeout": 10}}, "run.world_timeout", "must exceed"),
         ({"expect": {"outcome": "error", "stage": "save"}}, "expect.error", "is required"),
-        ({"expect": {"outcome": "error", "error": "OSError", "stage": "save"}}, "expect.error",
-         "not a distckpt error"),
+        (
+            {"expect": {"outcome": "error", "error": "OSError", "stage": "save"}},
+            "expect.error",
+            "not a distckpt error",
+        ),
         ({"expect": {"outcome": "error", "error": "CheckpointError"}}, "expect.stage", "required"),
         ({"expect": {"error": "CheckpointError"}}, "expect.error", "only applies"),
-        ({"expect": {"writers": {"optimizer": [0]}}}, "expect.writers.optimizer",
-         "not a declared component"),
+        (
+            {"expect": {"writers": {"optimizer": [0]}}},
+            "expect.writers.optimizer",
+            "not a declared component",
+        ),
         ({"expect": {"writers": {"model": [0, 9]}}}, "expect.writers.model", "outside the world"),
         ({"expect": {"writers": {"model": [0, 1]}}}, "expect.writers", "every component"),
         ({"faults": [{"kind": "raise", "ranks": [1]}]}, "faults[0].phase", "required"),
-        ({"faults": [{"kind": "diverge", "ranks": [1], "component": "optimizer"}]},
-         "faults[0].component", "not a declared component"),
-        ({"faults": [{"kind": "sigkill", "phase": "write", "ranks": [1]}]}, "faults",
-         "must expect an error"),
+        (
+            {"faults": [{"kind": "diverge", "ranks": [1], "component": "optimizer"}]},
+            "faults[0].component",
+            "not a declared component",
+        ),
+        (
+            {"faults": [{"kind": "sigkill", "phase": "write", "ranks": [1]}]},
+            "faults",
+            "must expect an error",
+        ),
         ({"options": {"hiden": 8}}, "options.hiden", "did you mean 'hidden'"),
         ({"resume": {"procs_per_node": 2}}, "resume.mesh", "give the resuming world's mesh"),
         ({"colour": "blue"}, "colour", "unknown field"),
@@ -116,24 +153,32 @@ def test_an_elastic_positive_scenario_may_only_hold_global_or_replicated_state()
 
 
 def test_trainer_world_limits_are_enforced() -> None:
-    data = _base(trainer="single", topology={"nodes": 1, "procs_per_node": 2},
-                 components={"model": {"pattern": "global"}})
+    data = _base(
+        trainer="single",
+        topology={"nodes": 1, "procs_per_node": 2},
+        components={"model": {"pattern": "global"}},
+    )
     assert "runs on 1 to 1 ranks" in _error(data)
-    data = _base(trainer="per_node", topology={"nodes": 1, "procs_per_node": 2},
-                 components={"cache": {"pattern": "per_node"}})
+    data = _base(
+        trainer="per_node",
+        topology={"nodes": 1, "procs_per_node": 2},
+        components={"cache": {"pattern": "per_node"}},
+    )
     assert "at least 2 nodes" in _error(data)
 
 
 def test_files_are_read_with_their_name_and_invalid_toml_is_reported(tmp_path: Path) -> None:
     good = tmp_path / "good_one.toml"
-    good.write_text('trainer = "single"\n[topology]\nprocs_per_node = 1\n'
-                    '[components]\nmodel = { pattern = "global" }\n')
+    good.write_text(
+        'trainer = "single"\n[topology]\nprocs_per_node = 1\n'
+        '[components]\nmodel = { pattern = "global" }\n'
+    )
     assert load_scenario(good).name == "good_one"
     bad = tmp_path / "bad.toml"
     bad.write_text("trainer = \n")
     with pytest.raises(ScenarioError, match=r"bad\.toml: invalid TOML"):
         load_scenario(bad)
     twin = tmp_path / "twin.toml"
-    twin.write_text(good.read_text().replace('trainer', 'name = "good_one"\ntrainer', 1))
+    twin.write_text(good.read_text().replace("trainer", 'name = "good_one"\ntrainer', 1))
     with pytest.raises(ScenarioError, match="is also the name of"):
         load_scenarios([good, twin])

@@ -24,4 +24,6 @@ def test_scenario_meets_its_expectation(world_pool: WorldPool, path: Path, tmp_p
     assert result.met, format_problems([result])
     if scenario.expect.succeeds:
         assert result.bit_exact is True
-        assert (tmp_path / scenario.name / "checkpoints" / f"checkpoint-{scenario.run.save_at}").is_dir()
+        assert (
+            tmp_path / scenario.name / "checkpoints" / f"checkpoint-{scenario.run.save_at}"
+        ).is_dir()
