@@ -17,7 +17,7 @@ from .workloads import WORKLOADS, effective_scale, fmt_bytes
 
 BASE_METHODS = ["physical", "distckpt", "distckpt-nohash", "distckpt-quick", "distckpt-tensor", "distckpt-full",
                 "torch.save-all", "torch.save-writers", "dcp"]
-PROTO_METHODS = ["proto-async", "proto-balanced", "proto-bcast", "proto-inplace"]
+PROTO_METHODS = ["proto-async", "proto-balanced", "proto-coalesce", "proto-bcast", "proto-inplace"]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -22,6 +22,7 @@ LABELS = {
     "proto-balanced": "proto: balanced writes",
     "proto-bcast": "proto: read + broadcast",
     "proto-inplace": "proto: read into tensors",
+    "proto-coalesce": "proto: coalesced writes",
 }
 PATTERNS = {"big": "REPLICATED", "small": "REPLICATED", "hybrid": 'PER_GROUP("dp")', "rng": "PER_RANK"}
 
@@ -307,7 +308,7 @@ def chart(cases: list[dict[str, Any]], path: str) -> bool:
     except ImportError:
         return False
     methods = [m for m in ("distckpt", "distckpt-tensor", "torch.save-all", "torch.save-writers", "dcp",
-                           "proto-balanced", "proto-bcast", "proto-inplace")
+                           "proto-balanced", "proto-coalesce", "proto-bcast", "proto-inplace")
                if any(m in c["methods"] for c in cases)]
     names = [f"{c['workload']}\nw{c['world']}" for c in cases]
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(cases) + 3), 9), sharex=True)
