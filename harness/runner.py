@@ -26,7 +26,18 @@ from harness import oracle, session
 from harness.scenario import Scenario, Topology
 from harness.world import RankOutcome, WorldPool, WorldSpec, WorldTimeout
 
-__all__ = ["ScenarioResult", "run_scenario", "run_scenarios"]
+__all__ = [
+    "Failed",
+    "ScenarioResult",
+    "check_error",
+    "check_resumed",
+    "check_saved",
+    "compare_runs",
+    "new_result",
+    "record_exactness",
+    "run_scenario",
+    "run_scenarios",
+]
 
 _MAX_DIFFS = 6
 
@@ -57,7 +68,7 @@ class ScenarioResult:
         return asdict(self)
 
 
-class _Failed(Exception):
+class Failed(Exception):
     """A scenario fell short; the message says how (collected into ``problems``)."""
 
 
@@ -77,12 +88,9 @@ def run_scenarios(
     return results
 
 
-def run_scenario(
-    pool: WorldPool, scenario: Scenario, workdir: str | os.PathLike[str] | None = None
-) -> ScenarioResult:
-    """Run one scenario; checkpoints go to ``<workdir>/<name>/`` (kept) or a temp dir (removed)."""
-    started = time.perf_counter()
-    result = ScenarioResult(
+def new_result(scenario: Scenario) -> ScenarioResult:
+    """An empty result row for ``scenario``."""
+    return ScenarioResult(
         name=scenario.name,
         trainer=scenario.trainer,
         world=scenario.describe_world(),
@@ -92,6 +100,14 @@ def run_scenario(
         if scenario.expect.succeeds
         else f"{scenario.expect.error} at {scenario.expect.stage}",
     )
+
+
+def run_scenario(
+    pool: WorldPool, scenario: Scenario, workdir: str | os.PathLike[str] | None = None
+) -> ScenarioResult:
+    """Run one scenario; checkpoints go to ``<workdir>/<name>/`` (kept) or a temp dir (removed)."""
+    started = time.perf_counter()
+    result = new_result(scenario)
     keep = workdir is not None
     out = (
         Path(workdir, scenario.name) if keep else Path(tempfile.mkdtemp(prefix=f"{scenario.name}-"))
@@ -104,7 +120,7 @@ def run_scenario(
             _run_positive(pool, scenario, out, result)
         else:
             _run_negative(pool, scenario, out, result)
-    except _Failed as exc:
+    except Failed as exc:
         result.problems.append(str(exc))
     except WorldTimeout as exc:
         result.problems.append(f"world timed out: {_shorten(str(exc), 4000)}")
@@ -128,11 +144,11 @@ def _spec(topology: Topology, workdir: Path | None = None) -> WorldSpec:
 
 
 def _values(outcomes: list[RankOutcome], what: str) -> list[session.RankRun]:
-    """The RankRun of every rank, or ``_Failed`` with every failed rank's story."""
+    """The RankRun of every rank, or ``Failed`` with every failed rank's story."""
     failed = [o for o in outcomes if not o.ok]
     if failed:
         details = "\n".join(_shorten(o.describe(), 1500) for o in failed)
-        raise _Failed(f"{what}: {len(failed)} of {len(outcomes)} ranks failed:\n{details}")
+        raise Failed(f"{what}: {len(failed)} of {len(outcomes)} ranks failed:\n{details}")
     return [o.value for o in outcomes]
 
 
@@ -141,7 +157,7 @@ def _no_library_errors(runs: list[session.RankRun], what: str) -> None:
     if errors:
         err = errors[0][1]
         assert err is not None
-        raise _Failed(
+        raise Failed(
             f"{what}: ranks {[r for r, _ in errors]} raised {err.error_type}: "
             f"{_shorten(err.message, 1500)}"
         )
@@ -164,37 +180,59 @@ def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
             "reference (in-memory hand-over to the resumed world)",
         )
     saved = _values(pool.run(_spec(s.topology, out), session.save, s, timeout=timeout), "save")
-    _no_library_errors(saved, "save")
-    paths = {r.path for r in saved}
-    if len(paths) != 1:
-        raise _Failed(f"save: ranks returned different paths: {sorted(map(str, paths))}")
-    path = str(saved[0].path)
-    result.checkpoint = path
-    result.save_s = max(r.seconds for r in saved)
-    expected_path = os.path.join(out, "checkpoints", f"checkpoint-{s.run.save_at}")
-    if os.path.realpath(path) != os.path.realpath(expected_path):
-        result.problems.append(f"checkpoint at {path}, expected {expected_path}")
-    result.problems.extend(f"oracle: {p}" for p in oracle.check_checkpoint(path, s))
-    result.files, result.bytes = _manifest_totals(path, result)
+    check_saved(s, saved, out, result)
     resumed = _values(
         pool.run(
             _spec(s.resume_topology, out), session.resume, s, s.resume_topology, timeout=timeout
         ),
         "resume",
     )
-    _no_library_errors(resumed, "resume")
-    result.load_s = max(r.seconds for r in resumed)
-    declared = sorted(c.key for c in s.components)
-    for r in resumed:
-        if sorted(r.loaded) != declared:
-            result.problems.append(f"rank {r.rank} loaded {sorted(r.loaded)}, declared {declared}")
+    check_resumed(s, resumed, result)
     if s.elastic:
         diffs = _compare_elastic(first, ref_tail, saved, resumed)
     else:
         reference = _values(
             pool.run(_spec(s.topology), session.reference, s, timeout=timeout), "reference"
         )
-        diffs = _compare(reference, saved, resumed)
+        diffs = compare_runs(reference, saved, resumed)
+    record_exactness(s, diffs, result)
+
+
+def check_saved(
+    s: Scenario,
+    saved: list[session.RankRun],
+    out: Path,
+    result: ScenarioResult,
+    topology: Topology | None = None,
+) -> str:
+    """Judge a successful save: one path on every rank, where expected, as the oracle says."""
+    _no_library_errors(saved, "save")
+    paths = {r.path for r in saved}
+    if len(paths) != 1:
+        raise Failed(f"save: ranks returned different paths: {sorted(map(str, paths))}")
+    path = str(saved[0].path)
+    result.checkpoint = path
+    result.save_s = max(r.seconds for r in saved)
+    expected_path = os.path.join(out, "checkpoints", f"checkpoint-{s.run.save_at}")
+    if os.path.realpath(path) != os.path.realpath(expected_path):
+        result.problems.append(f"checkpoint at {path}, expected {expected_path}")
+    result.problems.extend(f"oracle: {p}" for p in oracle.check_checkpoint(path, s, topology))
+    result.files, result.bytes = _manifest_totals(path, result)
+    return path
+
+
+def check_resumed(s: Scenario, resumed: list[session.RankRun], result: ScenarioResult) -> None:
+    """Judge a successful load: no error, every declared component loaded on every rank."""
+    _no_library_errors(resumed, "resume")
+    result.load_s = max(r.seconds for r in resumed)
+    declared = sorted(c.key for c in s.components)
+    for r in resumed:
+        if sorted(r.loaded) != declared:
+            result.problems.append(f"rank {r.rank} loaded {sorted(r.loaded)}, declared {declared}")
+
+
+def record_exactness(s: Scenario, diffs: list[str], result: ScenarioResult) -> None:
+    """Record whether the resumed run was bit-exact (a problem unless the scenario waives it)."""
     result.bit_exact = not diffs
     if diffs and s.expect.bit_exact:
         result.problems.append("resume is not bit-exact:\n  " + "\n  ".join(diffs[:_MAX_DIFFS]))
@@ -213,7 +251,7 @@ def _manifest_totals(path: str, result: ScenarioResult) -> tuple[int | None, int
     return len(entries), sum(f.size_bytes for f in entries)
 
 
-def _compare(
+def compare_runs(
     reference: list[session.RankRun], saved: list[session.RankRun], resumed: list[session.RankRun]
 ) -> list[str]:
     diffs: list[str] = []
@@ -279,18 +317,12 @@ def _run_negative(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
     if s.expect.stage == "save":
         runs = _survivors(outcomes, killed, "save")
         result.save_s = max((r.seconds for r in runs), default=None)
-        _expect_error(s, runs, "save", result)
+        check_error(s, runs, "save", result)
         committed = _committed(out)
         if committed:
-            raise _Failed(f"save failed but left committed checkpoints: {committed}")
+            raise Failed(f"save failed but left committed checkpoints: {committed}")
         return
-    saved = _values(outcomes, "save")
-    _no_library_errors(saved, "save")
-    result.save_s = max(r.seconds for r in saved)
-    result.checkpoint = saved[0].path
-    if saved[0].path:
-        result.problems.extend(f"oracle: {p}" for p in oracle.check_checkpoint(saved[0].path, s))
-        result.files, result.bytes = _manifest_totals(saved[0].path, result)
+    check_saved(s, _values(outcomes, "save"), out, result)
     resumed = _values(
         pool.run(
             _spec(s.resume_topology, out), session.resume, s, s.resume_topology, timeout=timeout
@@ -298,7 +330,7 @@ def _run_negative(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
         "resume",
     )
     result.load_s = max(r.seconds for r in resumed)
-    _expect_error(s, resumed, "load", result)
+    check_error(s, resumed, "load", result)
 
 
 def _survivors(outcomes: list[RankOutcome], killed: set[int], what: str) -> list[session.RankRun]:
@@ -317,22 +349,22 @@ def _survivors(outcomes: list[RankOutcome], killed: set[int], what: str) -> list
         else:
             runs.append(o.value)
     if problems:
-        raise _Failed(f"{what}: " + "\n".join(problems))
+        raise Failed(f"{what}: " + "\n".join(problems))
     return runs
 
 
-def _expect_error(
+def check_error(
     s: Scenario, runs: list[session.RankRun], stage: str, result: ScenarioResult
 ) -> None:
     want = s.expect.error
     assert want is not None
     clean = [r.rank for r in runs if r.error is None]
     if clean:
-        raise _Failed(f"{stage}: expected {want} on every rank; ranks {clean} raised nothing")
+        raise Failed(f"{stage}: expected {want} on every rank; ranks {clean} raised nothing")
     errors = [r.error for r in runs if r.error is not None]
     kinds = sorted({e.error_type for e in errors})
     if len(kinds) != 1:
-        raise _Failed(
+        raise Failed(
             f"{stage}: ranks raised different error classes {kinds}; every rank must raise the same"
         )
     first = errors[0]
@@ -341,19 +373,19 @@ def _expect_error(
         f"{sorted(first.failures)}: {_shorten(first.message, 600)}"
     )
     if want not in first.classes:
-        raise _Failed(
+        raise Failed(
             f"{stage}: expected {want}, got {first.error_type}: {_shorten(first.message, 1500)}"
         )
     if s.expect.failing_ranks is not None:
         for r, e in zip(runs, errors, strict=True):
             if tuple(sorted(e.failures)) != s.expect.failing_ranks:
-                raise _Failed(
+                raise Failed(
                     f"{stage}: rank {r.rank} reports failing ranks {sorted(e.failures)}, "
                     f"expected {list(s.expect.failing_ranks)}"
                 )
     failures = {tuple(sorted(e.failures)) for e in errors}
     if len(failures) != 1:
-        raise _Failed(
+        raise Failed(
             f"{stage}: ranks disagree on which ranks failed: {[sorted(e.failures) for e in errors]}"
         )
 
