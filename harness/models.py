@@ -99,7 +99,7 @@ class ColumnParallelLinear(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _CopyToTensorParallel.apply(x, self.group)
+        x = _CopyToTensorParallel.apply(x, self.group)  # type: ignore[no-untyped-call]
         return nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -119,7 +119,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = nn.functional.linear(x, self.weight)
-        return _ReduceFromTensorParallel.apply(partial, self.group) + self.bias
+        reduced: torch.Tensor = _ReduceFromTensorParallel.apply(partial, self.group)  # type: ignore[no-untyped-call]
+        return reduced + self.bias
 
 
 class TensorParallelMLP(nn.Module):
@@ -134,4 +135,5 @@ class TensorParallelMLP(nn.Module):
         self.down = RowParallelLinear(second, tp_rank, tp_size, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.drop(self.act(self.up(x))))
+        out: torch.Tensor = self.down(self.drop(self.act(self.up(x))))
+        return out

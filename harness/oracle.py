@@ -153,10 +153,10 @@ def check_checkpoint(path: str, scenario: Scenario, topology: Topology | None = 
     topo = topology or scenario.topology
     expected = expected_components(scenario, topo)
     problems: list[str] = []
-    for key, want in scenario.expect.writers.items():
-        if tuple(want) != expected[key].writers:
+    for key, writers in scenario.expect.writers.items():
+        if tuple(writers) != expected[key].writers:
             problems.append(
-                f"scenario says {key} writers {list(want)}, oracle derives "
+                f"scenario says {key} writers {list(writers)}, oracle derives "
                 f"{list(expected[key].writers)}"
             )
     on_disk = _files_under(path)

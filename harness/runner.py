@@ -109,9 +109,10 @@ def run_scenario(
     started = time.perf_counter()
     result = new_result(scenario)
     keep = workdir is not None
-    out = (
-        Path(workdir, scenario.name) if keep else Path(tempfile.mkdtemp(prefix=f"{scenario.name}-"))
-    )
+    if workdir is not None:
+        out = Path(workdir, scenario.name)
+    else:
+        out = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-"))
     if keep and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -260,7 +260,7 @@ class _Reader:
             raise self.error(key, f"expected {what or _kind_names(kinds)}, got {value!r}")
         return value
 
-    def int(self, key: str, default: Any = ..., *, minimum: int | None = None) -> Any:
+    def integer(self, key: str, default: Any = ..., *, minimum: int | None = None) -> Any:
         value = self.get(key, int, default)
         if value is not None and minimum is not None and value < minimum:
             raise self.error(key, f"must be >= {minimum}, got {value}")
@@ -325,15 +325,15 @@ def _suggest(word: str, known: Iterable[str]) -> str:
 
 def _parse_topology(r: _Reader, trainer: str, fallback: Topology | None = None) -> Topology:
     info = TRAINERS[trainer]
-    nodes = r.int("nodes", fallback.nodes if fallback else 1, minimum=1)
-    ppn = r.int("procs_per_node", fallback.procs_per_node if fallback else ..., minimum=1)
+    nodes = r.integer("nodes", fallback.nodes if fallback else 1, minimum=1)
+    ppn = r.integer("procs_per_node", fallback.procs_per_node if fallback else ..., minimum=1)
     mesh_table = r.sub("mesh", None)
     world = nodes * ppn
     mesh: tuple[tuple[str, int], ...] = ()
     if mesh_table is not None:
         dims: list[tuple[str, int]] = []
         for name in list(mesh_table.table):
-            size = mesh_table.int(name, minimum=1)
+            size = mesh_table.integer(name, minimum=1)
             if not _NAME.fullmatch(name):
                 raise mesh_table.error(name, "is not a valid group name")
             dims.append((name, size))
@@ -462,12 +462,12 @@ def _parse_run(r: _Reader | None) -> RunSpec:
     if r is None:
         return RunSpec()
     d = RunSpec()
-    steps = r.int("steps", d.steps, minimum=1)
-    save_at = r.int("save_at", d.save_at, minimum=1)
+    steps = r.integer("steps", d.steps, minimum=1)
+    save_at = r.integer("save_at", d.save_at, minimum=1)
     if save_at > steps:
         raise r.error("save_at", f"must be <= steps ({steps}), got {save_at}")
-    seed = r.int("seed", d.seed, minimum=0)
-    batch = r.int("batch_size", d.batch_size, minimum=1)
+    seed = r.integer("seed", d.seed, minimum=0)
+    batch = r.integer("batch_size", d.batch_size, minimum=1)
     validate = r.get("validate", bool, d.validate)
     timeout = r.get("timeout", float, d.timeout)
     world_timeout = r.get("world_timeout", float, d.world_timeout)
@@ -505,7 +505,7 @@ def _parse_options(r: _Reader | None) -> Mapping[str, Any]:
         if key not in OPTIONS:
             raise r.error(key, "unknown option" + _suggest(key, OPTIONS))
         kind = OPTIONS[key]
-        out[key] = r.int(key, minimum=1) if kind is int else r.get(key, kind)
+        out[key] = r.integer(key, minimum=1) if kind is int else r.get(key, kind)
     if "dropout" in out and not 0.0 <= out["dropout"] < 1.0:
         raise r.error("dropout", f"must be in [0, 1), got {out['dropout']}")
     if "lr" in out and out["lr"] <= 0:

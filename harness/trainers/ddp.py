@@ -60,7 +60,7 @@ class DDPTrainer(Trainer):
     def forward_backward(self) -> float:
         x, y = self.next_local_batch()
         loss = nn.functional.mse_loss(self.ddp(self.prepare(x)), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         return float(loss.item())
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -96,12 +96,12 @@ class PipelineTrainer(Trainer):
         for i in reversed(range(self.microbatches)):
             if self.is_last:
                 loss = nn.functional.mse_loss(outputs[i], ys[i]) / self.microbatches
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
             else:
                 grad = torch.empty_like(outputs[i])
                 dist.recv(grad, src=self.rank + 1)
-                outputs[i].backward(grad)
+                outputs[i].backward(grad)  # type: ignore[no-untyped-call]
             if not self.is_first:
                 grad_in = inputs[i].grad
                 assert grad_in is not None

@@ -22,5 +22,5 @@ class SingleTrainer(Trainer):
     def forward_backward(self) -> float:
         x, y = self.to_device(*self.loader.next_batch())
         loss = nn.functional.mse_loss(self.model(x), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         return float(loss.item())
