@@ -75,10 +75,22 @@ class RankRun:
     state: dict[str, Any] | None = None
 
 
+def cuda_index(ctx: RankContext) -> int:
+    """This rank's GPU: ``LOCAL_RANK``, or the global rank when this host has a GPU per rank.
+
+    Several torchrun agents on one host (simulated nodes) share its GPUs, so
+    ``LOCAL_RANK`` would put two ranks on one GPU; when the host has at least
+    as many GPUs as the world has ranks, the global rank picks a distinct one.
+    On a real cluster with fewer GPUs per host than ranks, ``LOCAL_RANK`` it is.
+    """
+    count = torch.cuda.device_count()
+    return ctx.rank if count >= ctx.world_size else ctx.local_rank
+
+
 def device_for(ctx: RankContext) -> torch.device:
     """This rank's device: its GPU under NCCL, else the CPU."""
     if ctx.backend == "nccl":
-        return torch.device("cuda", ctx.local_rank)
+        return torch.device("cuda", cuda_index(ctx))
     return torch.device("cpu")
 
 
@@ -87,7 +99,7 @@ def build_trainer(
 ) -> Trainer:
     """The scenario's trainer for this rank."""
     if ctx.backend == "nccl":
-        torch.cuda.set_device(ctx.local_rank)
+        torch.cuda.set_device(cuda_index(ctx))
     return trainer_class(scenario.trainer)(scenario, topology, device_for(ctx), fresh=fresh)
 
 

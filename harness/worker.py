@@ -13,7 +13,9 @@ oracle (using the launcher's real node layout) and prints the scenario's row;
 the exit status is 0 only when the scenario met its expectation.
 
 ``--backend nccl`` (or ``auto`` with enough GPUs) gives each rank its own GPU
-(``LOCAL_RANK``) and enables deterministic CUDA algorithms. What a single
+(``LOCAL_RANK``, or the global rank when one host has a GPU for every rank, as
+when several agents simulate nodes on one host) and enables deterministic CUDA
+algorithms. What a single
 launch cannot do is skipped with a message: changing the world size between
 save and resume (elastic and cross-world scenarios), and SIGKILL faults (the
 launcher tears the whole job down when one worker dies).
@@ -113,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(rank if torch.cuda.device_count() >= world else local_rank)
         torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=scenario.run.world_timeout))

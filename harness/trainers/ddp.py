@@ -7,6 +7,8 @@ rank iterate its own data shard (dataset PER_RANK).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -83,7 +85,11 @@ def _wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
     out buckets at the resume step, and a ring all-reduce over 3+ ranks sums an
     element in an order that depends on its offset in the bucket: the runs would
     differ in the last bits. With one parameter per bucket the layout, hence
-    every sum, is the same in both.
+    every sum, is the same in both. Torch releases without ``bucket_cap_mb_list``
+    get the same effect from ``find_unused_parameters=True``, under which DDP
+    never rebuilds its buckets.
     """
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb_list=[0])
+    if "bucket_cap_mb_list" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb_list=[0])
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
