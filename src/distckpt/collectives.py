@@ -30,6 +30,7 @@ __all__ = ["Comm", "LocalComm", "TorchComm", "default_comm", "describe_exception
 log = logging.getLogger("distckpt")
 T = TypeVar("T")
 _SERIAL = itertools.count()
+_ARRIVAL_GRACE_S = 10.0
 
 
 @runtime_checkable
@@ -136,10 +137,15 @@ class TorchComm:
         return out
 
     def _missing(self, seq: int) -> list[int]:
-        """Ranks that never announced arrival at collective ``seq`` (polled briefly)."""
+        """Ranks that never announced arrival at collective ``seq``.
+
+        A live rank always arrives, possibly late on a loaded machine; only a
+        dead or stuck one never does. So wait up to ``min(timeout, 10 s)`` for
+        stragglers before naming anyone.
+        """
         if self._store is None:
             return []
-        deadline = time.monotonic() + min(2.0, self.timeout)
+        deadline = time.monotonic() + min(_ARRIVAL_GRACE_S, self.timeout)
         missing = list(range(self.world_size))
         try:
             while True:
