@@ -3,12 +3,17 @@
 Submodules:
 
 - :mod:`harness.world` -- a pool of warm rank processes that run a function as a
-  ``torch.distributed`` world with the environment torchrun gives real jobs.
+  ``torch.distributed`` world with the environment torchrun gives real jobs
+  (:mod:`harness._rank` is the rank-process side, :mod:`harness.probes` small
+  rank functions for checking it).
 - :mod:`harness.scenario` -- scenario files (TOML) parsed into frozen objects.
-- :mod:`harness.trainers` -- tiny real trainers, one per parallel layout.
+- :mod:`harness.trainers` -- tiny real trainers, one per parallel layout, built
+  on :mod:`harness.models` and :mod:`harness.data`.
+- :mod:`harness.session` -- what a rank does in the reference, save and resume worlds.
 - :mod:`harness.oracle` -- the files and writers a scenario must produce,
   derived from its topology alone.
-- :mod:`harness.runner` -- runs scenarios and checks bit-exact resume.
+- :mod:`harness.runner` -- runs scenarios and judges them; :mod:`harness.report`
+  formats the table; ``python -m harness`` is the main job.
 - :mod:`harness.worker` -- the same scenarios under a real launcher (torchrun).
 """
 
