@@ -145,7 +145,7 @@ class _Encoder:
         self.copy = copy
         self.tensors: list[tuple[str, torch.Tensor, str]] = []  # name, data, safetensors dtype
         self.extra: dict[str, dict[str, Any]] = {}
-        self._alias: dict[tuple[Any, ...], str] = {}
+        self._alias: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def value(self, obj: Any, path: str) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -191,7 +191,7 @@ class _Encoder:
             alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
                      t.stride(), t.dtype, str(t.device))
             if alias in self._alias:
-                return {"$tensor": self._alias[alias]}
+                return dict(self._alias[alias])
         st = _TO_ST.get(data.dtype)
         if st is None:
             node = {"$tensor": "", "dtype": _dtype_name(data.dtype), "shape": list(data.shape)}
@@ -202,8 +202,8 @@ class _Encoder:
             name = self._add(data, st)
         node["$tensor"] = name
         if alias is not None:
-            self._alias[alias] = name
-        return node
+            self._alias[alias] = node
+        return dict(node)
 
     def _add(self, data: torch.Tensor, st: str) -> str:
         name = f"t{len(self.tensors)}"

@@ -14,11 +14,11 @@ collectives never interleave with ours.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -29,7 +29,6 @@ __all__ = ["Comm", "LocalComm", "TorchComm", "default_comm", "describe_exception
 
 log = logging.getLogger("distckpt")
 T = TypeVar("T")
-_SERIAL = itertools.count()
 _ARRIVAL_GRACE_S = 10.0
 
 
@@ -87,7 +86,11 @@ class TorchComm:
         self.world_size = dist.get_world_size()
         self.timeout = timeout
         self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        self._serial = next(_SERIAL)
+        # Store keys must agree across ranks even when processes built different
+        # numbers of coordinators before: rank 0 names this channel for everyone.
+        name = [uuid.uuid4().hex if self.rank == 0 else None]
+        dist.broadcast_object_list(name, src=0, group=self._group)
+        self._serial = str(name[0])
         self._seq = 0
         try:
             self._store: Any = dist.distributed_c10d._get_default_store()

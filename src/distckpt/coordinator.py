@@ -714,8 +714,15 @@ def _normalise_groups(process_groups: Any) -> dict[str, Any]:
         raise TypeError(
             f"process_groups: expected a dict of name -> ProcessGroup or a DeviceMesh, got {type(process_groups).__name__}"
         )
+    folded: dict[str, str] = {}
     for name in groups:
         check_name(name, field_name="process_groups")
+        if name.casefold() in folded:
+            raise ValueError(
+                f"process_groups: names {folded[name.casefold()]!r} and {name!r} collide "
+                "(group names must be unique ignoring case)"
+            )
+        folded[name.casefold()] = name
     return groups
 
 

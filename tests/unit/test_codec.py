@@ -119,3 +119,11 @@ def test_truncated_bytes_raise_integrity_error(cut: int) -> None:
     data = encode({"w": torch.randn(10)}).to_bytes()
     with pytest.raises(IntegrityError, match="here"):
         decode(bytearray(data[:cut]), where="here")
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.float32], ids=str)
+def test_aliases_of_every_dtype_keep_their_dtype_and_shape(dtype: torch.dtype) -> None:
+    t = torch.randn(2, 3, dtype=dtype)
+    out = roundtrip({"a": t, "b": t})
+    assert out["a"] is out["b"]
+    assert same_bits(out["b"], t)

@@ -310,3 +310,9 @@ def test_a_malicious_legacy_pickle_is_refused_and_never_runs(tmp_path: Path) -> 
     with pytest.raises(IntegrityError, match="weights_only=True"):
         CheckpointCoordinator([StateComponent("model", Box(), "global")], output_dir=tmp_path).load_checkpoint(legacy)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_group_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ignoring case"):
+        CheckpointCoordinator([StateComponent("a", Box(), "global")], process_groups={"dp": (0,), "DP": (0,)},
+                              output_dir=tmp_path)
