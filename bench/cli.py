@@ -17,7 +17,15 @@ from .workloads import WORKLOADS, effective_scale, fmt_bytes
 
 BASE_METHODS = ["physical", "distckpt", "distckpt-nohash", "distckpt-quick", "distckpt-tensor", "distckpt-full",
                 "torch.save-all", "torch.save-writers", "dcp"]
-PROTO_METHODS = ["proto-async", "proto-balanced", "proto-coalesce", "proto-bcast", "proto-inplace"]
+PROTO_METHODS = ["proto-balanced", "proto-bcast", "proto-inplace"]
+
+
+def has_async_save() -> bool:
+    import inspect
+
+    from distckpt import CheckpointCoordinator
+
+    return "async_save" in inspect.signature(CheckpointCoordinator.save_checkpoint).parameters
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir under $TMPDIR)")
     p.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
     p.add_argument("--png", dest="png_path", default=None, help="write a chart to this PNG file (needs matplotlib)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of the methods (see README); default all")
     p.add_argument("--no-protos", action="store_true", help="skip the prototypes of library changes")
     p.add_argument("--no-validation", action="store_true", help="skip the validation-level saves")
     p.add_argument("--no-paper", action="store_true", help="skip the in-process scale-on-paper measurement")
@@ -101,8 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(BASE_METHODS)
     if args.no_validation:
         methods = [m for m in methods if m not in ("distckpt-quick", "distckpt-tensor", "distckpt-full")]
+    methods.append("distckpt-async" if has_async_save() else "proto-async")
     if not args.no_protos:
         methods += PROTO_METHODS
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = sorted(set(wanted) - set(methods) - {"proto-async"})
+        if unknown:
+            print(f"--methods: unknown {unknown}; choose from {methods}", file=sys.stderr)
+            return 2
+        methods = [m for m in [*methods, "proto-async"] if m in wanted]
     print(f"distckpt bench: scale={args.scale:g} worlds={args.worlds} workloads={args.workloads} "
           f"reps={args.reps} (+{args.warmup} warm-up, medians of the slowest rank) "
           f"reads={'cold (page cache dropped)' if args.cold else 'warm (page cache)'}")

@@ -25,9 +25,11 @@ Methods (``kind``):
   codec and storage functions (see README): ``proto-async`` (copy to a host
   buffer, save in a thread), ``proto-balanced`` (each replica-set member writes
   a part), ``proto-bcast`` (one member reads the distckpt file, gloo broadcast)
-  ``proto-inplace`` (read the distckpt file straight into the live tensors)
-  and ``proto-coalesce`` (distckpt's own save with small tensors batched into
-  8 MiB writes, by swapping ``storage.write_file``).
+  and ``proto-inplace`` (read the distckpt file straight into the live tensors).
+- ``distckpt-async``: ``save_checkpoint(..., async_save=True)`` when the library
+  has it; ``blocking_s`` is the time until it returns, the row's time until
+  ``handle.result()``. (``proto-async`` is the bench's own stand-in for
+  libraries without it.)
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import xxhash
 
 from .workloads import Comp, Holder, build, copy_into, count_tensors, mesh_shape, state_bytes, tensor_leaves
 
-SAVE_ONLY = {"distckpt-quick", "distckpt-tensor", "distckpt-full", "proto-async", "proto-coalesce"}
+SAVE_ONLY = {"distckpt-quick", "distckpt-tensor", "distckpt-full", "distckpt-async", "proto-async"}
 LOAD_ONLY = {"proto-bcast", "proto-inplace"}
 LOAD_FROM = {"proto-bcast": "distckpt", "proto-inplace": "distckpt"}
 LEVELS = ("quick", "tensor", "full")
@@ -118,74 +120,6 @@ def no_checksum() -> Iterator[None]:
         yield
     finally:
         storage.new_hasher = original  # type: ignore[assignment]
-
-
-_COALESCE = 8 * 1024 * 1024
-_SMALL_CHUNK = 1024 * 1024
-
-
-def coalescing_write_file(path: str, chunks: Any) -> tuple[int, str]:
-    """Prototype of ``distckpt.storage.write_file`` that batches small chunks.
-
-    Same contract and the same checksum (a streaming hash does not depend on how
-    the stream is cut): chunks under 1 MiB are copied into an 8 MiB buffer that
-    is hashed and written in one ``os.write``, instead of one hash update and one
-    system call per tensor.
-    """
-    from distckpt import storage
-
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags, 0o644)
-    hasher = storage.new_hasher()
-    buf = bytearray(_COALESCE)
-    pending = 0
-    size = 0
-
-    def emit(view: memoryview) -> None:
-        hasher.update(view)
-        while len(view):
-            view = view[os.write(fd, view[:_CHUNK]):]
-
-    try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
-            n = view.nbytes
-            size += n
-            if n >= _SMALL_CHUNK:
-                if pending:
-                    emit(memoryview(buf)[:pending])
-                    pending = 0
-                emit(view)
-                continue
-            if pending + n > _COALESCE:
-                emit(memoryview(buf)[:pending])
-                pending = 0
-            buf[pending:pending + n] = view
-            pending += n
-        if pending:
-            emit(memoryview(buf)[:pending])
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    os.close(fd)
-    return size, f"{storage.CHECKSUM_ALGORITHM}:{hasher.hexdigest()}"
-
-
-@contextlib.contextmanager
-def coalesced_writes() -> Iterator[None]:
-    from distckpt import storage
-
-    original = storage.write_file
-    storage.write_file = coalescing_write_file  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        storage.write_file = original  # type: ignore[assignment]
 
 
 def _tsave(obj: Any, path: str) -> None:
@@ -300,7 +234,7 @@ class RankBench:
                 comps, process_groups=self.groups or None, output_dir=self.root, timeout=900,
                 phase_hook=self._hook if name != "proto-async" else None)
         self.methods = [m for m in self.methods if not m.startswith("distckpt-") or m in self.coords
-                        or m == "distckpt-nohash"]
+                        or m in ("distckpt-nohash", "distckpt-async")]
 
     # -- timing
 
@@ -344,12 +278,14 @@ class RankBench:
             with no_checksum():
                 self.coords["distckpt"].save_checkpoint(checkpoint_path=d)
             return None
+        if method == "distckpt-async":
+            t0 = time.perf_counter()
+            handle = self.coords["distckpt"].save_checkpoint(checkpoint_path=d, async_save=True)
+            blocking = time.perf_counter() - t0
+            handle.result()
+            return {"blocking_s": blocking}
         if method.startswith("distckpt-"):
             self.coords[method].save_checkpoint(checkpoint_path=d)
-            return None
-        if method == "proto-coalesce":
-            with coalesced_writes():
-                self.coords["distckpt"].save_checkpoint(checkpoint_path=d)
             return None
         if method == "torch.save-all":
             os.makedirs(d, exist_ok=True)
