@@ -52,6 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-paper", action="store_true", help="skip the in-process scale-on-paper measurement")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also cProfile one in-process distckpt save/load of big and small; write .txt/.pstats there")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="only re-render the tables, goals and --png of an earlier --json file")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for one world")
     args = p.parse_args(argv)
     if args.smoke:
@@ -93,8 +95,32 @@ def environment(args: argparse.Namespace, root: str) -> dict[str, Any]:
     return env
 
 
+def rerender(args: argparse.Namespace) -> int:
+    with open(args.report) as f:
+        data = json.load(f)
+    cases = data["cases"]
+    for c in cases:
+        report._ratios(c)
+    for c in cases:
+        print(report.case_table(c))
+    print(report.summary_tables(cases))
+    if data.get("paper"):
+        print(report.paper_table(data["paper"]))
+    gs = report.goals(cases)
+    print(report.goals_table(gs))
+    if args.json_path:
+        data["goals"] = gs
+        with open(args.json_path, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+    if args.png_path and report.chart(cases, args.png_path):
+        print(f"wrote {args.png_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.report:
+        return rerender(args)
     try:
         from harness.world import WorldPool, WorldSpec
     except ImportError as exc:

@@ -111,6 +111,8 @@ def _ratios(case: dict[str, Any]) -> None:
         v = ms.get(f"distckpt-{level}")
         if v is not None:
             over[f"validate_{level}"] = _minus1(_ratio(v.get("save_s"), d.get("save_s")))
+            # The validate phase's own time (slowest rank), immune to the disk's noise.
+            over[f"validate_{level}_phase"] = _ratio((v.get("save_phases") or {}).get("validate"), d.get("save_s"))
     nh = ms.get("distckpt-nohash")
     if nh is not None:
         over["checksum_save"] = _minus1(_ratio(d.get("save_s"), nh.get("save_s")))
@@ -168,8 +170,10 @@ def goals(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
           note="rng (a few KiB per rank) is all fixed cost and is reported, not judged")
     worst("load <= 1.25x physical read, world 1 only", "<= 1.25",
           [(d(c).get("load_x_phys"), cname(c)) for c in cases if c["workload"] != "rng" and c["world"] == 1], 1.25)
-    worst("TENSOR validation adds <= 10% to a save", "<= 0.10",
+    worst("TENSOR validation adds <= 10% to a save (difference of medians)", "<= 0.10",
           [(c["overheads"].get("validate_tensor"), cname(c)) for c in cases if c["workload"] != "rng"], 0.10)
+    worst("TENSOR validation adds <= 10% to a save (validate phase / save)", "<= 0.10",
+          [(c["overheads"].get("validate_tensor_phase"), cname(c)) for c in cases if c["workload"] != "rng"], 0.10)
     worst("checksums add <= 5% to a save (no-hash run)", "<= 0.05",
           [(c["overheads"].get("checksum_save"), cname(c)) for c in cases if c["workload"] != "rng"], 0.05)
     worst("checksums add <= 5% to a save (xxh3 timed on the same bytes)", "<= 0.05",
@@ -252,8 +256,9 @@ def summary_tables(cases: list[dict[str, Any]]) -> str:
         lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{ms(d.get('save_s')):>11}{ms(sp.get('plan')):>8}"
                      f"{ms(sp.get('validate')):>10}{ms(sp.get('write')):>8}{ms(sp.get('commit')):>8}   {ms(tv):>18}"
                      f"{ms(d.get('load_s')):>12}{ms(lp.get('resolve')):>9}{ms(lp.get('read')):>8}")
-    lines += ["", "== cost of validation and checksums (fraction added to a distckpt save or load; medians, noisy)",
-              f"{'case':<14}{'quick':>8}{'tensor':>8}{'full':>8}{'cksum save':>12}{'cksum load':>12}"
+    lines += ["", "== cost of validation and checksums (fraction added to a distckpt save or load; differences of "
+              "medians are at the mercy of the disk's noise, 'tensor phase' and 'xxh3' are direct measurements)",
+              f"{'case':<14}{'quick':>8}{'tensor':>8}{'full':>8}{'tensor phase':>14}{'cksum save':>12}{'cksum load':>12}"
               f"{'xxh3 save':>11}{'xxh3 load':>11}{'async blk/sync':>16}"]
     for c in cases:
         o = c["overheads"]
@@ -263,6 +268,7 @@ def summary_tables(cases: list[dict[str, Any]]) -> str:
 
         lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{pct(o.get('validate_quick')):>8}"
                      f"{pct(o.get('validate_tensor')):>8}{pct(o.get('validate_full')):>8}"
+                     f"{pct(o.get('validate_tensor_phase')):>14}"
                      f"{pct(o.get('checksum_save')):>12}{pct(o.get('checksum_load')):>12}"
                      f"{pct(o.get('xxh3_est_save')):>11}{pct(o.get('xxh3_est_load')):>11}"
                      f"{_f(c.get('async_blocking_x_sync'), '{:.2f}'):>16}")
