@@ -37,6 +37,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_leaf",
+    "flat_bytes",
     "tensor_bytes",
 ]
 
@@ -80,11 +81,23 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view of a contiguous CPU tensor's bytes, without copying.
+
+    A one-element tensor can be "contiguous" with any stride (``x[::2]`` of a
+    two-element ``x``); it is re-viewed with stride 1 first.
+    """
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 1 and flat.stride() != (1,):
+        flat = flat.as_strided((1,), (1,))
+    return flat.view(torch.uint8)
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Raw bytes of a contiguous CPU tensor, without copying."""
     if t.numel() == 0:
         return memoryview(b"")
-    array: Any = t.detach().reshape(-1).view(torch.uint8).numpy()
+    array: Any = flat_bytes(t).numpy()
     return memoryview(array).cast("B")
 
 
@@ -154,7 +167,7 @@ class _Encoder:
         if obj is None or kind is bool or kind is int or kind is str:
             return obj
         if kind is float:
-            return obj if math.isfinite(obj) else {"$float": repr(obj)}
+            return obj if math.isfinite(obj) else _nonfinite(obj)
         if kind is list:
             return [self.value(v, f"{path}.{i}") for i, v in enumerate(obj)]
         if kind is tuple:
@@ -195,7 +208,7 @@ class _Encoder:
         st = _TO_ST.get(data.dtype)
         if st is None:
             node = {"$tensor": "", "dtype": _dtype_name(data.dtype), "shape": list(data.shape)}
-            raw = data.reshape(-1).view(torch.uint8) if data.numel() else torch.empty(0, dtype=torch.uint8)
+            raw = flat_bytes(data) if data.numel() else torch.empty(0, dtype=torch.uint8)
             name = self._add(raw, "U8")
         else:
             node = {"$tensor": ""}
@@ -215,6 +228,11 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def _nonfinite(value: float) -> dict[str, str]:
+    """inf, -inf and every nan (sign and payload included) as their IEEE 754 bits."""
+    return {"$float": struct.pack(">d", value).hex()}
+
+
 def encode_leaf(obj: Any, path: str) -> Any:
     """Skeleton form of a non-container, non-tensor leaf; ndarray data left to the caller.
 
@@ -224,7 +242,7 @@ def encode_leaf(obj: Any, path: str) -> Any:
     if obj is None or kind is bool or kind is int or kind is str:
         return obj
     if kind is float:
-        return obj if math.isfinite(obj) else {"$float": repr(obj)}
+        return obj if math.isfinite(obj) else _nonfinite(obj)
     if kind is bytes:
         return {"$bytes": base64.b64encode(obj).decode("ascii")}
     if isinstance(obj, np.ndarray):
@@ -348,7 +366,7 @@ class _Decoder:
         if tag == "$tuple":
             return tuple(self.value(v) for v in body)
         if tag == "$float":
-            return float(body)
+            return struct.unpack(">d", bytes.fromhex(body))[0]
         if tag == "$bytes":
             return base64.b64decode(body, validate=True)
         if tag == "$ndarray":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ __all__ = [
     "compare_replicas",
     "describe_difference",
     "digest_state",
+    "entry_name",
     "iter_leaves",
     "quick_sample_indices",
 ]
@@ -40,19 +42,34 @@ STRUCTURE = "<structure>"
 _QUICK_SAMPLES = 64
 
 
+_BARE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def entry_name(key: Any) -> str:
+    """One path segment: ints and identifier-like strings bare, every other string quoted.
+
+    So ``1`` and ``"1"``, ``"a.b"`` and ``a`` -> ``b``, or ``""`` never share a path,
+    and the result is always ASCII-encodable (lone surrogates are escaped).
+    """
+    if type(key) is str and _BARE_KEY.fullmatch(key):
+        return key
+    return str(key) if type(key) is int else ascii(key)
+
+
 def iter_leaves(state: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
     """Yield ``(path, kind, leaf)`` for every leaf, and ``(path, kind, None)`` for containers.
 
-    ``kind`` is ``"tensor"``, ``"leaf"`` or a container description holding its
-    type and keys or length, so that structure changes show up in the kinds.
+    Paths are dotted :func:`entry_name` segments (``state.3.exp_avg``), unique
+    per leaf. ``kind`` is ``"tensor"``, ``"leaf"`` or a container description
+    holding its type and keys or length, so structure changes show in the kinds.
     """
     if isinstance(state, torch.Tensor):
         yield path, "tensor", state
     elif type(state) in (dict, OrderedDict):
-        keys = [f"{type(k).__name__}:{k}" for k in state]
-        yield path, f"{type(state).__name__}{keys}", None
-        for k, v in state.items():
-            yield from iter_leaves(v, f"{path}.{k}" if path else str(k))
+        names = [entry_name(k) for k in state]
+        yield path, f"{type(state).__name__}{names}", None
+        for name, v in zip(names, state.values(), strict=True):
+            yield from iter_leaves(v, f"{path}.{name}" if path else name)
     elif type(state) in (list, tuple):
         yield path, f"{type(state).__name__}[{len(state)}]", None
         for i, v in enumerate(state):
@@ -99,6 +116,10 @@ def _leaf_digest(leaf: Any, path: str) -> str:
     return h.hexdigest()
 
 
+def _record(*fields: Any) -> bytes:
+    return json.dumps(fields).encode("ascii") + b"\n"
+
+
 def digest_state(state: Any, level: ValidationLevel | str) -> dict[str, str]:
     """Digest every leaf of ``state`` at ``level``; local, no collectives.
 
@@ -111,13 +132,13 @@ def digest_state(state: Any, level: ValidationLevel | str) -> dict[str, str]:
     out: dict[str, str] = {}
     for path, kind, leaf in iter_leaves(state):
         if kind == "tensor":
-            structure.update(f"{path}|tensor|{leaf.dtype}|{tuple(leaf.shape)}\n".encode())
+            structure.update(_record(path, "tensor", str(leaf.dtype), list(leaf.shape)))
             out[path] = _tensor_digest(leaf, level)
         elif kind == "leaf":
-            structure.update(f"{path}|leaf|{type(leaf).__name__}\n".encode())
+            structure.update(_record(path, "leaf", type(leaf).__name__))
             out[path] = _leaf_digest(leaf, path)
         else:
-            structure.update(f"{path}|{kind}\n".encode())
+            structure.update(_record(path, kind))
     out[STRUCTURE] = structure.hexdigest()
     return out
 

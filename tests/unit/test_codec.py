@@ -127,3 +127,12 @@ def test_aliases_of_every_dtype_keep_their_dtype_and_shape(dtype: torch.dtype) -
     out = roundtrip({"a": t, "b": t})
     assert out["a"] is out["b"]
     assert same_bits(out["b"], t)
+
+
+def test_non_finite_python_floats_keep_every_bit() -> None:
+    import struct
+
+    for value in (float("inf"), float("-inf"), float("nan"), -float("nan"),
+                  struct.unpack(">d", bytes.fromhex("7ff0000000000123"))[0]):
+        back = roundtrip({"x": value})["x"]
+        assert struct.pack(">d", back) == struct.pack(">d", value)

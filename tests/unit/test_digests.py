@@ -87,3 +87,29 @@ def test_full_level_reports_how_far_apart_tensors_are() -> None:
     b[7] = -2
     assert describe_difference(a, b) == "max abs difference 2, 2 of 10 elements differ"
     assert "3 of 4" in describe_difference(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 0, 0, 0]))
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ({1: torch.zeros(2), "1": torch.ones(2)}, {1: torch.ones(2), "1": torch.ones(2)}),
+        ({"a.b": torch.zeros(2), "a": {"b": torch.ones(2)}}, {"a.b": torch.ones(2), "a": {"b": torch.ones(2)}}),
+        ({"": {"b": torch.zeros(2)}, "b": torch.ones(2)}, {"": {"b": torch.ones(2)}, "b": torch.ones(2)}),
+    ],
+    ids=["int-and-str", "dotted", "empty-key"],
+)
+def test_entries_behind_look_alike_keys_never_share_a_digest(a: dict, b: dict) -> None:
+    da, db = digest_state(a, "tensor"), digest_state(b, "tensor")
+    assert len(da) == 3 and da != db
+
+
+def test_keys_with_lone_surrogates_digest_without_crashing() -> None:
+    assert digest_state({"\ud800": torch.ones(1)}, "tensor")
+
+
+def test_one_element_strided_views_digest_and_encode() -> None:
+    from distckpt.codec import decode, encode
+
+    for t in (torch.arange(2.0)[::2], torch.tensor(3.0).expand(1)):
+        assert digest_state({"w": t}, "tensor")
+        assert torch.equal(decode(bytearray(encode({"w": t}).to_bytes()))["w"], t)
