@@ -38,7 +38,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worlds", default=None, help="comma-separated world sizes (default 1,2,4,8)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--reps", type=int, default=None, help="measured repetitions per method (median reported); default 3")
-    p.add_argument("--warmup", type=int, default=None, help="discarded repetitions first; default 1")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="discarded repetitions first; default 1 with --full, 0 for quick runs")
     p.add_argument("--cold", action="store_true", help="drop the page cache before every load (needs root)")
     p.add_argument("--mem-budget-gb", type=float, default=3.0,
                    help="cap on the state held by all ranks of a world together; the per-rank size shrinks to fit")
@@ -70,7 +71,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}")
     args.reps = 3 if args.reps is None else args.reps
-    args.warmup = 1 if args.warmup is None else args.warmup
+    # Quick runs skip the warm-up (the median of 3 already discards a cold first
+    # repetition) to stay around a minute; --full warms up once.
+    args.warmup = (1 if args.full or args.scale >= 0.5 else 0) if args.warmup is None else args.warmup
     return args
 
 
