@@ -144,7 +144,7 @@ def count_collectives(world: int = 4, component_counts: tuple[int, ...] = (1, 50
     try:
         for n in component_counts:
             with tempfile.TemporaryDirectory(prefix="distckpt-bench-") as tmp:
-                def comps(validate: bool) -> list[StateComponent]:
+                def comps(validate: bool, n: int = n) -> list[StateComponent]:
                     return [StateComponent(f"c{i:03d}", Holder({"w": torch.full((4,), float(i))}),
                                            "replicated", validate_replication=validate) for i in range(n)]
 

@@ -35,6 +35,7 @@ Methods (``kind``):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -47,7 +48,16 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from .workloads import Comp, Holder, build, copy_into, count_tensors, mesh_shape, state_bytes, tensor_leaves
+from .workloads import (
+    Comp,
+    Holder,
+    build,
+    copy_into,
+    count_tensors,
+    mesh_shape,
+    state_bytes,
+    tensor_leaves,
+)
 
 SAVE_ONLY = {"distckpt-quick", "distckpt-tensor", "distckpt-full", "distckpt-async", "proto-async"}
 LOAD_ONLY = {"proto-bcast", "proto-inplace"}
@@ -253,7 +263,7 @@ class RankBench:
             # distckpt's phase_hook fires at the start of each phase: durations between marks.
             marks = [*self._phase_log, ("end", end)]
             phases: dict[str, float] = {"start": marks[0][1] - t0}
-            for (name, at), (_, nxt) in zip(marks, marks[1:]):
+            for (name, at), (_, nxt) in itertools.pairwise(marks):
                 phases[name] = phases.get(name, 0.0) + nxt - at
             out["phases"] = phases
         if isinstance(extra, dict):

@@ -214,11 +214,11 @@ def case_table(c: dict[str, Any]) -> str:
     head = (f"{'method':<26}{'save s':>9}{'x phys':>8}{'MB/s':>8}{'load s':>9}{'x phys':>8}{'MB/s':>8}"
             f"{'written':>11}{'x uniq':>8}{'peakRSS save/load MiB':>23}{'dRSS s/l':>12}  ok")
     lines = [title, head]
-    for m, r in c["methods"].items():
+    for _m, r in c["methods"].items():
         rss = (f"{_f(r.get('save_peak_rss') and r['save_peak_rss'] / 2**20, '{:.0f}')}/"
                f"{_f(r.get('load_peak_rss') and r['load_peak_rss'] / 2**20, '{:.0f}')}")
-        drss = (f"{_f(r.get('save_rss_delta') is not None and r['save_rss_delta'] / 2**20 or None, '{:.0f}')}/"
-                f"{_f(r.get('load_rss_delta') is not None and r['load_rss_delta'] / 2**20 or None, '{:.0f}')}")
+        drss = (f"{_f((r.get('save_rss_delta') is not None and r['save_rss_delta'] / 2**20) or None, '{:.0f}')}/"
+                f"{_f((r.get('load_rss_delta') is not None and r['load_rss_delta'] / 2**20) or None, '{:.0f}')}")
         ok = {True: "yes", False: "NO", None: ""}[r.get("verified")]
         extra = f"  blocking {_f(r['blocking_s'])} s" if "blocking_s" in r else ""
         lines.append(
@@ -276,10 +276,10 @@ def summary_tables(cases: list[dict[str, Any]]) -> str:
 
 
 def goals_table(gs: list[dict[str, Any]]) -> str:
-    lines = ["", "== goals of issue 5", f"{'goal':<66}{'target':>15}{'worst':>9}  {'case':<16}met"]
+    lines = ["", "== goals of issue 5", f"{'goal':<66}{'target':>15}{'worst':>9}  {'case':<18}met"]
     for g in gs:
         met = {True: "MET", False: "NOT MET", None: "n/a"}[g["met"]]
-        lines.append(f"{g['goal']:<66}{g['target']:>15}{_f(g['worst'], '{:.3f}'):>9}  {str(g['case'] or '-'):<16}{met}"
+        lines.append(f"{g['goal']:<66}{g['target']:>15}{_f(g['worst'], '{:.3f}'):>9}  {g['case'] or '-'!s:<18}{met}"
                      + (f"  ({g['note']})" if g.get("note") else ""))
     return "\n".join(lines)
 
@@ -323,7 +323,7 @@ def chart(cases: list[dict[str, Any]], path: str) -> bool:
     names = [f"{c['workload']}\nw{c['world']}" for c in cases]
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(cases) + 3), 9), sharex=True)
     width = 0.8 / max(1, len(methods))
-    for ax, what in zip(axes, ("save", "load")):
+    for ax, what in zip(axes, ("save", "load"), strict=False):
         for i, m in enumerate(methods):
             ys = [c["methods"].get(m, {}).get(f"{what}_x_phys") or 0 for c in cases]
             xs = [k + (i - len(methods) / 2 + 0.5) * width for k in range(len(cases))]

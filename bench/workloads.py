@@ -175,7 +175,7 @@ def build(workload: str, scale: float, rank: int, world: int) -> list[Comp]:
         return [Comp("model", "replicated", None, everyone, 0, Holder(model)),
                 Comp("optimizer", "replicated", None, everyone, 0, Holder(optim))]
     if workload == "hybrid":
-        dp, tp = mesh_shape(world)
+        _dp, tp = mesh_shape(world)
         d, t = divmod(rank, tp)
         dp_members = tuple(r for r in everyone if r % tp == t)
         tp_members = tuple(range(d * tp, (d + 1) * tp))
