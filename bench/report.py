@@ -195,7 +195,7 @@ def goals(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     impl = {c.get("async_impl") for c in cases if c.get("async_impl")}
     worst("async save blocks <= 25% of a sync save (big)", "<= 0.25",
           [(c.get("async_blocking_x_sync"), cname(c)) for c in cases if c["workload"] == "big"], 0.25,
-          note="measured on the bench's prototype: the library has no async_save" if impl == {"bench prototype"}
+          note="measured on the bench prototype, not on the library's async_save" if impl == {"bench prototype"}
           else "")
     return out
 
