@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -325,6 +326,11 @@ def _decode(buffer: bytearray | memoryview, view: memoryview, hlen: int) -> Any:
     return _Decoder(tensors).value(json.loads(skeleton))
 
 
+@functools.cache
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
 def _tensor_at(buffer: bytearray | memoryview, info: dict[str, Any], start: int, end: int) -> torch.Tensor:
     dtype = _FROM_ST.get(info["dtype"])
     if dtype is None:
@@ -332,7 +338,7 @@ def _tensor_at(buffer: bytearray | memoryview, info: dict[str, Any], start: int,
     shape = [int(d) for d in info["shape"]]
     begin, stop = (int(x) for x in info["data_offsets"])
     numel = math.prod(shape)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = _itemsize(dtype)
     if begin < 0 or stop < begin or start + stop > end or stop - begin != numel * itemsize:
         raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {shape} or the file")
     if numel == 0:
