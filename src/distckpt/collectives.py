@@ -25,7 +25,16 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from .errors import CheckpointError, CollectiveTimeoutError, CrossRankError, error_class_by_name
 
-__all__ = ["Comm", "LocalComm", "TorchComm", "default_comm", "describe_exception", "exchange", "local_node_id"]
+__all__ = [
+    "Comm",
+    "LocalComm",
+    "TorchComm",
+    "announce",
+    "default_comm",
+    "describe_exception",
+    "exchange",
+    "local_node_id",
+]
 
 log = logging.getLogger("distckpt")
 T = TypeVar("T")
@@ -41,6 +50,10 @@ class Comm(Protocol):
 
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         """Collective: every rank's ``obj``, indexed by rank. Raises CollectiveTimeoutError."""
+        ...
+
+    def broadcast(self, obj: Any, phase: str) -> Any:
+        """Collective: rank 0's ``obj`` on every rank. Raises CollectiveTimeoutError."""
         ...
 
     def group_members(self, group: Any) -> tuple[int, ...]:
@@ -60,6 +73,9 @@ class LocalComm:
 
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         return [obj]
+
+    def broadcast(self, obj: Any, phase: str) -> Any:
+        return obj
 
     def group_members(self, group: Any) -> tuple[int, ...]:
         return (0,)
@@ -111,6 +127,17 @@ class TorchComm:
         return f"distckpt/{self._serial}/{seq}/{rank}"
 
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        self._collective(phase, lambda: self._dist.all_gather_object(out, obj, group=self._group))
+        return out
+
+    def broadcast(self, obj: Any, phase: str) -> Any:
+        box = [obj if self.rank == 0 else None]
+        self._collective(phase, lambda: self._dist.broadcast_object_list(box, src=0, group=self._group))
+        return box[0]
+
+    def _collective(self, phase: str, run: Callable[[], None]) -> None:
+        """Announce arrival in the store, run the collective, and name absent peers if it fails."""
         seq = self._seq
         self._seq += 1
         if self._store is not None:
@@ -120,9 +147,8 @@ class TorchComm:
                     self._store.delete_key(self._key(seq - 2, self.rank))
             except Exception:
                 pass
-        out: list[Any] = [None] * self.world_size
         try:
-            self._dist.all_gather_object(out, obj, group=self._group)
+            run()
         except Exception as exc:
             missing = self._missing(seq)
             if missing:
@@ -137,7 +163,6 @@ class TorchComm:
                 f"checkpoint '{phase}' step could not complete: a peer is unreachable",
                 failures=failures, phase=phase,
             ) from exc
-        return out
 
     def _missing(self, seq: int) -> list[int]:
         """Ranks that never announced arrival at collective ``seq``.
@@ -218,6 +243,28 @@ def exchange(comm: Comm, phase: str, work: Callable[[], T]) -> list[T]:
     if failures:
         raise merged_error(phase, failures, {s[1] for s in gathered if s[0] == "error"})
     return [s[1] for s in gathered]
+
+
+def announce(comm: Comm, phase: str, work: Callable[[], T]) -> T:
+    """Collective: rank 0 runs ``work`` and broadcasts its result or error.
+
+    For steps only rank 0 performs (publishing a commit, resolving a path):
+    cheaper than an all-gather, and the payload is not padded to every rank.
+    Every rank returns rank 0's result or raises the same error.
+    """
+    status: tuple[Any, ...] | None = None
+    if comm.rank == 0:
+        try:
+            status = ("ok", work())
+        except Exception as exc:  # reported to every rank below
+            log.debug("distckpt: rank 0 failed in %s", phase, exc_info=True)
+            status = ("error", type(exc).__name__, describe_exception(exc))
+    status = comm.broadcast(status, phase)
+    assert status is not None
+    if status[0] == "error":
+        raise merged_error(phase, {0: status[2]}, {status[1]})
+    result: T = status[1]
+    return result
 
 
 def merged_error(phase: str, failures: Mapping[int, str], class_names: set[str]) -> CheckpointError:

@@ -25,6 +25,7 @@ number of collectives does not depend on the number of components.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import threading
@@ -38,7 +39,7 @@ import torch
 
 from . import __version__, storage
 from .codec import EncodedState, decode, encode
-from .collectives import Comm, default_comm, exchange
+from .collectives import Comm, announce, default_comm, exchange
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
 from .errors import (
     CheckpointExistsError,
@@ -343,17 +344,29 @@ class CheckpointCoordinator:
         if not targets:
             return
 
-        def work() -> dict[str, dict[str, str]]:
-            self._hook("validate")
-            return {c.key: digest_state(self._state(states, c.key), c.validation_level) for c in targets}
+        mine: dict[str, dict[str, str]] = {}
 
-        digests = exchange(self._comm, "validate", work)
-        mismatches: list[Mismatch] = []
-        for c in targets:
-            sets = plan.components[c.key].replica_sets
-            mismatches += compare_replicas(c.key, sets, {r: d[c.key] for r, d in enumerate(digests)})
-        if not mismatches:
+        def work() -> dict[str, str]:
+            self._hook("validate")
+            for c in targets:
+                mine[c.key] = digest_state(self._state(states, c.key), c.validation_level)
+            return {key: _combined(entries) for key, entries in mine.items()}
+
+        # Round 1: one digest per component. Round 2, only when some set
+        # disagrees: the per-entry digests of the suspect components.
+        combined = exchange(self._comm, "validate", work)
+        suspects = [
+            c.key for c in targets
+            if any(len({combined[r][c.key] for r in members}) > 1
+                   for members in plan.components[c.key].replica_sets)
+        ]
+        if not suspects:
             return
+        digests = exchange(self._comm, "validate", lambda: {key: mine[key] for key in suspects})
+        mismatches: list[Mismatch] = []
+        for key in suspects:
+            sets = plan.components[key].replica_sets
+            mismatches += compare_replicas(key, sets, {r: d[key] for r, d in enumerate(digests)})
         full = {c.key for c in targets if c.validation_level is ValidationLevel.FULL}
         if any(m.component in full for m in mismatches):
             mismatches = self._measure_differences(mismatches, full, states)
@@ -490,13 +503,12 @@ class CheckpointCoordinator:
                 manifest.save(os.path.join(plan.staging, MANIFEST_NAME))
                 storage.fsync_dir(plan.staging)
 
-        def publish() -> None:
-            if self.rank == 0:
-                storage.commit_directory(plan.staging, plan.path, overwrite)
-                self._retain(plan.path)
+        def publish() -> None:  # rank 0 only
+            storage.commit_directory(plan.staging, plan.path, overwrite)
+            self._retain(plan.path)
 
         exchange(comm, "commit", prepare)
-        exchange(comm, "commit", publish)
+        announce(comm, "commit", publish)
         return manifest
 
     def _retain(self, committed: str) -> None:
@@ -514,22 +526,21 @@ class CheckpointCoordinator:
     # ------------------------------------------------------------ load phases
 
     def _resolve(self, checkpoint_path: Any) -> tuple[str, CheckpointManifest | None, Topology]:
-        """Phase 1 of load: rank 0 finds the checkpoint and parses its manifest; all agree."""
+        """Phase 1 of load: all agree on the world; rank 0 finds the checkpoint and broadcasts its manifest."""
         def work() -> dict[str, Any]:
             self._hook("resolve")
-            report = self._local_report()
-            if self.rank == 0:
-                path = self._find(checkpoint_path)
-                manifest_file = os.path.join(path, MANIFEST_NAME)
-                if not os.path.lexists(manifest_file) and is_legacy_checkpoint(path):
-                    report["found"] = (path, None)
-                else:
-                    report["found"] = (path, CheckpointManifest.load(manifest_file).to_dict())
-            return report
+            return self._local_report()
 
-        reports = exchange(self._comm, "resolve", work)
-        path, raw = reports[0]["found"]
-        topology = self._agree(reports)
+        topology = self._agree(exchange(self._comm, "resolve", work))
+
+        def find() -> tuple[str, dict[str, Any] | None]:  # rank 0 only
+            path = self._find(checkpoint_path)
+            manifest_file = os.path.join(path, MANIFEST_NAME)
+            if not os.path.lexists(manifest_file) and is_legacy_checkpoint(path):
+                return path, None
+            return path, CheckpointManifest.load(manifest_file).to_dict()
+
+        path, raw = announce(self._comm, "resolve", find)
         manifest = None if raw is None else CheckpointManifest.from_dict(raw, where=os.path.join(path, MANIFEST_NAME))
         return path, manifest, topology
 
@@ -628,6 +639,11 @@ class CheckpointCoordinator:
         exchange(self._comm, "read", work)
         report: LoadReport = outcome["report"]
         return report
+
+
+def _combined(entries: Mapping[str, str]) -> str:
+    """One digest for a whole component: of its entries' digests in path order."""
+    return storage.checksum_of(json.dumps(sorted(entries.items())).encode("ascii"), "xxh3-64")
 
 
 def _file_for(saved: ComponentManifest, rank: int) -> FileEntry:

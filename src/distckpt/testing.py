@@ -70,6 +70,9 @@ class ThreadComm:
     def group_members(self, group: Any) -> tuple[int, ...]:
         return tuple(sorted(group))
 
+    def broadcast(self, obj: Any, phase: str) -> Any:
+        return self.all_gather(obj, phase)[0]
+
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         w = self.world
         try:

@@ -316,3 +316,46 @@ def test_group_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="ignoring case"):
         CheckpointCoordinator([StateComponent("a", Box(), "global")], process_groups={"dp": (0,), "DP": (0,)},
                               output_dir=tmp_path)
+
+
+class _Counting:
+    """Wraps a ThreadComm and records every collective and its payload."""
+
+    def __init__(self, inner: ThreadComm, log: list[tuple[str, str, Any]]) -> None:
+        self.inner, self.log = inner, log
+        self.rank, self.world_size = inner.rank, inner.world_size
+
+    def all_gather(self, obj: Any, phase: str) -> list[Any]:
+        self.log.append(("all_gather", phase, obj))
+        return self.inner.all_gather(obj, phase)
+
+    def broadcast(self, obj: Any, phase: str) -> Any:
+        self.log.append(("broadcast", phase, obj))
+        return self.inner.broadcast(obj, phase)
+
+    def group_members(self, group: Any) -> tuple[int, ...]:
+        return self.inner.group_members(group)
+
+    def node_id(self) -> str:
+        return self.inner.node_id()
+
+
+@pytest.mark.parametrize("count", [1, 50])
+def test_collectives_per_save_and_load_do_not_grow_with_components(tmp_path: Path, count: int) -> None:
+    logs: list[list[tuple[str, str, Any]]] = [[], []]
+
+    def fn(comm: ThreadComm) -> None:
+        counting = _Counting(comm, logs[comm.rank])
+        comps = [StateComponent(f"c{i}", Box({"w": torch.ones(100)}), "replicated", validate_replication=True)
+                 for i in range(count)]
+        coord = CheckpointCoordinator(comps, dist=counting, output_dir=tmp_path)
+        coord.save_checkpoint()
+        coord.load_checkpoint()
+
+    all_ok(threads(2, fn))
+    kinds = [(kind, phase) for kind, phase, _ in logs[0]]
+    assert kinds == [("all_gather", "plan"), ("all_gather", "validate"), ("all_gather", "write"),
+                     ("all_gather", "commit"), ("broadcast", "commit"),
+                     ("all_gather", "resolve"), ("broadcast", "resolve"), ("all_gather", "read")]
+    validate_payload = logs[1][1][2][1]
+    assert len(validate_payload) == count and all(len(d) == 16 for d in validate_payload.values())
