@@ -358,4 +358,4 @@ def test_collectives_per_save_and_load_do_not_grow_with_components(tmp_path: Pat
                      ("all_gather", "commit"), ("broadcast", "commit"),
                      ("all_gather", "resolve"), ("broadcast", "resolve"), ("all_gather", "read")]
     validate_payload = logs[1][1][2][1]
-    assert len(validate_payload) == count and all(len(d) == 16 for d in validate_payload.values())
+    assert len(validate_payload) == count and all(len(d) == len("xxh3-64:") + 16 for d in validate_payload.values())
