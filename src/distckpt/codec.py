@@ -102,7 +102,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def _plain_cpu(t: torch.Tensor, path: str, copy: bool = False) -> torch.Tensor:
+def _check_tensor(t: torch.Tensor, path: str) -> None:
+    """Refuse tensors the format cannot hold, naming their path."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         hint = " (DTensor: save t.to_local() or t.full_tensor())" if type(t).__name__ == "DTensor" else ""
         raise SerializationError(f"{path}: tensor subclass {type(t).__qualname__} is not serializable{hint}")
@@ -112,6 +113,10 @@ def _plain_cpu(t: torch.Tensor, path: str, copy: bool = False) -> torch.Tensor:
         raise SerializationError(f"{path}: quantized tensors are not serializable; dequantize first")
     if t.device.type == "meta":
         raise SerializationError(f"{path}: meta tensors hold no data and cannot be saved")
+
+
+def _plain_cpu(t: torch.Tensor, path: str, copy: bool = False) -> torch.Tensor:
+    _check_tensor(t, path)
     out = t.detach()
     if out.device.type != "cpu":
         if copy and torch.cuda.is_available():
@@ -155,8 +160,10 @@ class EncodedState:
 
 
 class _Encoder:
-    def __init__(self, copy: bool = False) -> None:
+    def __init__(self, copy: bool = False, reuse: dict[int, torch.Tensor] | None = None) -> None:
         self.copy = copy
+        self.reuse = reuse
+        self._ordinal = 0
         self.tensors: list[tuple[str, torch.Tensor, str]] = []  # name, data, safetensors dtype
         self.extra: dict[str, dict[str, Any]] = {}
         self._alias: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -199,7 +206,7 @@ class _Encoder:
         )
 
     def tensor(self, t: torch.Tensor, path: str) -> Any:
-        data = _plain_cpu(t, path, self.copy)
+        data = self._snapshot(t, path) if self.reuse is not None else _plain_cpu(t, path, self.copy)
         alias = None
         if t.numel() > 0 and t.layout is torch.strided:
             alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
@@ -218,6 +225,20 @@ class _Encoder:
         if alias is not None:
             self._alias[alias] = node
         return dict(node)
+
+    def _snapshot(self, t: torch.Tensor, path: str) -> torch.Tensor:
+        """Copy ``t`` into the host buffer kept from the previous snapshot when it still fits."""
+        _check_tensor(t, path)
+        assert self.reuse is not None
+        index = self._ordinal
+        self._ordinal += 1
+        buf = self.reuse.get(index)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            pinned = t.device.type == "cuda" and torch.cuda.is_available()
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+            self.reuse[index] = buf
+        buf.copy_(t.detach())
+        return buf
 
     def _add(self, data: torch.Tensor, st: str) -> str:
         name = f"t{len(self.tensors)}"
@@ -267,15 +288,19 @@ def encode_leaf(obj: Any, path: str) -> Any:
     )
 
 
-def encode(state: Any, copy: bool = False) -> EncodedState:
+def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None = None) -> EncodedState:
     """Encode a state dict; raises :class:`SerializationError` naming the first bad path.
 
     Without ``copy``, contiguous CPU tensors are referenced, not copied (the
     caller writes them before training mutates them). With ``copy`` every
     tensor is snapshotted (into pinned host memory when it lives on a GPU), so
     the result stays valid while training continues: used by async saves.
+    ``reuse`` (implies ``copy``) holds the snapshot buffers of a previous
+    encode of the same component, by tensor ordinal; buffers whose shape and
+    dtype still match are overwritten instead of allocated again. The caller
+    must be done with the previous result before reusing its buffers.
     """
-    enc = _Encoder(copy)
+    enc = _Encoder(copy or reuse is not None, reuse)
     with _gc_paused():
         skeleton = enc.value(state, "")
     # Largest elements first, so every tensor starts aligned to its element size.

@@ -140,6 +140,8 @@ class CheckpointCoordinator:
         self._comm = default_comm(dist, seconds)
         self._async_comm: Comm | None = None
         self._pending: SaveHandle | None = None
+        # Host buffers of the last asynchronous snapshot, reused by the next one.
+        self._snapshots: dict[str, dict[int, torch.Tensor]] = {}
         self._by_key = {c.key: c for c in self.components}
 
     # ------------------------------------------------------------------ public
@@ -418,7 +420,8 @@ class CheckpointCoordinator:
             for c in self.components:
                 for f in plan.components[c.key].files:
                     if f.writer == self.rank:
-                        yield c.key, f.path, encode(self._state(states, c.key), copy=copy)
+                        reuse = self._snapshots.setdefault(c.key, {}) if copy else None
+                        yield c.key, f.path, encode(self._state(states, c.key), copy=copy, reuse=reuse)
 
         if not copy:
             return jobs

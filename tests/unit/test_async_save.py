@@ -97,3 +97,25 @@ def test_async_saves_in_a_row_each_commit_in_order(tmp_path: Path) -> None:
     out = Box()
     CheckpointCoordinator([StateComponent("t", out, "global")], output_dir=tmp_path).load_checkpoint()
     assert out.state == {"step": 4}
+
+
+def test_consecutive_async_saves_reuse_snapshot_buffers_without_mixing_checkpoints(tmp_path: Path) -> None:
+    weights = torch.nn.Linear(16, 16)
+    coord = CheckpointCoordinator([StateComponent("model", weights, "global")], output_dir=tmp_path)
+    expected = []
+    previous: dict[int, torch.Tensor] = {}
+    for step in range(3):
+        with torch.no_grad():
+            weights.weight.fill_(float(step))
+        expected.append(weights.weight.detach().clone())
+        coord.save_checkpoint(checkpoint_id=str(step), async_save=True)
+        buffers = dict(coord._snapshots["model"])
+        if step:
+            assert all(buffers[i] is previous[i] for i in buffers)  # same host memory, no new allocation
+        previous = buffers
+    coord.wait()
+    for step in range(3):
+        restored = torch.nn.Linear(16, 16)
+        CheckpointCoordinator([StateComponent("model", restored, "global")], output_dir=tmp_path).load_checkpoint(
+            tmp_path / "checkpoints" / f"checkpoint-{step}")
+        assert torch.equal(restored.weight, expected[step])
