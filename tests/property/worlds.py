@@ -53,7 +53,8 @@ def coordinator(ex: Example, comm: ThreadComm, out: str, boxes: dict[str, Any],
 
 
 def save(ex: Example, out: str, generation: int = 0, *, states: Callable[[int], dict[str, Any]] | None = None,
-         hook: Any = None, async_save: bool | None = None, **save_kw: Any) -> list[Any]:
+         hook: Any = None, async_save: bool | None = None, coord_kw: dict[str, Any] | None = None,
+         **save_kw: Any) -> list[Any]:
     """Every rank saves its states of ``generation`` (or ``states(rank)``); paths or exceptions by rank."""
     use_async = ex.async_save if async_save is None else async_save
     # Materialised up front, in this thread: a bad example fails here, not as a peer's timeout.
@@ -62,7 +63,7 @@ def save(ex: Example, out: str, generation: int = 0, *, states: Callable[[int], 
 
     def fn(comm: ThreadComm) -> str:
         boxes = {k: Box(v) for k, v in per_rank[comm.rank].items()}
-        c = coordinator(ex, comm, out, boxes, phase_hook=hook)
+        c = coordinator(ex, comm, out, boxes, phase_hook=hook, **(coord_kw or {}))
         if use_async:
             return c.save_checkpoint(validate=ex.save_validate, async_save=True, **save_kw).result(WORLD_TIMEOUT)
         return c.save_checkpoint(validate=ex.save_validate, **save_kw)
@@ -70,12 +71,13 @@ def save(ex: Example, out: str, generation: int = 0, *, states: Callable[[int], 
     return run(ex.topo, fn)
 
 
-def load(ex: Example, out: str, path: str | None = None, extra: tuple[Decl, ...] = (), **load_kw: Any) -> list[Any]:
+def load(ex: Example, out: str, path: str | None = None, extra: tuple[Decl, ...] = (), hook: Any = None,
+         **load_kw: Any) -> list[Any]:
     """Every rank loads into empty boxes; ``(report, {key: state})`` or exceptions by rank."""
     def fn(comm: ThreadComm) -> tuple[Any, dict[str, Any]]:
         decls = ex.decls + extra
         boxes = {d.key: Box(None) for d in decls}
-        report = coordinator(ex, comm, out, boxes, decls=decls).load_checkpoint(path, **load_kw)
+        report = coordinator(ex, comm, out, boxes, decls=decls, phase_hook=hook).load_checkpoint(path, **load_kw)
         return report, {k: b.state for k, b in boxes.items()}
 
     return run(ex.topo, fn)
