@@ -429,3 +429,78 @@ def is_safe_name(s: str) -> bool:
     allowed = set(string.ascii_letters + string.digits + "._-")
     return (isinstance(s, str) and 1 <= len(s) <= 128 and s[0] in string.ascii_letters + string.digits
             and all(c in allowed for c in s) and s not in (".", ".."))
+
+
+# ------------------------------------------------------ shipping to ranks
+
+@dataclass(frozen=True)
+class _ShippedTensor:
+    """A tensor as plain bytes: torch cannot unpickle some dtypes (uint16..64) in another process."""
+
+    base: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    conj: bool
+
+
+@dataclass(frozen=True)
+class _ShippedBase:
+    dtype: str
+    numel: int
+    data: bytes
+
+
+def _pack(obj: Any, bases: list[_ShippedBase], memo: dict[int, int]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        root = obj._base if obj._base is not None and obj._base.dtype == obj.dtype else obj
+        if root.is_conj():
+            root = root.resolve_conj()
+        if id(root) not in memo:
+            storage = root.untyped_storage()
+            data = bytes(storage) if storage.nbytes() else b""
+            memo[id(root)] = len(bases)
+            bases.append(_ShippedBase(str(obj.dtype).removeprefix("torch."), storage.nbytes() // obj.element_size(), data))
+        return _ShippedTensor(memo[id(root)], tuple(obj.shape), obj.stride(), obj.storage_offset(), obj.is_conj())
+    kind = type(obj)
+    if kind is dict or kind is OrderedDict:
+        return kind((k, _pack(v, bases, memo)) for k, v in obj.items())
+    if kind is list:
+        return [_pack(v, bases, memo) for v in obj]
+    if kind is tuple:
+        return tuple(_pack(v, bases, memo) for v in obj)
+    return obj
+
+
+def _unpack(obj: Any, bases: list[_ShippedBase], made: dict[int, torch.Tensor]) -> Any:
+    if isinstance(obj, _ShippedTensor):
+        if obj.base not in made:
+            b = bases[obj.base]
+            dtype = getattr(torch, b.dtype)
+            raw = torch.frombuffer(bytearray(b.data + b"\0"), dtype=torch.uint8)[: len(b.data)]
+            made[obj.base] = raw.view(dtype).clone() if b.numel else torch.empty(0, dtype=dtype)
+        out = made[obj.base].as_strided(obj.shape, obj.stride, obj.offset)
+        return out.conj() if obj.conj else out
+    kind = type(obj)
+    if kind is dict or kind is OrderedDict:
+        return kind((k, _unpack(v, bases, made)) for k, v in obj.items())
+    if kind is list:
+        return [_unpack(v, bases, made) for v in obj]
+    if kind is tuple:
+        return tuple(_unpack(v, bases, made) for v in obj)
+    return obj
+
+
+def ship(ex: Example) -> Example:
+    """``ex`` with its base states as plain data that any process can unpickle (see :func:`unship`)."""
+    bases: list[_ShippedBase] = []
+    packed = _pack(ex.bases, bases, {})
+    return replace(ex, bases={"~shipped": (packed, bases)})
+
+
+def unship(ex: Example) -> Example:
+    """The inverse of :func:`ship`, on the rank (aliasing, strides and conjugation kept)."""
+    if "~shipped" not in ex.bases:
+        return ex
+    packed, bases = ex.bases["~shipped"]
+    return replace(ex, bases=_unpack(packed, bases, {}))
