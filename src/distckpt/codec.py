@@ -164,7 +164,8 @@ class _Encoder:
         self.copy = copy
         self.reuse = reuse
         self._ordinal = 0
-        self.tensors: list[tuple[str, torch.Tensor, str]] = []  # name, data, safetensors dtype
+        # name, data, safetensors dtype, element size of the real dtype (for alignment)
+        self.tensors: list[tuple[str, torch.Tensor, str, int]] = []
         self.extra: dict[str, dict[str, Any]] = {}
         self._alias: dict[tuple[Any, ...], dict[str, Any]] = {}
 
@@ -194,7 +195,7 @@ class _Encoder:
             data = torch.frombuffer(bytearray(np.ascontiguousarray(obj).tobytes()) or bytearray(1), dtype=torch.uint8)
             if obj.nbytes == 0:
                 data = data[:0]
-            name = self._add(data, "U8")
+            name = self._add(data, "U8", obj.dtype.itemsize)
             leaf["$ndarray"] = name
         return leaf
 
@@ -217,10 +218,10 @@ class _Encoder:
         if st is None:
             node = {"$tensor": "", "dtype": _dtype_name(data.dtype), "shape": list(data.shape)}
             raw = flat_bytes(data) if data.numel() else torch.empty(0, dtype=torch.uint8)
-            name = self._add(raw, "U8")
+            name = self._add(raw, "U8", _itemsize(data.dtype))
         else:
             node = {"$tensor": ""}
-            name = self._add(data, st)
+            name = self._add(data, st, _itemsize(data.dtype))
         node["$tensor"] = name
         if alias is not None:
             self._alias[alias] = node
@@ -240,9 +241,9 @@ class _Encoder:
         buf.copy_(t.detach())
         return buf
 
-    def _add(self, data: torch.Tensor, st: str) -> str:
+    def _add(self, data: torch.Tensor, st: str, align: int = 1) -> str:
         name = f"t{len(self.tensors)}"
-        self.tensors.append((name, data, st))
+        self.tensors.append((name, data, st, align))
         return name
 
 
@@ -303,18 +304,19 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     enc = _Encoder(copy or reuse is not None, reuse)
     with _gc_paused():
         skeleton = enc.value(state, "")
-    # Largest elements first, so every tensor starts aligned to its element size.
-    order = sorted(enc.tensors, key=lambda item: -item[1].element_size())
+    # Largest elements first (by the real dtype, also for raw-stored ones), and
+    # data starting 16-aligned: every tensor starts aligned to its element size.
+    order = sorted(enc.tensors, key=lambda item: -item[3])
     entries: dict[str, Any] = {
         "__metadata__": {"format": "pt", SKELETON_KEY: json.dumps(skeleton, separators=(",", ":"), allow_nan=False)}
     }
     offset = 0
-    for name, data, st in order:
+    for name, data, st, _ in order:
         size = data.numel() * data.element_size()
         entries[name] = {"dtype": st, "shape": list(data.shape), "data_offsets": [offset, offset + size]}
         offset += size
     header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
-    header += b" " * (-len(header) % 8)
+    header += b" " * (-(8 + len(header)) % 16)
     return EncodedState(header=struct.pack("<Q", len(header)) + header,
                         tensors=tuple(item[1] for item in order))
 
@@ -371,6 +373,17 @@ def _tensor_at(buffer: bytearray | memoryview, info: dict[str, Any], start: int,
     return torch.frombuffer(buffer, dtype=dtype, count=numel, offset=start + begin).reshape(shape)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if its data is aligned to its element size (16 at most), else an aligned copy.
+
+    Vectorised kernels may crash on misaligned data (a complex128 view at an
+    8-byte boundary); files from other writers give no alignment guarantee.
+    """
+    if t.numel() and t.data_ptr() % min(t.element_size(), 16):
+        return t.clone()
+    return t
+
+
 class _Decoder:
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
@@ -417,7 +430,9 @@ class _Decoder:
     def tensor(self, node: dict[str, Any]) -> torch.Tensor:
         name = node["$tensor"]
         if "dtype" not in node:
-            return self.tensors[name]
+            if name not in self._raw:
+                self._raw[name] = _aligned(self.tensors[name])
+            return self._raw[name]
         if name not in self._raw:
             dtype = _dtype_from_name(node["dtype"])
             raw = self.tensors[name]
@@ -425,5 +440,7 @@ class _Decoder:
             if raw.numel() == 0:
                 self._raw[name] = torch.empty(shape, dtype=dtype)
             else:
+                if raw.data_ptr() % min(_itemsize(dtype), 16):
+                    raw = raw.clone()  # a fresh allocation is aligned; view it as the real dtype
                 self._raw[name] = raw.view(dtype).reshape(shape)
         return self._raw[name]

@@ -147,10 +147,11 @@ class TorchComm:
                     self._store.delete_key(self._key(seq - 2, self.rank))
             except Exception:
                 pass
+        started = time.monotonic()
         try:
             run()
         except Exception as exc:
-            missing = self._missing(seq)
+            missing = self._missing(seq, started)
             if missing:
                 failures = {
                     r: f"did not reach the '{phase}' step within {self.timeout:g}s "
@@ -164,16 +165,17 @@ class TorchComm:
                 failures=failures, phase=phase,
             ) from exc
 
-    def _missing(self, seq: int) -> list[int]:
+    def _missing(self, seq: int, started: float) -> list[int]:
         """Ranks that never announced arrival at collective ``seq``.
 
         A live rank always arrives, possibly late on a loaded machine; only a
-        dead or stuck one never does. So wait up to ``min(timeout, 10 s)`` for
-        stragglers before naming anyone.
+        dead or stuck one never does. So stragglers get up to 10 s, but never
+        past the collective's own deadline (``timeout`` after it started):
+        every rank still raises within the timeout.
         """
         if self._store is None:
             return []
-        deadline = time.monotonic() + min(_ARRIVAL_GRACE_S, self.timeout)
+        deadline = min(time.monotonic() + _ARRIVAL_GRACE_S, started + self.timeout)
         missing = list(range(self.world_size))
         try:
             while True:

@@ -24,6 +24,7 @@ number of collectives does not depend on the number of components.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -45,6 +46,7 @@ from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ComponentMismatchError,
+    IntegrityError,
     ReplicationMismatchError,
     TopologyMismatchError,
 )
@@ -243,12 +245,13 @@ class CheckpointCoordinator:
         """
         self.wait()
         started = time.perf_counter()
-        path, manifest, topology = self._resolve(checkpoint_path)
+        path, manifest, topology, unlisted = self._resolve(checkpoint_path, strict)
         if manifest is None:
             report = self._read_legacy(path, topology, strict)
         else:
             actions, skipped = self._check_compatible(path, manifest, topology, strict)
             report = self._read(path, manifest, actions, skipped)
+            report = dataclasses.replace(report, unlisted=tuple(unlisted))
         log.info("distckpt: loaded %s (%d components, %d skipped) in %.3f s", path,
                  len(report.loaded), len(report.skipped), time.perf_counter() - started)
         return report
@@ -501,6 +504,7 @@ class CheckpointCoordinator:
         def prepare() -> None:
             self._hook("commit")
             if self.rank == 0:
+                storage.make_component_dir(os.path.dirname(plan.staging), os.path.basename(plan.staging))
                 for key in plan.components:
                     storage.fsync_dir(os.path.join(plan.staging, key))
                 manifest.save(os.path.join(plan.staging, MANIFEST_NAME))
@@ -528,7 +532,9 @@ class CheckpointCoordinator:
 
     # ------------------------------------------------------------ load phases
 
-    def _resolve(self, checkpoint_path: Any) -> tuple[str, CheckpointManifest | None, Topology]:
+    def _resolve(
+        self, checkpoint_path: Any, strict: bool
+    ) -> tuple[str, CheckpointManifest | None, Topology, list[str]]:
         """Phase 1 of load: all agree on the world; rank 0 finds the checkpoint and broadcasts its manifest."""
         def work() -> dict[str, Any]:
             self._hook("resolve")
@@ -536,16 +542,24 @@ class CheckpointCoordinator:
 
         topology = self._agree(exchange(self._comm, "resolve", work))
 
-        def find() -> tuple[str, dict[str, Any] | None]:  # rank 0 only
+        def find() -> tuple[str, dict[str, Any] | None, list[str]]:  # rank 0 only
             path = self._find(checkpoint_path)
             manifest_file = os.path.join(path, MANIFEST_NAME)
             if not os.path.lexists(manifest_file) and is_legacy_checkpoint(path):
-                return path, None
-            return path, CheckpointManifest.load(manifest_file).to_dict()
+                return path, None, []
+            manifest = CheckpointManifest.load(manifest_file)
+            listed = [f.path for c in manifest.components.values() for f in c.files]
+            unlisted = storage.unlisted_files(path, listed)
+            if unlisted and strict:
+                raise IntegrityError(
+                    f"{path}: files not listed in the manifest: {unlisted} (something else wrote into "
+                    "this checkpoint; remove them, or load with strict=False to ignore them)"
+                )
+            return path, manifest.to_dict(), unlisted
 
-        path, raw = announce(self._comm, "resolve", find)
+        path, raw, unlisted = announce(self._comm, "resolve", find)
         manifest = None if raw is None else CheckpointManifest.from_dict(raw, where=os.path.join(path, MANIFEST_NAME))
-        return path, manifest, topology
+        return path, manifest, topology, unlisted
 
     def _find(self, checkpoint_path: Any) -> str:
         if checkpoint_path is None:

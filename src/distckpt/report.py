@@ -15,7 +15,9 @@ class LoadReport:
     ``loaded`` lists the component keys restored; ``skipped`` maps keys that
     were not restored to the reason (optional and missing, or not declared
     under ``strict=False``); ``files`` maps each loaded key to the file this
-    rank read; ``legacy`` is true for a checkpoint of the original format.
+    rank read; ``legacy`` is true for a checkpoint of the original format;
+    ``unlisted`` names files in the checkpoint directory that its manifest does
+    not list (only possible under ``strict=False``; strict loads refuse them).
     """
 
     path: str
@@ -24,3 +26,4 @@ class LoadReport:
     skipped: Mapping[str, str] = field(default_factory=dict)
     files: Mapping[str, str] = field(default_factory=dict)
     legacy: bool = False
+    unlisted: tuple[str, ...] = ()

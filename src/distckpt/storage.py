@@ -45,6 +45,7 @@ __all__ = [
     "remove_checkpoint",
     "safe_join",
     "staging_prefix",
+    "unlisted_files",
     "write_file",
 ]
 
@@ -291,6 +292,7 @@ def commit_directory(staging: str, final: str, overwrite: bool) -> None:
     place; a crash in between leaves the trash to the next save's cleanup.
     """
     parent = os.path.dirname(os.path.abspath(final))
+    _check_real_dir(staging, "staging directory")
     trash = None
     if os.path.lexists(final):
         if not overwrite:
@@ -325,6 +327,25 @@ class CheckpointEntry:
     @property
     def committed(self) -> bool:
         return self.manifest is not None
+
+
+def unlisted_files(root: str, listed: Iterable[str]) -> list[str]:
+    """Entries under a checkpoint directory that its manifest does not list (relative paths).
+
+    Looks one level into component directories; ``manifest.json`` counts as listed.
+    """
+    known = set(listed) | {MANIFEST_NAME}
+    key_dirs = {p.split("/", 1)[0] for p in known}
+    extra = []
+    for name in sorted(os.listdir(root)):
+        full = os.path.join(root, name)
+        if name in key_dirs and os.path.islink(full):
+            continue  # a listed component's directory: reading it refuses the symlink by name
+        if os.path.isdir(full) and not os.path.islink(full):
+            extra += [f"{name}/{inner}" for inner in sorted(os.listdir(full)) if f"{name}/{inner}" not in known]
+        elif name not in known:
+            extra.append(name)
+    return extra
 
 
 def list_checkpoints(parent: str, include_hidden: bool = False) -> list[CheckpointEntry]:

@@ -74,9 +74,6 @@ def test_a_missing_component_file_fails_the_load_naming_the_file(tmp_path: Path,
 EXTRAS = ["rng/rank-00099.safetensors", "model/dp-009.safetensors", "stray.bin"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: distckpt/coordinator.py load_checkpoint (_check_compatible/_read) never lists the checkpoint "
-    "directory, so a file the manifest does not list is silently ignored even under strict=True"))
 @pytest.mark.parametrize("extra", EXTRAS)
 def test_an_extra_unlisted_file_is_reported_under_strict_naming_the_file(tmp_path: Path, extra: str) -> None:
     path = _saved(tmp_path)

@@ -99,11 +99,6 @@ def test_a_rank_that_never_calls_save_makes_the_others_raise_naming_it(world_poo
     assert scenario.committed(out) == [os.path.basename(previous)] and scenario.hidden_entries(out) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: distckpt/collectives.py TorchComm.all_gather waits out gloo's own timeout and then "
-    "_missing() waits up to another min(10 s, timeout) for the missing rank to arrive, so a rank that "
-    "never calls the collective (and the ring neighbour of a killed rank) is only reported after about "
-    "2 x the coordinator's timeout, not within it"))
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("fault", [Fault("absent", 1, limit=7.0), Fault("kill", 2, "write")],
                          ids=["never-calls-save", "killed-in-write"])

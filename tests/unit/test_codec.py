@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from collections import OrderedDict
 from typing import Any
 
@@ -136,3 +137,18 @@ def test_non_finite_python_floats_keep_every_bit() -> None:
                   struct.unpack(">d", bytes.fromhex("7ff0000000000123"))[0]):
         back = roundtrip({"x": value})["x"]
         assert struct.pack(">d", back) == struct.pack(">d", value)
+
+
+def test_loaded_tensors_are_aligned_to_their_element_size_even_in_a_misaligned_buffer() -> None:
+    state = {"b": torch.ones(3, dtype=torch.bool), "c": torch.randn(2, dtype=torch.complex128),
+             "d": torch.randn(3, dtype=torch.float64)}
+    data = encode(state).to_bytes()
+    assert (8 + struct.unpack("<Q", data[:8])[0]) % 16 == 0
+    backing = torch.empty(len(data) + 1, dtype=torch.uint8).numpy()
+    view = memoryview(backing).cast("B")[1:]  # deliberately off by one byte
+    view[:] = data
+    out = decode(view)
+    for key, t in out.items():
+        assert t.data_ptr() % min(t.element_size(), 16) == 0, key
+        assert torch.equal(t, state[key])
+    torch.nn.Parameter(torch.zeros(2, dtype=torch.complex128)).data.copy_(out["c"])

@@ -359,3 +359,12 @@ def test_collectives_per_save_and_load_do_not_grow_with_components(tmp_path: Pat
                      ("all_gather", "resolve"), ("broadcast", "resolve"), ("all_gather", "read")]
     validate_payload = logs[1][1][2][1]
     assert len(validate_payload) == count and all(len(d) == len("xxh3-64:") + 16 for d in validate_payload.values())
+
+
+def test_a_strict_load_refuses_files_the_manifest_does_not_list(tmp_path: Path) -> None:
+    path = CheckpointCoordinator([StateComponent("a", Box({"x": 1}), "global")], output_dir=tmp_path).save_checkpoint()
+    (Path(path) / "a" / "stray.safetensors").write_bytes(b"x")
+    with pytest.raises(IntegrityError, match=r"stray\.safetensors"):
+        CheckpointCoordinator([StateComponent("a", Box(), "global")], output_dir=tmp_path).load_checkpoint()
+    report = CheckpointCoordinator([StateComponent("a", Box(), "global")], output_dir=tmp_path).load_checkpoint(strict=False)
+    assert report.unlisted == ("a/stray.safetensors",)
