@@ -21,8 +21,8 @@ from typing import Any
 import torch.distributed as dist
 
 from distckpt import CheckpointCoordinator, CheckpointError, StateComponent
-from tests.helpers import Box
 from tests.faults.scenario import check_loaded
+from tests.helpers import Box
 from tests.property import oracle
 from tests.property.strategies import Decl, Example
 

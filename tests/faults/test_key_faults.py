@@ -56,7 +56,7 @@ def out(tmp_path: Path) -> Path:
 def test_an_unsafe_component_key_is_rejected_at_declaration_and_nothing_is_written(out: Path, key: str) -> None:
     before = _tree(out)
     for pattern in ("global", "replicated", "per_rank", "per_node"):
-        with pytest.raises(ValueError, match="^key: "):
+        with pytest.raises(ValueError, match=r"^key: "):
             StateComponent(key, Box({"w": 1}), pattern)
     assert _tree(out) == before
 
@@ -64,9 +64,9 @@ def test_an_unsafe_component_key_is_rejected_at_declaration_and_nothing_is_writt
 @pytest.mark.parametrize("name", list(HOSTILE.values()), ids=list(HOSTILE))
 def test_an_unsafe_group_name_is_rejected_at_declaration_and_nothing_is_written(out: Path, name: str) -> None:
     before = _tree(out)
-    with pytest.raises(ValueError, match="^process_group_name: "):
+    with pytest.raises(ValueError, match=r"^process_group_name: "):
         StateComponent("model", Box({}), "per_group", process_group_name=name)
-    with pytest.raises(ValueError, match="^process_groups: "):
+    with pytest.raises(ValueError, match=r"^process_groups: "):
         CheckpointCoordinator([StateComponent("model", Box({}), "global")], process_groups={name: (0,)},
                               output_dir=out)
     assert _tree(out) == before

@@ -65,7 +65,7 @@ def test_the_payload_is_live_when_unpickled_without_protection(tmp_path: Path, m
     assert not marker.exists()
     if fmt == "raw-pickle":
         with open(path, "rb") as f:
-            pickle.load(f)  # noqa: S301 - the point of the control
+            pickle.load(f)
     else:
         torch.load(path, weights_only=False)
     assert marker.exists()

@@ -155,7 +155,7 @@ def diff(expected: Any, actual: Any, path: str = "") -> str | None:
     if isinstance(expected, (list, tuple)) and not isinstance(expected, torch.Size):
         if len(expected) != len(actual):
             return f"{where}: length {len(expected)} != {len(actual)}"
-        for i, (e, a) in enumerate(zip(expected, actual)):
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             d = diff(e, a, f"{path}.{i}" if path else str(i))
             if d:
                 return d

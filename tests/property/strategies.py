@@ -110,7 +110,7 @@ def meshes(draw: st.DrawFn, world_size: int) -> tuple[tuple[str, int], ...]:
     sizes = draw(st.sampled_from(_factorisations(world_size, ndims)))
     names = draw(st.lists(st.one_of(st.sampled_from(["dp", "tp", "pp", "cp", "ep"]), valid_names(8)),
                           min_size=ndims, max_size=ndims, unique_by=str.casefold))
-    return tuple(zip(names, sizes))
+    return tuple(zip(names, sizes, strict=True))
 
 
 @st.composite
@@ -171,7 +171,7 @@ def declarations(draw: st.DrawFn, topo: Topo, extra: int = 2) -> tuple[Decl, ...
     patterns += draw(st.lists(st.sampled_from(PATTERNS), max_size=extra))
     keys = draw(st.lists(st.one_of(valid_names(), long_valid_names()), min_size=len(patterns),
                          max_size=len(patterns), unique_by=str.casefold))
-    return tuple(draw(declaration(k, p, topo)) for k, p in zip(keys, patterns))
+    return tuple(draw(declaration(k, p, topo)) for k, p in zip(keys, patterns, strict=True))
 
 
 # ---------------------------------------------------------------- state dicts
