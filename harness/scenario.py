@@ -19,6 +19,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import distckpt.errors as distckpt_errors
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -52,18 +54,9 @@ PHASES: tuple[str, ...] = ("plan", "validate", "write", "commit")
 #: Fault kinds: raise an exception or SIGKILL in a save phase; diverge a replica before saving.
 FAULT_KINDS: tuple[str, ...] = ("raise", "sigkill", "diverge")
 #: Error classes a negative scenario may expect (names exported by distckpt).
-ERROR_CLASSES: tuple[str, ...] = (
-    "CheckpointError",
-    "CheckpointExistsError",
-    "CheckpointNotFoundError",
-    "CollectiveTimeoutError",
-    "ComponentMismatchError",
-    "CrossRankError",
-    "IntegrityError",
-    "ManifestError",
-    "ReplicationMismatchError",
-    "SerializationError",
-    "TopologyMismatchError",
+ERROR_CLASSES: tuple[str, ...] = tuple(
+    name for name in distckpt_errors.__all__
+    if isinstance(getattr(distckpt_errors, name), type)
 )
 
 

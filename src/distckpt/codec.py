@@ -173,10 +173,6 @@ class _Encoder:
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj, path)
         kind = type(obj)
-        if obj is None or kind is bool or kind is int or kind is str:
-            return obj
-        if kind is float:
-            return obj if math.isfinite(obj) else _nonfinite(obj)
         if kind is list:
             return [self.value(v, f"{path}.{i}") for i, v in enumerate(obj)]
         if kind is tuple:

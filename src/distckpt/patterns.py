@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "NAME_PATTERN",
@@ -26,6 +26,21 @@ __all__ = [
 
 #: Keys and group names: a safe path segment on every file system we care about.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+_E = TypeVar("_E", bound=Enum)
+
+
+def _coerce(cls: type[_E], value: object, field_name: str, what: str) -> _E:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls(value.lower())
+        except ValueError:
+            pass
+    choices = ", ".join(str(member.value) for member in cls)
+    raise ValueError(f"{field_name}: {value!r} is not {what} (choose one of {choices})")
 
 
 class SharingPattern(str, Enum):
@@ -50,15 +65,7 @@ class SharingPattern(str, Enum):
     @classmethod
     def coerce(cls, value: SharingPattern | str, *, field_name: str = "sharing_pattern") -> SharingPattern:
         """Accept an enum member or its string value (any case); else ``ValueError``."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.lower())
-            except ValueError:
-                pass
-        choices = ", ".join(p.value for p in cls)
-        raise ValueError(f"{field_name}: {value!r} is not a sharing pattern (choose one of {choices})")
+        return _coerce(cls, value, field_name, "a sharing pattern")
 
 
 class ValidationLevel(str, Enum):
@@ -80,15 +87,7 @@ class ValidationLevel(str, Enum):
     @classmethod
     def coerce(cls, value: ValidationLevel | str, *, field_name: str = "validation_level") -> ValidationLevel:
         """Accept an enum member or its string value (any case); else ``ValueError``."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.lower())
-            except ValueError:
-                pass
-        choices = ", ".join(v.value for v in cls)
-        raise ValueError(f"{field_name}: {value!r} is not a validation level (choose one of {choices})")
+        return _coerce(cls, value, field_name, "a validation level")
 
 
 @runtime_checkable
