@@ -31,7 +31,7 @@ DECLS = (
 
 def _base(key: str, big: bool) -> dict[Any, Any]:
     return {
-        "weight": torch.arange(8 * 1024 if big else 16, dtype=torch.float32).reshape(-1, 4),
+        "weight": torch.arange(256 * 1024 if big else 16, dtype=torch.float32).reshape(-1, 4),
         "state": {0: {"exp_avg": torch.linspace(-1, 1, 6, dtype=torch.bfloat16), "step": 3}},
         "meta": OrderedDict(name=key, ratio=float("inf"), seen=[1, 2, (3, b"\x00")]),
         "np": np.arange(5, dtype=np.int16),
@@ -40,12 +40,15 @@ def _base(key: str, big: bool) -> dict[Any, Any]:
 
 def example(nodes: int = 2, procs: int = 2, mesh: tuple[tuple[str, int], ...] | None = None,
             decls: tuple[Decl, ...] = DECLS, big: bool = False) -> Example:
-    """The fault world: ``nodes x procs`` ranks (torchrun numbering), mesh dp x tp by default."""
+    """The fault world: ``nodes x procs`` ranks (torchrun numbering), mesh dp x tp by default.
+
+    ``big``: the PER_RANK component ("rng") weighs 1 MiB per rank, every other file stays small.
+    """
     world = nodes * procs
     if mesh is None:
         mesh = (("dp", 2), ("tp", world // 2)) if world % 2 == 0 else (("dp", 1), ("tp", world))
     topo = Topo(nodes, procs, tuple(r // procs for r in range(world)), mesh)
-    return Example(topo, decls, {d.key: _base(d.key, big) for d in decls})
+    return Example(topo, decls, {d.key: _base(d.key, big and d.pattern == "per_rank") for d in decls})
 
 
 def check_loaded(ex: Example, rank: int, states: dict[str, Any], generation: int = 0) -> None:
