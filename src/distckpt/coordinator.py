@@ -309,22 +309,23 @@ class CheckpointCoordinator:
         """Rank 0 only: final path, id, sequence and a fresh staging directory."""
         if checkpoint_path is not None:
             final = os.path.abspath(os.fspath(checkpoint_path))
-            cid = str(checkpoint_id) if checkpoint_id is not None else os.path.basename(final)
+            parent = os.path.dirname(final)
         else:
             parent = os.path.abspath(self.checkpoints_dir)
-            previous = [e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest]
-            cid = str(checkpoint_id) if checkpoint_id is not None else str(max(previous, default=0) + 1)
+        sequence = max((e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest),
+                       default=0) + 1
+        if checkpoint_path is not None:
+            cid = str(checkpoint_id) if checkpoint_id is not None else os.path.basename(final)
+        else:
+            cid = str(checkpoint_id) if checkpoint_id is not None else str(sequence)
             check_name(cid, field_name="checkpoint_id")
             final = os.path.join(parent, f"checkpoint-{cid}")
         check_name(os.path.basename(final), field_name="checkpoint_path")
         check_name(cid, field_name="checkpoint_id")
-        parent = os.path.dirname(final)
         if os.path.lexists(final) and not overwrite:
             raise CheckpointExistsError(
                 f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
             )
-        sequence = max((e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest),
-                       default=0) + 1
         storage.clean_stale(parent)
         staging = storage.create_staging(final, uuid.uuid4().hex[:12])
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -504,7 +505,7 @@ class CheckpointCoordinator:
         def prepare() -> None:
             self._hook("commit")
             if self.rank == 0:
-                storage.make_component_dir(os.path.dirname(plan.staging), os.path.basename(plan.staging))
+                storage.require_real_dir(plan.staging, "staging directory")
                 for key in plan.components:
                     storage.fsync_dir(os.path.join(plan.staging, key))
                 manifest.save(os.path.join(plan.staging, MANIFEST_NAME))

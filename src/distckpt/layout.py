@@ -55,13 +55,6 @@ class ComponentPlan:
     def replica_sets(self) -> tuple[tuple[int, ...], ...]:
         return tuple(f.ranks for f in self.files)
 
-    def file_of(self, rank: int) -> FilePlan:
-        """The file whose replica set holds ``rank``."""
-        for f in self.files:
-            if rank in f.ranks:
-                return f
-        raise KeyError(f"rank {rank} is in no replica set of component {self.key!r}")
-
 
 def file_name(pattern: SharingPattern, index: int, writer: int, group_name: str | None) -> str:
     """File name (without directory) of replica set ``index`` of a component."""

@@ -43,6 +43,7 @@ __all__ = [
     "read_manifest_bytes",
     "read_verified",
     "remove_checkpoint",
+    "require_real_dir",
     "safe_join",
     "staging_prefix",
     "unlisted_files",
@@ -213,7 +214,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     fsync_dir(parent)
 
 
-def _check_real_dir(path: str, what: str) -> None:
+def require_real_dir(path: str, what: str) -> None:
+    """Raise :class:`IntegrityError` unless ``path`` is a directory and not a symlink."""
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise IntegrityError(f"{path}: {what} is a symlink; refusing to use it")
@@ -229,7 +231,7 @@ def safe_join(root: str, relpath: str) -> str:
         raise IntegrityError(f"{root}: {exc}") from None
     key_dir = os.path.join(root, relpath.split("/")[0])
     if os.path.lexists(key_dir):
-        _check_real_dir(key_dir, "component directory")
+        require_real_dir(key_dir, "component directory")
     return os.path.join(root, relpath)
 
 
@@ -242,7 +244,7 @@ def create_staging(final: str, nonce: str) -> str:
     """Create the staging directory of ``final`` (and the parents); return its path."""
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
-    _check_real_dir(parent, "checkpoint parent directory")
+    require_real_dir(parent, "checkpoint parent directory")
     path = os.path.join(parent, staging_prefix(final) + nonce)
     os.mkdir(path, 0o755)
     return path
@@ -250,10 +252,10 @@ def create_staging(final: str, nonce: str) -> str:
 
 def make_component_dir(staging: str, key: str) -> str:
     """Create (race-free between ranks) and check ``<staging>/<key>``."""
-    _check_real_dir(staging, "staging directory")
+    require_real_dir(staging, "staging directory")
     path = os.path.join(staging, key)
     os.makedirs(path, exist_ok=True)
-    _check_real_dir(path, "component directory")
+    require_real_dir(path, "component directory")
     return path
 
 
@@ -292,7 +294,7 @@ def commit_directory(staging: str, final: str, overwrite: bool) -> None:
     place; a crash in between leaves the trash to the next save's cleanup.
     """
     parent = os.path.dirname(os.path.abspath(final))
-    _check_real_dir(staging, "staging directory")
+    require_real_dir(staging, "staging directory")
     trash = None
     if os.path.lexists(final):
         if not overwrite:

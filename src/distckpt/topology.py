@@ -77,11 +77,6 @@ class Topology:
         object.__setattr__(self, "groups", MappingProxyType(groups))
 
     @classmethod
-    def single(cls, world_size: int = 1) -> Topology:
-        """A world on one node with no named groups."""
-        return cls(world_size, (tuple(range(world_size)),))
-
-    @classmethod
     def from_reports(
         cls,
         node_ids: Sequence[str],
