@@ -42,6 +42,7 @@ from .digests import describe_difference, iter_leaves
 from .errors import CheckpointError, ManifestError, TopologyMismatchError
 from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
 from .patterns import SharingPattern, check_name
+from .reading import read_component
 from .topology import Partition, Topology
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FOUND", "EXIT_OK", "main"]
@@ -175,21 +176,24 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def _file_of(comp: ComponentManifest, rank: int) -> FileEntry:
-    if comp.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-        if not comp.files:
-            raise CLIError(f"component {comp.key!r} lists no file")
-        return comp.files[0]
+def _files_of(comp: ComponentManifest, rank: int) -> tuple[FileEntry, ...]:
     try:
-        return comp.file_for_rank(rank)
+        return comp.files_for_rank(rank)
     except KeyError as exc:
         raise CLIError(str(exc.args[0])) from None
 
 
-def read_state(checkpoint: str, entry: FileEntry) -> Any:
-    """Read, verify (size and checksum) and decode one component file."""
-    full = storage.safe_join(checkpoint, entry.path)
-    return codec.decode(storage.read_verified(full, entry.size_bytes, entry.checksum), where=full)
+def _sets_of(comp: ComponentManifest) -> dict[str, list[FileEntry]]:
+    """Files by replica set, named by the set's first file; parts of a balanced write in order."""
+    by_ranks: dict[tuple[int, ...], list[FileEntry]] = {}
+    for f in comp.files:
+        by_ranks.setdefault(f.ranks, []).append(f)
+    return {group[0].path: group for group in (sorted(g, key=lambda f: f.part) for g in by_ranks.values())}
+
+
+def read_state(checkpoint: str, entries: FileEntry | Sequence[FileEntry]) -> Any:
+    """Read, verify (size and checksum) and decode one replica set's file (or all its parts)."""
+    return read_component(checkpoint, [entries] if isinstance(entries, FileEntry) else list(entries))
 
 
 # ------------------------------------------------------------------------ ls
@@ -442,7 +446,8 @@ def _manifest_problems(m: CheckpointManifest) -> list[Problem]:
         if not c.files:
             bad("lists no file")
             continue
-        if tuple(f.ranks for f in c.files) != tuple(c.replicated_across):
+        firsts = [f for f in c.files if f.part == 0]  # one per replica set (a balanced write has parts)
+        if tuple(f.ranks for f in firsts) != tuple(c.replicated_across):
             bad("replicated_across does not match the ranks of its files")
         if tuple(sorted(c.ranks)) != tuple(sorted(f.writer for f in c.files)):
             bad(f"writers {list(c.ranks)} do not match its files' writers {[f.writer for f in c.files]}")
@@ -452,7 +457,7 @@ def _manifest_problems(m: CheckpointManifest) -> list[Problem]:
             if f.path in seen_paths:
                 bad(f"file {f.path} is also listed by component {seen_paths[f.path]!r}")
             seen_paths[f.path] = key
-        members = sorted(r for f in c.files for r in f.ranks)
+        members = sorted(r for f in firsts for r in f.ranks)
         if members != list(range(m.world_size)):
             bad(f"its replica sets do not partition the {m.world_size} ranks of the world")
         if c.size_bytes != sum(f.size_bytes for f in c.files):
@@ -624,23 +629,26 @@ def _diff_component(pa: str, ca: ComponentManifest, pb: str, cb: ComponentManife
                 f"{pattern_text(cb.sharing_pattern, cb.group_name)} in B (files not compared)"]
     if tuple(ca.replicated_across) != tuple(cb.replicated_across):
         lines.append(f"  replica sets: {sets_text(ca.replicated_across)} in A, {sets_text(cb.replicated_across)} in B")
-    fa = {f.path: f for f in ca.files}
-    fb = {f.path: f for f in cb.files}
+    fa = _sets_of(ca)
+    fb = _sets_of(cb)
     for path in list(fa) + [p for p in fb if p not in fa]:
         if path not in fb or path not in fa:
             lines.append(f"  {path}: only in {'A' if path in fa else 'B'}")
             continue
-        ea, eb = fa[path], fb[path]
-        if ea.size_bytes == eb.size_bytes and ea.checksum == eb.checksum:
+        ga, gb = fa[path], fb[path]
+        ea, eb = ga[0], gb[0]
+        if [(f.path, f.size_bytes, f.checksum) for f in ga] == [(f.path, f.size_bytes, f.checksum) for f in gb]:
             # Same recorded content: only make sure both files still hold it.
-            for side, root, entry in (("A", pa, ea), ("B", pb, eb)):
-                problem = _check_file(storage.safe_join(root, entry.path), entry, _Progress(0, sys.stderr, False))
-                if problem is not None:
-                    raise CLIError(f"cannot compare {path}: {side}'s copy is damaged ({problem}); "
-                                   f"run `distckpt verify` on it")
+            for side, root, group in (("A", pa, ga), ("B", pb, gb)):
+                for entry in group:
+                    problem = _check_file(storage.safe_join(root, entry.path), entry,
+                                          _Progress(0, sys.stderr, False))
+                    if problem is not None:
+                        raise CLIError(f"cannot compare {entry.path}: {side}'s copy is damaged ({problem}); "
+                                       f"run `distckpt verify` on it")
             continue
         try:
-            entries = compare_states(read_state(pa, ea), read_state(pb, eb))
+            entries = compare_states(read_state(pa, ga), read_state(pb, gb))
         except CheckpointError as exc:
             raise CLIError(f"cannot compare {path}: {exc} (check both with `distckpt verify`)") from None
         if ea.ranks != eb.ranks:
@@ -1029,9 +1037,10 @@ def _export_torch(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {}
     used: dict[str, str] = {}
     for key in sorted(m.components):
-        entry = _file_of(m.components[key], rank)
+        group = _files_of(m.components[key], rank)
+        entry = group[0]
         try:
-            out[key] = _clone_tree(read_state(path, entry), found_numpy)
+            out[key] = _clone_tree(read_state(path, group), found_numpy)
         except CheckpointError as exc:
             raise CLIError(f"cannot read {entry.path}: {exc}") from None
         used[key] = entry.path

@@ -23,7 +23,7 @@ import json
 import math
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +33,25 @@ import torch
 from .errors import IntegrityError, SerializationError
 
 __all__ = [
+    "PART_KEY",
     "SKELETON_KEY",
     "EncodedState",
+    "FileLayout",
+    "TensorEntry",
+    "assemble",
     "decode",
     "encode",
     "encode_leaf",
     "flat_bytes",
+    "header_length",
+    "live_targets",
+    "parse_header",
+    "state_nbytes",
     "tensor_bytes",
 ]
 
 SKELETON_KEY = "distckpt.skeleton"
+PART_KEY = "distckpt.part"
 _HEADER_LIMIT = 100 * 1024 * 1024
 
 _ST_NAMES = {
@@ -137,10 +146,17 @@ def _plain_cpu(t: torch.Tensor, path: str, copy: bool = False) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EncodedState:
-    """A state dict ready to stream: the safetensors header and the tensors in file order."""
+    """A state dict ready to stream: the safetensors header and the tensors in file order.
+
+    ``names``, ``dtypes`` (safetensors names) and ``skeleton`` describe the
+    tensors so that :meth:`split` can build self-contained part files.
+    """
 
     header: bytes
     tensors: tuple[torch.Tensor, ...]
+    names: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
+    skeleton: str = ""
 
     @property
     def total_size(self) -> int:
@@ -157,6 +173,51 @@ class EncodedState:
     def to_bytes(self) -> bytes:
         """The whole file in memory (tests and small states)."""
         return b"".join(bytes(c) for c in self.chunks())
+
+    def split(self, parts: int) -> tuple[EncodedState, ...]:
+        """The same state as ``parts`` self-contained safetensors files (balanced writes).
+
+        Tensors keep their file order and go to the part their first byte falls
+        in when the tensor bytes are cut into ``parts`` equal ranges; part 0
+        also carries the skeleton. Deterministic: replicas that encode to the
+        same header split identically. :func:`assemble` joins the parts again.
+        """
+        if parts < 1:
+            raise ValueError(f"parts: expected a positive int, got {parts}")
+        if parts == 1:
+            return (self,)
+        sizes = [t.numel() * t.element_size() for t in self.tensors]
+        total = sum(sizes)
+        groups: list[list[int]] = [[] for _ in range(parts)]
+        before = 0
+        for i, size in enumerate(sizes):
+            groups[min(parts - 1, before * parts // total) if total else 0].append(i)
+            before += size
+        out = []
+        for index, members in enumerate(groups):
+            meta = {"format": "pt", PART_KEY: f"{index}/{parts}"}
+            if index == 0:
+                meta[SKELETON_KEY] = self.skeleton
+            tensors = [self.tensors[i] for i in members]
+            names = [self.names[i] for i in members]
+            dtypes = [self.dtypes[i] for i in members]
+            out.append(EncodedState(header=_header(meta, names, dtypes, tensors), tensors=tuple(tensors),
+                                    names=tuple(names), dtypes=tuple(dtypes),
+                                    skeleton=self.skeleton if index == 0 else ""))
+        return tuple(out)
+
+
+def _header(meta: dict[str, str], names: list[str], dtypes: list[str], tensors: list[torch.Tensor]) -> bytes:
+    """Length prefix plus JSON header, padded so that tensor data starts 16-aligned."""
+    entries: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for name, st, data in zip(names, dtypes, tensors, strict=True):
+        size = data.numel() * data.element_size()
+        entries[name] = {"dtype": st, "shape": list(data.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-(8 + len(header)) % 16)
+    return struct.pack("<Q", len(header)) + header
 
 
 class _Encoder:
@@ -243,6 +304,17 @@ class _Encoder:
         return name
 
 
+def state_nbytes(state: Any) -> int:
+    """Bytes of tensor data in a state dict (nested dicts, lists and tuples), without encoding it. Pure."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -303,18 +375,81 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     # Largest elements first (by the real dtype, also for raw-stored ones), and
     # data starting 16-aligned: every tensor starts aligned to its element size.
     order = sorted(enc.tensors, key=lambda item: -item[3])
-    entries: dict[str, Any] = {
-        "__metadata__": {"format": "pt", SKELETON_KEY: json.dumps(skeleton, separators=(",", ":"), allow_nan=False)}
-    }
-    offset = 0
-    for name, data, st, _ in order:
-        size = data.numel() * data.element_size()
-        entries[name] = {"dtype": st, "shape": list(data.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
-    header += b" " * (-(8 + len(header)) % 16)
-    return EncodedState(header=struct.pack("<Q", len(header)) + header,
-                        tensors=tuple(item[1] for item in order))
+    text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
+    names = [item[0] for item in order]
+    dtypes = [item[2] for item in order]
+    tensors = [item[1] for item in order]
+    return EncodedState(header=_header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors),
+                        tensors=tuple(tensors), names=tuple(names), dtypes=tuple(dtypes), skeleton=text)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: stored dtype, shape and absolute byte range."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """A parsed safetensors header: where the data starts, the tensors in file order,
+    the distckpt skeleton (``None`` for a plain safetensors file) and the part label."""
+
+    data_start: int
+    entries: tuple[TensorEntry, ...]
+    skeleton: Any
+    part: str | None = None
+
+
+def header_length(prefix: bytes | memoryview, file_size: int, where: str = "<buffer>") -> int:
+    """Bytes taken by the length prefix and JSON header, from a file's first 8 bytes.
+
+    Raises :class:`IntegrityError` naming ``where`` when it cannot fit the file.
+    """
+    if len(prefix) < 8 or file_size < 8:
+        raise IntegrityError(f"{where}: too short to be a safetensors file")
+    (hlen,) = struct.unpack("<Q", bytes(prefix[:8]))
+    if hlen > min(_HEADER_LIMIT, file_size - 8):
+        raise IntegrityError(f"{where}: header length {hlen} is out of bounds")
+    return 8 + int(hlen)
+
+
+def parse_header(header: bytes | memoryview, file_size: int, where: str = "<buffer>") -> FileLayout:
+    """Parse the length prefix and JSON header of a file of ``file_size`` bytes. Pure.
+
+    Every tensor's byte range is checked against its dtype, shape and the file
+    size; raises :class:`IntegrityError` naming ``where`` otherwise.
+    """
+    start = header_length(header, file_size, where)
+    try:
+        raw = json.loads(bytes(header[8:start]).decode("utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("header is not a JSON object")
+        meta = raw.pop("__metadata__", None) or {}
+        entries = []
+        for name, info in raw.items():
+            dtype = _FROM_ST.get(info["dtype"])
+            if dtype is None:
+                raise IntegrityError(f"unsupported safetensors dtype {info['dtype']!r}")
+            shape = tuple(int(d) for d in info["shape"])
+            begin, stop = (int(x) for x in info["data_offsets"])
+            if (begin < 0 or stop < begin or start + stop > file_size
+                    or stop - begin != math.prod(shape) * _itemsize(dtype)):
+                raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {list(shape)} or the file")
+            entries.append(TensorEntry(name, dtype, shape, start + begin, start + stop))
+        text = meta.get(SKELETON_KEY)
+        skeleton = None if text is None else json.loads(text)
+        part = meta.get(PART_KEY)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{where}: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{where}: malformed safetensors header ({exc})") from None
+    entries.sort(key=lambda e: e.begin)
+    return FileLayout(data_start=start, entries=tuple(entries), skeleton=skeleton, part=part)
 
 
 def decode(buffer: bytearray | memoryview, where: str = "<buffer>") -> Any:
@@ -325,28 +460,99 @@ def decode(buffer: bytearray | memoryview, where: str = "<buffer>") -> Any:
     :class:`IntegrityError` naming ``where`` when the bytes are not a valid file.
     """
     view = memoryview(buffer)
-    if len(view) < 8:
-        raise IntegrityError(f"{where}: too short to be a safetensors file")
-    (hlen,) = struct.unpack("<Q", view[:8])
-    if hlen > min(_HEADER_LIMIT, len(view) - 8):
-        raise IntegrityError(f"{where}: header length {hlen} is out of bounds")
+    layout = parse_header(view[:header_length(view[:8], len(view), where)], len(view), where)
+    return assemble([(layout, buffer)], where=where)
+
+
+def assemble(parts: Sequence[tuple[FileLayout, bytearray | memoryview]],
+             overrides: dict[str, torch.Tensor] | None = None, where: str = "<buffer>") -> Any:
+    """Rebuild a state dict from one file, or from the parts of a balanced write, in part order.
+
+    Each part is its parsed layout and a buffer holding the whole part file.
+    ``overrides`` maps tensor names to tensors that already hold the data (read
+    in place, see :func:`live_targets`); their buffer bytes are not used.
+    Raises :class:`IntegrityError` naming ``where`` on malformed content.
+    """
+    overrides = overrides or {}
     try:
         with _gc_paused():
-            return _decode(buffer, view, hlen)
+            tensors: dict[str, torch.Tensor] = {}
+            for layout, buffer in parts:
+                for e in layout.entries:
+                    if e.name in tensors:
+                        raise IntegrityError(f"tensor {e.name!r} appears twice")
+                    tensors[e.name] = overrides[e.name] if e.name in overrides else _tensor_at(buffer, e)
+            skeleton = parts[0][0].skeleton
+            if skeleton is None:
+                return tensors
+            return _Decoder(tensors).value(skeleton)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise IntegrityError(f"{where}: malformed safetensors content ({exc})") from None
 
 
-def _decode(buffer: bytearray | memoryview, view: memoryview, hlen: int) -> Any:
-    header = json.loads(bytes(view[8:8 + hlen]).decode("utf-8"))
-    meta = header.pop("__metadata__", None) or {}
-    tensors = {name: _tensor_at(buffer, info, 8 + hlen, len(view)) for name, info in header.items()}
-    skeleton = meta.get(SKELETON_KEY)
+def live_targets(skeleton: Any, entries: Iterable[TensorEntry], live: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Tensors of ``live`` (a component's current state dict) that can receive ``entries`` in place.
+
+    Walks ``skeleton`` (the file's, or part 0's for a balanced write) and
+    ``live`` together; an entry qualifies when the live
+    tensor at the same path is a plain, contiguous, non-empty CPU tensor of the
+    same dtype and shape, and no other entry already targets its storage.
+    Returns ``{entry name: (1-D uint8 view of the live tensor's bytes, the
+    tensor to use for that entry in :func:`assemble`)}``. Pure.
+    """
     if skeleton is None:
-        return tensors
-    return _Decoder(tensors).value(json.loads(skeleton))
+        return {}
+    by_name = {e.name: e for e in entries}
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    storages: set[int] = set()
+
+    def visit(node: Any, obj: Any) -> None:
+        if isinstance(node, list):
+            if isinstance(obj, (list, tuple)) and len(obj) == len(node):
+                for n, o in zip(node, obj, strict=True):
+                    visit(n, o)
+            return
+        if not isinstance(node, dict) or not node:
+            return
+        tag = next(iter(node))
+        if tag in ("$dict", "$odict") and isinstance(obj, dict):
+            for k, v in node[tag]:
+                if (type(k) is str or type(k) is int) and k in obj:
+                    visit(v, obj[k])
+        elif tag == "$tuple":
+            visit(node[tag], obj)
+        elif tag == "$tensor" and isinstance(obj, torch.Tensor):
+            target = _target(node, by_name.get(node[tag]), obj)
+            if target is not None and node[tag] not in found:
+                storage = obj.untyped_storage().data_ptr()
+                if storage not in storages:
+                    storages.add(storage)
+                    found[node[tag]] = target
+
+    visit(skeleton, live)
+    return found
+
+
+def _target(node: dict[str, Any], entry: TensorEntry | None,
+            t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if entry is None or type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if t.device.type != "cpu" or t.layout is not torch.strided or t.is_quantized or t.is_conj() or t.is_neg():
+        return None
+    if t.numel() == 0 or not t.is_contiguous():
+        return None
+    raw = "dtype" in node  # a dtype safetensors lacks: a U8 entry of the tensor's bytes
+    if raw:
+        if _dtype_name(t.dtype) != node["dtype"] or list(t.shape) != node.get("shape"):
+            return None
+    elif t.dtype != entry.dtype or tuple(t.shape) != entry.shape:
+        return None
+    flat = flat_bytes(t)
+    if flat.numel() != entry.end - entry.begin:
+        return None
+    return flat, (flat if raw else t)
 
 
 @functools.cache
@@ -354,19 +560,10 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _tensor_at(buffer: bytearray | memoryview, info: dict[str, Any], start: int, end: int) -> torch.Tensor:
-    dtype = _FROM_ST.get(info["dtype"])
-    if dtype is None:
-        raise IntegrityError(f"unsupported safetensors dtype {info['dtype']!r}")
-    shape = [int(d) for d in info["shape"]]
-    begin, stop = (int(x) for x in info["data_offsets"])
-    numel = math.prod(shape)
-    itemsize = _itemsize(dtype)
-    if begin < 0 or stop < begin or start + stop > end or stop - begin != numel * itemsize:
-        raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {shape} or the file")
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype, count=numel, offset=start + begin).reshape(shape)
+def _tensor_at(buffer: bytearray | memoryview, e: TensorEntry) -> torch.Tensor:
+    if e.end == e.begin:
+        return torch.empty(e.shape, dtype=e.dtype)
+    return torch.frombuffer(buffer, dtype=e.dtype, count=math.prod(e.shape), offset=e.begin).reshape(e.shape)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

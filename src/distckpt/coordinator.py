@@ -10,7 +10,8 @@ everywhere at the same step:
 2. **validate** (only when a component asks for it): replica digests are
    compared member against member; the verdict is identical on every rank.
 3. **write**: the lowest rank of every replica set writes that set's file
-   into staging, hashing while writing.
+   into staging, hashing while writing (a balanced write: the lowest rank of
+   each of the set's nodes writes one part).
 4. **commit**: every rank votes; only then does rank 0 write the manifest last,
    rename staging to the final name, apply retention, and report back.
 
@@ -18,7 +19,8 @@ With ``async_save=True`` phases 3 and 4 run in a background thread on a
 channel of their own, after this rank's files were snapshotted to host memory.
 
 A load runs **resolve** (rank 0 finds the checkpoint and parses the manifest;
-every rank checks compatibility before any data is read) and **read**. The
+every rank checks compatibility before any data is read) and **read** (every
+rank reads its replica set's file, into its live tensors where they match). The
 number of collectives does not depend on the number of components.
 """
 
@@ -39,7 +41,7 @@ from typing import Any, Literal, overload
 import torch
 
 from . import __version__, storage
-from .codec import EncodedState, decode, encode
+from .codec import EncodedState, encode, state_nbytes
 from .collectives import Comm, announce, default_comm, exchange
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
 from .errors import (
@@ -55,6 +57,7 @@ from .layout import ComponentPlan, plan_component
 from .legacy import is_legacy_checkpoint, load_legacy
 from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
 from .patterns import SharingPattern, StateComponent, ValidationLevel, check_name
+from .reading import read_component
 from .report import LoadReport
 from .topology import Topology
 
@@ -63,8 +66,12 @@ __all__ = ["CheckpointCoordinator"]
 log = logging.getLogger("distckpt")
 
 PhaseHook = Callable[[str, int], None]
-_Job = tuple[str, str, EncodedState]  # component key, relative path, encoded file
+_Job = tuple[str, str, EncodedState, str]  # component key, relative path, encoded file, structure digest
+_Record = tuple[int, str, int, str]  # size, checksum, writer, structure digest
 _DETAIL_LIMIT_BYTES = 64 * 1024 * 1024
+#: Default smallest part of a balanced write (measured: bench/results/FINDINGS.md).
+DEFAULT_MIN_PART_BYTES = 256 * 1024 * 1024
+_SPLITTABLE = (SharingPattern.REPLICATED, SharingPattern.PER_GROUP)
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,16 @@ class CheckpointCoordinator:
         phase_hook: called as ``hook(phase, rank)`` at the start of every
             phase on every rank (observability and fault injection); an
             exception it raises fails the phase like any other.
+        min_part_bytes: balanced writes. A REPLICATED or PER_GROUP replica
+            set that spans several nodes and holds at least twice this many
+            bytes is written as parts, one per node (at most), none smaller
+            than this, each by the lowest rank of its node. ``None`` writes
+            every set as one file. The default (256 MiB) never splits on a
+            single node, where splitting was measured to gain nothing.
+        load_in_place: read tensors straight into the component's current
+            ``state_dict()`` tensors where path, dtype and shape match (no
+            second buffer, no copy). After a failed load those tensors hold
+            unverified bytes; the load raises on every rank either way.
     """
 
     def __init__(
@@ -115,6 +132,8 @@ class CheckpointCoordinator:
         keep_last: int | None = None,
         timeout: float | _dt.timedelta = 300.0,
         phase_hook: PhaseHook | None = None,
+        min_part_bytes: int | None = DEFAULT_MIN_PART_BYTES,
+        load_in_place: bool = True,
     ) -> None:
         components = list(state_components)
         seen: dict[str, str] = {}
@@ -130,6 +149,8 @@ class CheckpointCoordinator:
             seen[folded] = c.key
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ValueError(f"keep_last: expected a positive int or None, got {keep_last!r}")
+        if min_part_bytes is not None and (type(min_part_bytes) is not int or min_part_bytes < 1):
+            raise ValueError(f"min_part_bytes: expected a positive int or None, got {min_part_bytes!r}")
         seconds = timeout.total_seconds() if isinstance(timeout, _dt.timedelta) else float(timeout)
         if seconds <= 0:
             raise ValueError(f"timeout: expected a positive duration, got {timeout!r}")
@@ -138,6 +159,8 @@ class CheckpointCoordinator:
         self.keep_last = keep_last
         self.timeout = seconds
         self.phase_hook = phase_hook
+        self.min_part_bytes = min_part_bytes
+        self.load_in_place = bool(load_in_place)
         self._groups = _normalise_groups(process_groups)
         self._comm = default_comm(dist, seconds)
         self._async_comm: Comm | None = None
@@ -207,9 +230,9 @@ class CheckpointCoordinator:
         """
         self.wait()
         started = time.perf_counter()
-        plan = self._plan_save(checkpoint_path, checkpoint_id, overwrite)
+        states: dict[str, Any] = {}
+        plan = self._plan_save(checkpoint_path, checkpoint_id, overwrite, states)
         try:
-            states: dict[str, Any] = {}
             self._validate(plan, validate, states)
             if async_save:
                 return self._start_async(plan, states, validate, overwrite, started)
@@ -281,12 +304,16 @@ class CheckpointCoordinator:
             )
         return Topology.from_reports([r["node"] for r in reports], [r["groups"] for r in reports])
 
-    def _plan_save(self, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool) -> _SavePlan:
+    def _plan_save(self, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool,
+                   states: dict[str, Any]) -> _SavePlan:
         mine: dict[str, Any] = {}
 
         def work() -> dict[str, Any]:
             self._hook("plan")
             report = self._local_report()
+            if self.min_part_bytes is not None and self.world_size > 1:  # sizes decide balanced writes
+                report["sizes"] = {c.key: state_nbytes(self._state(states, c.key))
+                                   for c in self.components if c.sharing_pattern in _SPLITTABLE}
             if self.rank == 0:
                 report["decision"] = mine["decision"] = self._decide_path(checkpoint_path, checkpoint_id, overwrite)
             return report
@@ -296,7 +323,9 @@ class CheckpointCoordinator:
             decision = reports[0]["decision"]
             topology = self._agree(reports)
             plans = {
-                c.key: plan_component(topology, c.key, c.sharing_pattern, c.process_group_name)
+                c.key: plan_component(topology, c.key, c.sharing_pattern, c.process_group_name,
+                                      {r: rep.get("sizes", {}).get(c.key, 0) for r, rep in enumerate(reports)},
+                                      self.min_part_bytes)
                 for c in self.components
             }
         except BaseException:
@@ -425,7 +454,9 @@ class CheckpointCoordinator:
                 for f in plan.components[c.key].files:
                     if f.writer == self.rank:
                         reuse = self._snapshots.setdefault(c.key, {}) if copy else None
-                        yield c.key, f.path, encode(self._state(states, c.key), copy=copy, reuse=reuse)
+                        encoded = encode(self._state(states, c.key), copy=copy, reuse=reuse)
+                        structure = storage.checksum_of(encoded.header, "xxh3-64")
+                        yield c.key, f.path, encoded.split(f.parts)[f.part], structure
 
         if not copy:
             return jobs
@@ -476,26 +507,31 @@ class CheckpointCoordinator:
                  total, time.perf_counter() - started)
 
     def _write(self, comm: Comm, plan: _SavePlan,
-               produce: Callable[[], Iterator[_Job]]) -> dict[str, dict[str, tuple[int, str, int]]]:
-        """Phase 3: each writer writes its sets' files into staging; all-gather the records."""
-        def work() -> list[tuple[str, str, int, str]]:
+               produce: Callable[[], Iterator[_Job]]) -> dict[str, dict[str, _Record]]:
+        """Phase 3: each writer writes its sets' files into staging; all-gather the records.
+
+        Every rank then checks that the writers of a balanced write's parts
+        encoded the same structure (else the parts would not fit together).
+        """
+        def work() -> list[tuple[str, str, int, str, str]]:
             self._hook("write")
             written = []
-            for key, path, encoded in produce():
+            for key, path, encoded, structure in produce():
                 storage.make_component_dir(plan.staging, key)
                 size, checksum = storage.write_file(os.path.join(plan.staging, path), encoded.chunks())
-                written.append((key, path, size, checksum))
+                written.append((key, path, size, checksum, structure))
             return written
 
         gathered = exchange(comm, "write", work)
-        records: dict[str, dict[str, tuple[int, str, int]]] = {}
+        records: dict[str, dict[str, _Record]] = {}
         for rank, items in enumerate(gathered):
-            for key, path, size, checksum in items:
-                records.setdefault(key, {})[path] = (size, checksum, rank)
+            for key, path, size, checksum, structure in items:
+                records.setdefault(key, {})[path] = (size, checksum, rank, structure)
+        _check_parts_agree(plan, records)
         return records
 
     def _commit(
-        self, comm: Comm, plan: _SavePlan, records: Mapping[str, Mapping[str, tuple[int, str, int]]],
+        self, comm: Comm, plan: _SavePlan, records: Mapping[str, Mapping[str, _Record]],
         validate: bool, overwrite: bool,
     ) -> CheckpointManifest:
         """Phase 4: every rank votes; then rank 0 writes the manifest last and renames staging into place."""
@@ -637,11 +673,11 @@ class CheckpointCoordinator:
         def work() -> None:
             self._hook("read")
             for key, saved in actions.items():
-                entry = _file_for(saved, self.rank)
-                full = storage.safe_join(path, entry.path)
-                state = decode(storage.read_verified(full, entry.size_bytes, entry.checksum), where=full)
-                self._by_key[key].stateful.load_state_dict(state)
-                files[key] = entry.path
+                entries = saved.files_for_rank(self.rank)
+                stateful = self._by_key[key].stateful
+                live = stateful.state_dict() if self.load_in_place else None
+                stateful.load_state_dict(read_component(path, entries, live))
+                files[key] = entries[0].path
 
         exchange(self._comm, "read", work)
         return LoadReport(path=path, checkpoint_id=manifest.checkpoint_id, loaded=tuple(actions),
@@ -664,10 +700,24 @@ def _combined(entries: Mapping[str, str]) -> str:
     return storage.checksum_of(json.dumps(sorted(entries.items())).encode("ascii"), "xxh3-64")
 
 
-def _file_for(saved: ComponentManifest, rank: int) -> FileEntry:
-    if saved.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-        return saved.files[0]
-    return saved.file_for_rank(rank)
+def _check_parts_agree(plan: _SavePlan, records: Mapping[str, Mapping[str, _Record]]) -> None:
+    """Every rank, after the write phase: the parts of each balanced write come from one structure."""
+    failures: dict[int, str] = {}
+    for key, cplan in plan.components.items():
+        for f in cplan.files:
+            if f.part == 0:
+                continue
+            first = next(p for p in cplan.files if p.ranks == f.ranks and p.part == 0)
+            if records[key][f.path][3] != records[key][first.path][3]:
+                failures[f.writer] = (f"component {key!r}: part {f.part} encodes a different structure "
+                                      f"than rank {first.writer}'s part 0")
+    if failures:
+        raise ReplicationMismatchError(
+            "balanced write: replicas hold differently structured state (keys, dtypes, shapes or "
+            "non-tensor values), so their parts do not fit together; nothing was committed. "
+            "Save with validate=True to see where they differ",
+            failures=failures, phase="write",
+        )
 
 
 def _pattern_text(pattern: SharingPattern, group: str | None) -> str:
@@ -699,7 +749,7 @@ def _diff_declarations(ref: Sequence[Any], mine: Sequence[Any]) -> str:
 def _build_manifest(
     plan: _SavePlan,
     components: Sequence[StateComponent],
-    records: Mapping[str, Mapping[str, tuple[int, str, int]]],
+    records: Mapping[str, Mapping[str, _Record]],
     validated: Mapping[str, str],
 ) -> CheckpointManifest:
     entries: dict[str, ComponentManifest] = {}
@@ -707,8 +757,9 @@ def _build_manifest(
         cplan = plan.components[c.key]
         files = []
         for f in cplan.files:
-            size, checksum, writer = records[c.key][f.path]
-            files.append(FileEntry(path=f.path, ranks=f.ranks, writer=writer, size_bytes=size, checksum=checksum))
+            size, checksum, writer, _ = records[c.key][f.path]
+            files.append(FileEntry(path=f.path, ranks=f.ranks, writer=writer, size_bytes=size, checksum=checksum,
+                                   part=f.part, parts=f.parts))
         entries[c.key] = ComponentManifest(
             key=c.key,
             sharing_pattern=c.sharing_pattern,

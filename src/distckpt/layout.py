@@ -3,7 +3,8 @@
 Pure module. Given a topology and a declaration, :func:`plan_component` lists
 one :class:`FilePlan` per replica set: its relative path inside the checkpoint
 directory, the ranks it belongs to and its writer (always the lowest rank of the
-set). Loading never parses these names; it finds a rank's file through the
+set). A *balanced* write (:func:`part_writers`) splits a large replica set's
+state into parts written by the lowest rank of each of the set's nodes. Loading never parses these names; it finds a rank's file through the
 manifest. :func:`check_relpath` is the one place that says whether a relative
 path may be joined to a checkpoint directory.
 """
@@ -11,6 +12,7 @@ path may be joined to a checkpoint directory.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .patterns import SharingPattern
@@ -22,6 +24,7 @@ __all__ = [
     "FilePlan",
     "check_relpath",
     "file_name",
+    "part_writers",
     "plan_component",
 ]
 
@@ -31,11 +34,14 @@ _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 @dataclass(frozen=True)
 class FilePlan:
-    """One file of a component: where it goes, whose state it holds, who writes it."""
+    """One file of a component: where it goes, whose state it holds, who writes it,
+    and which part of the set's state it is (``part`` of ``parts``; 0 of 1 when whole)."""
 
     path: str
     ranks: tuple[int, ...]
     writer: int
+    part: int = 0
+    parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,11 @@ class ComponentPlan:
 
     @property
     def writers(self) -> tuple[int, ...]:
-        return tuple(sorted(f.writer for f in self.files))
+        return tuple(sorted({f.writer for f in self.files}))
 
     @property
     def replica_sets(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(f.ranks for f in self.files)
+        return tuple(f.ranks for f in self.files if f.part == 0)
 
 
 def file_name(pattern: SharingPattern, index: int, writer: int, group_name: str | None) -> str:
@@ -72,15 +78,45 @@ def file_name(pattern: SharingPattern, index: int, writer: int, group_name: str 
 
 
 def plan_component(
-    topology: Topology, key: str, pattern: SharingPattern, group_name: str | None
+    topology: Topology, key: str, pattern: SharingPattern, group_name: str | None,
+    sizes: Mapping[int, int] | None = None, min_part_bytes: int | None = None,
 ) -> ComponentPlan:
-    """Plan the files of one component; raises ``TopologyMismatchError`` for an unknown group."""
-    files = tuple(
-        FilePlan(path=f"{key}/{file_name(pattern, i, min(members), group_name)}",
-                 ranks=members, writer=min(members))
-        for i, members in enumerate(replica_sets(topology, pattern, group_name))
-    )
-    return ComponentPlan(key=key, pattern=pattern, group_name=group_name, files=files)
+    """Plan the files of one component; raises ``TopologyMismatchError`` for an unknown group.
+
+    With ``min_part_bytes``, a replica set whose state (``sizes[lowest rank]``,
+    in bytes) is large enough is split by :func:`part_writers`.
+    """
+    files: list[FilePlan] = []
+    for i, members in enumerate(replica_sets(topology, pattern, group_name)):
+        stem = f"{key}/{file_name(pattern, i, min(members), group_name)}"
+        size = (sizes or {}).get(min(members), 0)
+        writers = part_writers(topology, members, size, min_part_bytes) if min_part_bytes else (min(members),)
+        if len(writers) == 1:
+            files.append(FilePlan(path=stem, ranks=members, writer=writers[0]))
+            continue
+        base = stem.removesuffix(FILE_SUFFIX)
+        files += [FilePlan(path=f"{base}.part-{p:03d}-of-{len(writers):03d}{FILE_SUFFIX}", ranks=members,
+                           writer=w, part=p, parts=len(writers)) for p, w in enumerate(writers)]
+    return ComponentPlan(key=key, pattern=pattern, group_name=group_name, files=tuple(files))
+
+
+def part_writers(topology: Topology, members: tuple[int, ...], size_bytes: int,
+                 min_part_bytes: int) -> tuple[int, ...]:
+    """Writers of a balanced write of one replica set, part 0 first. Pure and deterministic.
+
+    One part per node of the set (parallel file systems reward clients on
+    different nodes; ranks sharing a node share its link), and no part smaller
+    than ``min_part_bytes``: ``min(nodes, size_bytes // min_part_bytes)``
+    parts, at least one, written by the lowest rank of each node in rank order.
+    Part 0 is always written by the set's lowest rank.
+    """
+    if min_part_bytes < 1:
+        raise ValueError(f"min_part_bytes: expected a positive int, got {min_part_bytes}")
+    leaders: dict[int, int] = {}
+    for rank in sorted(members):
+        leaders.setdefault(topology.node_index(rank), rank)
+    count = max(1, min(len(leaders), size_bytes // min_part_bytes))
+    return tuple(sorted(leaders.values())[:count])
 
 
 def check_relpath(relpath: str) -> str:

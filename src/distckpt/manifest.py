@@ -30,11 +30,11 @@ __all__ = [
 ]
 
 FORMAT_NAME = "distckpt"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: files may carry "part" (balanced writes)
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
-_FILE_FIELDS = ("path", "ranks", "writer", "size_bytes", "checksum")
+_FILE_FIELDS = ("path", "ranks", "writer", "size_bytes", "checksum", "part")
 _COMPONENT_FIELDS = (
     "key", "sharing_pattern", "group_name", "ranks", "replicated_across", "required",
     "validation", "size_bytes", "checksum", "files", "metadata",
@@ -68,7 +68,12 @@ def _extra(d: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a component: relative path, replica-set members, writer, size, checksum."""
+    """One file of a component: relative path, replica-set members, writer, size, checksum.
+
+    A balanced write stores one replica set's state as ``parts`` files, each
+    written by another member; ``part`` is this file's index (0 carries the
+    skeleton). JSON: ``"part": [index, count]``, present only when ``parts > 1``.
+    """
 
     path: str
     ranks: tuple[int, ...]
@@ -76,10 +81,19 @@ class FileEntry:
     size_bytes: int
     checksum: str
     extra: Mapping[str, Any] = field(default_factory=dict)
+    part: int = 0
+    parts: int = 1
+
+    def __post_init__(self) -> None:
+        if self.parts < 1 or not 0 <= self.part < self.parts:
+            raise ValueError(f"{self.path}: part {self.part} of {self.parts} is out of range")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "ranks": list(self.ranks), "writer": self.writer,
-                "size_bytes": self.size_bytes, "checksum": self.checksum, **self.extra}
+        out = {"path": self.path, "ranks": list(self.ranks), "writer": self.writer,
+               "size_bytes": self.size_bytes, "checksum": self.checksum}
+        if self.parts > 1:
+            out["part"] = [self.part, self.parts]
+        return {**out, **self.extra}
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> FileEntry:
@@ -93,9 +107,16 @@ class FileEntry:
         size = _need(d, "size_bytes", int, where)
         if size < 0:
             raise ManifestError(f"{where}: negative size_bytes")
+        part, parts = 0, 1
+        if "part" in d:
+            pair = _rank_list(d["part"], where)
+            if len(pair) != 2 or pair[1] < 2 or not 0 <= pair[0] < pair[1]:
+                raise ManifestError(f"{where}: part must be [index, count] with 0 <= index < count, got {d['part']!r}")
+            part, parts = pair
         return cls(path=path, ranks=_rank_list(_need(d, "ranks", list, where), where),
                    writer=_need(d, "writer", int, where), size_bytes=size,
-                   checksum=_need(d, "checksum", str, where), extra=_extra(d, _FILE_FIELDS))
+                   checksum=_need(d, "checksum", str, where), extra=_extra(d, _FILE_FIELDS),
+                   part=part, parts=parts)
 
 
 @dataclass(frozen=True)
@@ -122,11 +143,19 @@ class ComponentManifest:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def file_for_rank(self, rank: int) -> FileEntry:
-        """The file whose replica set holds ``rank``; ``KeyError`` if none does."""
-        for entry in self.files:
-            if rank in entry.ranks:
-                return entry
-        raise KeyError(f"no file of component {self.key!r} belongs to rank {rank}")
+        """The (first) file whose replica set holds ``rank``; ``KeyError`` if none does."""
+        return self.files_for_rank(rank)[0]
+
+    def files_for_rank(self, rank: int) -> tuple[FileEntry, ...]:
+        """The files holding ``rank``'s state: one, or every part of a balanced write in
+        part order. GLOBAL and REPLICATED components give their one set to every rank.
+        ``KeyError`` if no file belongs to ``rank``."""
+        everyone = self.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
+        found = [e for e in self.files if everyone or rank in e.ranks]
+        if not found:
+            raise KeyError(f"no file of component {self.key!r} belongs to rank {rank}")
+        first = found[0].ranks
+        return tuple(sorted((e for e in found if e.ranks == first), key=lambda e: e.part))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +183,7 @@ class ComponentManifest:
             raise ManifestError(f"{where}: {exc}") from None
         files_raw = _need(d, "files", list, where)
         files = tuple(FileEntry.from_dict(f, f"{where}.files[{i}]") for i, f in enumerate(files_raw))
+        _check_parts(files, where)
         group = d.get("group_name")
         if group is not None and not isinstance(group, str):
             raise ManifestError(f"{where}: group_name must be a string or null")
@@ -292,6 +322,20 @@ class CheckpointManifest:
         if os.path.isdir(target):
             target = os.path.join(target, MANIFEST_NAME)
         return cls.from_json(read_manifest_bytes(target), where=target)
+
+
+def _check_parts(files: tuple[FileEntry, ...], where: str) -> None:
+    """Files of one replica set are one whole file or parts 0..n-1 of n, each once."""
+    by_set: dict[tuple[int, ...], list[FileEntry]] = {}
+    for f in files:
+        by_set.setdefault(f.ranks, []).append(f)
+    for ranks, group in by_set.items():
+        if sorted((f.part, f.parts) for f in group) != [(i, len(group)) for i in range(len(group))]:
+            labels = [f"{f.part}/{f.parts}" for f in group]
+            raise ManifestError(
+                f"{where}: replica set {list(ranks)} has files {[f.path for f in group]} with parts {labels}; "
+                "expected one file, or parts 0..n-1 of n"
+            )
 
 
 def _dumps(value: Any, level: int) -> str:

@@ -31,6 +31,7 @@ from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest
 __all__ = [
     "CHECKSUM_ALGORITHM",
     "CheckpointEntry",
+    "VerifiedReader",
     "atomic_write_bytes",
     "checksum_of",
     "clean_stale",
@@ -55,6 +56,8 @@ log = logging.getLogger("distckpt")
 CHECKSUM_ALGORITHM = "xxh3-128"
 _WRITE_CHUNK = 64 * 1024 * 1024
 _COALESCE_BELOW = 4 * 1024 * 1024
+_READ_PIECE = 16 * 1024 * 1024  # hashed while still in cache
+_IOV_BATCH = 512  # buffers per readv (IOV_MAX is 1024 on Linux)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -150,6 +153,94 @@ def _open_regular(path: str, what: str) -> int:
     return fd
 
 
+class VerifiedReader:
+    """Reads one checkpoint file front to back, checking its size and checksum.
+
+    Called by the load path (not collective). The caller places each stretch
+    of the file where it wants it, in file order: :meth:`read_into` reads into
+    its own buffers (live tensors), :meth:`read_to` into :attr:`buffer`, a
+    scratch buffer of the file's size that is never zero-filled (pages never
+    read into cost no memory). Bytes are hashed while still in cache.
+    :meth:`finish` reads the rest and raises :class:`IntegrityError` naming the
+    file if the checksum differs; so does opening a missing file, a symlink or
+    a file of another size. Data placed before :meth:`finish` is unverified.
+    """
+
+    def __init__(self, path: str, size: int, checksum: str) -> None:
+        self.path = path
+        self.size = size
+        self.checksum = checksum
+        self.position = 0
+        self._algorithm = checksum.partition(":")[0]
+        self._hasher = new_hasher(self._algorithm)
+        self._fd = _open_regular(path, "checkpoint file")
+        try:
+            actual = os.fstat(self._fd).st_size
+            if actual != size:
+                raise IntegrityError(f"{path}: size is {actual} bytes, the manifest says {size}")
+            array: Any = torch.empty(size, dtype=torch.uint8).numpy()
+            self.buffer: memoryview = memoryview(array).cast("B")
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __enter__(self) -> VerifiedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def read_to(self, offset: int) -> memoryview:
+        """Read up to file offset ``offset`` into :attr:`buffer`; returns ``buffer[:offset]``."""
+        if offset > self.position:
+            self.read_into([self.buffer[self.position:offset]])
+        return self.buffer[:offset]
+
+    def read_into(self, views: Iterable[memoryview]) -> None:
+        """Read the next ``sum(len(v))`` bytes of the file into ``views``, in order."""
+        pending = [v[i:i + _READ_PIECE] for v in views for i in range(0, len(v), _READ_PIECE)]
+        i = 0
+        while i < len(pending):
+            batch: list[memoryview] = []
+            total = 0
+            for v in pending[i:i + _IOV_BATCH]:
+                batch.append(v)
+                total += len(v)
+                if total >= _READ_PIECE:
+                    break
+            n = os.readv(self._fd, batch)
+            if n == 0:
+                raise IntegrityError(f"{self.path}: file shrank while being read")
+            self.position += n
+            while n:
+                v = pending[i]
+                if n >= len(v):
+                    self._hasher.update(v)
+                    n -= len(v)
+                    i += 1
+                else:
+                    self._hasher.update(v[:n])
+                    pending[i] = v[n:]
+                    n = 0
+        if self.position > self.size:
+            raise IntegrityError(f"{self.path}: read past the size the manifest gives")
+
+    def finish(self) -> memoryview:
+        """Read the rest into :attr:`buffer`, close, and verify; returns :attr:`buffer`."""
+        try:
+            self.read_to(self.size)
+        finally:
+            self.close()
+        if f"{self._algorithm}:{self._hasher.hexdigest()}" != self.checksum:
+            raise IntegrityError(f"{self.path}: checksum mismatch (file is corrupt or was modified)")
+        return self.buffer
+
+
 def read_verified(path: str, size: int, checksum: str) -> memoryview:
     """Read a whole file, checking its size and checksum against the manifest's.
 
@@ -158,27 +249,8 @@ def read_verified(path: str, size: int, checksum: str) -> memoryview:
     are still in cache. Raises :class:`IntegrityError` naming ``path`` when
     the file is missing, a symlink, of another size, or its checksum differs.
     """
-    algorithm, _, _ = checksum.partition(":")
-    hasher = new_hasher(algorithm)
-    fd = _open_regular(path, "checkpoint file")
-    try:
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            raise IntegrityError(f"{path}: size is {actual} bytes, the manifest says {size}")
-        array: Any = torch.empty(size, dtype=torch.uint8).numpy()
-        view = memoryview(array).cast("B")
-        got = 0
-        while got < size:
-            n = os.readv(fd, [view[got:got + _WRITE_CHUNK]])
-            if n == 0:
-                raise IntegrityError(f"{path}: file shrank while being read")
-            hasher.update(view[got:got + n])
-            got += n
-    finally:
-        os.close(fd)
-    if f"{algorithm}:{hasher.hexdigest()}" != checksum:
-        raise IntegrityError(f"{path}: checksum mismatch (file is corrupt or was modified)")
-    return view
+    with VerifiedReader(path, size, checksum) as reader:
+        return reader.finish()
 
 
 def read_manifest_bytes(path: str) -> bytes:

@@ -1,0 +1,81 @@
+"""Reading: one component's files for one rank, verified, decoded, in place when possible.
+
+Called by the coordinator's read phase and by the CLI; not collective. A
+component's data for a rank is one file, or the parts of a balanced write
+(several files of one replica set, in part order). When the component's
+current state dict is given, tensors whose path, dtype and shape match the
+file are read straight into that memory (no second buffer, no copy in
+``load_state_dict``); everything else is read into a scratch buffer that is
+never zero-filled.
+
+Failure: :class:`~distckpt.errors.IntegrityError` naming the bad file. The
+checksum covers the whole file and is known only at its end, so after a
+failure the tensors read in place hold unverified bytes; the load raises on
+every rank, and the trainer must load again (or restart) before training on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import codec, storage
+from .errors import IntegrityError
+from .manifest import FileEntry
+
+__all__ = ["read_component"]
+
+
+def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) -> Any:
+    """Read, verify and decode ``entries`` (one file or the parts of one replica set) under ``root``.
+
+    ``live``: the component's current state dict to read into, or ``None``
+    to decode into fresh memory. Returns the decoded state dict, whose
+    matching tensors *are* the live ones.
+    """
+    if not entries:
+        raise IntegrityError(f"{root}: no file to read")
+    parts: list[tuple[codec.FileLayout, memoryview]] = []
+    overrides: dict[str, torch.Tensor] = {}
+    skeleton: Any = None
+    for index, entry in enumerate(entries):
+        full = storage.safe_join(root, entry.path)
+        with storage.VerifiedReader(full, entry.size_bytes, entry.checksum) as reader:
+            try:
+                start = codec.header_length(reader.read_to(min(8, entry.size_bytes)), entry.size_bytes, full)
+                layout = codec.parse_header(reader.read_to(start), entry.size_bytes, full)
+                _check_part(layout, index, len(entries), full)
+            except IntegrityError:
+                reader.finish()  # a damaged file is reported as such, not as a malformed header
+                raise
+            if index == 0:
+                skeleton = layout.skeleton
+            targets = {}
+            if live is not None and _disjoint(layout.entries):
+                targets = codec.live_targets(skeleton, layout.entries, live)
+            for e in layout.entries:
+                if e.name in targets:
+                    reader.read_to(e.begin)
+                    view, tensor = targets[e.name]
+                    reader.read_into([codec.tensor_bytes(view)])
+                    overrides[e.name] = tensor
+            parts.append((layout, reader.finish()))
+    where = storage.safe_join(root, entries[0].path)
+    return codec.assemble(parts, overrides, where=where)
+
+
+def _disjoint(entries: Sequence[codec.TensorEntry]) -> bool:
+    """Entries are sorted by offset; in-place reading needs them not to overlap."""
+    return all(a.end <= b.begin for a, b in itertools.pairwise(entries))
+
+
+def _check_part(layout: codec.FileLayout, index: int, count: int, where: str) -> None:
+    """A part file must say it is that part; a single file must not claim to be one."""
+    expected = None if count == 1 else f"{index}/{count}"
+    if layout.part != expected:
+        found = "no part label" if layout.part is None else f"part label {layout.part!r}"
+        wanted = "none" if expected is None else repr(expected)
+        raise IntegrityError(f"{where}: file has {found}, the manifest expects {wanted}")
