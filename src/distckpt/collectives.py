@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -86,6 +86,9 @@ class LocalComm:
     def fork(self) -> LocalComm:
         return LocalComm()
 
+    def broadcast_in_sets(self, sets: Sequence[tuple[int, ...]], tensors: Sequence[Any], phase: str) -> None:
+        """A world of one has only singleton sets: nothing to send."""
+
 
 class TorchComm:
     """torch.distributed world; objects travel on a dedicated gloo group with a timeout.
@@ -108,6 +111,7 @@ class TorchComm:
         dist.broadcast_object_list(name, src=0, group=self._group)
         self._serial = str(name[0])
         self._seq = 0
+        self._subgroups: dict[tuple[int, ...], Any] = {}
         try:
             self._store: Any = dist.distributed_c10d._get_default_store()
         except Exception:  # private API; diagnosis degrades gracefully without it
@@ -122,6 +126,31 @@ class TorchComm:
     def fork(self) -> TorchComm:
         """Collective: an independent channel (its own gloo group) among the same ranks."""
         return TorchComm(self.timeout)
+
+    def broadcast_in_sets(self, sets: Sequence[tuple[int, ...]], tensors: Sequence[Any], phase: str) -> None:
+        """Collective over the world: send ``tensors`` from the lowest rank of this rank's set to the set.
+
+        ``sets`` (identical on every rank) partition the world; a gloo group
+        is created once per set of two or more ranks, by every rank in the
+        same order. Sets broadcast concurrently. Raises
+        :class:`CollectiveTimeoutError` if a member fails or is too slow.
+        """
+        for members in sets:
+            if len(members) > 1 and members not in self._subgroups:
+                self._subgroups[members] = self._dist.new_group(
+                    list(members), backend="gloo", timeout=timedelta(seconds=self.timeout))
+        mine = next(m for m in sets if self.rank in m)
+        if len(mine) < 2:
+            return
+        try:
+            for t in tensors:
+                self._dist.broadcast(t, src=min(mine), group=self._subgroups[mine])
+        except Exception as exc:
+            raise CollectiveTimeoutError(
+                f"checkpoint '{phase}' step could not complete: a member of replica set {list(mine)} is unreachable",
+                failures={self.rank: f"'{phase}' broadcast within {list(mine)} failed: {type(exc).__name__}: {exc}"},
+                phase=phase,
+            ) from exc
 
     def _key(self, seq: int, rank: int) -> str:
         return f"distckpt/{self._serial}/{seq}/{rank}"

@@ -41,7 +41,7 @@ from typing import Any, Literal, overload
 import torch
 
 from . import __version__, storage
-from .codec import EncodedState, encode, state_nbytes
+from .codec import EncodedState, encode, state_nbytes, tensor_bytes
 from .collectives import Comm, announce, default_comm, exchange
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
 from .errors import (
@@ -57,7 +57,7 @@ from .layout import ComponentPlan, plan_component
 from .legacy import is_legacy_checkpoint, load_legacy
 from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
 from .patterns import SharingPattern, StateComponent, ValidationLevel, check_name
-from .reading import read_component
+from .reading import decode_files, read_component, read_files
 from .report import LoadReport
 from .topology import Topology
 
@@ -72,6 +72,7 @@ _DETAIL_LIMIT_BYTES = 64 * 1024 * 1024
 #: Default smallest part of a balanced write (measured: bench/results/FINDINGS.md).
 DEFAULT_MIN_PART_BYTES = 256 * 1024 * 1024
 _SPLITTABLE = (SharingPattern.REPLICATED, SharingPattern.PER_GROUP)
+LOAD_STRATEGIES = ("every_member_reads", "read_and_broadcast")
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,12 @@ class CheckpointCoordinator:
             ``state_dict()`` tensors where path, dtype and shape match (no
             second buffer, no copy). After a failed load those tensors hold
             unverified bytes; the load raises on every rank either way.
+        load_strategy: ``"every_member_reads"`` (default: each rank reads its
+            replica set's file; measured fastest on one machine, where the
+            page cache beats gloo) or ``"read_and_broadcast"`` (the lowest
+            rank of each set reads and verifies, then broadcasts the bytes
+            within the set over gloo: fewer reads of a shared file, e.g. a
+            cold parallel file system). Both give the same state.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class CheckpointCoordinator:
         phase_hook: PhaseHook | None = None,
         min_part_bytes: int | None = DEFAULT_MIN_PART_BYTES,
         load_in_place: bool = True,
+        load_strategy: str = "every_member_reads",
     ) -> None:
         components = list(state_components)
         seen: dict[str, str] = {}
@@ -151,6 +159,8 @@ class CheckpointCoordinator:
             raise ValueError(f"keep_last: expected a positive int or None, got {keep_last!r}")
         if min_part_bytes is not None and (type(min_part_bytes) is not int or min_part_bytes < 1):
             raise ValueError(f"min_part_bytes: expected a positive int or None, got {min_part_bytes!r}")
+        if load_strategy not in LOAD_STRATEGIES:
+            raise ValueError(f"load_strategy: expected one of {list(LOAD_STRATEGIES)}, got {load_strategy!r}")
         seconds = timeout.total_seconds() if isinstance(timeout, _dt.timedelta) else float(timeout)
         if seconds <= 0:
             raise ValueError(f"timeout: expected a positive duration, got {timeout!r}")
@@ -161,6 +171,7 @@ class CheckpointCoordinator:
         self.phase_hook = phase_hook
         self.min_part_bytes = min_part_bytes
         self.load_in_place = bool(load_in_place)
+        self.load_strategy = load_strategy
         self._groups = _normalise_groups(process_groups)
         self._comm = default_comm(dist, seconds)
         self._async_comm: Comm | None = None
@@ -679,9 +690,45 @@ class CheckpointCoordinator:
                 stateful.load_state_dict(read_component(path, entries, live))
                 files[key] = entries[0].path
 
-        exchange(self._comm, "read", work)
+        if self.load_strategy == "read_and_broadcast" and self.world_size > 1:
+            self._read_and_broadcast(path, actions, files)
+        else:
+            exchange(self._comm, "read", work)
         return LoadReport(path=path, checkpoint_id=manifest.checkpoint_id, loaded=tuple(actions),
                           skipped=dict(skipped), files=files)
+
+    def _read_and_broadcast(self, path: str, actions: Mapping[str, ComponentManifest], files: dict[str, str]) -> None:
+        """Phase 2 of load, ``read_and_broadcast``: the lowest rank of each set reads and verifies
+        its files, every rank hears whether all reads succeeded, the bytes go out within each set
+        (a gloo group per set), and every rank decodes and restores."""
+        send = getattr(self._comm, "broadcast_in_sets", None)
+        if send is None:
+            raise TypeError(f"load_strategy='read_and_broadcast' needs a Comm with broadcast_in_sets(); "
+                            f"{type(self._comm).__name__} has none")
+        sets = {key: _load_sets(saved, self.world_size) for key, saved in actions.items()}
+        buffers: dict[str, list[torch.Tensor]] = {}
+
+        def fetch() -> None:
+            self._hook("read")
+            for key, saved in actions.items():
+                entries = saved.files_for_rank(self.rank)
+                reader = min(next(m for m in sets[key] if self.rank in m))
+                if reader == self.rank:
+                    buffers[key] = [torch.frombuffer(b, dtype=torch.uint8) for b in read_files(path, entries)]
+                else:
+                    buffers[key] = [torch.empty(e.size_bytes, dtype=torch.uint8) for e in entries]
+
+        def restore() -> None:
+            for key, saved in actions.items():
+                entries = saved.files_for_rank(self.rank)
+                state = decode_files(path, entries, [tensor_bytes(t) for t in buffers[key]])
+                self._by_key[key].stateful.load_state_dict(state)
+                files[key] = entries[0].path
+
+        exchange(self._comm, "read", fetch)
+        for key in actions:
+            send(sets[key], buffers[key], "read")
+        exchange(self._comm, "read", restore)
 
     def _read_legacy(self, path: str, topology: Topology, strict: bool) -> LoadReport:
         outcome: dict[str, Any] = {}
@@ -698,6 +745,13 @@ class CheckpointCoordinator:
 def _combined(entries: Mapping[str, str]) -> str:
     """One digest for a whole component: of its entries' digests in path order."""
     return storage.checksum_of(json.dumps(sorted(entries.items())).encode("ascii"), "xxh3-64")
+
+
+def _load_sets(saved: ComponentManifest, world_size: int) -> tuple[tuple[int, ...], ...]:
+    """Replica sets in the loading world: everyone for GLOBAL and REPLICATED (which load elastically)."""
+    if saved.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
+        return (tuple(range(world_size)),)
+    return tuple(saved.replicated_across)
 
 
 def _check_parts_agree(plan: _SavePlan, records: Mapping[str, Mapping[str, _Record]]) -> None:

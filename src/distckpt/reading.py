@@ -26,7 +26,7 @@ from . import codec, storage
 from .errors import IntegrityError
 from .manifest import FileEntry
 
-__all__ = ["read_component"]
+__all__ = ["decode_files", "read_component", "read_files"]
 
 
 def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) -> Any:
@@ -79,3 +79,19 @@ def _check_part(layout: codec.FileLayout, index: int, count: int, where: str) ->
         found = "no part label" if layout.part is None else f"part label {layout.part!r}"
         wanted = "none" if expected is None else repr(expected)
         raise IntegrityError(f"{where}: file has {found}, the manifest expects {wanted}")
+
+
+def read_files(root: str, entries: Sequence[FileEntry]) -> list[memoryview]:
+    """Read and verify each of ``entries`` whole (the reader of a read-and-broadcast load)."""
+    return [storage.read_verified(storage.safe_join(root, e.path), e.size_bytes, e.checksum) for e in entries]
+
+
+def decode_files(root: str, entries: Sequence[FileEntry], buffers: Sequence[memoryview]) -> Any:
+    """Decode whole files already in memory (one, or the parts in order), as :func:`read_component` would."""
+    parts = []
+    for index, (entry, buffer) in enumerate(zip(entries, buffers, strict=True)):
+        full = storage.safe_join(root, entry.path)
+        layout = codec.parse_header(buffer[:codec.header_length(buffer[:8], len(buffer), full)], len(buffer), full)
+        _check_part(layout, index, len(entries), full)
+        parts.append((layout, buffer))
+    return codec.assemble(parts, where=storage.safe_join(root, entries[0].path))

@@ -73,6 +73,14 @@ class ThreadComm:
     def broadcast(self, obj: Any, phase: str) -> Any:
         return self.all_gather(obj, phase)[0]
 
+    def broadcast_in_sets(self, sets: Sequence[tuple[int, ...]], tensors: Sequence[Any], phase: str) -> None:
+        """Send ``tensors`` from the lowest rank of this rank's set to its members (via an all-gather)."""
+        mine = next(m for m in sets if self.rank in m)
+        sent = self.all_gather(list(tensors) if self.rank == min(mine) else None, phase)
+        if self.rank != min(mine):
+            for target, source in zip(tensors, sent[min(mine)], strict=True):
+                target.copy_(source)
+
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         w = self.world
         try:

@@ -15,6 +15,7 @@ from distckpt import (
     SharingPattern,
     StateComponent,
 )
+from distckpt.codec import encode
 from tests.helpers import Box
 
 
@@ -179,3 +180,38 @@ def async_then_mutate(ctx: Any) -> bool:
     CheckpointCoordinator([StateComponent("model", fresh, "replicated"), StateComponent("rng", out, "per_rank")],
                           output_dir=ctx.workdir, timeout=30).load_checkpoint(path)
     return all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items()) and int(out.state["rank"]) == ctx.rank
+
+
+def balanced_then_broadcast(ctx: Any) -> dict[str, Any]:
+    """DP x TP = 2 x 2 on two nodes: balanced writes of REPLICATED and PER_GROUP("dp") state,
+    then loads with both strategies into fresh objects."""
+    pgs = _mesh_groups([("dp", 2), ("tp", 2)])
+    members = {n: tuple(dist.get_process_group_ranks(g)) for n, g in pgs.items()}
+    rank, node = ctx.rank, int(os.environ["GROUP_RANK"])
+    decl = [("replicated", "replicated"), ("group_dp", "per_group"), ("per_rank", "per_rank"), ("per_node", "per_node")]
+
+    def big(key: str, pattern: str) -> dict[str, Any]:
+        state = _state_for(key, pattern, rank, node, members)
+        g = torch.Generator().manual_seed(int(state["tag"]))
+        return state | {f"layer{i}": torch.randn(64, 16, generator=g) for i in range(6)}
+
+    def components(fresh: bool) -> list[StateComponent]:
+        return [StateComponent(key, Box(None if fresh else big(key, pattern)), pattern,
+                               process_group_name="dp" if pattern == "per_group" else None)
+                for key, pattern in decl]
+
+    saved = components(False)
+    path = CheckpointCoordinator(saved, process_groups=pgs, output_dir=ctx.workdir, timeout=30,
+                                 min_part_bytes=4096).save_checkpoint(checkpoint_id="1")
+    exact = {}
+    for strategy in ("read_and_broadcast", "every_member_reads"):
+        fresh = components(True)
+        CheckpointCoordinator(fresh, process_groups=pgs, output_dir=ctx.workdir, timeout=30,
+                              load_strategy=strategy).load_checkpoint()
+        exact[strategy] = all(  # equal encodings: same structure, values and bits
+            encode(a.stateful.state).to_bytes() == encode(b.stateful.state).to_bytes()  # type: ignore[attr-defined]
+            for a, b in zip(saved, fresh, strict=True)
+        )
+    manifest = CheckpointManifest.load(path)
+    return {"exact": exact, "parts": {k: [(f.writer, f.part, f.parts) for f in c.files]
+                                       for k, c in manifest.components.items()}}

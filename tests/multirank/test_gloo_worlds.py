@@ -88,3 +88,13 @@ def test_per_node_writers_come_from_group_rank_when_local_rank_is_unset(pool: Wo
 
 def test_an_async_save_on_gloo_commits_the_snapshot_while_training_goes_on(pool: WorldPool, tmp_path: Path) -> None:
     assert pool.run_ok(WorldSpec(nodes=2, procs_per_node=2, workdir=tmp_path), ranks.async_then_mutate, timeout=90) == [True] * 4
+
+
+def test_balanced_writes_and_read_and_broadcast_loads_are_bit_exact_on_gloo(pool: WorldPool, tmp_path: Path) -> None:
+    results = pool.run_ok(WorldSpec(nodes=2, procs_per_node=2, workdir=tmp_path), ranks.balanced_then_broadcast,
+                          timeout=120)
+    assert all(r["exact"] == {"read_and_broadcast": True, "every_member_reads": True} for r in results), results
+    parts = results[0]["parts"]
+    assert parts["replicated"] == [(0, 0, 2), (2, 1, 2)]
+    assert parts["group_dp"] == [(0, 0, 2), (2, 1, 2), (1, 0, 2), (3, 1, 2)]
+    assert parts["per_node"] == [(0, 0, 1), (2, 0, 1)] and len(parts["per_rank"]) == 4
