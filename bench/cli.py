@@ -17,7 +17,7 @@ from .workloads import WORKLOADS, effective_scale, fmt_bytes
 
 BASE_METHODS = ["physical", "distckpt", "distckpt-nohash", "distckpt-quick", "distckpt-tensor", "distckpt-full",
                 "torch.save-all", "torch.save-writers", "dcp"]
-PROTO_METHODS = ["proto-balanced", "proto-bcast", "proto-inplace"]
+VARIANT_METHODS = ["distckpt-copyload", "distckpt-bcast", "distckpt-balanced", "distckpt-whole"]
 
 
 def has_async_save() -> bool:
@@ -36,6 +36,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="the issue's sizes (scale 1.0), capped by --mem-budget-gb")
     p.add_argument("--smoke", action="store_true", help="tiny run (< 30 s): scale 0.01, worlds 1,2, one repetition")
     p.add_argument("--worlds", default=None, help="comma-separated world sizes (default 1,2,4,8)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="run each world of w ranks as N nodes of w/N ranks (env GROUP_RANK) where N divides w, "
+                        "else as 1 node; balanced writes only split across nodes")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--reps", type=int, default=None, help="measured repetitions per method (median reported); default 3")
     p.add_argument("--warmup", type=int, default=None,
@@ -48,7 +51,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--png", dest="png_path", default=None, help="write a chart to this PNG file (needs matplotlib)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of the methods (see README); default all")
-    p.add_argument("--no-protos", action="store_true", help="skip the prototypes of library changes")
+    p.add_argument("--no-variants", action="store_true",
+                   help="skip the rows of distckpt with other options (load via copy, read + broadcast, "
+                        "balanced writes)")
+    p.add_argument("--no-protos", dest="no_variants", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-validation", action="store_true", help="skip the validation-level saves")
     p.add_argument("--no-paper", action="store_true", help="skip the in-process scale-on-paper measurement")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -66,6 +72,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.scale = 1.0
     args.scale = 0.05 if args.scale is None else args.scale
     args.worlds = [int(w) for w in (args.worlds or "1,2,4,8").split(",")]
+    if args.nodes < 1:
+        p.error("--nodes must be >= 1")
     args.workloads = [w for w in args.workloads.split(",") if w]
     for w in args.workloads:
         if w not in WORKLOADS:
@@ -75,6 +83,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     # repetition) to stay around a minute; --full warms up once.
     args.warmup = (1 if args.full or args.scale >= 0.5 else 0) if args.warmup is None else args.warmup
     return args
+
+
+def nodes_for(world: int, nodes: int) -> int:
+    """The number of nodes world ``world`` runs as: ``nodes`` where it divides the world, else 1."""
+    return nodes if world >= nodes and world % nodes == 0 else 1
 
 
 def environment(args: argparse.Namespace, root: str) -> dict[str, Any]:
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"bench needs the project's harness package (harness/world.py): {exc}", file=sys.stderr)
         return 2
-    from .ranks import drop_caches, run_case
+    from .ranks import LOAD_FROM, drop_caches, run_case
 
     root = args.dir or tempfile.mkdtemp(prefix="distckpt-bench-")
     os.makedirs(root, exist_ok=True)
@@ -141,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_validation:
         methods = [m for m in methods if m not in ("distckpt-quick", "distckpt-tensor", "distckpt-full")]
     methods.append("distckpt-async" if has_async_save() else "proto-async")
-    if not args.no_protos:
-        methods += PROTO_METHODS
+    if not args.no_variants:
+        methods += VARIANT_METHODS
     if args.methods:
         wanted = args.methods.split(",")
         unknown = sorted(set(wanted) - set(methods) - {"proto-async"})
@@ -150,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--methods: unknown {unknown}; choose from {methods}", file=sys.stderr)
             return 2
         methods = [m for m in [*methods, "proto-async"] if m in wanted]
-    print(f"distckpt bench: scale={args.scale:g} worlds={args.worlds} workloads={args.workloads} "
+        orphans = sorted(m for m in methods if LOAD_FROM.get(m, m) not in methods)
+        if orphans:
+            print(f"--methods: {orphans} load the checkpoint of {sorted({LOAD_FROM[m] for m in orphans})}; "
+                  "add it", file=sys.stderr)
+            return 2
+    print(f"distckpt bench: scale={args.scale:g} worlds={args.worlds} nodes={args.nodes} "
+          f"workloads={args.workloads} "
           f"reps={args.reps} (+{args.warmup} warm-up, medians of the slowest rank) "
           f"reads={'cold (page cache dropped)' if args.cold else 'warm (page cache)'}")
     print(f"machine: {env['cpus']} cpus, torch {env['torch']}, load average {env['load_before'][0]:.2f}, "
@@ -165,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 scale = effective_scale(workload, world, args.scale, args.mem_budget_gb * 1e9)
                 cfg = {"workload": workload, "scale": scale, "reps": args.reps, "warmup": args.warmup,
                        "cold": args.cold, "methods": methods, "root": root}
+                nodes = nodes_for(world, args.nodes)
                 t0 = time.perf_counter()
-                ranks = pool.run_ok(WorldSpec(nodes=1, procs_per_node=world), run_case, cfg, timeout=args.timeout)
-                case = report.aggregate(workload, world, scale, args.warmup, ranks)
+                ranks = pool.run_ok(WorldSpec(nodes=nodes, procs_per_node=world // nodes), run_case, cfg,
+                                    timeout=args.timeout)
+                case = report.aggregate(workload, world, nodes, scale, args.warmup, ranks)
                 case["wall_s"] = time.perf_counter() - t0
                 case["load_avg"] = os.getloadavg()[0]
                 cases.append(case)

@@ -13,7 +13,9 @@ Methods (``kind``):
 - ``physical`` (limit): rank 0 writes the case's unique tensor bytes as one
   sequential file with ``os.write`` + ``fsync``, and reads it back into that
   same, already resident buffer.
-- ``distckpt``: :class:`distckpt.CheckpointCoordinator` save / load.
+- ``distckpt``: :class:`distckpt.CheckpointCoordinator` save / load with the
+  library's defaults (loads in place, every member reads, balanced writes from
+  ``min_part_bytes=256 MiB``, so sets of >= 512 MiB split on >= 2 nodes too).
 - ``distckpt-nohash``: the same with ``distckpt.storage.new_hasher`` replaced by
   a no-op hasher on save *and* load (so the checkpoint verifies): the cost of checksums.
 - ``distckpt-quick|tensor|full``: saves with replication validation at that level.
@@ -21,22 +23,28 @@ Methods (``kind``):
 - ``torch.save-writers``: the lowest rank of each replica set ``torch.save``\\ s
   it (= rank 0 alone for REPLICATED); every member ``torch.load``\\ s its set's file.
 - ``dcp``: ``torch.distributed.checkpoint.save/load`` with FileSystemWriter/Reader.
-- ``proto-*``: prototypes of library changes, built here from distckpt's own
-  codec and storage functions (see README): ``proto-async`` (copy to a host
-  buffer, save in a thread), ``proto-balanced`` (each replica-set member writes
-  a part), ``proto-bcast`` (one member reads the distckpt file, gloo broadcast)
-  and ``proto-inplace`` (read the distckpt file straight into the live tensors).
+- ``distckpt-copyload``: load only, the ``distckpt`` row's checkpoint, with
+  ``load_in_place=False`` (decode into new tensors, then ``load_state_dict``
+  copies them): what in-place loading (the default) gains.
+- ``distckpt-bcast``: load only, the ``distckpt`` row's checkpoint, with
+  ``load_strategy="read_and_broadcast"`` (the lowest rank of each replica set
+  reads and verifies, then broadcasts within the set over gloo).
+- ``distckpt-balanced``: save and load with ``min_part_bytes=1 MiB``: a
+  REPLICATED or PER_GROUP set spanning several nodes is written as one part
+  per node. Balanced writes never split on one node, so this row only differs
+  from ``distckpt`` when the case runs with ``--nodes`` >= 2.
+- ``distckpt-whole``: save and load with ``min_part_bytes=None``: every set
+  one file, whatever the nodes (the baseline for balanced writes).
 - ``distckpt-async``: ``save_checkpoint(..., async_save=True)`` when the library
   has it; ``blocking_s`` is the time until it returns, the row's time until
-  ``handle.result()``. (``proto-async`` is the bench's own stand-in for
-  libraries without it.)
+  ``handle.result()``. ``proto-async`` is the bench's own stand-in for library
+  versions without it (copy to reused host buffers, ordinary save in a thread).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import shutil
 import threading
@@ -60,8 +68,15 @@ from .workloads import (
 )
 
 SAVE_ONLY = {"distckpt-quick", "distckpt-tensor", "distckpt-full", "distckpt-async", "proto-async"}
-LOAD_ONLY = {"proto-bcast", "proto-inplace"}
-LOAD_FROM = {"proto-bcast": "distckpt", "proto-inplace": "distckpt"}
+#: Rows that are a :class:`distckpt.CheckpointCoordinator` with these options.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "distckpt-copyload": {"load_in_place": False},
+    "distckpt-bcast": {"load_strategy": "read_and_broadcast"},
+    "distckpt-balanced": {"min_part_bytes": 1 << 20},
+    "distckpt-whole": {"min_part_bytes": None},
+}
+LOAD_ONLY = {"distckpt-copyload", "distckpt-bcast"}
+LOAD_FROM = {m: "distckpt" for m in LOAD_ONLY}
 LEVELS = ("quick", "tensor", "full")
 _CHUNK = 64 * 1024 * 1024
 
@@ -153,13 +168,15 @@ def _digest(comps: list[Comp]) -> str:
     return h.hexdigest()
 
 
-def _dir_bytes(path: str) -> int:
-    total = 0
+def _dir_usage(path: str) -> tuple[int, int]:
+    """(bytes, files) under ``path``."""
+    total = count = 0
     for root, _, files in os.walk(path):
+        count += len(files)
         for name in files:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
-    return total
+    return total, count
 
 
 # ----------------------------------------------------------------- the bench
@@ -211,23 +228,19 @@ class RankBench:
             if self.rank in members:
                 self.groups["tp"] = g
 
-    def _set_group(self, c: Comp) -> Any:
-        if c.pattern in ("replicated", "global"):
-            return None
-        if c.pattern == "per_group":
-            return self.groups[c.group]  # type: ignore[index]
-        return None
-
     def _make_coordinators(self) -> None:
         from distckpt import CheckpointCoordinator, StateComponent
 
-        wanted = {"distckpt": "none"}
+        wanted: dict[str, tuple[str, dict[str, Any]]] = {"distckpt": ("none", {})}
         for level in LEVELS:
             if f"distckpt-{level}" in self.methods:
-                wanted[f"distckpt-{level}"] = level
+                wanted[f"distckpt-{level}"] = (level, {})
+        for name, options in VARIANTS.items():
+            if name in self.methods:
+                wanted[name] = ("none", options)
         if "proto-async" in self.methods:
-            wanted["proto-async"] = "none"
-        for name, level in wanted.items():
+            wanted["proto-async"] = ("none", {})
+        for name, (level, options) in wanted.items():
             if level != "none" and not all(c.validatable for c in self.comps):
                 continue
             comps = []
@@ -242,7 +255,7 @@ class RankBench:
                     validation_level=level if level != "none" else "tensor"))
             self.coords[name] = CheckpointCoordinator(
                 comps, process_groups=self.groups or None, output_dir=self.root, timeout=900,
-                phase_hook=self._hook if name != "proto-async" else None)
+                phase_hook=self._hook if name != "proto-async" else None, **options)
         self.methods = [m for m in self.methods if not m.startswith("distckpt-") or m in self.coords
                         or m in ("distckpt-nohash", "distckpt-async")]
 
@@ -314,15 +327,13 @@ class RankBench:
             return None
         if method == "proto-async":
             return self._async_save(d)
-        if method == "proto-balanced":
-            return self._balanced_save(d)
         raise ValueError(method)
 
     def load(self, method: str, d: str) -> Any:
         if method == "physical":
             return self._phys_load(d)
-        if method == "distckpt":
-            self.coords["distckpt"].load_checkpoint(d)
+        if method == "distckpt" or method in VARIANTS:
+            self.coords[method].load_checkpoint(d)
             return None
         if method == "distckpt-nohash":
             with no_checksum():
@@ -349,12 +360,6 @@ class RankBench:
                 else:
                     c.holder.load_state_dict(loaded)
             return None
-        if method == "proto-balanced":
-            return self._balanced_load(d)
-        if method == "proto-bcast":
-            return self._bcast_load(d)
-        if method == "proto-inplace":
-            return self._inplace_load(d)
         raise ValueError(method)
 
     # physical limit
@@ -396,7 +401,7 @@ class RankBench:
     def _dcp_state(self) -> dict[str, Any]:
         return {f"{c.key}_{c.set_index}": c.holder.state_dict() for c in self.comps}
 
-    # prototype: async save = copy into reused host buffers, then save in a thread
+    # stand-in for libraries without async_save: copy into reused host buffers, then save in a thread
     def _async_save(self, d: str) -> dict[str, float]:
         t0 = time.perf_counter()
         for c in self.comps:
@@ -421,122 +426,6 @@ class RankBench:
         if errors:
             raise errors[0]
         return {"blocking_s": blocking}
-
-    # prototype: balanced writes
-    def _parts(self, c: Comp) -> list[list[tuple[str, torch.Tensor]]]:
-        from distckpt.digests import iter_leaves
-
-        leaves = [(p, leaf) for p, kind, leaf in iter_leaves(c.holder.state_dict()) if kind == "tensor"]
-        n = len(c.members)
-        total = sum(t.numel() * t.element_size() for _, t in leaves) or 1
-        parts: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(n)]
-        acc = 0
-        for p, t in leaves:
-            size = t.numel() * t.element_size()
-            k = min(n - 1, int((acc + size / 2) * n / total))
-            parts[k].append((p, t))
-            acc += size
-        return parts
-
-    def _balanced_save(self, d: str) -> None:
-        from distckpt import storage
-        from distckpt.codec import encode
-
-        records = []
-        for c in self.comps:
-            k = sorted(c.members).index(self.rank)
-            mine = dict(self._parts(c)[k])
-            os.makedirs(os.path.join(d, c.key), exist_ok=True)
-            rel = f"{c.key}/set{c.set_index:05d}-part{k:03d}.safetensors"
-            size, checksum = storage.write_file(os.path.join(d, rel), encode(mine).chunks())
-            records.append((rel, size, checksum))
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, records)
-        if self.rank == 0:
-            manifest = {r: recs for r, recs in enumerate(gathered)}
-            storage.atomic_write_bytes(os.path.join(d, "manifest.json"), json.dumps(manifest).encode())
-        dist.barrier()
-
-    def _balanced_load(self, d: str) -> None:
-        from distckpt import storage
-        from distckpt.codec import decode
-        from distckpt.digests import iter_leaves
-
-        with open(os.path.join(d, "manifest.json")) as f:
-            manifest = json.load(f)
-        by_path = {rel: (size, checksum) for recs in manifest.values() for rel, size, checksum in recs}
-        for c in self.comps:
-            live = {p: leaf for p, kind, leaf in iter_leaves(c.holder.state_dict()) if kind == "tensor"}
-            for k in range(len(c.members)):
-                rel = f"{c.key}/set{c.set_index:05d}-part{k:03d}.safetensors"
-                size, checksum = by_path[rel]
-                full = os.path.join(d, rel)
-                part = decode(storage.read_verified(full, size, checksum), where=full)
-                for p, t in part.items():
-                    live[p].copy_(t)
-
-    # prototype: one member reads, gloo broadcast to the set
-    def _bcast_load(self, d: str) -> None:
-        from distckpt import CheckpointManifest, storage
-        from distckpt.codec import decode
-
-        manifest = CheckpointManifest.load(os.path.join(d, "manifest.json"))
-        for c in self.comps:
-            entry = manifest.components[c.key].file_for_rank(self.rank)
-            full = os.path.join(d, entry.path)
-            leader = min(c.members)
-            if len(c.members) == 1:
-                buf: Any = storage.read_verified(full, entry.size_bytes, entry.checksum)
-            else:
-                if self.rank == leader:
-                    buf = storage.read_verified(full, entry.size_bytes, entry.checksum)
-                    t = torch.frombuffer(buf, dtype=torch.uint8)
-                else:
-                    t = torch.empty(entry.size_bytes, dtype=torch.uint8)
-                    buf = memoryview(t.numpy())
-                dist.broadcast(t, src=leader, group=self._set_group(c))
-            c.holder.load_state_dict(decode(buf, where=full))
-
-    # prototype: read straight into the live tensors (one copy fewer, no file-sized buffer)
-    def _inplace_load(self, d: str) -> None:
-        import struct
-
-        from distckpt import CheckpointManifest, storage
-        from distckpt.codec import decode, encode, tensor_bytes
-
-        manifest = CheckpointManifest.load(os.path.join(d, "manifest.json"))
-        for c in self.comps:
-            entry = manifest.components[c.key].file_for_rank(self.rank)
-            full = os.path.join(d, entry.path)
-            if not isinstance(c.holder, Holder):
-                c.holder.load_state_dict(decode(storage.read_verified(full, entry.size_bytes, entry.checksum)))
-                continue
-            enc = encode(c.holder.state_dict())
-            algorithm = entry.checksum.partition(":")[0]
-            hasher = storage.new_hasher(algorithm)
-            fd = os.open(full, os.O_RDONLY)
-            try:
-                head = os.pread(fd, 8, 0)
-                (hlen,) = struct.unpack("<Q", head)
-                header = head + os.pread(fd, hlen, 8)
-                if header != enc.header:
-                    raise RuntimeError("structure differs; the library would fall back to decode()")
-                hasher.update(header)
-                off = len(header)
-                for t in enc.tensors:
-                    view = tensor_bytes(t)
-                    got = 0
-                    while got < len(view):
-                        n = os.preadv(fd, [view[got:got + _CHUNK]], off + got)
-                        if n == 0:
-                            raise RuntimeError("short read")
-                        got += n
-                    hasher.update(view)
-                    off += len(view)
-            finally:
-                os.close(fd)
-            if f"{algorithm}:{hasher.hexdigest()}" != entry.checksum:
-                raise RuntimeError(f"{full}: checksum mismatch")
 
     # -- the run
 
@@ -565,6 +454,7 @@ class RankBench:
         saves: dict[str, list[dict[str, Any]]] = {m: [] for m in self.methods if m not in LOAD_ONLY}
         loads: dict[str, list[dict[str, Any]]] = {m: [] for m in self.methods if m not in SAVE_ONLY}
         written: dict[str, int] = {}
+        files: dict[str, int] = {}
         last: dict[str, str] = {}
         for rep in range(reps):
             for m in saves:
@@ -577,7 +467,7 @@ class RankBench:
                 dist.barrier()
                 last[m] = d
                 if self.rank == 0:
-                    written[m] = _dir_bytes(d)
+                    written[m], files[m] = _dir_usage(d)
         cold_ok = None
         verified: dict[str, bool] = {}
         for rep in range(reps):
@@ -601,7 +491,7 @@ class RankBench:
         if self.rank == 0:
             shutil.rmtree(self.root, ignore_errors=True)
         return {
-            "rank": self.rank, "saves": saves, "loads": loads, "written": written,
+            "rank": self.rank, "saves": saves, "loads": loads, "written": written, "files": files,
             "unique": self.unique, "rank_bytes": self.rank_bytes, "rank_tensors": self.rank_tensors,
             "verified": verified, "cold": cold_ok, "hash": hash_cost, "build_s": self.build_s,
             "methods": self.methods,

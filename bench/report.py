@@ -18,11 +18,12 @@ LABELS = {
     "torch.save-all": "torch.save, every rank",
     "torch.save-writers": "torch.save, set writers",
     "dcp": "torch DCP (FileSystem)",
-    "proto-async": "proto: async save",
-    "proto-balanced": "proto: balanced writes",
-    "proto-bcast": "proto: read + broadcast",
-    "proto-inplace": "proto: read into tensors",
+    "distckpt-copyload": "distckpt, load via copy",
+    "distckpt-bcast": "distckpt, read + broadcast",
+    "distckpt-balanced": "distckpt, balanced writes",
+    "distckpt-whole": "distckpt, whole files",
     "distckpt-async": "distckpt async_save",
+    "proto-async": "proto: async save",
 }
 PATTERNS = {"big": "REPLICATED", "small": "REPLICATED", "hybrid": 'PER_GROUP("dp")', "rng": "PER_RANK"}
 
@@ -46,8 +47,9 @@ def _phases(per_rank: list[list[dict[str, Any]]], warmup: int) -> dict[str, floa
             for n in names}
 
 
-def aggregate(workload: str, world: int, scale: float, warmup: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """One case from every rank's raw result."""
+def aggregate(workload: str, world: int, nodes: int, scale: float, warmup: int,
+              ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case from every rank's raw result; the world ran as ``nodes`` nodes of ``world // nodes`` ranks."""
     r0 = ranks[0]
     methods: dict[str, dict[str, Any]] = {}
     for m in r0["methods"]:
@@ -55,7 +57,7 @@ def aggregate(workload: str, world: int, scale: float, warmup: int, ranks: list[
         if m in r0["saves"]:
             per = [r["saves"][m] for r in ranks]
             reps = _slowest(per, warmup)
-            row.update(save_s=_median(reps), save_reps=reps, written=r0["written"].get(m),
+            row.update(save_s=_median(reps), save_reps=reps, written=r0["written"].get(m), files=r0["files"].get(m),
                        save_peak_rss=max(x["peak"] for p in per for x in p[warmup:]),
                        save_rss_delta=max(x["peak"] - x["base"] for p in per for x in p[warmup:]))
             if m in ("proto-async", "distckpt-async"):
@@ -72,7 +74,8 @@ def aggregate(workload: str, world: int, scale: float, warmup: int, ranks: list[
                 row["verified"] = all(r["verified"].get(m, False) for r in ranks)
         methods[m] = row
     case: dict[str, Any] = {
-        "workload": workload, "world": world, "pattern": PATTERNS.get(workload, ""),
+        "workload": workload, "world": world, "nodes": nodes, "procs_per_node": world // nodes,
+        "pattern": PATTERNS.get(workload, ""),
         "mesh": "dp{}xtp{}".format(*mesh_shape(world)) if workload == "hybrid" else None,
         "scale": scale, "rank_bytes": r0["rank_bytes"], "rank_tensors": r0["rank_tensors"],
         "unique_bytes": r0["unique"], "cold_reads": bool(r0.get("cold")),
@@ -120,14 +123,40 @@ def _ratios(case: dict[str, Any]) -> None:
     over["xxh3_est_save"] = _ratio(case["hash_write_s"], d.get("save_s"))
     over["xxh3_est_load"] = _ratio(case["hash_read_s"], d.get("load_s"))
     case["overheads"] = over
+    case["variants"] = _variant_ratios(ms)
     pa = ms.get("distckpt-async") or ms.get("proto-async")
     if pa is not None:
         case["async_blocking_x_sync"] = _ratio(pa.get("blocking_s"), d.get("save_s"))
         case["async_impl"] = "library" if "distckpt-async" in ms else "bench prototype"
 
 
+def _variant_ratios(ms: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Each distckpt variant's time / the default distckpt row's (> 1 = the variant is slower)."""
+    d = ms.get("distckpt", {})
+
+    def x(m: str, what: str) -> float | None:
+        return _ratio(ms.get(m, {}).get(f"{what}_s"), d.get(f"{what}_s"))
+
+    return {"copyload_load": x("distckpt-copyload", "load"), "bcast_load": x("distckpt-bcast", "load"),
+            "balanced_save": x("distckpt-balanced", "save"), "balanced_load": x("distckpt-balanced", "load"),
+            "whole_save": x("distckpt-whole", "save"), "whole_load": x("distckpt-whole", "load")}
+
+
 def _minus1(x: float | None) -> float | None:
     return None if x is None else x - 1.0
+
+
+def case_name(c: dict[str, Any]) -> str:
+    """``big/w4``, or ``big/w4/n2`` for a world of 4 ranks run as 2 nodes."""
+    nodes = c.get("nodes", 1)
+    return f"{c['workload']}/w{c['world']}" + (f"/n{nodes}" if nodes > 1 else "")
+
+
+def layout(c: dict[str, Any]) -> str:
+    """``2 nodes x 4 ranks``: how the case's world was laid out."""
+    nodes = c.get("nodes", 1)
+    ppn = c["world"] // nodes
+    return f"{nodes} node{'s' * (nodes > 1)} x {ppn} rank{'s' * (ppn > 1)}"
 
 
 # ------------------------------------------------------------------- goals
@@ -145,45 +174,42 @@ def goals(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         met = v >= limit if higher_is_better else v <= limit
         out.append({"goal": name, "target": target, "met": met, "worst": v, "case": c, "note": note})
 
-    def cname(c: dict[str, Any]) -> str:
-        return f"{c['workload']}/w{c['world']}"
-
     def d(c: dict[str, Any]) -> dict[str, Any]:
         return c["methods"].get("distckpt", {})
 
-    worst("save big <= 1.25x physical write", "<= 1.25", [(d(c).get("save_x_phys"), cname(c)) for c in cases
+    worst("save big <= 1.25x physical write", "<= 1.25", [(d(c).get("save_x_phys"), case_name(c)) for c in cases
                                                            if c["workload"] == "big"], 1.25)
-    worst("save small <= 2x physical write", "<= 2.0", [(d(c).get("save_x_phys"), cname(c)) for c in cases
+    worst("save small <= 2x physical write", "<= 2.0", [(d(c).get("save_x_phys"), case_name(c)) for c in cases
                                                          if c["workload"] == "small"], 2.0)
     worst("faster than DCP, save, every case", "speed-up > 1",
-          [(d(c)["speedup_vs"].get("dcp", {}).get("save"), cname(c)) for c in cases], 1.0, True)
+          [(d(c)["speedup_vs"].get("dcp", {}).get("save"), case_name(c)) for c in cases], 1.0, True)
     worst("faster than DCP, load, every case", "speed-up > 1",
-          [(d(c)["speedup_vs"].get("dcp", {}).get("load"), cname(c)) for c in cases], 1.0, True)
+          [(d(c)["speedup_vs"].get("dcp", {}).get("load"), case_name(c)) for c in cases], 1.0, True)
     worst(">= 5x faster than DCP on small, save", "speed-up >= 5",
-          [(d(c)["speedup_vs"].get("dcp", {}).get("save"), cname(c)) for c in cases if c["workload"] == "small"],
+          [(d(c)["speedup_vs"].get("dcp", {}).get("save"), case_name(c)) for c in cases if c["workload"] == "small"],
           5.0, True)
     worst(">= 5x faster than DCP on small, load", "speed-up >= 5",
-          [(d(c)["speedup_vs"].get("dcp", {}).get("load"), cname(c)) for c in cases if c["workload"] == "small"],
+          [(d(c)["speedup_vs"].get("dcp", {}).get("load"), case_name(c)) for c in cases if c["workload"] == "small"],
           5.0, True)
     worst("load <= 1.25x physical read (big, small, hybrid)", "<= 1.25",
-          [(d(c).get("load_x_phys"), cname(c)) for c in cases if c["workload"] != "rng"], 1.25,
+          [(d(c).get("load_x_phys"), case_name(c)) for c in cases if c["workload"] != "rng"], 1.25,
           note="rng (a few KiB per rank) is all fixed cost and is reported, not judged")
     worst("load <= 1.25x physical read, world 1 only", "<= 1.25",
-          [(d(c).get("load_x_phys"), cname(c)) for c in cases if c["workload"] != "rng" and c["world"] == 1], 1.25)
+          [(d(c).get("load_x_phys"), case_name(c)) for c in cases if c["workload"] != "rng" and c["world"] == 1], 1.25)
     worst("TENSOR validation adds <= 10% to a save (difference of medians)", "<= 0.10",
-          [(c["overheads"].get("validate_tensor"), cname(c)) for c in cases if c["workload"] != "rng"], 0.10)
+          [(c["overheads"].get("validate_tensor"), case_name(c)) for c in cases if c["workload"] != "rng"], 0.10)
     worst("TENSOR validation adds <= 10% to a save (validate phase / save)", "<= 0.10",
-          [(c["overheads"].get("validate_tensor_phase"), cname(c)) for c in cases if c["workload"] != "rng"], 0.10)
+          [(c["overheads"].get("validate_tensor_phase"), case_name(c)) for c in cases if c["workload"] != "rng"], 0.10)
     worst("checksums add <= 5% to a save (no-hash run)", "<= 0.05",
-          [(c["overheads"].get("checksum_save"), cname(c)) for c in cases if c["workload"] != "rng"], 0.05)
+          [(c["overheads"].get("checksum_save"), case_name(c)) for c in cases if c["workload"] != "rng"], 0.05)
     worst("checksums add <= 5% to a save (xxh3 timed on the same bytes)", "<= 0.05",
-          [(c["overheads"].get("xxh3_est_save"), cname(c)) for c in cases if c["workload"] != "rng"], 0.05)
+          [(c["overheads"].get("xxh3_est_save"), case_name(c)) for c in cases if c["workload"] != "rng"], 0.05)
     worst("checksums add <= 5% to a load (xxh3 timed on the same bytes)", "<= 0.05",
-          [(c["overheads"].get("xxh3_est_load"), cname(c)) for c in cases if c["workload"] != "rng"], 0.05,
+          [(c["overheads"].get("xxh3_est_load"), case_name(c)) for c in cases if c["workload"] != "rng"], 0.05,
           note="not a goal of the issue; shown for completeness")
     rep = [c for c in cases if c["pattern"] == "REPLICATED"]
     worst("REPLICATED writes one copy (bytes written / unique tensor bytes)", "<= 1.05",
-          [(d(c).get("written_x_unique"), cname(c)) for c in rep], 1.05,
+          [(d(c).get("written_x_unique"), case_name(c)) for c in rep], 1.05,
           note="the excess is the safetensors header, typed skeleton and manifest")
     spreads = []
     for w in ("big", "small"):
@@ -194,7 +220,7 @@ def goals(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     worst("REPLICATED bytes written per unique byte independent of world size", "<= 0.01", spreads, 0.01)
     impl = {c.get("async_impl") for c in cases if c.get("async_impl")}
     worst("async save blocks <= 25% of a sync save (big)", "<= 0.25",
-          [(c.get("async_blocking_x_sync"), cname(c)) for c in cases if c["workload"] == "big"], 0.25,
+          [(c.get("async_blocking_x_sync"), case_name(c)) for c in cases if c["workload"] == "big"], 0.25,
           note="measured on the bench prototype, not on the library's async_save" if impl == {"bench prototype"}
           else "")
     return out
@@ -207,12 +233,12 @@ def _f(x: float | None, fmt: str = "{:.3f}") -> str:
 
 
 def case_table(c: dict[str, Any]) -> str:
-    title = (f"== {c['workload']}  world={c['world']}  {c['pattern']}"
+    title = (f"== {c['workload']}  world={c['world']} ({layout(c)})  {c['pattern']}"
              + (f" {c['mesh']}" if c["mesh"] else "")
              + f"  scale={c['scale']:.3g}  state/rank={fmt_bytes(c['rank_bytes'])} in {c['rank_tensors']} tensors"
              + f"  unique={fmt_bytes(c['unique_bytes'])}  reads={'cold' if c['cold_reads'] else 'warm'}")
     head = (f"{'method':<26}{'save s':>9}{'x phys':>8}{'MB/s':>8}{'load s':>9}{'x phys':>8}{'MB/s':>8}"
-            f"{'written':>11}{'x uniq':>8}{'peakRSS save/load MiB':>23}{'dRSS s/l':>12}  ok")
+            f"{'written':>11}{'files':>6}{'x uniq':>8}{'peakRSS save/load MiB':>23}{'dRSS s/l':>12}  ok")
     lines = [title, head]
     for _m, r in c["methods"].items():
         rss = (f"{_f(r.get('save_peak_rss') and r['save_peak_rss'] / 2**20, '{:.0f}')}/"
@@ -226,6 +252,7 @@ def case_table(c: dict[str, Any]) -> str:
             f"{_f(r.get('save_MBps'), '{:.0f}'):>8}{_f(r.get('load_s')):>9}{_f(r.get('load_x_phys'), '{:.2f}'):>8}"
             f"{_f(r.get('load_MBps'), '{:.0f}'):>8}"
             f"{(fmt_bytes(r['written']) if r.get('written') is not None else '-'):>11}"
+            f"{_f(r.get('files'), '{:.0f}'):>6}"
             f"{_f(r.get('written_x_unique'), '{:.3f}'):>8}{rss:>23}{drss:>12}  {ok}{extra}")
     return "\n".join(lines)
 
@@ -240,7 +267,7 @@ def summary_tables(cases: list[dict[str, Any]]) -> str:
                         for a in ALTERNATIVES)
         d = c["methods"].get("distckpt", {})
         phys = _f(d.get("save_x_phys"), "{:.2f}") + " / " + _f(d.get("load_x_phys"), "{:.2f}")
-        lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{cells}{phys:>24}")
+        lines.append(f"{case_name(c):<14}{cells}{phys:>24}")
     lines += ["", "== where a distckpt save / load spends its time (slowest rank per phase, median, ms; "
               "a phase ends with its all-gather)",
               f"{'case':<14}{'save total':>11}{'plan':>8}{'validate':>10}{'write':>8}{'commit':>8}   "
@@ -253,7 +280,7 @@ def summary_tables(cases: list[dict[str, Any]]) -> str:
         def ms(x: float | None) -> str:
             return _f(None if x is None else 1e3 * x, "{:.1f}")
 
-        lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{ms(d.get('save_s')):>11}{ms(sp.get('plan')):>8}"
+        lines.append(f"{case_name(c):<14}{ms(d.get('save_s')):>11}{ms(sp.get('plan')):>8}"
                      f"{ms(sp.get('validate')):>10}{ms(sp.get('write')):>8}{ms(sp.get('commit')):>8}   {ms(tv):>18}"
                      f"{ms(d.get('load_s')):>12}{ms(lp.get('resolve')):>9}{ms(lp.get('read')):>8}")
     lines += ["", "== cost of validation and checksums (fraction added to a distckpt save or load; differences of "
@@ -266,13 +293,31 @@ def summary_tables(cases: list[dict[str, Any]]) -> str:
         def pct(x: float | None) -> str:
             return _f(None if x is None else 100 * x, "{:+.1f}%")
 
-        lines.append(f"{c['workload'] + '/w' + str(c['world']):<14}{pct(o.get('validate_quick')):>8}"
+        lines.append(f"{case_name(c):<14}{pct(o.get('validate_quick')):>8}"
                      f"{pct(o.get('validate_tensor')):>8}{pct(o.get('validate_full')):>8}"
                      f"{pct(o.get('validate_tensor_phase')):>14}"
                      f"{pct(o.get('checksum_save')):>12}{pct(o.get('checksum_load')):>12}"
                      f"{pct(o.get('xxh3_est_save')):>11}{pct(o.get('xxh3_est_load')):>11}"
                      f"{_f(c.get('async_blocking_x_sync'), '{:.2f}'):>16}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *_variants_table(cases)])
+
+
+def _variants_table(cases: list[dict[str, Any]]) -> list[str]:
+    """The distckpt variants against the default distckpt row (time / default time; > 1 = slower)."""
+    if not any(c.get("variants") and any(v is not None for v in c["variants"].values()) for c in cases):
+        return []
+    lines = ["", "== distckpt options (variant time / default distckpt time; > 1 = the default is faster; "
+             "balanced writes differ only on >= 2 nodes)",
+             f"{'case':<14}{'load via copy':>15}{'read + bcast':>14}{'balanced save':>15}{'balanced load':>15}"
+             f"{'whole save':>12}{'whole load':>12}{'files balanced/default/whole':>30}"]
+    for c in cases:
+        v, ms = c.get("variants") or {}, c["methods"]
+        files = " / ".join(_f(ms.get(m, {}).get("files"), "{:.0f}")
+                           for m in ("distckpt-balanced", "distckpt", "distckpt-whole"))
+        lines.append(f"{case_name(c):<14}{_f(v.get('copyload_load'), '{:.2f}'):>15}{_f(v.get('bcast_load'), '{:.2f}'):>14}"
+                     f"{_f(v.get('balanced_save'), '{:.2f}'):>15}{_f(v.get('balanced_load'), '{:.2f}'):>15}"
+                     f"{_f(v.get('whole_save'), '{:.2f}'):>12}{_f(v.get('whole_load'), '{:.2f}'):>12}{files:>30}")
+    return lines
 
 
 def goals_table(gs: list[dict[str, Any]]) -> str:
@@ -318,9 +363,9 @@ def chart(cases: list[dict[str, Any]], path: str) -> bool:
     except ImportError:
         return False
     methods = [m for m in ("distckpt", "distckpt-tensor", "torch.save-all", "torch.save-writers", "dcp",
-                           "proto-balanced", "proto-bcast", "proto-inplace")
+                           "distckpt-copyload", "distckpt-bcast", "distckpt-balanced", "distckpt-whole")
                if any(m in c["methods"] for c in cases)]
-    names = [f"{c['workload']}\nw{c['world']}" for c in cases]
+    names = [case_name(c).replace("/", "\n") for c in cases]
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(cases) + 3), 9), sharex=True)
     width = 0.8 / max(1, len(methods))
     for ax, what in zip(axes, ("save", "load"), strict=False):

@@ -65,6 +65,8 @@ _FROM_ST: dict[str, torch.dtype] = {
 }
 _TO_ST: dict[torch.dtype, str] = {dt: st for st, dt in _FROM_ST.items()}
 _NP_KINDS = set("biufcUSMm")
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128})
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -107,7 +109,10 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Raw bytes of a contiguous CPU tensor, without copying."""
     if t.numel() == 0:
         return memoryview(b"")
-    array: Any = flat_bytes(t).numpy()
+    if t.dtype in _NUMPY_DTYPES and t.dim() == 1 and t.stride() == (1,):
+        array: Any = t.detach().numpy()  # the common case, about 2.5x cheaper than the general one
+    else:
+        array = flat_bytes(t).numpy()
     return memoryview(array).cast("B")
 
 
@@ -264,6 +269,20 @@ class _Encoder:
         )
 
     def tensor(self, t: torch.Tensor, path: str) -> Any:
+        kind = type(t)
+        if ((kind is torch.Tensor or kind is torch.nn.Parameter) and not self.copy and t.is_cpu
+                and t.layout is torch.strided and t.numel() > 0 and t.is_contiguous()
+                and not (t.is_conj() or t.is_neg() or t.is_quantized)):
+            # Fast path, the common case: a plain contiguous CPU tensor, referenced as is.
+            key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+            seen = self._alias.get(key)
+            if seen is not None:
+                return dict(seen)
+            st = _TO_ST.get(t.dtype)
+            if st is not None:
+                fast: dict[str, Any] = {"$tensor": self._add(t, st, _itemsize(t.dtype))}
+                self._alias[key] = fast
+                return dict(fast)
         data = self._snapshot(t, path) if self.reuse is not None else _plain_cpu(t, path, self.copy)
         alias = None
         if t.numel() > 0 and t.layout is torch.strided:
@@ -375,12 +394,14 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     # Largest elements first (by the real dtype, also for raw-stored ones), and
     # data starting 16-aligned: every tensor starts aligned to its element size.
     order = sorted(enc.tensors, key=lambda item: -item[3])
-    text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
     names = [item[0] for item in order]
     dtypes = [item[2] for item in order]
     tensors = [item[1] for item in order]
-    return EncodedState(header=_header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors),
-                        tensors=tuple(tensors), names=tuple(names), dtypes=tuple(dtypes), skeleton=text)
+    with _gc_paused():
+        text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
+        header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors)
+    return EncodedState(header=header, tensors=tuple(tensors), names=tuple(names), dtypes=tuple(dtypes),
+                        skeleton=text)
 
 
 @dataclass(frozen=True)
@@ -426,7 +447,8 @@ def parse_header(header: bytes | memoryview, file_size: int, where: str = "<buff
     """
     start = header_length(header, file_size, where)
     try:
-        raw = json.loads(bytes(header[8:start]).decode("utf-8"))
+        with _gc_paused():
+            raw = json.loads(bytes(header[8:start]).decode("utf-8"))
         if not isinstance(raw, dict):
             raise ValueError("header is not a JSON object")
         meta = raw.pop("__metadata__", None) or {}
@@ -442,7 +464,8 @@ def parse_header(header: bytes | memoryview, file_size: int, where: str = "<buff
                 raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {list(shape)} or the file")
             entries.append(TensorEntry(name, dtype, shape, start + begin, start + stop))
         text = meta.get(SKELETON_KEY)
-        skeleton = None if text is None else json.loads(text)
+        with _gc_paused():
+            skeleton = None if text is None else json.loads(text)
         part = meta.get(PART_KEY)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None

@@ -40,6 +40,23 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
         raise IntegrityError(f"{root}: no file to read")
     parts: list[tuple[codec.FileLayout, memoryview]] = []
     overrides: dict[str, torch.Tensor] = {}
+    try:
+        _read_parts(root, entries, live, parts, overrides)
+    except IntegrityError as exc:
+        if not overrides:
+            raise
+        raise IntegrityError(
+            f"{exc.message} (tensors of this component were being read in place and now hold partial "
+            "data: load another checkpoint or re-initialise them before training; load_in_place=False "
+            "keeps them intact when a load fails)"
+        ) from None
+    where = storage.safe_join(root, entries[0].path)
+    return codec.assemble(parts, overrides, where=where)
+
+
+def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
+                parts: list[tuple[codec.FileLayout, memoryview]], overrides: dict[str, torch.Tensor]) -> None:
+    """Read every file of ``entries`` in order, filling ``parts`` and ``overrides`` as it goes."""
     skeleton: Any = None
     for index, entry in enumerate(entries):
         full = storage.safe_join(root, entry.path)
@@ -63,8 +80,6 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
                     reader.read_into([codec.tensor_bytes(view)])
                     overrides[e.name] = tensor
             parts.append((layout, reader.finish()))
-    where = storage.safe_join(root, entries[0].path)
-    return codec.assemble(parts, overrides, where=where)
 
 
 def _disjoint(entries: Sequence[codec.TensorEntry]) -> bool:
