@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import time
 import uuid
@@ -39,6 +40,7 @@ __all__ = [
 log = logging.getLogger("distckpt")
 T = TypeVar("T")
 _ARRIVAL_GRACE_S = 10.0
+_SLOT_BYTES = 4096  # per rank, in the fast all-gather; larger payloads take a second round
 
 
 @runtime_checkable
@@ -157,13 +159,58 @@ class TorchComm:
 
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         out: list[Any] = [None] * self.world_size
-        self._collective(phase, lambda: self._dist.all_gather_object(out, obj, group=self._group))
+        self._collective(phase, lambda: self._gather_objects(obj, out))
         return out
+
+    def _gather_objects(self, obj: Any, out: list[Any]) -> None:
+        """All-gather as gather-to-rank-0 plus one broadcast of fixed-size slots.
+
+        Two direct hops instead of ``all_gather_object``'s two ring passes:
+        measured 2.6 ms instead of 20 ms at 8 ranks on 2 cores
+        (``bench/results``). A payload larger than its slot only announces
+        its size; then every rank (all see the same sizes) falls back to
+        ``all_gather_object`` for the round.
+        """
+        import torch
+
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        slot = torch.zeros(_SLOT_BYTES, dtype=torch.uint8)
+        slot[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+        if len(data) <= _SLOT_BYTES - 8:
+            slot[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        gathered = torch.empty(self.world_size * _SLOT_BYTES, dtype=torch.uint8)
+        slots = list(gathered.chunk(self.world_size))
+        self._dist.gather(slot, slots if self.rank == 0 else None, dst=0, group=self._group)
+        self._dist.broadcast(gathered, src=0, group=self._group)
+        sizes = [int(s[:8].view(torch.int64)[0]) for s in slots]
+        if max(sizes) > _SLOT_BYTES - 8:
+            self._dist.all_gather_object(out, obj, group=self._group)
+            return
+        for rank, (s, size) in enumerate(zip(slots, sizes, strict=True)):
+            out[rank] = pickle.loads(s[8:8 + size].numpy().tobytes())
 
     def broadcast(self, obj: Any, phase: str) -> Any:
         box = [obj if self.rank == 0 else None]
-        self._collective(phase, lambda: self._dist.broadcast_object_list(box, src=0, group=self._group))
+        self._collective(phase, lambda: self._broadcast_object(box))
         return box[0]
+
+    def _broadcast_object(self, box: list[Any]) -> None:
+        """Rank 0's ``box[0]`` in one broadcast of a fixed-size slot; a larger payload
+        takes a second round (``broadcast_object_list``), which the slot announces."""
+        import torch
+
+        slot = torch.zeros(_SLOT_BYTES, dtype=torch.uint8)
+        if self.rank == 0:
+            data = pickle.dumps(box[0], protocol=pickle.HIGHEST_PROTOCOL)
+            slot[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+            if len(data) <= _SLOT_BYTES - 8:
+                slot[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self._dist.broadcast(slot, src=0, group=self._group)
+        size = int(slot[:8].view(torch.int64)[0])
+        if size > _SLOT_BYTES - 8:
+            self._dist.broadcast_object_list(box, src=0, group=self._group)
+        elif self.rank != 0:
+            box[0] = pickle.loads(slot[8:8 + size].numpy().tobytes())
 
     def _collective(self, phase: str, run: Callable[[], None]) -> None:
         """Announce arrival in the store, run the collective, and name absent peers if it fails."""

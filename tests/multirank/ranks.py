@@ -215,3 +215,24 @@ def balanced_then_broadcast(ctx: Any) -> dict[str, Any]:
     manifest = CheckpointManifest.load(path)
     return {"exact": exact, "parts": {k: [(f.writer, f.part, f.parts) for f in c.files]
                                        for k, c in manifest.components.items()}}
+
+
+def gathers_of_every_size(ctx: Any) -> list[list[Any]]:
+    """TorchComm.all_gather with payloads inside the fast path's slot, and one rank's far beyond it."""
+    from distckpt.collectives import TorchComm
+
+    comm = TorchComm(30.0)
+    small = comm.all_gather({"rank": ctx.rank}, "small")
+    one_big = comm.all_gather("x" * (100_000 if ctx.rank == 1 else 10) + str(ctx.rank), "mixed")
+    after = comm.all_gather(ctx.rank * 2, "after")
+    return [small, [len(s) for s in one_big], [s[-1] for s in one_big], after]
+
+
+def broadcasts_of_every_size(ctx: Any) -> list[Any]:
+    """TorchComm.broadcast of a payload inside the slot, then of one far beyond it."""
+    from distckpt.collectives import TorchComm
+
+    comm = TorchComm(30.0)
+    small = comm.broadcast({"from": ctx.rank}, "small")
+    big = comm.broadcast(list(range(50_000)) if ctx.rank == 0 else None, "big")
+    return [small, len(big), big[-1], comm.broadcast(ctx.rank, "after")]

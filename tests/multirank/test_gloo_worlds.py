@@ -98,3 +98,14 @@ def test_balanced_writes_and_read_and_broadcast_loads_are_bit_exact_on_gloo(pool
     assert parts["replicated"] == [(0, 0, 2), (2, 1, 2)]
     assert parts["group_dp"] == [(0, 0, 2), (2, 1, 2), (1, 0, 2), (3, 1, 2)]
     assert parts["per_node"] == [(0, 0, 1), (2, 0, 1)] and len(parts["per_rank"]) == 4
+
+
+def test_all_gather_carries_payloads_in_slots_and_falls_back_for_a_large_one(pool: WorldPool, tmp_path: Path) -> None:
+    results = pool.run_ok(WorldSpec(nodes=1, procs_per_node=3, workdir=tmp_path), ranks.gathers_of_every_size, timeout=60)
+    expected = [[{"rank": r} for r in range(3)], [11, 100_001, 11], ["0", "1", "2"], [0, 2, 4]]
+    assert results == [expected] * 3
+
+
+def test_broadcast_carries_a_payload_in_one_slot_and_falls_back_for_a_large_one(pool: WorldPool, tmp_path: Path) -> None:
+    results = pool.run_ok(WorldSpec(nodes=1, procs_per_node=3, workdir=tmp_path), ranks.broadcasts_of_every_size, timeout=60)
+    assert results == [[{"from": 0}, 50_000, 49_999, 0]] * 3
