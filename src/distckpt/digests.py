@@ -12,6 +12,7 @@ Entries are the leaves at any depth (``state.3.exp_avg`` included) plus one
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -40,6 +41,7 @@ __all__ = [
 
 STRUCTURE = "<structure>"
 _QUICK_SAMPLES = 64
+_QUICK_WHOLE_BYTES = 1024 * 1024  # QUICK hashes smaller tensors whole: cheaper than sampling them
 
 
 _BARE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -92,17 +94,28 @@ def quick_sample_indices(numel: int, count: int = _QUICK_SAMPLES) -> list[int]:
     return sorted(even | scattered)
 
 
+@functools.lru_cache(maxsize=256)
+def _sample_index(numel: int) -> torch.Tensor:
+    return torch.tensor(quick_sample_indices(numel), dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prefix(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    return f"{dtype}{shape}".encode()
+
+
 def _tensor_digest(t: torch.Tensor, level: ValidationLevel) -> str:
-    h = xxhash.xxh3_64()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    """Digest of dtype, shape and bytes (QUICK: of a sample of values when over 1 MiB)."""
+    h = xxhash.xxh3_64(_prefix(t.dtype, tuple(t.shape)))
+    sample = level is ValidationLevel.QUICK and t.numel() * t.element_size() > _QUICK_WHOLE_BYTES
+    if not sample and t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+        h.update(tensor_bytes(t))  # the common case: no copy, no conversion
+        return h.hexdigest()
     data = t.detach()
     if data.device.type != "cpu":
         data = data.cpu()
-    if level is ValidationLevel.QUICK:
-        flat = data.reshape(-1)
-        idx = quick_sample_indices(flat.numel())
-        if idx:
-            data = flat[torch.tensor(idx, dtype=torch.long)]
+    if sample:
+        data = data.reshape(-1)[_sample_index(data.numel())]
     data = data.resolve_conj().resolve_neg().contiguous()
     h.update(tensor_bytes(data))
     return h.hexdigest()

@@ -72,8 +72,8 @@ class ValidationLevel(str, Enum):
     """How thoroughly replicas are compared before a save.
 
     - ``NONE``: no comparison.
-    - ``QUICK``: structure, shapes, dtypes and a deterministic sample of values
-      spread over each whole tensor.
+    - ``QUICK``: structure, shapes, dtypes, every byte of tensors up to 1 MiB
+      and a deterministic sample of values spread over each larger tensor.
     - ``TENSOR``: an exact digest of every tensor and every non-tensor leaf, at
       any depth.
     - ``FULL``: as ``TENSOR``, and for differing tensors how far apart they are.

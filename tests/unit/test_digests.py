@@ -113,3 +113,16 @@ def test_one_element_strided_views_digest_and_encode() -> None:
     for t in (torch.arange(2.0)[::2], torch.tensor(3.0).expand(1)):
         assert digest_state({"w": t}, "tensor")
         assert torch.equal(decode(bytearray(encode({"w": t}).to_bytes()))["w"], t)
+
+
+def test_quick_hashes_tensors_up_to_1_mib_whole_and_samples_larger_ones() -> None:
+    small = torch.zeros(1024 * 1024 // 4)  # exactly 1 MiB: every element counts
+    changed = small.clone()
+    changed[12345] = 1.0
+    assert digest_state({"w": small}, "quick")["w"] != digest_state({"w": changed}, "quick")["w"]
+    large = torch.zeros(1024 * 1024 // 4 + 1)
+    unsampled = next(i for i in range(large.numel()) if i not in set(quick_sample_indices(large.numel())))
+    moved = large.clone()
+    moved[unsampled] = 1.0
+    assert digest_state({"w": large}, "quick")["w"] == digest_state({"w": moved}, "quick")["w"]
+    assert digest_state({"w": large}, "tensor")["w"] != digest_state({"w": moved}, "tensor")["w"]
