@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.report:
         return rerender(args)
+    if args.profile:  # fail now, not after a 25-minute run
+        if os.path.exists(args.profile) and not os.path.isdir(args.profile):
+            print(f"--profile {args.profile}: exists and is not a directory", file=sys.stderr)
+            return 2
+        os.makedirs(args.profile, exist_ok=True)
     try:
         from harness.world import WorldPool, WorldSpec
     except ImportError as exc:
@@ -207,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from .profiling import profile
 
-        os.makedirs(args.profile, exist_ok=True)
         for w in ("big", "small"):
             prof = profile(w, effective_scale(w, 1, args.scale, args.mem_budget_gb * 1e9), args.profile)
             profiles.append(prof)

@@ -43,6 +43,7 @@ __all__ = [
     "encode",
     "encode_leaf",
     "flat_bytes",
+    "gc_paused",
     "header_length",
     "live_targets",
     "parse_header",
@@ -81,7 +82,7 @@ def _dtype_from_name(name: str) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Pause the cyclic GC while building many small objects (halves encode/decode time
     for states of thousands of tensors); restores whatever state it found."""
     was_enabled = gc.isenabled()
@@ -109,8 +110,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Raw bytes of a contiguous CPU tensor, without copying."""
     if t.numel() == 0:
         return memoryview(b"")
-    if t.dtype in _NUMPY_DTYPES and t.dim() == 1 and t.stride() == (1,):
-        array: Any = t.detach().numpy()  # the common case, about 2.5x cheaper than the general one
+    if t.dtype in _NUMPY_DTYPES and t.numel() > 1 and t.is_contiguous():
+        array: Any = t.detach().reshape(-1).numpy()  # the common case, about 2x cheaper than the general one
     else:
         array = flat_bytes(t).numpy()
     return memoryview(array).cast("B")
@@ -389,7 +390,7 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     must be done with the previous result before reusing its buffers.
     """
     enc = _Encoder(copy or reuse is not None, reuse)
-    with _gc_paused():
+    with gc_paused():
         skeleton = enc.value(state, "")
     # Largest elements first (by the real dtype, also for raw-stored ones), and
     # data starting 16-aligned: every tensor starts aligned to its element size.
@@ -397,7 +398,7 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     names = [item[0] for item in order]
     dtypes = [item[2] for item in order]
     tensors = [item[1] for item in order]
-    with _gc_paused():
+    with gc_paused():
         text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
         header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors)
     return EncodedState(header=header, tensors=tuple(tensors), names=tuple(names), dtypes=tuple(dtypes),
@@ -447,7 +448,7 @@ def parse_header(header: bytes | memoryview, file_size: int, where: str = "<buff
     """
     start = header_length(header, file_size, where)
     try:
-        with _gc_paused():
+        with gc_paused():
             raw = json.loads(bytes(header[8:start]).decode("utf-8"))
         if not isinstance(raw, dict):
             raise ValueError("header is not a JSON object")
@@ -464,7 +465,7 @@ def parse_header(header: bytes | memoryview, file_size: int, where: str = "<buff
                 raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {list(shape)} or the file")
             entries.append(TensorEntry(name, dtype, shape, start + begin, start + stop))
         text = meta.get(SKELETON_KEY)
-        with _gc_paused():
+        with gc_paused():
             skeleton = None if text is None else json.loads(text)
         part = meta.get(PART_KEY)
     except IntegrityError as exc:
@@ -498,7 +499,7 @@ def assemble(parts: Sequence[tuple[FileLayout, bytearray | memoryview]],
     """
     overrides = overrides or {}
     try:
-        with _gc_paused():
+        with gc_paused():
             tensors: dict[str, torch.Tensor] = {}
             for layout, buffer in parts:
                 for e in layout.entries:
@@ -522,7 +523,7 @@ def live_targets(skeleton: Any, entries: Iterable[TensorEntry], live: Any) -> di
     ``live`` together; an entry qualifies when the live
     tensor at the same path is a plain, contiguous, non-empty CPU tensor of the
     same dtype and shape, and no other entry already targets its storage.
-    Returns ``{entry name: (1-D uint8 view of the live tensor's bytes, the
+    Returns ``{entry name: (the live tensor whose bytes receive the entry, the
     tensor to use for that entry in :func:`assemble`)}``. Pure.
     """
     if skeleton is None:
@@ -560,22 +561,20 @@ def live_targets(skeleton: Any, entries: Iterable[TensorEntry], live: Any) -> di
 
 def _target(node: dict[str, Any], entry: TensorEntry | None,
             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if entry is None or type(t) not in (torch.Tensor, torch.nn.Parameter):
+    kind = type(t)
+    if entry is None or not (kind is torch.Tensor or kind is torch.nn.Parameter):
         return None
-    if t.device.type != "cpu" or t.layout is not torch.strided or t.is_quantized or t.is_conj() or t.is_neg():
+    if not t.is_cpu or t.layout is not torch.strided or t.is_quantized or t.is_conj() or t.is_neg():
         return None
     if t.numel() == 0 or not t.is_contiguous():
         return None
-    raw = "dtype" in node  # a dtype safetensors lacks: a U8 entry of the tensor's bytes
-    if raw:
-        if _dtype_name(t.dtype) != node["dtype"] or list(t.shape) != node.get("shape"):
-            return None
-    elif t.dtype != entry.dtype or tuple(t.shape) != entry.shape:
+    if "dtype" not in node:  # stored natively: the same dtype and shape, hence the same bytes
+        return (t, t) if t.dtype == entry.dtype and t.shape == entry.shape else None
+    # A dtype safetensors lacks: a U8 entry of the tensor's bytes, the real dtype in the skeleton.
+    if _dtype_name(t.dtype) != node["dtype"] or list(t.shape) != node.get("shape"):
         return None
     flat = flat_bytes(t)
-    if flat.numel() != entry.end - entry.begin:
-        return None
-    return flat, (flat if raw else t)
+    return (flat, flat) if flat.numel() == entry.end - entry.begin else None
 
 
 @functools.cache

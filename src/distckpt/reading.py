@@ -41,7 +41,8 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
     parts: list[tuple[codec.FileLayout, memoryview]] = []
     overrides: dict[str, torch.Tensor] = {}
     try:
-        _read_parts(root, entries, live, parts, overrides)
+        with codec.gc_paused():  # thousands of small objects: a GC pass over a large state each time
+            _read_parts(root, entries, live, parts, overrides)
     except IntegrityError as exc:
         if not overrides:
             raise
@@ -73,12 +74,17 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
             targets = {}
             if live is not None and _disjoint(layout.entries):
                 targets = codec.live_targets(skeleton, layout.entries, live)
+            views: list[memoryview] = []  # file order: scratch-buffer gaps and live tensors
+            position = reader.position
             for e in layout.entries:
                 if e.name in targets:
-                    reader.read_to(e.begin)
+                    if e.begin > position:
+                        views.append(reader.buffer[position:e.begin])
                     view, tensor = targets[e.name]
-                    reader.read_into([codec.tensor_bytes(view)])
+                    views.append(codec.tensor_bytes(view))
                     overrides[e.name] = tensor
+                    position = e.end
+            reader.read_into(views)  # one readv per 512 buffers, not one per tensor
             parts.append((layout, reader.finish()))
 
 

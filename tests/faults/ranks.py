@@ -91,16 +91,18 @@ def _file_size_limit(limit: int) -> Iterator[None]:
 
 
 class _NoSpace:
-    """os.write that fails with ENOSPC on regular files once armed (pipes and sockets untouched)."""
+    """os.write / os.writev that fail with ENOSPC on regular files once armed (pipes and sockets untouched)."""
 
     def __init__(self) -> None:
-        self.real = os.write
         self.armed = False
 
-    def __call__(self, fd: int, data: Any) -> int:
-        if self.armed and stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.real(fd, data)
+    def wrap(self, real: Any) -> Any:
+        def failing(fd: int, data: Any) -> int:
+            if self.armed and stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            result: int = real(fd, data)
+            return result
+        return failing
 
 
 def save(ctx: Any, ex: Example, out: str, generation: int = 0, fault: Fault = Fault(),
@@ -131,8 +133,10 @@ def save(ctx: Any, ex: Example, out: str, generation: int = 0, fault: Fault = Fa
             if mine and fault.kind == "rlimit":
                 stack.enter_context(_file_size_limit(int(fault.limit)))
             if mine and fault.kind == "enospc":
-                os.write = nospace  # type: ignore[assignment]
-                stack.callback(setattr, os, "write", nospace.real)
+                for name in ("write", "writev"):
+                    real = getattr(os, name)
+                    setattr(os, name, nospace.wrap(real))
+                    stack.callback(setattr, os, name, real)
             result["path"] = coordinator.save_checkpoint(checkpoint_id=checkpoint_id)
     except CheckpointError as exc:
         result.update(_error(exc))

@@ -197,3 +197,16 @@ def test_the_cli_verifies_and_diffs_balanced_checkpoints(tmp_path: Path, capsys:
     assert cli_main(["diff", a, b]) != 0
     out = capsys.readouterr().out
     assert "replicated.part-000-of-002.safetensors" in out and "layer0.weight" in out
+
+
+def test_a_state_without_tensor_bytes_splits_into_an_empty_tail_that_still_assembles() -> None:
+    state = {"empty": torch.zeros(0), "n": 3}
+    pieces = codec.encode(state).split(3)
+    parsed = []
+    for piece in pieces:
+        data = bytearray(piece.to_bytes())
+        parsed.append((codec.parse_header(memoryview(data), len(data)), data))
+    assert [len(layout.entries) for layout, _ in parsed] == [1, 0, 0]
+    back = codec.assemble(parsed)
+    assert back["n"] == 3 and back["empty"].shape == (0,)
+    assert part_writers(topology([0, 1, 2]), (0, 1, 2), 0, PART) == (0,)  # and such a state is never split
