@@ -15,7 +15,7 @@ Methods (``kind``):
   same, already resident buffer.
 - ``distckpt``: :class:`distckpt.CheckpointCoordinator` save / load with the
   library's defaults (loads in place, every member reads, balanced writes from
-  ``min_part_bytes=256 MiB``, so sets of >= 512 MiB split on >= 2 nodes too).
+  ``min_part_bytes=256 MiB``, so sets of >= 512 MiB are split).
 - ``distckpt-nohash``: the same with ``distckpt.storage.new_hasher`` replaced by
   a no-op hasher on save *and* load (so the checkpoint verifies): the cost of checksums.
 - ``distckpt-quick|tensor|full``: saves with replication validation at that level.
@@ -29,10 +29,9 @@ Methods (``kind``):
 - ``distckpt-bcast``: load only, the ``distckpt`` row's checkpoint, with
   ``load_strategy="read_and_broadcast"`` (the lowest rank of each replica set
   reads and verifies, then broadcasts within the set over gloo).
-- ``distckpt-balanced``: save and load with ``min_part_bytes=1 MiB``: a
-  REPLICATED or PER_GROUP set spanning several nodes is written as one part
-  per node. Balanced writes never split on one node, so this row only differs
-  from ``distckpt`` when the case runs with ``--nodes`` >= 2.
+- ``distckpt-balanced``: save and load with ``min_part_bytes=1 MiB``: every
+  REPLICATED or PER_GROUP set is written as one part per member (node by
+  node); ``--nodes`` changes which members write first.
 - ``distckpt-whole``: save and load with ``min_part_bytes=None``: every set
   one file, whatever the nodes (the baseline for balanced writes).
 - ``distckpt-async``: ``save_checkpoint(..., async_save=True)`` when the library

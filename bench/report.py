@@ -307,7 +307,7 @@ def _variants_table(cases: list[dict[str, Any]]) -> list[str]:
     if not any(c.get("variants") and any(v is not None for v in c["variants"].values()) for c in cases):
         return []
     lines = ["", "== distckpt options (variant time / default distckpt time; > 1 = the default is faster; "
-             "balanced writes differ only on >= 2 nodes)",
+             "balanced = min_part_bytes 1 MiB, whole = no parts)",
              f"{'case':<14}{'load via copy':>15}{'read + bcast':>14}{'balanced save':>15}{'balanced load':>15}"
              f"{'whole save':>12}{'whole load':>12}{'files balanced/default/whole':>30}"]
     for c in cases:

@@ -63,8 +63,8 @@ class ExpectedComponent:
 
     @property
     def writers(self) -> tuple[int, ...]:
-        """Writer ranks, ascending."""
-        return tuple(sorted(f.writer for f in self.files))
+        """Writer ranks, ascending (each once: a balanced write's part writers included)."""
+        return tuple(sorted({f.writer for f in self.files}))
 
 
 def node_groups(topology: Topology) -> tuple[tuple[int, ...], ...]:
@@ -120,18 +120,29 @@ def _file_name(pattern: str, index: int, members: Sequence[int], group: str | No
     return f"{group}-{index:03d}{SUFFIX}"
 
 
-def expected_component(topology: Topology, spec: ComponentSpec) -> ExpectedComponent:
-    """What one declared component must look like on disk."""
+def expected_component(topology: Topology, spec: ComponentSpec, parts: int = 1) -> ExpectedComponent:
+    """What one declared component must look like on disk.
+
+    ``parts`` > 1 (a scenario's ``expect.parts``): every replica set is a
+    balanced write of ``min(parts, members)`` part files (one file when that
+    is 1), written by the set's members taken node by node: the lowest rank
+    of each node (nodes in rank order), then the second lowest of each, ...
+    """
     sets = replica_sets(topology, spec.pattern, spec.group)
-    files = tuple(
-        ExpectedFile(
-            path=f"{spec.key}/{_file_name(spec.pattern, i, members, spec.group)}",
-            ranks=tuple(members),
-            writer=min(members),
-        )
-        for i, members in enumerate(sets)
-    )
-    return ExpectedComponent(spec.key, spec.pattern, spec.group, sets, files)
+    files: list[ExpectedFile] = []
+    for i, members in enumerate(sets):
+        name = _file_name(spec.pattern, i, members, spec.group)
+        columns = [[r for r in node if r in members] for node in node_groups(topology)]
+        columns = [c for c in columns if c]
+        order = [c[k] for k in range(max(len(c) for c in columns)) for c in columns if k < len(c)]
+        count = min(parts, len(order))
+        if count == 1:
+            files.append(ExpectedFile(f"{spec.key}/{name}", tuple(members), min(members)))
+            continue
+        stem = name.removesuffix(SUFFIX)
+        files += [ExpectedFile(f"{spec.key}/{stem}.part-{p:03d}-of-{count:03d}{SUFFIX}", tuple(members), w)
+                  for p, w in enumerate(order[:count])]
+    return ExpectedComponent(spec.key, spec.pattern, spec.group, sets, tuple(files))
 
 
 def expected_components(
@@ -139,7 +150,8 @@ def expected_components(
 ) -> dict[str, ExpectedComponent]:
     """Every declared component of ``scenario`` in its saving topology (or ``topology``)."""
     topo = topology or scenario.topology
-    return {c.key: expected_component(topo, c) for c in scenario.components}
+    return {c.key: expected_component(topo, c, scenario.expect.parts.get(c.key, 1))
+            for c in scenario.components}
 
 
 def check_checkpoint(path: str, scenario: Scenario, topology: Topology | None = None) -> list[str]:

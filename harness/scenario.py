@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 import distckpt.errors as distckpt_errors
+from distckpt.coordinator import LOAD_STRATEGIES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,6 +161,8 @@ class RunSpec:
     validate: bool = False
     timeout: float = 30.0
     world_timeout: float = 120.0
+    min_part_bytes: int | None = None  # None: the library's default
+    load_strategy: str | None = None  # None: the library's default
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class Expectation:
     stage: str | None = None
     failing_ranks: tuple[int, ...] | None = None
     writers: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    parts: Mapping[str, int] = field(default_factory=dict)
     bit_exact: bool = True
 
     @property
@@ -424,6 +428,14 @@ def _parse_expect(r: _Reader | None, world: int, keys: set[str]) -> Expectation:
                 raise writers_table.error(key, "is not a declared component")
             writers[key] = writers_table.ranks(key, world)
         writers_table.finish()
+    parts_table = r.sub("parts", None)
+    parts: dict[str, int] = {}
+    if parts_table is not None:
+        for key in list(parts_table.table):
+            if key not in keys:
+                raise parts_table.error(key, "is not a declared component")
+            parts[key] = parts_table.integer(key, minimum=1)
+        parts_table.finish()
     if outcome == "error":
         if error is None:
             raise r.error("error", "is required when outcome is 'error'")
@@ -447,6 +459,7 @@ def _parse_expect(r: _Reader | None, world: int, keys: set[str]) -> Expectation:
         stage=stage,
         failing_ranks=failing,
         writers=writers,
+        parts=parts,
         bit_exact=bit_exact,
     )
 
@@ -464,6 +477,8 @@ def _parse_run(r: _Reader | None) -> RunSpec:
     validate = r.get("validate", bool, d.validate)
     timeout = r.get("timeout", float, d.timeout)
     world_timeout = r.get("world_timeout", float, d.world_timeout)
+    min_part_bytes = r.integer("min_part_bytes", None, minimum=1)
+    load_strategy = r.choice("load_strategy", LOAD_STRATEGIES, None)
     for name, value in (("timeout", timeout), ("world_timeout", world_timeout)):
         if value <= 0:
             raise r.error(name, f"must be positive, got {value}")
@@ -481,6 +496,8 @@ def _parse_run(r: _Reader | None) -> RunSpec:
         validate=validate,
         timeout=timeout,
         world_timeout=world_timeout,
+        min_part_bytes=min_part_bytes,
+        load_strategy=load_strategy,
     )
 
 

@@ -123,12 +123,18 @@ def coordinator(
         )
         for c in scenario.components
     ]
+    options: dict[str, Any] = {}
+    if scenario.run.min_part_bytes is not None:
+        options["min_part_bytes"] = scenario.run.min_part_bytes
+    if scenario.run.load_strategy is not None:
+        options["load_strategy"] = scenario.run.load_strategy
     return CheckpointCoordinator(
         components,
         process_groups=trainer.process_groups(),
         output_dir=ctx.workdir,
         timeout=scenario.run.timeout,
         phase_hook=hook,
+        **options,
     )
 
 

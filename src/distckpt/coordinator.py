@@ -112,11 +112,11 @@ class CheckpointCoordinator:
             phase on every rank (observability and fault injection); an
             exception it raises fails the phase like any other.
         min_part_bytes: balanced writes. A REPLICATED or PER_GROUP replica
-            set that spans several nodes and holds at least twice this many
-            bytes is written as parts, one per node (at most), none smaller
-            than this, each by the lowest rank of its node. ``None`` writes
-            every set as one file. The default (256 MiB) never splits on a
-            single node, where splitting was measured to gain nothing.
+            set holding at least twice this many bytes is written as parts,
+            none smaller than this and at most one per member, written in
+            parallel by members taken node by node (each node's lowest rank
+            first). ``None`` writes every set as one file. Default 256 MiB
+            (measured: ``bench/results/FINDINGS.md``).
         load_in_place: read tensors straight into the component's current
             ``state_dict()`` tensors where path, dtype and shape match (no
             second buffer, no copy). After a failed load those tensors hold

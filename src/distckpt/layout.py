@@ -4,7 +4,7 @@ Pure module. Given a topology and a declaration, :func:`plan_component` lists
 one :class:`FilePlan` per replica set: its relative path inside the checkpoint
 directory, the ranks it belongs to and its writer (always the lowest rank of the
 set). A *balanced* write (:func:`part_writers`) splits a large replica set's
-state into parts written by the lowest rank of each of the set's nodes. Loading never parses these names; it finds a rank's file through the
+state into parts written by several of its members, node by node. Loading never parses these names; it finds a rank's file through the
 manifest. :func:`check_relpath` is the one place that says whether a relative
 path may be joined to a checkpoint directory.
 """
@@ -104,19 +104,23 @@ def part_writers(topology: Topology, members: tuple[int, ...], size_bytes: int,
                  min_part_bytes: int) -> tuple[int, ...]:
     """Writers of a balanced write of one replica set, part 0 first. Pure and deterministic.
 
-    One part per node of the set (parallel file systems reward clients on
-    different nodes; ranks sharing a node share its link), and no part smaller
-    than ``min_part_bytes``: ``min(nodes, size_bytes // min_part_bytes)``
-    parts, at least one, written by the lowest rank of each node in rank order.
-    Part 0 is always written by the set's lowest rank.
+    ``min(members, size_bytes // min_part_bytes)`` parts, at least one, so no
+    part is smaller than ``min_part_bytes``. Writers are taken round-robin
+    over the set's nodes: the lowest rank of every node first (parallel file
+    systems reward clients on different nodes), then the second lowest of
+    every node, and so on (several writers per node still help where one
+    writer is bound by copying into the page cache). Part 0 is always
+    written by the set's lowest rank.
     """
     if min_part_bytes < 1:
         raise ValueError(f"min_part_bytes: expected a positive int, got {min_part_bytes}")
-    leaders: dict[int, int] = {}
+    by_node: dict[int, list[int]] = {}
     for rank in sorted(members):
-        leaders.setdefault(topology.node_index(rank), rank)
-    count = max(1, min(len(leaders), size_bytes // min_part_bytes))
-    return tuple(sorted(leaders.values())[:count])
+        by_node.setdefault(topology.node_index(rank), []).append(rank)
+    columns = sorted(by_node.values())
+    order = [col[k] for k in range(max(len(c) for c in columns)) for col in columns if k < len(col)]
+    count = max(1, min(len(order), size_bytes // min_part_bytes))
+    return tuple(order[:count])
 
 
 def check_relpath(relpath: str) -> str:

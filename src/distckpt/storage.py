@@ -14,8 +14,10 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import stat
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest
 __all__ = [
     "CHECKSUM_ALGORITHM",
     "CheckpointEntry",
+    "PipelinedHasher",
     "VerifiedReader",
     "atomic_write_bytes",
     "checksum_of",
@@ -57,6 +60,7 @@ CHECKSUM_ALGORITHM = "xxh3-128"
 _WRITE_CHUNK = 64 * 1024 * 1024
 _READ_PIECE = 16 * 1024 * 1024  # hashed while still in cache
 _IOV_BATCH = 512  # buffers per readv (IOV_MAX is 1024 on Linux)
+_HASH_BATCH = 8 * 1024 * 1024  # bytes per hand-over to the hashing thread
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -75,6 +79,71 @@ def new_hasher(algorithm: str = CHECKSUM_ALGORITHM) -> _Hasher:
     if algorithm == "sha256":
         return hashlib.sha256()
     raise IntegrityError(f"unknown checksum algorithm {algorithm!r}")
+
+
+class PipelinedHasher:
+    """A streaming hasher that hashes in a worker thread, in order, while the caller does I/O.
+
+    xxhash releases the GIL, so hashing chunk *n* overlaps the ``readv`` or
+    ``writev`` of chunk *n + 1*. Views are handed over in batches of a few MiB
+    (a queue operation per tiny tensor would cost more than hashing it); a
+    file smaller than one batch is hashed inline, without a thread. The caller
+    must keep the viewed memory unchanged until :meth:`hexdigest` returns, and
+    call :meth:`close` if it gives up early.
+    """
+
+    def __init__(self, algorithm: str = CHECKSUM_ALGORITHM) -> None:
+        self._hasher = new_hasher(algorithm)
+        self._batch: list[memoryview] = []
+        self._bytes = 0
+        self._queue: queue.SimpleQueue[list[memoryview] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def update(self, view: memoryview) -> None:
+        self._batch.append(view)
+        self._bytes += len(view)
+        if self._bytes >= _HASH_BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        batch, self._batch, self._bytes = self._batch, [], 0
+        if not batch:
+            return
+        if self._queue is None:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._work, name="distckpt-hash", daemon=True)
+            self._thread.start()
+        self._queue.put(batch)
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while (batch := self._queue.get()) is not None:
+            try:
+                for view in batch:
+                    self._hasher.update(view)
+            except BaseException as exc:  # reported by hexdigest
+                self._error = exc
+
+    def hexdigest(self) -> str:
+        """Wait for every pending batch, then the digest of everything given to :meth:`update`."""
+        if self._queue is None:  # small: everything is still in the batch; no thread needed
+            for view in self._batch:
+                self._hasher.update(view)
+            self._batch = []
+        else:
+            self._submit()
+            self.close()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        """Stop the worker (idempotent)."""
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 def checksum_of(data: bytes | bytearray | memoryview, algorithm: str = CHECKSUM_ALGORITHM) -> str:
@@ -117,7 +186,7 @@ def write_file(path: str, chunks: Iterable[memoryview | bytes]) -> tuple[int, st
     ``OSError`` propagates.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-    hasher = new_hasher()
+    hasher = PipelinedHasher()
     size = 0
     batch: list[memoryview] = []
     batch_bytes = 0
@@ -136,14 +205,16 @@ def write_file(path: str, chunks: Iterable[memoryview | bytes]) -> tuple[int, st
                     batch, batch_bytes = [], 0
             size += len(view)
         _writev_all(fd, batch)
+        digest = hasher.hexdigest()
         os.fsync(fd)
     except BaseException:
+        hasher.close()
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     os.close(fd)
-    return size, f"{CHECKSUM_ALGORITHM}:{hasher.hexdigest()}"
+    return size, f"{CHECKSUM_ALGORITHM}:{digest}"
 
 
 def _open_regular(path: str, what: str) -> int:
@@ -180,7 +251,7 @@ class VerifiedReader:
         self.checksum = checksum
         self.position = 0
         self._algorithm = checksum.partition(":")[0]
-        self._hasher = new_hasher(self._algorithm)
+        self._hasher = PipelinedHasher(self._algorithm)
         self._fd = _open_regular(path, "checkpoint file")
         try:
             actual = os.fstat(self._fd).st_size
@@ -199,6 +270,7 @@ class VerifiedReader:
         self.close()
 
     def close(self) -> None:
+        self._hasher.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -242,9 +314,10 @@ class VerifiedReader:
         """Read the rest into :attr:`buffer`, close, and verify; returns :attr:`buffer`."""
         try:
             self.read_to(self.size)
+            digest = self._hasher.hexdigest()
         finally:
             self.close()
-        if f"{self._algorithm}:{self._hasher.hexdigest()}" != self.checksum:
+        if f"{self._algorithm}:{digest}" != self.checksum:
             raise IntegrityError(f"{self.path}: checksum mismatch (file is corrupt or was modified)")
         return self.buffer
 

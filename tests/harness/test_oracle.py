@@ -46,3 +46,17 @@ def test_files_and_writers_of_each_pattern() -> None:
     assert [(f.path, f.ranks) for f in sched.files] == [
         ("scheduler/replicated.safetensors", tuple(range(8)))
     ]
+
+
+def test_balanced_parts_are_written_node_by_node_from_each_nodes_lowest_rank() -> None:
+    model = expected_component(DP_TP_2x4, ComponentSpec("model", "per_group", "dp"), parts=2)
+    assert [(f.path, f.writer) for f in model.files[:2]] == [
+        ("model/dp-000.part-000-of-002.safetensors", 0),
+        ("model/dp-000.part-001-of-002.safetensors", 4),
+    ]
+    assert model.writers == tuple(range(8)) and model.replica_sets == ((0, 4), (1, 5), (2, 6), (3, 7))
+    data = expected_component(DP_TP_2x4, ComponentSpec("dataset", "per_group", "tp"), parts=2)
+    assert [(f.path, f.writer) for f in data.files[:2]] == [
+        ("dataset/tp-000.part-000-of-002.safetensors", 0), ("dataset/tp-000.part-001-of-002.safetensors", 1)]
+    sched = expected_component(DP_TP_2x4, ComponentSpec("scheduler", "replicated"), parts=3)
+    assert [f.writer for f in sched.files] == [0, 4, 1]  # node by node

@@ -130,6 +130,10 @@ def test_patterns_and_levels_are_case_insensitive() -> None:
         ({"options": {"hiden": 8}}, "options.hiden", "did you mean 'hidden'"),
         ({"resume": {"procs_per_node": 2}}, "resume.mesh", "give the resuming world's mesh"),
         ({"colour": "blue"}, "colour", "unknown field"),
+        ({"run": {"min_part_bytes": 0}}, "run.min_part_bytes", ">= 1"),
+        ({"run": {"load_strategy": "guess"}}, "run.load_strategy", "expected one of"),
+        ({"expect": {"parts": {"optimizer": 2}}}, "expect.parts.optimizer", "not a declared component"),
+        ({"expect": {"parts": {"model": 0}}}, "expect.parts.model", ">= 1"),
         ({"name": "../escape"}, "name", "not a valid name"),
     ],
 )
@@ -182,3 +186,11 @@ def test_files_are_read_with_their_name_and_invalid_toml_is_reported(tmp_path: P
     twin.write_text(good.read_text().replace("trainer", 'name = "good_one"\ntrainer', 1))
     with pytest.raises(ScenarioError, match="is also the name of"):
         load_scenarios([good, twin])
+
+
+def test_balanced_writes_and_the_load_strategy_are_scenario_settings() -> None:
+    data = _base(run={"min_part_bytes": 512, "load_strategy": "read_and_broadcast"}, expect={"parts": {"model": 2}})
+    s = parse_scenario(data, WHERE)
+    assert (s.run.min_part_bytes, s.run.load_strategy, dict(s.expect.parts)) == (512, "read_and_broadcast", {"model": 2})
+    default = parse_scenario(_base(), WHERE)
+    assert (default.run.min_part_bytes, default.run.load_strategy, dict(default.expect.parts)) == (None, None, {})

@@ -95,7 +95,7 @@ def test_balanced_writes_and_read_and_broadcast_loads_are_bit_exact_on_gloo(pool
                           timeout=120)
     assert all(r["exact"] == {"read_and_broadcast": True, "every_member_reads": True} for r in results), results
     parts = results[0]["parts"]
-    assert parts["replicated"] == [(0, 0, 2), (2, 1, 2)]
+    assert parts["replicated"] == [(0, 0, 4), (2, 1, 4), (1, 2, 4), (3, 3, 4)]  # node by node
     assert parts["group_dp"] == [(0, 0, 2), (2, 1, 2), (1, 0, 2), (3, 1, 2)]
     assert parts["per_node"] == [(0, 0, 1), (2, 0, 1)] and len(parts["per_rank"]) == 4
 

@@ -1,4 +1,4 @@
-"""Balanced writes: a large replica set spanning nodes is written as one part per node."""
+"""Balanced writes: a large replica set is written as parts by several members, node by node."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from distckpt.topology import Topology
 from tests.helpers import Box, all_ok, threads
 
 NODES = [0, 0, 1, 1]  # 2 nodes x 2 ranks
-PART = 4096
+PART = 10_000  # model_state() holds 23,664 tensor bytes: two parts
 
 
 def model_state(seed: int = 0) -> dict[str, Any]:
@@ -43,14 +43,15 @@ def topology(nodes: list[int]) -> Topology:
     return Topology.from_reports([f"n{n}" for n in nodes], [{} for _ in nodes])
 
 
-def test_part_writers_take_one_rank_per_node_and_no_part_smaller_than_the_minimum() -> None:
+def test_part_writers_go_node_by_node_and_no_part_is_smaller_than_the_minimum() -> None:
     topo = topology([0, 0, 1, 1, 2, 2, 3, 3])
     members = tuple(range(8))
-    assert part_writers(topo, members, 10 * PART, PART) == (0, 2, 4, 6)
+    assert part_writers(topo, members, 10 * PART, PART) == (0, 2, 4, 6, 1, 3, 5, 7)
+    assert part_writers(topo, members, 5 * PART, PART) == (0, 2, 4, 6, 1)
     assert part_writers(topo, members, 3 * PART + 5, PART) == (0, 2, 4)
     assert part_writers(topo, members, 2 * PART - 1, PART) == (0,)
-    assert part_writers(topo, (1, 0, 4), 10 * PART, PART) == (0, 4)  # ranks 0 and 1 share node 0
-    assert part_writers(topology([0] * 8), members, 100 * PART, PART) == (0,)  # one node: never split
+    assert part_writers(topo, (1, 0, 4), 10 * PART, PART) == (0, 4, 1)  # ranks 0 and 1 share node 0
+    assert part_writers(topology([0] * 4), (0, 1, 2, 3), 100 * PART, PART) == (0, 1, 2, 3)  # one node too
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 5, 12])
@@ -69,7 +70,7 @@ def test_split_parts_are_self_contained_files_that_assemble_to_the_state(parts: 
     assert torch.equal(back["c"], state["c"]) and back["meta"] == ("x", 1.5)
 
 
-def test_a_large_replicated_state_on_two_nodes_is_written_as_one_part_per_node(tmp_path: Path) -> None:
+def test_a_large_replicated_state_on_two_nodes_is_written_in_parts_by_each_nodes_first_rank(tmp_path: Path) -> None:
     saved = model_state()
 
     def save(comm: ThreadComm) -> str:
@@ -94,7 +95,7 @@ def test_a_large_replicated_state_on_two_nodes_is_written_as_one_part_per_node(t
         assert state["step"] == 12 and all(torch.equal(state[k], saved[k]) for k in saved if k != "step")
 
 
-def test_per_group_sets_spanning_nodes_are_balanced_per_set(tmp_path: Path) -> None:
+def test_per_group_sets_are_balanced_per_set(tmp_path: Path) -> None:
     groups = [{"dp": (0, 2)}, {"dp": (1, 3)}, {"dp": (0, 2)}, {"dp": (1, 3)}]
 
     def comps(rank: int) -> list[StateComponent]:
@@ -119,7 +120,7 @@ def test_per_group_sets_spanning_nodes_are_balanced_per_set(tmp_path: Path) -> N
     assert all_ok(threads(4, load, nodes=NODES)) == [True] * 4
 
 
-def test_small_states_and_single_node_worlds_are_never_split(tmp_path: Path) -> None:
+def test_small_states_are_never_split_and_one_node_splits_among_its_ranks(tmp_path: Path) -> None:
     def save(comm: ThreadComm, nodes_note: str) -> str:
         comps = [StateComponent("model", Box(model_state()), "replicated"),
                  StateComponent("tiny", Box({"x": torch.ones(3)}), "replicated")]
@@ -127,8 +128,8 @@ def test_small_states_and_single_node_worlds_are_never_split(tmp_path: Path) -> 
 
     one_node = all_ok(threads(4, lambda c: save(c, "one-node")))[0]
     two_nodes = all_ok(threads(4, lambda c: save(c, "two-nodes"), nodes=NODES))[0]
-    assert [f.path for f in CheckpointManifest.load(one_node).components["model"].files] == [
-        "model/replicated.safetensors"]
+    assert [(f.writer, f.part) for f in CheckpointManifest.load(one_node).components["model"].files] == [
+        (0, 0), (1, 1)]
     assert [f.parts for f in CheckpointManifest.load(two_nodes).components["tiny"].files] == [1]
 
 

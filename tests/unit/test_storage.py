@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,20 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     storage.atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
     storage.atomic_write_bytes(str(tmp_path / "m.json"), b"[]")
     assert os.listdir(tmp_path) == ["m.json"] and (tmp_path / "m.json").read_bytes() == b"[]"
+
+
+@pytest.mark.parametrize("sizes", [[10], [3 << 20] * 5, [1, 9 << 20, 7, 0, 12 << 20, 5]], ids=["inline", "threaded", "mixed"])
+def test_the_pipelined_hasher_gives_the_digest_of_the_bytes_in_order(sizes: list[int]) -> None:
+    blobs = [os.urandom(n) for n in sizes]
+    hasher = storage.PipelinedHasher()
+    for blob in blobs:
+        hasher.update(memoryview(blob))
+    assert f"xxh3-128:{hasher.hexdigest()}" == storage.checksum_of(b"".join(blobs))
+    hasher.close()  # idempotent after hexdigest
+
+
+def test_a_pipelined_hasher_closed_early_stops_its_thread() -> None:
+    hasher = storage.PipelinedHasher()
+    hasher.update(memoryview(bytes(20 << 20)))
+    hasher.close()
+    assert not any(t.name == "distckpt-hash" and t.is_alive() for t in threading.enumerate())
