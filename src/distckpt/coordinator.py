@@ -10,8 +10,8 @@ everywhere at the same step:
 2. **validate** (only when a component asks for it): replica digests are
    compared member against member; the verdict is identical on every rank.
 3. **write**: the lowest rank of every replica set writes that set's file
-   into staging, hashing while writing (a balanced write: the lowest rank of
-   each of the set's nodes writes one part).
+   into staging, hashing while writing (a balanced write: several members of
+   a large set write one part each, taken node by node).
 4. **commit**: every rank votes; only then does rank 0 write the manifest last,
    rename staging to the final name, apply retention, and report back.
 
