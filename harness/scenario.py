@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import distckpt.errors as distckpt_errors
 from distckpt.coordinator import LOAD_STRATEGIES
@@ -44,6 +44,8 @@ __all__ = [
     "load_scenarios",
     "parse_scenario",
 ]
+
+T = TypeVar("T")
 
 #: Sharing patterns, by the values distckpt's ``SharingPattern`` uses.
 PATTERNS: tuple[str, ...] = ("global", "replicated", "per_rank", "per_node", "per_group")
@@ -412,6 +414,19 @@ def _parse_fault(r: _Reader, world: int, keys: set[str]) -> FaultSpec:
     return FaultSpec(kind=kind, ranks=ranks, phase=phase, component=component)
 
 
+def _per_component(r: _Reader, name: str, keys: set[str], read: Callable[[_Reader, str], T]) -> dict[str, T]:
+    """An optional table ``name`` keyed by declared components, each value parsed by ``read``."""
+    table = r.sub(name, None)
+    out: dict[str, T] = {}
+    if table is not None:
+        for key in list(table.table):
+            if key not in keys:
+                raise table.error(key, "is not a declared component")
+            out[key] = read(table, key)
+        table.finish()
+    return out
+
+
 def _parse_expect(r: _Reader | None, world: int, keys: set[str]) -> Expectation:
     if r is None:
         return Expectation()
@@ -420,22 +435,8 @@ def _parse_expect(r: _Reader | None, world: int, keys: set[str]) -> Expectation:
     stage = r.choice("stage", ("save", "load"), None)
     failing = r.ranks("failing_ranks", world, None)
     bit_exact = r.get("bit_exact", bool, outcome == "success")
-    writers_table = r.sub("writers", None)
-    writers: dict[str, tuple[int, ...]] = {}
-    if writers_table is not None:
-        for key in list(writers_table.table):
-            if key not in keys:
-                raise writers_table.error(key, "is not a declared component")
-            writers[key] = writers_table.ranks(key, world)
-        writers_table.finish()
-    parts_table = r.sub("parts", None)
-    parts: dict[str, int] = {}
-    if parts_table is not None:
-        for key in list(parts_table.table):
-            if key not in keys:
-                raise parts_table.error(key, "is not a declared component")
-            parts[key] = parts_table.integer(key, minimum=1)
-        parts_table.finish()
+    writers = _per_component(r, "writers", keys, lambda t, key: t.ranks(key, world))
+    parts = _per_component(r, "parts", keys, lambda t, key: t.integer(key, minimum=1))
     if outcome == "error":
         if error is None:
             raise r.error("error", "is required when outcome is 'error'")
