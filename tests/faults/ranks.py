@@ -18,12 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch.distributed as dist
-
 from distckpt import CheckpointCoordinator, CheckpointError, StateComponent
 from tests.faults.scenario import check_loaded
 from tests.helpers import Box
-from tests.property import oracle
+from tests.property.gloo_ranks import process_groups
 from tests.property.strategies import Decl, Example
 
 #: The coordinator timeout of fault worlds: small, so a dead peer costs seconds.
@@ -49,17 +47,6 @@ class Fault:
     limit: float = 0
 
 
-def _groups(ex: Example, rank: int) -> dict[str, Any]:
-    """Real process groups for the example's mesh: every rank creates every group, in order."""
-    mine: dict[str, Any] = {}
-    for name, _ in ex.topo.mesh:
-        for members in oracle.mesh_partition(ex.topo, name):
-            pg = dist.new_group(list(members), backend="gloo")
-            if rank in members:
-                mine[name] = pg
-    return mine
-
-
 def _component(d: Decl, box: Any) -> StateComponent:
     return StateComponent(d.key, box, d.pattern, process_group_name=d.group, required=d.required,
                           validate_replication=d.validate, validation_level=d.level)
@@ -68,7 +55,7 @@ def _component(d: Decl, box: Any) -> StateComponent:
 def _coordinator(ctx: Any, ex: Example, out: str, boxes: dict[str, Box], decls: tuple[Decl, ...] | None = None,
                  **kw: Any) -> CheckpointCoordinator:
     decls = ex.decls if decls is None else decls
-    groups = _groups(ex, ctx.rank)
+    groups = process_groups(ex, ctx.rank)
     return CheckpointCoordinator([_component(d, boxes[d.key]) for d in decls], process_groups=groups,
                                  output_dir=out, timeout=kw.pop("timeout", TIMEOUT), **kw)
 

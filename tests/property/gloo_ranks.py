@@ -21,7 +21,9 @@ from tests.property.worlds import component
 TIMEOUT = 30.0
 
 
-def _groups(ex: Example, rank: int, use_mesh: bool) -> Any:
+def process_groups(ex: Example, rank: int, use_mesh: bool = False) -> Any:
+    """Real process groups for the example's mesh (every rank creates every group, in order),
+    or a DeviceMesh over it."""
     if use_mesh:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -72,7 +74,7 @@ def _check_files(ex: Example, path: str) -> list[str]:
 def round_trip(ctx: Any, ex: Example, out: str, use_mesh: bool) -> dict[str, Any]:
     """Save this rank's states, check files (rank 0), load into empty boxes, compare bit-exact."""
     ex = unship(ex)
-    groups = _groups(ex, ctx.rank, use_mesh)
+    groups = process_groups(ex, ctx.rank, use_mesh)
     boxes = {d.key: Box(ex.state(d.key, ctx.rank)) for d in ex.decls}
     c = _coordinator(ctx, ex, out, boxes, groups)
     path = _save(c, ex)
@@ -93,7 +95,7 @@ class InjectedFault(RuntimeError):
 def fault_in_phase(ctx: Any, ex: Example, out: str, phase: str, victim: int) -> dict[str, Any]:
     """A good save, then a save failing on ``victim`` in ``phase``; then load latest and compare."""
     ex = unship(ex)
-    groups = _groups(ex, ctx.rank, False)
+    groups = process_groups(ex, ctx.rank, False)
     c = _coordinator(ctx, ex, out, {d.key: Box(ex.state(d.key, ctx.rank)) for d in ex.decls}, groups)
     previous = _save(c, ex)
 
