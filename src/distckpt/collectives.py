@@ -173,21 +173,15 @@ class TorchComm:
         """
         import torch
 
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        slot = torch.zeros(_SLOT_BYTES, dtype=torch.uint8)
-        slot[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
-        if len(data) <= _SLOT_BYTES - 8:
-            slot[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         gathered = torch.empty(self.world_size * _SLOT_BYTES, dtype=torch.uint8)
         slots = list(gathered.chunk(self.world_size))
-        self._dist.gather(slot, slots if self.rank == 0 else None, dst=0, group=self._group)
+        self._dist.gather(_pack_slot(obj), slots if self.rank == 0 else None, dst=0, group=self._group)
         self._dist.broadcast(gathered, src=0, group=self._group)
-        sizes = [int(s[:8].view(torch.int64)[0]) for s in slots]
-        if max(sizes) > _SLOT_BYTES - 8:
+        unpacked = [_unpack_slot(s) for s in slots]
+        if any(not fits for fits, _ in unpacked):
             self._dist.all_gather_object(out, obj, group=self._group)
             return
-        for rank, (s, size) in enumerate(zip(slots, sizes, strict=True)):
-            out[rank] = pickle.loads(s[8:8 + size].numpy().tobytes())
+        out[:] = [value for _, value in unpacked]
 
     def broadcast(self, obj: Any, phase: str) -> Any:
         box = [obj if self.rank == 0 else None]
@@ -197,20 +191,13 @@ class TorchComm:
     def _broadcast_object(self, box: list[Any]) -> None:
         """Rank 0's ``box[0]`` in one broadcast of a fixed-size slot; a larger payload
         takes a second round (``broadcast_object_list``), which the slot announces."""
-        import torch
-
-        slot = torch.zeros(_SLOT_BYTES, dtype=torch.uint8)
-        if self.rank == 0:
-            data = pickle.dumps(box[0], protocol=pickle.HIGHEST_PROTOCOL)
-            slot[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
-            if len(data) <= _SLOT_BYTES - 8:
-                slot[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        slot = _pack_slot(box[0] if self.rank == 0 else None)
         self._dist.broadcast(slot, src=0, group=self._group)
-        size = int(slot[:8].view(torch.int64)[0])
-        if size > _SLOT_BYTES - 8:
+        fits, value = _unpack_slot(slot)
+        if not fits:
             self._dist.broadcast_object_list(box, src=0, group=self._group)
         elif self.rank != 0:
-            box[0] = pickle.loads(slot[8:8 + size].numpy().tobytes())
+            box[0] = value
 
     def _collective(self, phase: str, run: Callable[[], None]) -> None:
         """Announce arrival in the store, run the collective, and name absent peers if it fails."""
@@ -261,6 +248,28 @@ class TorchComm:
                 time.sleep(0.1)
         except Exception:
             return []
+
+
+def _pack_slot(obj: Any) -> Any:
+    """A ``_SLOT_BYTES`` uint8 tensor: the pickle's length (int64), then the pickle if it fits."""
+    import torch
+
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    slot = torch.zeros(_SLOT_BYTES, dtype=torch.uint8)
+    slot[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    if len(data) <= _SLOT_BYTES - 8:
+        slot[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return slot
+
+
+def _unpack_slot(slot: Any) -> tuple[bool, Any]:
+    """``(True, object)`` from a slot made by :func:`_pack_slot`, or ``(False, None)`` if it did not fit."""
+    import torch
+
+    size = int(slot[:8].view(torch.int64)[0])
+    if size > _SLOT_BYTES - 8:
+        return False, None
+    return True, pickle.loads(slot[8:8 + size].numpy().tobytes())
 
 
 def default_comm(dist: Any, timeout: float) -> Comm:

@@ -66,7 +66,7 @@ __all__ = ["CheckpointCoordinator"]
 log = logging.getLogger("distckpt")
 
 PhaseHook = Callable[[str, int], None]
-_Job = tuple[str, str, EncodedState, str]  # component key, relative path, encoded file, structure digest
+_Job = tuple[str, str, EncodedState, str]  # key, relative path, encoded file, structure digest (parts only)
 _Record = tuple[int, str, int, str]  # size, checksum, writer, structure digest
 _DETAIL_LIMIT_BYTES = 64 * 1024 * 1024
 #: Default smallest part of a balanced write (measured: bench/results/FINDINGS.md).
@@ -466,6 +466,9 @@ class CheckpointCoordinator:
                     if f.writer == self.rank:
                         reuse = self._snapshots.setdefault(c.key, {}) if copy else None
                         encoded = encode(self._state(states, c.key), copy=copy, reuse=reuse)
+                        if f.parts == 1:  # a whole file: nothing to fit together
+                            yield c.key, f.path, encoded, ""
+                            continue
                         structure = storage.checksum_of(encoded.header, "xxh3-64")
                         yield c.key, f.path, encoded.split(f.parts)[f.part], structure
 
