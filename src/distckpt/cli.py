@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import json
 import logging
 import math
 import os
 import re
-import shutil
 import stat
 import sys
 import time
@@ -162,6 +162,9 @@ def _not_a_checkpoint(arg: str, path: str) -> str:
         return f"{arg}: the staging directory of a save that never committed (incomplete; not a checkpoint)"
     if name.startswith(".") and ".trash-" in name:
         return f"{arg}: a checkpoint being deleted (retention or overwrite); not a checkpoint"
+    if name.startswith(".") and ".replaced-" in name:
+        return (f"{arg}: the old checkpoint of an interrupted overwrite=True (restored to its name by the "
+                "next listing or save when that name is free)")
     if os.path.isdir(os.path.join(path, "checkpoints")) or any(
         os.path.isfile(os.path.join(path, n, MANIFEST_NAME)) for n in _listdir(path)
     ):
@@ -207,7 +210,9 @@ def _classify(entry: storage.CheckpointEntry) -> tuple[str, str]:
     if name.startswith(".") and ".staging-" in name:
         return "incomplete", "staging directory of a save that never committed (removed by the next save)"
     if name.startswith(".") and ".trash-" in name:
-        return "incomplete", "being deleted (retention or overwrite; removed by the next save)"
+        return "incomplete", "being deleted (retention; removed by the next save)"
+    if name.startswith(".") and ".replaced-" in name:
+        return "incomplete", "old checkpoint of an interrupted overwrite (restored when its name is free)"
     if not os.path.lexists(os.path.join(entry.path, MANIFEST_NAME)):
         if legacy.is_legacy_checkpoint(entry.path):
             return "legacy", "original-format checkpoint; convert with `distckpt convert`"
@@ -407,12 +412,14 @@ def _check_file(full: str, entry: FileEntry, progress: _Progress) -> str | None:
     except CheckpointError:
         return f"unknown checksum algorithm in manifest ({entry.checksum!r})"
     try:
-        fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = storage.open_regular_file(full)  # a FIFO is refused, never waited on
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
         if os.path.islink(full):
             return "is a symlink (never followed)"
+        if exc.errno == errno.EINVAL and exc.strerror == "not a regular file":
+            return "not a regular file"
         return f"cannot be read ({exc.strerror or exc})"
     try:
         st = os.fstat(fd)
@@ -958,7 +965,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     sequence = args.sequence
     if sequence is None:
         sequence = max((e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest), default=0) + 1
-    staging = storage.create_staging(final, uuid.uuid4().hex[:12])
+    staging = storage.create_staging(final, uuid.uuid4().hex[:12], sequence)
     try:
         components: dict[str, ComponentManifest] = {}
         origin: dict[str, str] = {}
@@ -991,7 +998,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         storage.fsync_dir(staging)
         storage.commit_directory(staging, final, overwrite=False)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.discard_staging(staging)
         raise
     total = sum(c.size_bytes for c in components.values())
     print(f"converted {_short(src)} -> {_short(final)}: {len(components)} components, "

@@ -346,28 +346,52 @@ class CheckpointCoordinator:
         return _SavePlan(topology=topology, components=plans, **decision)
 
     def _decide_path(self, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool) -> dict[str, Any]:
-        """Rank 0 only: final path, id, sequence and a fresh staging directory."""
+        """Rank 0 only: final path, id, sequence and a fresh staging directory this process owns.
+
+        All under the folder lock, so two saves (of this job or another job
+        sharing the folder) never claim one name or one sequence number: the
+        sequence is one past every committed checkpoint and every live save,
+        and a default id skips every name that is taken. Raises
+        :class:`CheckpointExistsError` for a name that is committed (without
+        ``overwrite``) or that a live save is writing, and
+        :class:`CheckpointBusyError` when the folder lock is held too long.
+        """
         if checkpoint_path is not None:
             final = os.path.abspath(os.fspath(checkpoint_path))
             parent = os.path.dirname(final)
         else:
             parent = os.path.abspath(self.checkpoints_dir)
-        sequence = max((e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest),
-                       default=0) + 1
-        if checkpoint_path is not None:
-            cid = str(checkpoint_id) if checkpoint_id is not None else os.path.basename(final)
-        else:
-            cid = str(checkpoint_id) if checkpoint_id is not None else str(sequence)
+        if checkpoint_id is not None:
+            check_name(str(checkpoint_id), field_name="checkpoint_id")
+        storage.prepare_folder(parent)
+        with storage.folder_lock(parent, self.timeout / 2):
+            storage.clean_stale(parent)
+            live = storage.live_saves(parent)
+            sequence = max([e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest]
+                           + [owner.sequence for owner in live.values()], default=0) + 1
+            if checkpoint_path is not None:
+                cid = str(checkpoint_id) if checkpoint_id is not None else os.path.basename(final)
+            elif checkpoint_id is not None:
+                cid = str(checkpoint_id)
+                final = os.path.join(parent, f"checkpoint-{cid}")
+            else:  # the default id: a free name, never one that is taken
+                while f"checkpoint-{sequence}" in live or os.path.lexists(os.path.join(parent, f"checkpoint-{sequence}")):
+                    sequence += 1
+                cid = str(sequence)
+                final = os.path.join(parent, f"checkpoint-{cid}")
+            check_name(os.path.basename(final), field_name="checkpoint_path")
             check_name(cid, field_name="checkpoint_id")
-            final = os.path.join(parent, f"checkpoint-{cid}")
-        check_name(os.path.basename(final), field_name="checkpoint_path")
-        check_name(cid, field_name="checkpoint_id")
-        if os.path.lexists(final) and not overwrite:
-            raise CheckpointExistsError(
-                f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
-            )
-        storage.clean_stale(parent)
-        staging = storage.create_staging(final, uuid.uuid4().hex[:12])
+            owner = live.get(os.path.basename(final))
+            if owner is not None:
+                raise CheckpointExistsError(
+                    f"{final}: another save ({owner.holder}) is writing this checkpoint right now; "
+                    "pass another checkpoint_id or wait for it"
+                )
+            if os.path.lexists(final) and not overwrite:
+                raise CheckpointExistsError(
+                    f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
+                )
+            staging = storage.create_staging(final, uuid.uuid4().hex[:12], sequence)
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
         return {"path": final, "staging": staging, "checkpoint_id": cid, "sequence": sequence, "timestamp": stamp}
 
@@ -562,7 +586,7 @@ class CheckpointCoordinator:
                 storage.fsync_dir(plan.staging)
 
         def publish() -> None:  # rank 0 only
-            storage.commit_directory(plan.staging, plan.path, overwrite)
+            storage.commit_directory(plan.staging, plan.path, overwrite, self.timeout / 2)
             self._retain(plan.path)
 
         exchange(comm, "commit", prepare)
@@ -869,6 +893,5 @@ def _normalise_groups(process_groups: Any) -> dict[str, Any]:
 
 
 def _remove_tree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+    """Rank 0, after a failed save: remove its staging directory and drop its owner lock."""
+    storage.discard_staging(path)

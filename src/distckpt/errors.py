@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 __all__ = [
+    "CheckpointBusyError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -97,6 +98,10 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """The target checkpoint is already committed and overwriting was not requested."""
 
 
+class CheckpointBusyError(CheckpointError, TimeoutError):
+    """Another save held the checkpoints folder's lock, or the checkpoint's name, too long."""
+
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint exists where one was expected."""
 
@@ -120,6 +125,7 @@ _REGISTRY: dict[str, type[CheckpointError]] = {
         ComponentMismatchError,
         SerializationError,
         CheckpointExistsError,
+        CheckpointBusyError,
         CheckpointNotFoundError,
         CrossRankError,
         CollectiveTimeoutError,

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 import torch
 import xxhash
 
-from .errors import CheckpointExistsError, IntegrityError, ManifestError
+from . import locks
+from .errors import CheckpointBusyError, CheckpointExistsError, IntegrityError, ManifestError
 from .layout import check_relpath
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest
 
@@ -218,18 +219,31 @@ def write_file(path: str, chunks: Iterable[memoryview | bytes]) -> tuple[int, st
 
 
 def _open_regular(path: str, what: str) -> int:
+    """Open a checkpoint file for reading: never a symlink, never anything but a regular file.
+
+    A FIFO, socket or device is refused without blocking (see
+    :func:`~distckpt.locks.open_regular_fd`). Raises :class:`IntegrityError`
+    naming ``path``; other ``OSError`` propagate.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        return locks.open_regular_fd(path)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: {what} is missing") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise IntegrityError(f"{path}: {what} is a symlink; refusing to follow it") from None
+        if exc.errno == errno.EINVAL and exc.strerror == "not a regular file":
+            raise IntegrityError(f"{path}: {what} is not a regular file") from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise IntegrityError(f"{path}: {what} is not a regular file")
-    return fd
+
+
+def open_regular_file(path: str) -> int:
+    """A blocking read descriptor of ``path`` if it is a regular file (the CLI's verify).
+
+    Raises ``OSError``: ``ENOENT`` missing, ``ELOOP`` symlink, ``EINVAL`` not a
+    regular file (a FIFO never blocks the caller).
+    """
+    return locks.open_regular_fd(path)
 
 
 class VerifiedReader:
@@ -393,14 +407,58 @@ def staging_prefix(final: str) -> str:
     return f".{os.path.basename(final)}.staging-"
 
 
-def create_staging(final: str, nonce: str) -> str:
-    """Create the staging directory of ``final`` (and the parents); return its path."""
-    parent = os.path.dirname(os.path.abspath(final))
+#: Hidden name parts: a save in progress, a checkpoint being deleted (retention), and the old
+#: checkpoint of an ``overwrite=True`` commit that could not swap in one step.
+_STAGING, _TRASH, _REPLACED = ".staging-", ".trash-", ".replaced-"
+_LOCK_WAIT_S = 30.0
+
+
+def _hidden_kind(name: str) -> tuple[str, str] | None:
+    """``(kind, final name)`` of a hidden staging/trash/replaced entry, or None."""
+    if not name.startswith("."):
+        return None
+    for kind in (_STAGING, _TRASH, _REPLACED):
+        base, sep, nonce = name[1:].rpartition(kind)
+        if sep and base and nonce:
+            return kind, base
+    return None
+
+
+def prepare_folder(parent: str) -> None:
+    """Create a checkpoints folder (and its parents) if needed; refuse a symlink or a file."""
     os.makedirs(parent, exist_ok=True)
     require_real_dir(parent, "checkpoint parent directory")
+
+
+folder_lock = locks.folder_lock
+
+
+def create_staging(final: str, nonce: str, sequence: int = 0, wait_s: float = _LOCK_WAIT_S) -> str:
+    """Create and own the staging directory of ``final`` (and the parents); return its path.
+
+    Under the folder lock: the directory and its owner lock (which records
+    ``sequence``) appear together, so no cleaner ever sees it unowned. The
+    owner lock is held until :func:`commit_directory` or :func:`discard_staging`.
+    """
+    parent = os.path.dirname(os.path.abspath(final))
+    prepare_folder(parent)
     path = os.path.join(parent, staging_prefix(final) + nonce)
-    os.mkdir(path, 0o755)
+    with locks.folder_lock(parent, wait_s):
+        os.mkdir(path, 0o755)
+        try:
+            locks.claim(path, sequence)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
     return path
+
+
+def discard_staging(staging: str) -> None:
+    """Remove this process's staging directory after a failed save and drop its owner lock."""
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        locks.release(staging)
 
 
 def make_component_dir(staging: str, key: str) -> str:
@@ -412,63 +470,176 @@ def make_component_dir(staging: str, key: str) -> str:
     return path
 
 
-def clean_stale(parent: str, keep: str | None = None) -> list[str]:
-    """Remove leftover staging and trash directories in ``parent``; return what was removed.
+def live_saves(parent: str) -> dict[str, locks.Owner]:
+    """Final names that saves in progress in ``parent`` reserved: ``{name: owner}``. Under the folder lock."""
+    out: dict[str, locks.Owner] = {}
+    for name in _listdir(parent):
+        kind = _hidden_kind(name)
+        if kind is None or kind[0] != _STAGING:
+            continue
+        owner = locks.probe(os.path.join(parent, name))
+        if owner.state != "stale":
+            out[kind[1]] = owner
+    return out
 
-    Called by rank 0 at the start of a save, so a crash's leftovers never
-    accumulate. ``keep`` is a staging directory that must survive.
+
+def _is_complete(path: str) -> bool:
+    """Whether ``path`` holds a readable manifest and every file it lists, at the listed size."""
+    try:
+        manifest = CheckpointManifest.load(os.path.join(path, MANIFEST_NAME))
+        for comp in manifest.components.values():
+            for f in comp.files:
+                st = os.lstat(safe_join(path, f.path))
+                if not stat.S_ISREG(st.st_mode) or st.st_size != f.size_bytes:
+                    return False
+    except (OSError, ManifestError, IntegrityError):
+        return False
+    return True
+
+
+def _remove_entry(path: str) -> None:
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path)
+
+
+def clean_stale(parent: str, keep: str | None = None, wait_s: float = _LOCK_WAIT_S) -> list[str]:
+    """Tidy ``parent`` under its folder lock; return what was removed.
+
+    Removes the staging directories of saves that are gone (their owner lock
+    can be taken) and retention's trash; never a staging directory a live save
+    owns. The old checkpoint left behind by an overwrite interrupted between
+    its two renames is *restored* to its name when that name is free and it is
+    complete (else removed). Called by rank 0 at the start of every save.
+    ``keep`` is a staging directory that must survive.
     """
     removed: list[str] = []
-    if not os.path.isdir(parent):
+    if not os.path.isdir(parent) or os.path.islink(parent):
         return removed
-    for name in sorted(os.listdir(parent)):
-        if not name.startswith(".") or (".staging-" not in name and ".trash-" not in name):
-            continue
-        path = os.path.join(parent, name)
-        if keep is not None and os.path.abspath(path) == os.path.abspath(keep):
-            continue
-        try:
-            if os.path.islink(path) or not os.path.isdir(path):
-                os.unlink(path)
-            else:
-                shutil.rmtree(path)
-            removed.append(path)
-        except OSError as exc:
-            log.warning("distckpt: could not remove stale %s: %s", path, exc)
+    with locks.folder_lock(parent, wait_s):
+        for name in _listdir(parent):
+            kind = _hidden_kind(name)
+            path = os.path.join(parent, name)
+            if kind is None or (keep is not None and os.path.abspath(path) == os.path.abspath(keep)):
+                continue
+            if kind[0] == _STAGING and locks.probe(path).state != "stale":
+                continue
+            try:
+                if kind[0] == _REPLACED and _restore(path, os.path.join(parent, kind[1])):
+                    continue
+                _remove_entry(path)
+                removed.append(path)
+            except OSError as exc:
+                log.warning("distckpt: could not remove stale %s: %s", path, exc)
     return removed
 
 
-def commit_directory(staging: str, final: str, overwrite: bool) -> None:
-    """Rename a complete staging directory to its final name and fsync the parent.
+def _restore(replaced: str, final: str) -> bool:
+    """Put an interrupted overwrite's old checkpoint back under its name, if free and complete."""
+    if os.path.lexists(final) or os.path.islink(replaced) or not _is_complete(replaced):
+        return False
+    os.rename(replaced, final)
+    fsync_dir(os.path.dirname(final))
+    log.warning("distckpt: restored %s from %s (an overwrite was interrupted before the new "
+                "checkpoint was in place)", final, os.path.basename(replaced))
+    return True
 
-    Raises :class:`CheckpointExistsError` if ``final`` exists and ``overwrite``
-    is false. With ``overwrite``, the old directory is first renamed to a trash
-    name (no longer a committed checkpoint) and removed after the new one is in
-    place; a crash in between leaves the trash to the next save's cleanup.
+
+def restore_stranded(parent: str) -> None:
+    """Best effort, never waiting: restore old checkpoints stranded by an interrupted overwrite.
+
+    Called by every listing, so "latest" and ``distckpt ls`` find the old
+    checkpoint under its name. Skipped while another process holds the folder
+    lock (an overwrite may be between its renames) or where the folder is read-only.
+    """
+    stranded = [n for n in _listdir(parent) if (k := _hidden_kind(n)) and k[0] == _REPLACED
+                and not os.path.lexists(os.path.join(parent, k[1]))]
+    if not stranded:
+        return
+    try:
+        with locks.folder_lock(parent, 0):
+            for name in stranded:
+                kind = _hidden_kind(name)
+                assert kind is not None
+                _restore(os.path.join(parent, name), os.path.join(parent, kind[1]))
+    except (OSError, CheckpointBusyError) as exc:
+        log.debug("distckpt: not restoring in %s now: %s", parent, exc)
+
+
+def commit_directory(staging: str, final: str, overwrite: bool, wait_s: float = _LOCK_WAIT_S) -> None:
+    """Make a complete staging directory the committed checkpoint ``final``; fsync the parent.
+
+    Under the folder lock, after removing the owner lock file. Raises
+    :class:`CheckpointExistsError` if ``final`` exists and ``overwrite`` is
+    false (``RENAME_NOREPLACE`` where the OS has it). With ``overwrite`` the
+    new directory and the old one swap names in one step
+    (``renameat2(RENAME_EXCHANGE)``), so the name always holds a committed
+    checkpoint; the old one is then deleted. Without that call the old one is
+    first renamed to ``.<name>.replaced-<nonce>``: a failure before the new one
+    is in place renames it back, and a crash leaves it for the next listing or
+    save to restore. The owner lock is released in every case.
     """
     parent = os.path.dirname(os.path.abspath(final))
-    require_real_dir(staging, "staging directory")
-    trash = None
-    if os.path.lexists(final):
-        if not overwrite:
-            raise CheckpointExistsError(
-                f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
-            )
-        trash = os.path.join(parent, f".{os.path.basename(final)}.trash-{uuid.uuid4().hex[:12]}")
-        os.rename(final, trash)
-    os.rename(staging, final)
-    fsync_dir(parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    old: str | None = None
+    try:
+        with locks.folder_lock(parent, wait_s):
+            require_real_dir(staging, "staging directory")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(staging, locks.OWNER_FILE))
+            if not os.path.lexists(final):
+                _rename_new(staging, final)
+            elif not overwrite:
+                raise _exists(final)
+            elif locks.rename_exchange(staging, final):
+                old = staging
+            else:
+                old = os.path.join(parent, f".{os.path.basename(final)}{_REPLACED}{uuid.uuid4().hex[:12]}")
+                os.rename(final, old)
+                try:
+                    os.rename(staging, final)
+                except BaseException:
+                    os.rename(old, final)
+                    raise
+            fsync_dir(parent)
+    finally:
+        locks.release(staging)
+    if old is not None:  # the replaced checkpoint, out of sight: its removal may fail harmlessly
+        try:
+            _remove_entry(old)
+        except OSError as exc:
+            log.warning("distckpt: could not remove the replaced checkpoint %s: %s", old, exc)
+
+
+def _exists(final: str) -> CheckpointExistsError:
+    return CheckpointExistsError(
+        f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
+    )
+
+
+def _rename_new(staging: str, final: str) -> None:
+    try:
+        if locks.rename_noreplace(staging, final):
+            return
+    except FileExistsError:
+        raise _exists(final) from None
+    os.rename(staging, final)  # no RENAME_NOREPLACE here: the folder lock and the lexists check guard it
 
 
 def remove_checkpoint(path: str) -> None:
     """Retire a committed checkpoint: rename it out of sight first, then delete it."""
     parent = os.path.dirname(os.path.abspath(path))
-    trash = os.path.join(parent, f".{os.path.basename(path)}.trash-{uuid.uuid4().hex[:12]}")
+    trash = os.path.join(parent, f".{os.path.basename(path)}{_TRASH}{uuid.uuid4().hex[:12]}")
     os.rename(path, trash)
     fsync_dir(parent)
     shutil.rmtree(trash)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -503,15 +674,19 @@ def unlisted_files(root: str, listed: Iterable[str]) -> list[str]:
     return extra
 
 
-def list_checkpoints(parent: str, include_hidden: bool = False) -> list[CheckpointEntry]:
+def list_checkpoints(parent: str, include_hidden: bool = False, restore: bool = True) -> list[CheckpointEntry]:
     """Every checkpoint directory in ``parent``, committed ones ordered oldest to newest.
 
     Order is by manifest ``sequence``, then timestamp, then name: never by
     mtime. Directories without a readable manifest come first, with the reason.
     Staging and trash directories are skipped unless ``include_hidden``.
+    ``restore`` first puts back an old checkpoint stranded by an interrupted
+    overwrite (:func:`restore_stranded`), so it is found under its name.
     """
     if not os.path.isdir(parent):
         return []
+    if restore:
+        restore_stranded(parent)
     broken: list[CheckpointEntry] = []
     good: list[CheckpointEntry] = []
     for name in sorted(os.listdir(parent)):
