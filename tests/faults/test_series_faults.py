@@ -9,9 +9,12 @@ timeout, so a regression fails instead of hanging.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -375,3 +378,36 @@ def test_a_process_stuck_holding_the_folder_lock_fails_the_save_on_every_rank_in
         holder.wait()
     path = worlds.ok(worlds.save(EX, str(tmp_path), 0, async_save=False))[0]
     assert _load_is(tmp_path, None, 0) == path
+
+
+@pytest.mark.timeout(120)
+def test_where_directories_cannot_be_flocked_the_folder_lock_is_a_lock_file_that_excludes_other_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from distckpt import locks
+
+    real_flock = fcntl.flock
+
+    def files_only(fd: int, operation: int) -> None:  # as on NFS: flock needs a file open for writing
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", files_only)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    try_lock = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    print('free')\n"
+                "except BlockingIOError:\n    print('busy')\n")
+    with locks.folder_lock(str(folder)):
+        lock_file = folder / locks.FOLDER_LOCK_FILE
+        assert lock_file.is_file()
+        held = subprocess.run([sys.executable, "-c", try_lock, str(lock_file)], capture_output=True, text=True,
+                              timeout=HANG_S)
+        assert held.stdout.strip() == "busy", held
+    released = subprocess.run([sys.executable, "-c", try_lock, str(lock_file)], capture_output=True, text=True,
+                              timeout=HANG_S)
+    assert released.stdout.strip() == "free", released
+    path = worlds.ok(worlds.save(EX, str(tmp_path), 0, async_save=False))[0]  # a whole save on such a folder
+    assert _load_is(tmp_path, None, 0) == path
+    assert [n for n in scenario.hidden_entries(str(tmp_path)) if n != locks.FOLDER_LOCK_FILE] == []
