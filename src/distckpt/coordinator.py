@@ -375,8 +375,7 @@ class CheckpointCoordinator:
                 cid = str(checkpoint_id)
                 final = os.path.join(parent, f"checkpoint-{cid}")
             else:  # the default id: a free name, never one that is taken
-                while f"checkpoint-{sequence}" in live or os.path.lexists(os.path.join(parent, f"checkpoint-{sequence}")):
-                    sequence += 1
+                sequence = storage.first_free(parent, sequence, lambda n: f"checkpoint-{n}", set(live))
                 cid = str(sequence)
                 final = os.path.join(parent, f"checkpoint-{cid}")
             check_name(os.path.basename(final), field_name="checkpoint_path")

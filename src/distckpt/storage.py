@@ -2,9 +2,13 @@
 
 Every write lands first in a staging directory or a temporary file beside its
 final name, is hashed while written, fsynced, and made visible by a rename
-followed by an fsync of the parent directory. Reads refuse symlinks and verify
-size and checksum before anything is parsed. Nothing here is collective; the
-coordinator decides which rank calls what.
+followed by an fsync of the parent directory. Reads refuse symlinks and
+anything but regular files (a FIFO never blocks), and verify size and checksum
+before anything is parsed. A folder of checkpoints is shared safely between
+saves, of one job or several: naming, commit and cleanup run under the folder
+lock, and a staging directory is removed only once its owner is gone
+(:mod:`distckpt.locks`). Nothing here is collective; the coordinator decides
+which rank calls what.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import shutil
 import stat
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,14 +45,21 @@ __all__ = [
     "clean_stale",
     "commit_directory",
     "create_staging",
+    "discard_staging",
+    "first_free",
+    "folder_lock",
     "fsync_dir",
     "list_checkpoints",
+    "live_saves",
     "make_component_dir",
     "new_hasher",
+    "open_regular_file",
+    "prepare_folder",
     "read_manifest_bytes",
     "read_verified",
     "remove_checkpoint",
     "require_real_dir",
+    "restore_stranded",
     "safe_join",
     "staging_prefix",
     "unlisted_files",
@@ -481,6 +492,17 @@ def live_saves(parent: str) -> dict[str, locks.Owner]:
         if owner.state != "stale":
             out[kind[1]] = owner
     return out
+
+
+def first_free(parent: str, start: int, name_of: Callable[[int], str], taken: set[str]) -> int:
+    """The first ``n >= start`` whose ``name_of(n)`` has no entry in ``parent`` and is not in ``taken``.
+
+    Rank 0's default checkpoint id, under the folder lock.
+    """
+    n = start
+    while name_of(n) in taken or os.path.lexists(os.path.join(parent, name_of(n))):
+        n += 1
+    return n
 
 
 def _is_complete(path: str) -> bool:
