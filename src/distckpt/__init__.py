@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .components import StateComponent, Stateful, ValidationLevel
 from .coordinator import CheckpointCoordinator
 from .errors import (
     CheckpointError,
@@ -33,9 +34,10 @@ from .errors import (
 )
 from .handle import SaveHandle
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
-from .patterns import SharingPattern, StateComponent, Stateful, ValidationLevel
+from .patterns import Pattern, SharingPattern, register_pattern, registered_patterns
 from .report import LoadReport
 from .rng import RNGState
+from .topology import Topology
 
 __all__ = [
     "CheckpointCoordinator",
@@ -51,6 +53,7 @@ __all__ = [
     "IntegrityError",
     "LoadReport",
     "ManifestError",
+    "Pattern",
     "RNGState",
     "ReplicationMismatchError",
     "SaveHandle",
@@ -58,7 +61,10 @@ __all__ = [
     "SharingPattern",
     "StateComponent",
     "Stateful",
+    "Topology",
     "TopologyMismatchError",
     "ValidationLevel",
     "__version__",
+    "register_pattern",
+    "registered_patterns",
 ]
