@@ -89,8 +89,7 @@ class _SavePlan:
 
 
 def _declaration(c: StateComponent) -> tuple[Any, ...]:
-    return (c.key, c.pattern.kind, json.dumps(c.pattern.params(), sort_keys=True), c.required,
-            c.validate_replication, c.validation_level.value)
+    return (c.key, c.pattern.describe(), c.required, c.validate_replication, c.validation_level.value)
 
 
 class CheckpointCoordinator:

@@ -210,6 +210,10 @@ class Topology:
             )
         return self.groups[name]
 
+    def __repr__(self) -> str:
+        groups = {name: [list(s) for s in part] for name, part in self.groups.items()}
+        return f"Topology(nodes={[list(s) for s in self.nodes]}, groups={groups})"
+
     def to_dict(self) -> dict[str, object]:
         """JSON form used in the manifest."""
         return {
