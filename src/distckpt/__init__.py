@@ -4,13 +4,16 @@ Declare each piece of training state once, with how it is shared across
 ranks, and let one collective call save or load all of it::
 
     coordinator = CheckpointCoordinator(
-        [StateComponent("model", model, SharingPattern.PER_GROUP,
-                        process_group_name="dp", validate_replication=True)],
+        [StateComponent("model", model, PerGroup("dp"), validate_replication=True)],
         process_groups={"dp": dp_group},
         output_dir="runs/exp1",
     )
     path = coordinator.save_checkpoint(checkpoint_id="1000")   # every rank
     coordinator.load_checkpoint()                               # every rank: latest
+
+A sharing pattern is a partition of the ranks into replica sets
+(:mod:`distckpt.patterns`); ``SharingPattern`` keeps the original names of
+the built-ins, and ``register_pattern`` adds your own.
 """
 
 from __future__ import annotations
