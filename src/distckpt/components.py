@@ -14,7 +14,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
-from .names import check_name
+from .names import check_name, coerce_enum
 from .patterns import Pattern, SharingPattern, resolve_pattern
 
 __all__ = ["StateComponent", "Stateful", "ValidationLevel"]
@@ -39,15 +39,7 @@ class ValidationLevel(str, Enum):
     @classmethod
     def coerce(cls, value: ValidationLevel | str, *, field_name: str = "validation_level") -> ValidationLevel:
         """Accept an enum member or its string value (any case); else ``ValueError``."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.lower())
-            except ValueError:
-                pass
-        choices = ", ".join(str(member.value) for member in cls)
-        raise ValueError(f"{field_name}: {value!r} is not a validation level (choose one of {choices})")
+        return coerce_enum(cls, value, field_name, "a validation level")
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
-from .names import check_name
+from .names import check_name, coerce_enum
 from .topology import Partition, Topology, check_partition, join_partitions
 
 __all__ = [
@@ -312,15 +312,7 @@ class SharingPattern(str, Enum):
     @classmethod
     def coerce(cls, value: SharingPattern | str, *, field_name: str = "sharing_pattern") -> SharingPattern:
         """Accept an enum member or its string value (any case); else ``ValueError``."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.lower())
-            except ValueError:
-                pass
-        choices = ", ".join(str(member.value) for member in cls)
-        raise ValueError(f"{field_name}: {value!r} is not a sharing pattern (choose one of {choices})")
+        return coerce_enum(cls, value, field_name, "a sharing pattern")
 
 
 def resolve_pattern(value: Pattern | SharingPattern | str, group_name: str | None = None,
