@@ -4,19 +4,23 @@ Declare each piece of training state once, with how it is shared across
 ranks, and let one collective call save or load all of it::
 
     coordinator = CheckpointCoordinator(
-        [StateComponent("model", model, SharingPattern.PER_GROUP,
-                        process_group_name="dp", validate_replication=True)],
+        [StateComponent("model", model, PerGroup("dp"), validate_replication=True)],
         process_groups={"dp": dp_group},
         output_dir="runs/exp1",
     )
     path = coordinator.save_checkpoint(checkpoint_id="1000")   # every rank
     coordinator.load_checkpoint()                               # every rank: latest
+
+A sharing pattern is a partition of the ranks into replica sets
+(:mod:`distckpt.patterns`); ``SharingPattern`` keeps the original names of
+the built-ins, and ``register_pattern`` adds your own.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .components import StateComponent, Stateful, ValidationLevel
 from .coordinator import CheckpointCoordinator
 from .errors import (
     CheckpointBusyError,
@@ -34,9 +38,10 @@ from .errors import (
 )
 from .handle import SaveHandle
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
-from .patterns import SharingPattern, StateComponent, Stateful, ValidationLevel
+from .patterns import Pattern, SharingPattern, register_pattern, registered_patterns
 from .report import LoadReport
 from .rng import RNGState
+from .topology import Topology
 
 __all__ = [
     "CheckpointBusyError",
@@ -53,6 +58,7 @@ __all__ = [
     "IntegrityError",
     "LoadReport",
     "ManifestError",
+    "Pattern",
     "RNGState",
     "ReplicationMismatchError",
     "SaveHandle",
@@ -60,7 +66,10 @@ __all__ = [
     "SharingPattern",
     "StateComponent",
     "Stateful",
+    "Topology",
     "TopologyMismatchError",
     "ValidationLevel",
     "__version__",
+    "register_pattern",
+    "registered_patterns",
 ]

@@ -41,7 +41,8 @@ from . import __version__, codec, layout, legacy, storage
 from .digests import describe_difference, iter_leaves
 from .errors import CheckpointError, ManifestError, TopologyMismatchError
 from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
-from .patterns import SharingPattern, check_name
+from .names import check_name
+from .patterns import Pattern
 from .reading import read_component
 from .topology import Partition, Topology
 
@@ -106,10 +107,6 @@ def sets_text(sets: Sequence[Sequence[int]], limit: int = 48) -> str:
             break
         shown += piece
     return f"{shown}... ({len(sets)} sets)"
-
-
-def pattern_text(pattern: SharingPattern, group: str | None) -> str:
-    return f"per_group({group})" if pattern is SharingPattern.PER_GROUP else pattern.value
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> str:
@@ -325,7 +322,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key in sorted(m.components):
         c = m.components[key]
         rows.append([
-            key, pattern_text(c.sharing_pattern, c.group_name), rank_text(c.ranks),
+            key, c.describe_pattern(), rank_text(c.ranks),
             sets_text(c.replicated_across), str(len(c.files)), human_size(c.size_bytes),
             c.validation or "-", "yes" if c.required else "no",
         ])
@@ -631,9 +628,8 @@ def compare_states(a: Any, b: Any) -> list[str]:
 
 def _diff_component(pa: str, ca: ComponentManifest, pb: str, cb: ComponentManifest, limit: int) -> list[str]:
     lines: list[str] = []
-    if ca.sharing_pattern is not cb.sharing_pattern or ca.group_name != cb.group_name:
-        return [f"  pattern: {pattern_text(ca.sharing_pattern, ca.group_name)} in A, "
-                f"{pattern_text(cb.sharing_pattern, cb.group_name)} in B (files not compared)"]
+    if ca.describe_pattern() != cb.describe_pattern():
+        return [f"  pattern: {ca.describe_pattern()} in A, {cb.describe_pattern()} in B (files not compared)"]
     if tuple(ca.replicated_across) != tuple(cb.replicated_across):
         lines.append(f"  replica sets: {sets_text(ca.replicated_across)} in A, {sets_text(cb.replicated_across)} in B")
     fa = _sets_of(ca)
@@ -685,14 +681,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for key in keys:
         if key not in mb.components or key not in ma.components:
             c = ma.components.get(key) or mb.components[key]
-            print(f"component {key!r} ({pattern_text(c.sharing_pattern, c.group_name)}): only in "
+            print(f"component {key!r} ({c.describe_pattern()}): only in "
                   f"{'A' if key in ma.components else 'B'}")
             changed += 1
             continue
         lines = _diff_component(pa, ma.components[key], pb, mb.components[key], args.max_entries)
         if lines:
             c = ma.components[key]
-            print(f"component {key!r} ({pattern_text(c.sharing_pattern, c.group_name)}):")
+            print(f"component {key!r} ({c.describe_pattern()}):")
             print("\n".join(lines))
             changed += 1
     if changed or differ:
@@ -773,25 +769,22 @@ def _read_legacy_manifest(src: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _Planned:
     key: str
-    pattern: SharingPattern
+    pattern: Pattern
     group: str | None
     plan: layout.ComponentPlan
     sources: Mapping[str, str]  # new relative path -> legacy file name
 
 
-def _legacy_hint_pattern(hints: Mapping[str, Any], key: str) -> SharingPattern | None:
+def _legacy_hint_pattern(hints: Mapping[str, Any], key: str) -> str | None:
     comps = hints.get("components")
     if not isinstance(comps, dict) or not isinstance(comps.get(key), dict):
         return None
     value = comps[key].get("sharing_pattern")
-    try:
-        return SharingPattern.coerce(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
+    return value.lower() if isinstance(value, str) else None
 
 
 def plan_conversion(
-    files: Sequence[legacy.LegacyFile], topology: Topology, overrides: Mapping[str, SharingPattern],
+    files: Sequence[legacy.LegacyFile], topology: Topology, overrides: Mapping[str, str],
     hints: Mapping[str, Any], nodes_given: bool,
 ) -> list[_Planned]:
     """Decide every component's pattern and replica sets from the legacy names and the layout given."""
@@ -813,35 +806,27 @@ def plan_conversion(
         if len(kinds) > 1:
             raise CLIError(f"component {key!r}: files of several patterns: {[f.name for f in group_files]}")
         kind = kinds.pop()
-        group: str | None = None
-        if kind == "shared":
-            pattern = overrides.get(key) or _legacy_hint_pattern(hints, key) or SharingPattern.GLOBAL
-            if pattern not in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-                raise CLIError(f"component {key!r}: {group_files[0].name} is one shared file, so the pattern is "
-                               f"global or replicated, not {pattern.value}")
-        else:
-            pattern = {"rank": SharingPattern.PER_RANK, "group": SharingPattern.PER_GROUP,
-                       "node": SharingPattern.PER_NODE}[kind]
-            if key in overrides and overrides[key] is not pattern:
-                raise CLIError(f"component {key!r}: its file names say {pattern.value}; --pattern "
-                               f"{key}={overrides[key].value} contradicts them")
-        if kind == "group":
-            names = sorted({f.group or "" for f in group_files})
-            if len(names) > 1:
-                raise CLIError(f"component {key!r}: files of several groups {names}")
-            group = names[0]
-            if group not in topology.groups:
-                raise CLIError(
-                    f"component {key!r} is per_group({group}) in the legacy checkpoint, whose file names record "
-                    f"only the writer of each group; give the group layout of the job that saved it: "
-                    f"--mesh {group}=N,... (a row-major device mesh) or --group {group}=0,4/1,5/... (explicit sets)")
+        names = sorted({f.group for f in group_files if f.group is not None})
+        if len(names) > 1:
+            raise CLIError(f"component {key!r}: files of several groups {names}")
+        group: str | None = names[0] if names else None
+        hint = _legacy_hint_pattern(hints, key) if kind == "shared" else None
+        try:
+            pattern = legacy.legacy_pattern(kind, group, overrides.get(key) or hint)
+        except ValueError as exc:
+            raise CLIError(f"component {key!r} ({group_files[0].name}): {exc}") from None
+        if group is not None and group not in topology.groups:
+            raise CLIError(
+                f"component {key!r} is per_group({group}) in the legacy checkpoint, whose file names record "
+                f"only the writer of each group; give the group layout of the job that saved it: "
+                f"--mesh {group}=N,... (a row-major device mesh) or --group {group}=0,4/1,5/... (explicit sets)")
         if kind == "node" and not nodes_given:
             raise CLIError(
                 f"component {key!r} is per_node in the legacy checkpoint, whose file names record only each "
                 "node's writer; give the node layout: --nproc-per-node N (torchrun's contiguous ranks) "
                 "or --nodes 0-3/4-7")
         try:
-            plan = layout.plan_component(topology, key, pattern, group)
+            plan = layout.plan_component(topology, key, pattern)
         except TopologyMismatchError as exc:
             raise CLIError(f"component {key!r}: {exc}") from None
         sources: dict[str, str] = {}
@@ -940,13 +925,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         check_name(os.path.basename(final), field_name="DST directory name")
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    overrides: dict[str, SharingPattern] = {}
+    overrides: dict[str, str] = {}
     for spec in args.pattern or []:
         key, sep, value = spec.partition("=")
-        try:
-            overrides[key] = SharingPattern.coerce(value)
-        except ValueError as exc:
-            raise CLIError(f"--pattern {spec!r}: {exc if sep else 'expected KEY=PATTERN'}") from None
+        if not sep or not value:
+            raise CLIError(f"--pattern {spec!r}: expected KEY=PATTERN")
+        overrides[key] = value.lower()
     unknown = sorted(set(overrides) - {f.key for f in files})
     if unknown:
         raise CLIError(f"--pattern: no component {unknown} in {src}")
@@ -981,7 +965,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 origin[fp.path] = legacy_name
                 log.info("distckpt: converted %s -> %s (%d bytes)", legacy_name, fp.path, size)
             components[p.key] = ComponentManifest(
-                key=p.key, sharing_pattern=p.pattern, group_name=p.group, ranks=p.plan.writers,
+                key=p.key, sharing_pattern=p.pattern.kind, group_name=p.group, params=p.pattern.params(),
+                ranks=p.plan.writers,
                 replicated_across=p.plan.replica_sets, files=tuple(entries), required=True, validation=None,
                 size_bytes=sum(e.size_bytes for e in entries),
                 checksum=storage.checksum_of("\n".join(e.checksum for e in entries).encode()),
@@ -1004,7 +989,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"converted {_short(src)} -> {_short(final)}: {len(components)} components, "
           f"{sum(len(c.files) for c in components.values())} files, {human_size(total)}, world {topology.world_size}")
     print(table(["COMPONENT", "PATTERN", "REPLICA SETS", "FROM"],
-                [[p.key, pattern_text(p.pattern, p.group), sets_text(p.plan.replica_sets),
+                [[p.key, p.pattern.describe(), sets_text(p.plan.replica_sets),
                   ", ".join(p.sources[f.path] for f in p.plan.files)] for p in planned], indent="  "))
     return EXIT_OK
 

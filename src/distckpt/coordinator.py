@@ -43,12 +43,14 @@ import torch
 from . import __version__, storage
 from .codec import EncodedState, encode, state_nbytes, tensor_bytes
 from .collectives import Comm, announce, default_comm, exchange
+from .components import StateComponent, ValidationLevel
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ComponentMismatchError,
     IntegrityError,
+    ManifestError,
     ReplicationMismatchError,
     TopologyMismatchError,
 )
@@ -56,7 +58,8 @@ from .handle import SaveHandle
 from .layout import ComponentPlan, plan_component
 from .legacy import is_legacy_checkpoint, load_legacy
 from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
-from .patterns import SharingPattern, StateComponent, ValidationLevel, check_name
+from .names import check_name
+from .patterns import Pattern, pattern_from_record
 from .reading import decode_files, read_component, read_files
 from .report import LoadReport
 from .topology import Topology
@@ -71,7 +74,6 @@ _Record = tuple[int, str, int, str]  # size, checksum, writer, structure digest
 _DETAIL_LIMIT_BYTES = 64 * 1024 * 1024
 #: Default smallest part of a balanced write (measured: bench/results/FINDINGS.md).
 DEFAULT_MIN_PART_BYTES = 256 * 1024 * 1024
-_SPLITTABLE = (SharingPattern.REPLICATED, SharingPattern.PER_GROUP)
 LOAD_STRATEGIES = ("every_member_reads", "read_and_broadcast")
 
 
@@ -87,8 +89,7 @@ class _SavePlan:
 
 
 def _declaration(c: StateComponent) -> tuple[Any, ...]:
-    return (c.key, c.sharing_pattern.value, c.process_group_name, c.required,
-            c.validate_replication, c.validation_level.value)
+    return (c.key, c.pattern.describe(), c.required, c.validate_replication, c.validation_level.value)
 
 
 class CheckpointCoordinator:
@@ -324,7 +325,7 @@ class CheckpointCoordinator:
             report = self._local_report()
             if self.min_part_bytes is not None and self.world_size > 1:  # sizes decide balanced writes
                 report["sizes"] = {c.key: state_nbytes(self._state(states, c.key))
-                                   for c in self.components if c.sharing_pattern in _SPLITTABLE}
+                                   for c in self.components if c.pattern.identical_replicas}
             if self.rank == 0:
                 report["decision"] = mine["decision"] = self._decide_path(checkpoint_path, checkpoint_id, overwrite)
             return report
@@ -333,17 +334,28 @@ class CheckpointCoordinator:
             reports = exchange(self._comm, "plan", work)
             decision = reports[0]["decision"]
             topology = self._agree(reports)
-            plans = {
-                c.key: plan_component(topology, c.key, c.sharing_pattern, c.process_group_name,
-                                      {r: rep.get("sizes", {}).get(c.key, 0) for r, rep in enumerate(reports)},
-                                      self.min_part_bytes)
-                for c in self.components
-            }
+            plans = self._plan_files(topology, reports)
         except BaseException:
             if "decision" in mine:
                 _remove_tree(mine["decision"]["staging"])
             raise
         return _SavePlan(topology=topology, components=plans, **decision)
+
+    def _plan_files(self, topology: Topology, reports: Sequence[Mapping[str, Any]]) -> dict[str, ComponentPlan]:
+        """Every rank: each component's files from its pattern, inside a collective so that a
+        pattern that raises, or answers differently on some rank, fails every rank."""
+        plans: dict[str, ComponentPlan] = {}
+
+        def work() -> str:
+            for c in self.components:
+                sizes = {r: rep.get("sizes", {}).get(c.key, 0) for r, rep in enumerate(reports)}
+                plans[c.key] = plan_component(topology, c.key, c.pattern, sizes=sizes,
+                                              min_part_bytes=self.min_part_bytes)
+            return _plan_digest(plans)
+
+        digests = exchange(self._comm, "plan", work)
+        _check_same_plan(digests, self.components)
+        return plans
 
     def _decide_path(self, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool) -> dict[str, Any]:
         """Rank 0 only: final path, id, sequence and a fresh staging directory this process owns.
@@ -397,7 +409,7 @@ class CheckpointCoordinator:
     def _validated(self, validate: bool) -> list[StateComponent]:
         return [
             c for c in self.components
-            if c.sharing_pattern.can_validate
+            if c.pattern.identical_replicas
             and c.validation_level is not ValidationLevel.NONE
             and (c.validate_replication or validate)
         ]
@@ -667,17 +679,17 @@ class CheckpointCoordinator:
                 else:
                     skipped[c.key] = "optional component not in checkpoint"
                 continue
-            if saved.sharing_pattern is not c.sharing_pattern or saved.group_name != c.process_group_name:
+            if _saved_pattern(path, c.key, saved) != c.pattern:
                 problems.append(
-                    f"component {c.key!r} was saved as {_pattern_text(saved.sharing_pattern, saved.group_name)} "
-                    f"but is declared {_pattern_text(c.sharing_pattern, c.process_group_name)}"
+                    f"component {c.key!r} was saved as {saved.describe_pattern()} "
+                    f"but is declared {c.pattern.describe()}"
                 )
                 continue
-            if c.sharing_pattern not in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-                current = plan_component(topology, c.key, c.sharing_pattern, c.process_group_name).replica_sets
+            current = c.pattern.partition(topology)
+            if not c.pattern.elastic:
                 if tuple(saved.replicated_across) != current:
                     topo_problems.append(
-                        f"component {c.key!r} ({c.sharing_pattern.value}) was saved with replica sets "
+                        f"component {c.key!r} ({c.pattern.describe()}) was saved with replica sets "
                         f"{_sets_text(saved.replicated_across)} (world {manifest.world_size}) but the "
                         f"current world gives {_sets_text(current)} (world {topology.world_size})"
                     )
@@ -710,7 +722,7 @@ class CheckpointCoordinator:
         def work() -> None:
             self._hook("read")
             for key, saved in actions.items():
-                entries = saved.files_for_rank(self.rank)
+                entries = saved.files_for_rank(self.rank, self._by_key[key].pattern.elastic)
                 stateful = self._by_key[key].stateful
                 live = stateful.state_dict() if self.load_in_place else None
                 stateful.load_state_dict(read_component(path, entries, live))
@@ -731,13 +743,14 @@ class CheckpointCoordinator:
         if send is None:
             raise TypeError(f"load_strategy='read_and_broadcast' needs a Comm with broadcast_in_sets(); "
                             f"{type(self._comm).__name__} has none")
-        sets = {key: _load_sets(saved, self.world_size) for key, saved in actions.items()}
+        sets = {key: _load_sets(saved, self.world_size, self._by_key[key].pattern.elastic)
+                for key, saved in actions.items()}
         buffers: dict[str, list[torch.Tensor]] = {}
 
         def fetch() -> None:
             self._hook("read")
             for key, saved in actions.items():
-                entries = saved.files_for_rank(self.rank)
+                entries = saved.files_for_rank(self.rank, self._by_key[key].pattern.elastic)
                 reader = min(next(m for m in sets[key] if self.rank in m))
                 if reader == self.rank:
                     buffers[key] = [torch.frombuffer(b, dtype=torch.uint8) for b in read_files(path, entries)]
@@ -746,7 +759,7 @@ class CheckpointCoordinator:
 
         def restore() -> None:
             for key, saved in actions.items():
-                entries = saved.files_for_rank(self.rank)
+                entries = saved.files_for_rank(self.rank, self._by_key[key].pattern.elastic)
                 state = decode_files(path, entries, [tensor_bytes(t) for t in buffers[key]])
                 self._by_key[key].stateful.load_state_dict(state)
                 files[key] = entries[0].path
@@ -773,11 +786,39 @@ def _combined(entries: Mapping[str, str]) -> str:
     return storage.checksum_of(json.dumps(sorted(entries.items())).encode("ascii"), "xxh3-64")
 
 
-def _load_sets(saved: ComponentManifest, world_size: int) -> tuple[tuple[int, ...], ...]:
-    """Replica sets in the loading world: everyone for GLOBAL and REPLICATED (which load elastically)."""
-    if saved.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-        return (tuple(range(world_size)),)
-    return tuple(saved.replicated_across)
+def _load_sets(saved: ComponentManifest, world_size: int, elastic: bool) -> tuple[tuple[int, ...], ...]:
+    """Replica sets in the loading world: the saved ones, or for an elastic pattern (GLOBAL,
+    REPLICATED) the ranks grouped by the saved set each of them reads."""
+    if not elastic:
+        return tuple(saved.replicated_across)
+    readers: dict[tuple[int, ...], list[int]] = {}
+    for rank in range(world_size):
+        readers.setdefault(saved.files_for_rank(rank, True)[0].ranks, []).append(rank)
+    return tuple(tuple(v) for v in readers.values())
+
+
+def _saved_pattern(path: str, key: str, saved: ComponentManifest) -> Pattern:
+    """The pattern object a manifest entry records; :class:`ManifestError` when its kind is not
+    registered in this process or its params do not rebuild it."""
+    try:
+        return pattern_from_record(saved.kind, saved.params or {})
+    except (LookupError, ValueError) as exc:
+        raise ManifestError(f"{path}: component {key!r}: {exc}", phase="resolve") from None
+
+
+def _plan_digest(plans: Mapping[str, ComponentPlan]) -> str:
+    text = repr(sorted((key, [(f.path, f.ranks, f.writer) for f in p.files]) for key, p in plans.items()))
+    return storage.checksum_of(text.encode(), "xxh3-64")
+
+
+def _check_same_plan(digests: Sequence[str], components: Sequence[StateComponent]) -> None:
+    """Every rank: the patterns gave every rank the same files, or every rank raises."""
+    differ = {rank: "planned different files than rank 0" for rank, d in enumerate(digests) if d != digests[0]}
+    if differ:
+        kinds = ", ".join(sorted({c.pattern.describe() for c in components}))
+        raise TopologyMismatchError(
+            f"sharing patterns gave different replica sets on different ranks (patterns: {kinds}); "
+            "replica_sets(topology) must be deterministic", failures=differ, phase="plan")
 
 
 def _check_parts_agree(plan: _SavePlan, records: Mapping[str, Mapping[str, _Record]]) -> None:
@@ -798,10 +839,6 @@ def _check_parts_agree(plan: _SavePlan, records: Mapping[str, Mapping[str, _Reco
             "Save with validate=True to see where they differ",
             failures=failures, phase="write",
         )
-
-
-def _pattern_text(pattern: SharingPattern, group: str | None) -> str:
-    return f"PER_GROUP({group!r})" if pattern is SharingPattern.PER_GROUP else pattern.name
 
 
 def _sets_text(sets: Sequence[Sequence[int]]) -> str:
@@ -842,8 +879,9 @@ def _build_manifest(
                                    part=f.part, parts=f.parts))
         entries[c.key] = ComponentManifest(
             key=c.key,
-            sharing_pattern=c.sharing_pattern,
+            sharing_pattern=c.pattern.kind,
             group_name=c.process_group_name,
+            params=c.pattern.params(),
             ranks=cplan.writers,
             replicated_across=cplan.replica_sets,
             files=tuple(files),

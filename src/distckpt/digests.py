@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from .codec import encode_leaf, tensor_bytes
-from .patterns import ValidationLevel
+from .components import ValidationLevel
 
 __all__ = [
     "STRUCTURE",

@@ -1,9 +1,9 @@
 """Layout: which file each replica set is written to, and by whom.
 
-Pure module. Given a topology and a declaration, :func:`plan_component` lists
+Pure module. Given a topology and a pattern, :func:`plan_component` lists
 one :class:`FilePlan` per replica set: its relative path inside the checkpoint
-directory, the ranks it belongs to and its writer (always the lowest rank of the
-set). A *balanced* write (:func:`part_writers`) splits a large replica set's
+directory (the pattern's :meth:`~distckpt.patterns.Pattern.file_stem`), the
+ranks it belongs to and its writer (always the lowest rank of the set). A *balanced* write (:func:`part_writers`) splits a large replica set's
 state into parts written by several of its members, node by node. Loading never parses these names; it finds a rank's file through the
 manifest. :func:`check_relpath` is the one place that says whether a relative
 path may be joined to a checkpoint directory.
@@ -15,15 +15,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .patterns import SharingPattern
-from .topology import Topology, replica_sets
+from .patterns import Pattern, SharingPattern, resolve_pattern
+from .topology import Topology
 
 __all__ = [
     "FILE_SUFFIX",
     "ComponentPlan",
     "FilePlan",
     "check_relpath",
-    "file_name",
     "part_writers",
     "plan_component",
 ]
@@ -49,8 +48,7 @@ class ComponentPlan:
     """Every file of one component, ordered by replica set."""
 
     key: str
-    pattern: SharingPattern
-    group_name: str | None
+    pattern: Pattern
     files: tuple[FilePlan, ...]
 
     @property
@@ -62,42 +60,39 @@ class ComponentPlan:
         return tuple(f.ranks for f in self.files if f.part == 0)
 
 
-def file_name(pattern: SharingPattern, index: int, writer: int, group_name: str | None) -> str:
-    """File name (without directory) of replica set ``index`` of a component."""
-    if pattern is SharingPattern.GLOBAL:
-        stem = "global"
-    elif pattern is SharingPattern.REPLICATED:
-        stem = "replicated"
-    elif pattern is SharingPattern.PER_RANK:
-        stem = f"rank-{writer:05d}"
-    elif pattern is SharingPattern.PER_NODE:
-        stem = f"node-{index:03d}"
-    else:
-        stem = f"{group_name}-{index:03d}"
-    return stem + FILE_SUFFIX
-
-
 def plan_component(
-    topology: Topology, key: str, pattern: SharingPattern, group_name: str | None,
+    topology: Topology, key: str, pattern: Pattern | SharingPattern | str, group_name: str | None = None,
     sizes: Mapping[int, int] | None = None, min_part_bytes: int | None = None,
 ) -> ComponentPlan:
-    """Plan the files of one component; raises ``TopologyMismatchError`` for an unknown group.
+    """Plan the files of one component. Pure; called on every rank by the save and load phases.
 
-    With ``min_part_bytes``, a replica set whose state (``sizes[lowest rank]``,
-    in bytes) is large enough is split by :func:`part_writers`.
+    ``pattern`` is a :class:`~distckpt.patterns.Pattern` (or a built-in alias with
+    ``group_name``). Its replica sets are checked to partition the world
+    (:class:`TopologyMismatchError` naming the pattern and the ranks otherwise) and
+    its file stems to be safe and distinct (``ValueError``). With
+    ``min_part_bytes``, a set of a pattern with identical replicas whose state
+    (``sizes[lowest rank]``, in bytes) is large enough is split by :func:`part_writers`.
     """
+    resolved = pattern if isinstance(pattern, Pattern) else resolve_pattern(pattern, group_name)
     files: list[FilePlan] = []
-    for i, members in enumerate(replica_sets(topology, pattern, group_name)):
-        stem = f"{key}/{file_name(pattern, i, min(members), group_name)}"
+    stems: set[str] = set()
+    for i, members in enumerate(resolved.partition(topology)):
+        name = resolved.file_stem(i, members) + FILE_SUFFIX
+        if not isinstance(name, str) or _SEGMENT.fullmatch(name) is None or name.casefold() in stems:
+            raise ValueError(f"pattern {resolved.describe()}: file_stem({i}, {list(members)}) gave "
+                             f"{name!r}, which is not a safe file name distinct from the other sets'")
+        stems.add(name.casefold())
+        stem = f"{key}/{name}"
         size = (sizes or {}).get(min(members), 0)
-        writers = part_writers(topology, members, size, min_part_bytes) if min_part_bytes else (min(members),)
+        writers = (part_writers(topology, members, size, min_part_bytes)
+                   if min_part_bytes and resolved.identical_replicas else (min(members),))
         if len(writers) == 1:
             files.append(FilePlan(path=stem, ranks=members, writer=writers[0]))
             continue
         base = stem.removesuffix(FILE_SUFFIX)
         files += [FilePlan(path=f"{base}.part-{p:03d}-of-{len(writers):03d}{FILE_SUFFIX}", ranks=members,
                            writer=w, part=p, parts=len(writers)) for p, w in enumerate(writers)]
-    return ComponentPlan(key=key, pattern=pattern, group_name=group_name, files=tuple(files))
+    return ComponentPlan(key=key, pattern=resolved, files=tuple(files))
 
 
 def part_writers(topology: Topology, members: tuple[int, ...], size_bytes: int,
@@ -116,7 +111,7 @@ def part_writers(topology: Topology, members: tuple[int, ...], size_bytes: int,
         raise ValueError(f"min_part_bytes: expected a positive int, got {min_part_bytes}")
     by_node: dict[int, list[int]] = {}
     for rank in sorted(members):
-        by_node.setdefault(topology.node_index(rank), []).append(rank)
+        by_node.setdefault(topology.node_of(rank), []).append(rank)
     columns = sorted(by_node.values())
     order = [col[k] for k in range(max(len(c) for c in columns)) for col in columns if k < len(col)]
     count = max(1, min(len(order), size_bytes // min_part_bytes))

@@ -19,12 +19,20 @@ from typing import Any
 
 import torch
 
+from .components import StateComponent
 from .errors import ComponentMismatchError, IntegrityError
-from .patterns import SharingPattern, StateComponent
+from .patterns import Pattern, registered_patterns, resolve_pattern
 from .report import LoadReport
-from .topology import Topology, replica_sets
+from .topology import Topology
 
-__all__ = ["LegacyFile", "is_legacy_checkpoint", "legacy_inventory", "load_legacy", "read_legacy_file"]
+__all__ = [
+    "LegacyFile",
+    "is_legacy_checkpoint",
+    "legacy_inventory",
+    "legacy_pattern",
+    "load_legacy",
+    "read_legacy_file",
+]
 
 LEGACY_MANIFEST = "checkpoint_manifest.json"
 
@@ -71,6 +79,27 @@ def legacy_inventory(path: str) -> list[LegacyFile]:
     return out
 
 
+def legacy_pattern(kind: str, group: str | None, choice: str | None) -> Pattern:
+    """The pattern of a component whose original-format files are of ``kind``.
+
+    Called by ``distckpt convert``. ``choice`` is a pattern kind the user or the
+    legacy manifest named; it must be one the original format wrote as ``kind``
+    files (a shared file is global or replicated). Without a choice, the first
+    registered pattern of that kind (``global`` for shared files). Raises
+    ``ValueError`` when the choice contradicts the file names.
+    """
+    fitting = [cls for cls in registered_patterns().values() if cls.legacy_kind == kind]
+    if not fitting:
+        raise ValueError(f"no sharing pattern writes original-format {kind!r} files")
+    if choice is not None:
+        chosen = resolve_pattern(choice, group, field_name="pattern")
+        if chosen.legacy_kind != kind:
+            raise ValueError(f"its file names say one of {[c.kind for c in fitting]}; pattern {choice!r} "
+                             "contradicts them")
+        return chosen
+    return resolve_pattern(fitting[0].kind, group, field_name="pattern")
+
+
 def is_legacy_checkpoint(path: str) -> bool:
     """Whether ``path`` looks like an original-format checkpoint."""
     if not os.path.isdir(path):
@@ -95,20 +124,19 @@ def read_legacy_file(path: str) -> Any:
 
 
 def _choose(files: Sequence[LegacyFile], c: StateComponent, topology: Topology, rank: int) -> LegacyFile | None:
-    mine = [f for f in files if f.key == c.key]
-    pattern = c.sharing_pattern
-    if pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-        candidates = [f for f in mine if f.kind == "shared"]
-    elif pattern is SharingPattern.PER_RANK:
-        candidates = [f for f in mine if f.kind == "rank" and f.writer == rank]
-    else:
-        members = next(s for s in replica_sets(topology, pattern, c.process_group_name) if rank in s)
-        kind = "group" if pattern is SharingPattern.PER_GROUP else "node"
-        candidates = [
-            f for f in mine
-            if f.kind == kind and f.writer in members
-            and (kind == "node" or f.group == c.process_group_name)
-        ]
+    """The legacy file of ``c`` that belongs to ``rank``'s replica set: of the kind the
+    original format used for the component's pattern, written by a member of the set
+    (shared files were written by rank 0), and for group files of the declared group."""
+    members = next(s for s in c.pattern.partition(topology) if rank in s)
+    if c.pattern.elastic:
+        members = tuple(range(topology.world_size))
+    groups = c.pattern.params().get("groups")
+    candidates = [
+        f for f in files
+        if f.key == c.key and f.kind == c.pattern.legacy_kind
+        and (0 if f.writer is None else f.writer) in members
+        and (f.group is None or groups == [f.group])
+    ]
     if len(candidates) > 1:
         raise ComponentMismatchError(
             f"component {c.key!r}: several legacy files belong to rank {rank}'s replica set: "
@@ -135,7 +163,7 @@ def load_legacy(
             if c.required:
                 raise ComponentMismatchError(
                     f"{path}: no legacy file for required component {c.key!r} "
-                    f"({c.sharing_pattern.name}) belongs to rank {rank}"
+                    f"({c.pattern.describe()}) belongs to rank {rank}"
                 )
             skipped[c.key] = "optional component not in checkpoint"
             continue

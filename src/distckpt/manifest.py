@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ManifestError
 from .layout import check_relpath
-from .patterns import SharingPattern
+from .patterns import KIND_PATTERN, SharingPattern, describe_record
 
 __all__ = [
     "FORMAT_NAME",
@@ -30,14 +30,15 @@ __all__ = [
 ]
 
 FORMAT_NAME = "distckpt"
-FORMAT_VERSION = "1.1"  # 1.1: files may carry "part" (balanced writes)
+# 1.1: files may carry "part" (balanced writes); 1.2: components carry "pattern": {kind, params}
+FORMAT_VERSION = "1.2"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 _FILE_FIELDS = ("path", "ranks", "writer", "size_bytes", "checksum", "part")
 _COMPONENT_FIELDS = (
     "key", "sharing_pattern", "group_name", "ranks", "replicated_across", "required",
-    "validation", "size_bytes", "checksum", "files", "metadata",
+    "validation", "size_bytes", "checksum", "files", "metadata", "pattern",
 )
 _TOP_FIELDS = (
     "format", "format_version", "checkpoint_id", "sequence", "world_size", "timestamp",
@@ -123,14 +124,19 @@ class FileEntry:
 class ComponentManifest:
     """What was saved for one component.
 
+    ``sharing_pattern`` is the pattern's kind (a :class:`SharingPattern` alias for
+    the built-ins, else the registered kind string) and ``params`` its parameters
+    (JSON: ``"pattern": {"kind": ..., "params": {...}}``, format 1.2; derived from
+    ``sharing_pattern`` and ``group_name`` for 1.0 and 1.1 manifests).
+    ``group_name`` is the group of a one-group PER_GROUP, kept for 1.1 readers.
     ``ranks`` are the writers (sorted); ``replicated_across`` the replica sets,
-    one per file; ``validation`` the level used, or ``None`` when not validated;
-    ``size_bytes`` the exact sum of the file sizes; ``checksum`` a digest of the
-    files' checksums in order.
+    one per file (or per group of parts); ``validation`` the level used, or
+    ``None`` when not validated; ``size_bytes`` the exact sum of the file sizes;
+    ``checksum`` a digest of the files' checksums in order.
     """
 
     key: str
-    sharing_pattern: SharingPattern
+    sharing_pattern: SharingPattern | str
     group_name: str | None
     ranks: tuple[int, ...]
     replicated_across: tuple[tuple[int, ...], ...]
@@ -141,17 +147,40 @@ class ComponentManifest:
     checksum: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] | None = None
 
-    def file_for_rank(self, rank: int) -> FileEntry:
+    def __post_init__(self) -> None:
+        kind = str(self.sharing_pattern.value if isinstance(self.sharing_pattern, SharingPattern)
+                   else self.sharing_pattern)
+        if KIND_PATTERN.fullmatch(kind) is None:
+            raise ValueError(f"component {self.key!r}: {kind!r} is not a pattern kind")
+        if kind in _BUILTIN_KINDS:
+            object.__setattr__(self, "sharing_pattern", SharingPattern(kind))
+        if self.params is None:  # 1.0 and 1.1 recorded the pattern as kind + group name
+            params = {"groups": [self.group_name]} if self.group_name is not None else {}
+            object.__setattr__(self, "params", params)
+
+    @property
+    def kind(self) -> str:
+        """The pattern's registered kind."""
+        return str(self.sharing_pattern.value if isinstance(self.sharing_pattern, SharingPattern)
+                   else self.sharing_pattern)
+
+    def describe_pattern(self) -> str:
+        """``kind`` or ``kind(params)``, as the CLI and errors print it."""
+        return describe_record(self.kind, self.params or {})
+
+    def file_for_rank(self, rank: int, elastic: bool = False) -> FileEntry:
         """The (first) file whose replica set holds ``rank``; ``KeyError`` if none does."""
-        return self.files_for_rank(rank)[0]
+        return self.files_for_rank(rank, elastic)[0]
 
-    def files_for_rank(self, rank: int) -> tuple[FileEntry, ...]:
+    def files_for_rank(self, rank: int, elastic: bool = False) -> tuple[FileEntry, ...]:
         """The files holding ``rank``'s state: one, or every part of a balanced write in
-        part order. GLOBAL and REPLICATED components give their one set to every rank.
-        ``KeyError`` if no file belongs to ``rank``."""
-        everyone = self.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
-        found = [e for e in self.files if everyone or rank in e.ranks]
+        part order. A rank in no saved set gets set 0 when the pattern is ``elastic``
+        (it loads into another world size). ``KeyError`` if no file belongs to ``rank``."""
+        found = [e for e in self.files if rank in e.ranks]
+        if not found and elastic:
+            found = list(self.files)
         if not found:
             raise KeyError(f"no file of component {self.key!r} belongs to rank {rank}")
         first = found[0].ranks
@@ -160,8 +189,9 @@ class ComponentManifest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "key": self.key,
-            "sharing_pattern": self.sharing_pattern.value,
+            "sharing_pattern": self.kind,
             "group_name": self.group_name,
+            "pattern": {"kind": self.kind, "params": dict(self.params or {})},
             "ranks": list(self.ranks),
             "replicated_across": [list(s) for s in self.replicated_across],
             "required": self.required,
@@ -177,10 +207,17 @@ class ComponentManifest:
     def from_dict(cls, d: Any, where: str) -> ComponentManifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected an object")
-        try:
-            pattern = SharingPattern.coerce(_need(d, "sharing_pattern", str, where))
-        except ValueError as exc:
-            raise ManifestError(f"{where}: {exc}") from None
+        kind = _need(d, "sharing_pattern", str, where)
+        params: dict[str, Any] | None = None
+        if "pattern" in d:
+            record = _need(d, "pattern", dict, where)
+            if _need(record, "kind", str, f"{where}.pattern") != kind:
+                raise ManifestError(f"{where}: pattern.kind {record['kind']!r} differs from sharing_pattern {kind!r}")
+            params = _need(record, "params", dict, f"{where}.pattern")
+        elif kind.lower() in _BUILTIN_KINDS:
+            kind = kind.lower()
+        if KIND_PATTERN.fullmatch(kind) is None:
+            raise ManifestError(f"{where}: sharing_pattern {kind!r} is not a pattern kind")
         files_raw = _need(d, "files", list, where)
         files = tuple(FileEntry.from_dict(f, f"{where}.files[{i}]") for i, f in enumerate(files_raw))
         _check_parts(files, where)
@@ -196,7 +233,7 @@ class ComponentManifest:
             raise ManifestError(f"{where}: metadata must be an object")
         return cls(
             key=_need(d, "key", str, where),
-            sharing_pattern=pattern,
+            sharing_pattern=kind,
             group_name=group,
             ranks=_rank_list(_need(d, "ranks", list, where), where),
             replicated_across=tuple(_rank_list(s, where) for s in sets),
@@ -207,7 +244,11 @@ class ComponentManifest:
             checksum=d.get("checksum"),
             metadata=metadata,
             extra=_extra(d, _COMPONENT_FIELDS),
+            params=params,
         )
+
+
+_BUILTIN_KINDS = frozenset(m.value for m in SharingPattern)
 
 
 @dataclass(frozen=True)

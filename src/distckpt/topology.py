@@ -1,58 +1,108 @@
 """Topology: how the world's ranks are split into nodes and named groups.
 
-Pure module. A :class:`Topology` is built from what every rank reported about
-itself (its node identity and, per group name, the members of its group) and
-checked to be a set of true partitions of ``range(world_size)``. Replica sets of
-every sharing pattern are derived from it.
+Pure module (no I/O, no collectives). A :class:`Topology` is plain data: the
+nodes and every named group partition of ``range(world_size)``. It is public:
+sharing patterns (:mod:`distckpt.patterns`) read it to compute their replica
+sets, and users build one by hand to test a pattern::
+
+    Topology(nodes=[[0, 1, 2], [3, 4]], groups={"dp": [[0, 3], [1, 4], [2]]})
+
+The coordinator builds it from what every rank reported about itself
+(:meth:`Topology.from_reports`). :func:`check_partition` is the one place that
+says whether a list of rank sets partitions a world.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .errors import TopologyMismatchError
-from .patterns import SharingPattern, check_name
+from .names import check_name
 
-__all__ = ["Partition", "Topology", "replica_sets"]
+__all__ = ["Partition", "Topology", "check_partition", "join_partitions"]
 
 #: A partition of ranks: sorted tuples, ordered by their lowest rank.
 Partition = tuple[tuple[int, ...], ...]
 
 
-def _normalise(sets: Sequence[Sequence[int]]) -> Partition:
+def _normalise(sets: Iterable[Iterable[int]]) -> Partition:
     return tuple(sorted((tuple(sorted(s)) for s in sets), key=lambda s: s[0] if s else -1))
 
 
-def _check_partition(world_size: int, sets: Partition, what: str) -> None:
+def check_partition(sets: Iterable[Iterable[int]], world_size: int, what: str) -> Partition:
+    """Return ``sets`` sorted (each set, then the sets by lowest rank) if they partition
+    ``range(world_size)``: non-empty, disjoint, covering, ranks in range.
+
+    Pure. Called for node lists, group partitions and every pattern's replica
+    sets. Raises :class:`TopologyMismatchError` naming ``what`` and the
+    offending ranks otherwise.
+    """
+    try:
+        raw = [list(s) for s in sets]
+    except TypeError:
+        raise TopologyMismatchError(f"{what}: expected a sequence of rank sequences, got {sets!r}") from None
+    for listed in raw:
+        for rank in listed:
+            if isinstance(rank, bool) or not isinstance(rank, int):
+                raise TopologyMismatchError(f"{what}: ranks must be ints, got {rank!r}")
+    normal = _normalise(raw)
     seen: dict[int, int] = {}
-    for index, members in enumerate(sets):
+    for index, members in enumerate(normal):
         if not members:
             raise TopologyMismatchError(f"{what}: set {index} is empty")
         for rank in members:
             if not 0 <= rank < world_size:
-                raise TopologyMismatchError(
-                    f"{what}: rank {rank} is outside the world of {world_size} ranks"
-                )
+                raise TopologyMismatchError(f"{what}: rank {rank} is outside the world of {world_size} ranks")
             if rank in seen:
                 raise TopologyMismatchError(
-                    f"{what}: rank {rank} belongs to two sets ({list(sets[seen[rank]])} and "
-                    f"{list(members)}); groups of one name must be disjoint"
+                    f"{what}: rank {rank} belongs to two sets ({list(normal[seen[rank]])} and "
+                    f"{list(members)}); the sets must be disjoint"
                 )
             seen[rank] = index
-    missing = sorted(set(range(world_size)) - set(seen))
-    if missing:
-        raise TopologyMismatchError(
-            f"{what}: ranks {missing} belong to no set; groups of one name must cover the world"
-        )
+    if len(seen) != world_size:
+        missing = sorted(set(range(world_size)) - set(seen))
+        raise TopologyMismatchError(f"{what}: ranks {missing} belong to no set; the sets must cover the world")
+    return normal
 
 
-@dataclass(frozen=True)
+def join_partitions(world_size: int, partitions: Sequence[Partition]) -> Partition:
+    """The finest partition that every one of ``partitions`` refines: the connected
+    components of their union (ranks sharing a set in any of them end up together).
+
+    Pure; linear in the number of ranks listed. With one partition it is that partition.
+    """
+    parent = list(range(world_size))
+
+    def root(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for part in partitions:
+        for members in part:
+            first = root(members[0])
+            for rank in members[1:]:
+                other = root(rank)
+                if other != first:
+                    parent[max(other, first)] = min(other, first)
+                    first = min(other, first)
+    sets: dict[int, list[int]] = {}
+    for rank in range(world_size):
+        sets.setdefault(root(rank), []).append(rank)
+    return _normalise(sets.values())
+
+
+@dataclass(frozen=True, init=False)
 class Topology:
     """Nodes and named groups of a world, each a partition of its ranks.
 
-    ``nodes`` is ordered by lowest rank: node index ``i`` is ``nodes[i]``.
+    ``Topology(nodes=[[0, 1], [2, 3]], groups={"dp": [[0, 2], [1, 3]]})``;
+    ``world_size`` is the number of ranks on the nodes (it may be given too,
+    and ``Topology(4)`` is one node of four ranks). Nodes may differ in size.
+    ``nodes`` is ordered by lowest rank: node index ``i`` is ``nodes[i]``;
     ``groups`` maps a group name to its partition, ordered by lowest rank.
     Construction raises :class:`TopologyMismatchError` naming the partition and
     the offending ranks when a partition overlaps, misses ranks or strays outside.
@@ -61,20 +111,36 @@ class Topology:
     world_size: int
     nodes: Partition
     groups: Mapping[str, Partition] = field(default_factory=dict)
+    _node_of: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.world_size, int) or self.world_size < 1:
-            raise TopologyMismatchError(f"world_size: expected a positive int, got {self.world_size!r}")
-        nodes = _normalise(self.nodes)
-        _check_partition(self.world_size, nodes, "nodes")
-        object.__setattr__(self, "nodes", nodes)
-        groups: dict[str, Partition] = {}
-        for name in sorted(self.groups):
+    def __init__(
+        self,
+        world_size: int | None = None,
+        nodes: Iterable[Iterable[int]] | None = None,
+        groups: Mapping[str, Iterable[Iterable[int]]] | None = None,
+    ) -> None:
+        if nodes is None:
+            if world_size is None:
+                raise TopologyMismatchError("Topology needs nodes (a list of rank lists) or a world_size")
+            nodes = [range(world_size)] if isinstance(world_size, int) and world_size > 0 else []
+        node_sets = [list(s) for s in nodes]
+        if world_size is None:
+            world_size = sum(len(s) for s in node_sets)
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise TopologyMismatchError(f"world_size: expected a positive int, got {world_size!r}")
+        normal = check_partition(node_sets, world_size, "nodes")
+        checked: dict[str, Partition] = {}
+        for name in sorted(groups or {}):
             check_name(name, field_name="process group name")
-            part = _normalise(self.groups[name])
-            _check_partition(self.world_size, part, f"process group {name!r}")
-            groups[name] = part
-        object.__setattr__(self, "groups", MappingProxyType(groups))
+            checked[name] = check_partition((groups or {})[name], world_size, f"process group {name!r}")
+        node_of = [0] * world_size
+        for index, members in enumerate(normal):
+            for rank in members:
+                node_of[rank] = index
+        object.__setattr__(self, "world_size", world_size)
+        object.__setattr__(self, "nodes", normal)
+        object.__setattr__(self, "groups", MappingProxyType(checked))
+        object.__setattr__(self, "_node_of", tuple(node_of))
 
     @classmethod
     def from_reports(
@@ -84,6 +150,7 @@ class Topology:
     ) -> Topology:
         """Build the topology from every rank's report (index = global rank).
 
+        Called by the coordinator on every rank after the plan all-gather.
         ``node_ids[r]`` is rank ``r``'s node identity; ``group_members[r][name]``
         the global ranks of the group named ``name`` that rank ``r`` belongs to.
         Raises :class:`TopologyMismatchError` when ranks disagree about a group's
@@ -118,11 +185,34 @@ class Topology:
                         f"{sorted(reporters)}; every member must report the same members"
                     )
             groups[name] = tuple(claimed)
-        return cls(world, tuple(tuple(v) for v in by_node.values()), groups)
+        return cls(world, list(by_node.values()), groups)
 
-    def node_index(self, rank: int) -> int:
-        """Index of the node that holds ``rank``."""
-        return _index_of(self.nodes, rank)
+    def node_of(self, rank: int) -> int:
+        """Index of the node that holds ``rank`` (``KeyError`` outside the world)."""
+        if not 0 <= rank < self.world_size:
+            raise KeyError(rank)
+        return self._node_of[rank]
+
+    node_index = node_of  # the name used before the topology was public
+
+    def local_rank(self, rank: int) -> int:
+        """Position of ``rank`` among the ranks of its node, counted from 0 by rank."""
+        return self.nodes[self.node_of(rank)].index(rank)
+
+    def group(self, name: str) -> Partition:
+        """The partition named ``name``; :class:`TopologyMismatchError` listing the known
+        names when the trainer did not pass such a group."""
+        if name not in self.groups:
+            known = ", ".join(sorted(self.groups)) or "none"
+            raise TopologyMismatchError(
+                f"process group {name!r} is not among the groups passed to the coordinator "
+                f"(known: {known}); pass it in process_groups"
+            )
+        return self.groups[name]
+
+    def __repr__(self) -> str:
+        groups = {name: [list(s) for s in part] for name, part in self.groups.items()}
+        return f"Topology(nodes={[list(s) for s in self.nodes]}, groups={groups})"
 
     def to_dict(self) -> dict[str, object]:
         """JSON form used in the manifest."""
@@ -130,34 +220,3 @@ class Topology:
             "nodes": [list(s) for s in self.nodes],
             "groups": {name: [list(s) for s in part] for name, part in self.groups.items()},
         }
-
-
-def _index_of(sets: Partition, rank: int) -> int:
-    for index, members in enumerate(sets):
-        if rank in members:
-            return index
-    raise KeyError(rank)
-
-
-def replica_sets(topology: Topology, pattern: SharingPattern, group_name: str | None = None) -> Partition:
-    """The replica sets of ``pattern`` in ``topology``, ordered by lowest rank.
-
-    ``GLOBAL`` and ``REPLICATED`` give one set of every rank; ``PER_RANK`` one
-    set per rank; ``PER_NODE`` the nodes; ``PER_GROUP`` the partition named
-    ``group_name``. Raises :class:`TopologyMismatchError` when a PER_GROUP
-    component names a group the trainer did not pass.
-    """
-    world = tuple(range(topology.world_size))
-    if pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-        return (world,)
-    if pattern is SharingPattern.PER_RANK:
-        return tuple((r,) for r in world)
-    if pattern is SharingPattern.PER_NODE:
-        return topology.nodes
-    if group_name is None or group_name not in topology.groups:
-        known = ", ".join(sorted(topology.groups)) or "none"
-        raise TopologyMismatchError(
-            f"process group {group_name!r} is not among the groups passed to the coordinator "
-            f"(known: {known}); pass it in process_groups"
-        )
-    return topology.groups[group_name]

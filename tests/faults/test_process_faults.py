@@ -168,7 +168,7 @@ def test_an_injected_enospc_fails_every_rank_naming_it_and_the_errno_and_keeps_t
     ("an extra component", 2, "declares 'extra' which rank 0 does not"),
     ("a missing component", 3, "does not declare 'trainer'"),
     ("another pattern", 1, "'rng' as ('replicated'"),
-    ("another group", 3, "'model' as ('per_group', 'tp'"),
+    ("another group", 3, "'model' as ('per_group(tp)'"),
     ("another validation level", 1, "'scheduler'"),
 ])
 def test_ranks_that_declare_different_components_patterns_or_groups_all_raise_component_mismatch_with_a_per_rank_difference(

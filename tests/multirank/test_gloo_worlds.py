@@ -97,7 +97,7 @@ def test_balanced_writes_and_read_and_broadcast_loads_are_bit_exact_on_gloo(pool
     parts = results[0]["parts"]
     assert parts["replicated"] == [(0, 0, 4), (2, 1, 4), (1, 2, 4), (3, 3, 4)]  # node by node
     assert parts["group_dp"] == [(0, 0, 2), (2, 1, 2), (1, 0, 2), (3, 1, 2)]
-    assert parts["per_node"] == [(0, 0, 1), (2, 0, 1)] and len(parts["per_rank"]) == 4
+    assert parts["per_node"] == [(0, 0, 2), (1, 1, 2), (2, 0, 2), (3, 1, 2)] and len(parts["per_rank"]) == 4
 
 
 def test_all_gather_carries_payloads_in_slots_and_falls_back_for_a_large_one(pool: WorldPool, tmp_path: Path) -> None:

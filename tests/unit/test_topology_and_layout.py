@@ -4,7 +4,8 @@ import pytest
 
 from distckpt import SharingPattern, TopologyMismatchError
 from distckpt.layout import check_relpath, plan_component
-from distckpt.topology import Topology, replica_sets
+from distckpt.patterns import PerGroup
+from distckpt.topology import Topology
 
 
 def dp_tp(dp: int, tp: int) -> Topology:
@@ -74,7 +75,7 @@ def test_reports_build_nodes_from_node_ids_in_rank_order() -> None:
 
 def test_per_group_with_an_unknown_group_says_which_groups_exist() -> None:
     with pytest.raises(TopologyMismatchError, match="known: dp, tp"):
-        replica_sets(dp_tp(2, 2), SharingPattern.PER_GROUP, "pp")
+        PerGroup("pp").partition(dp_tp(2, 2))
 
 
 @pytest.mark.parametrize("bad", ["../x/y", "a/../b", "/abs/x", "a", "a/b/c", "a/.", "a\\b/c", "a/"])

@@ -1,4 +1,4 @@
-"""In-process worlds for testing declarations and trainers without processes.
+"""Threaded worlds: testing declarations and trainers without processes.
 
 :func:`run_threads` runs one function per simulated rank in threads that share
 a :class:`ThreadComm` world: real coordinator code, real files, no
@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .errors import CollectiveTimeoutError
+from ..errors import CollectiveTimeoutError
 
 __all__ = ["ThreadComm", "ThreadWorld", "run_threads"]
 
