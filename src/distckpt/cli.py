@@ -205,7 +205,8 @@ def _classify(entry: storage.CheckpointEntry) -> tuple[str, str]:
     if entry.problem == "is a symlink":
         return "skipped", "a symlink (checkpoints are never read through symlinks)"
     if name.startswith(".") and ".staging-" in name:
-        return "incomplete", "staging directory of a save that never committed (removed by the next save)"
+        return "incomplete", ("staging directory of a save in progress or one that never committed "
+                              "(removed by the next save once its process is gone)")
     if name.startswith(".") and ".trash-" in name:
         return "incomplete", "being deleted (retention; removed by the next save)"
     if name.startswith(".") and ".replaced-" in name:
