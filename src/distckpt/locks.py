@@ -152,6 +152,7 @@ class _Held:
 
 _FOLDERS: dict[tuple[int, int], _Held] = {}
 _FOLDERS_GUARD = threading.Lock()
+_WARNED: set[str] = set()
 
 
 def _try_flock(fd: int) -> bool | None:
@@ -188,8 +189,10 @@ def _lock_folder_fd(parent: str, deadline: float) -> int:
         got = _flock_until(fd, deadline)
     if got is None:
         os.close(fd)
-        log.warning("distckpt: %s cannot be locked on this file system; concurrent saves into it "
-                    "are not protected", parent)
+        if parent not in _WARNED:  # once per folder, not once per save
+            _WARNED.add(parent)
+            log.warning("distckpt: %s cannot be locked on this file system; concurrent saves into it "
+                        "are not protected and leftover staging directories are kept", parent)
         return -1
     if not got:
         os.close(fd)

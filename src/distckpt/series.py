@@ -130,25 +130,31 @@ def _is_complete(path: str) -> bool:
 
 
 def _remove_entry(path: str) -> None:
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
-    else:
-        shutil.rmtree(path)
+    """Delete a file, link or tree; one that is already gone (another cleaner) is fine."""
+    try:
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
 
 
 def clean_stale(parent: str, keep: str | None = None, wait_s: float = _LOCK_WAIT_S) -> list[str]:
-    """Tidy ``parent`` under its folder lock; return what was removed.
+    """Tidy ``parent``; return what was removed (by the names found).
 
     Removes the staging directories of saves that are gone (their owner lock
     can be taken) and retention's trash; never a staging directory a live save
     owns. The old checkpoint left behind by an overwrite interrupted between
     its two renames is *restored* to its name when that name is free and it is
-    complete (else removed). Called by rank 0 at the start of every save.
-    ``keep`` is a staging directory that must survive.
+    complete (else removed). Deciding and renaming out of sight happen under the
+    folder lock; the deleting itself (seconds for a large tree) happens after it
+    is released, so other saves never wait for it. Called by rank 0 at the
+    start of every save. ``keep`` is a staging directory that must survive.
     """
-    removed: list[str] = []
     if not os.path.isdir(parent) or os.path.islink(parent):
-        return removed
+        return []
+    doomed: list[tuple[str, str]] = []  # (name found, name to delete)
     with locks.folder_lock(parent, wait_s):
         for name in _listdir(parent):
             kind = _hidden_kind(name)
@@ -160,10 +166,21 @@ def clean_stale(parent: str, keep: str | None = None, wait_s: float = _LOCK_WAIT
             try:
                 if kind[0] == _REPLACED and _restore(path, os.path.join(parent, kind[1])):
                     continue
-                _remove_entry(path)
-                removed.append(path)
+                if kind[0] == _TRASH:
+                    doomed.append((path, path))
+                else:  # out of sight, and this cleaner's alone, in one step
+                    target = os.path.join(parent, f".{kind[1]}{_TRASH}{uuid.uuid4().hex[:12]}")
+                    os.rename(path, target)
+                    doomed.append((path, target))
             except OSError as exc:
                 log.warning("distckpt: could not remove stale %s: %s", path, exc)
+    removed: list[str] = []
+    for found, target in doomed:
+        try:
+            _remove_entry(target)
+            removed.append(found)
+        except OSError as exc:
+            log.warning("distckpt: could not remove stale %s: %s", target, exc)
     return removed
 
 
