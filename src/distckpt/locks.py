@@ -68,7 +68,7 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _UNSUPPORTED = {errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)}
 
 
-def open_regular_fd(path: str, flags: int = os.O_RDONLY) -> int:
+def open_regular_fd(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
     """Open ``path`` without following a symlink and without blocking, and only if it is a regular file.
 
     ``O_NONBLOCK`` makes opening a FIFO return at once (instead of waiting for
@@ -77,7 +77,7 @@ def open_regular_fd(path: str, flags: int = os.O_RDONLY) -> int:
     that is not a regular file (FIFO, socket, device, directory). The returned
     descriptor is blocking again. Callers: every read of a checkpoint file.
     """
-    fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+    fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK, mode)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
@@ -184,8 +184,7 @@ def _lock_folder_fd(parent: str, deadline: float) -> int:
     got = _flock_until(fd, deadline)
     if got is None:  # the directory cannot be flock'ed here: a lock file can
         os.close(fd)
-        fd = os.open(os.path.join(parent, FOLDER_LOCK_FILE),
-                     os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK, 0o644)
+        fd = open_regular_fd(os.path.join(parent, FOLDER_LOCK_FILE), os.O_RDWR | os.O_CREAT)
         got = _flock_until(fd, deadline)
     if got is None:
         os.close(fd)
