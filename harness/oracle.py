@@ -276,6 +276,8 @@ def expected_component(world: World, key: str, kind: str, params: Mapping[str, A
     """
     params = dict(params or {})
     sets = replica_sets(world, kind, params)
+    # The manifest records what the pattern object says its params are (defaults filled in).
+    recorded = params if kind in BUILTIN_KINDS else dict(_pattern(kind, params).params())
     files: list[ExpectedFile] = []
     for i, members in enumerate(sets):
         stem = file_stem(kind, params, i, members)
@@ -288,7 +290,7 @@ def expected_component(world: World, key: str, kind: str, params: Mapping[str, A
             continue
         files += [ExpectedFile(f"{key}/{stem}.part-{p:03d}-of-{count:03d}{SUFFIX}", members, w)
                   for p, w in enumerate(order[:count])]
-    return ExpectedComponent(key, kind, sets, tuple(files), params)
+    return ExpectedComponent(key, kind, sets, tuple(files), recorded)
 
 
 def expected_of_spec(world: World, spec: ComponentSpec, parts: int = 1) -> ExpectedComponent:

@@ -470,7 +470,7 @@ def _parse_params(r: _Reader, pattern: str, group: str | tuple[str, ...] | None)
     field_name = "params" if "params" in r.table else ("group" if group is not None else "pattern")
     try:
         build_pattern(pattern, params)
-    except (LookupError, ValueError, TypeError) as exc:
+    except Exception as exc:  # a user pattern's constructor may raise anything
         raise r.error(field_name, f"pattern {pattern} refuses params {params}: {exc}") from None
     return dict(params)
 

@@ -33,7 +33,7 @@ class Strided(Pattern):
     """A pattern of a test's own: rank r in set r % stride (params: the stride)."""
 
     kind = "harness_oracle_test_strided"
-    stride: int
+    stride: int = 2
 
     def replica_sets(self, topology: Topology) -> Sequence[Sequence[int]]:
         return [range(k, topology.world_size, self.stride) for k in range(min(self.stride, topology.world_size))]
@@ -136,6 +136,8 @@ def test_a_registered_kind_of_ones_own_is_derived_from_the_pattern_object() -> N
     assert [(f.path, f.ranks, f.writer) for f in comp.files] == [
         ("model/stride-0.safetensors", (0, 2, 4), 0), ("model/stride-1.safetensors", (1, 3), 1)]
     assert comp.record == {"kind": Strided.kind, "params": {"stride": 2}} and comp.group is None
+    # the manifest records the params the pattern object reports, defaults included
+    assert expected_component(world, "model", Strided.kind, {}).record == comp.record
     parts = expected_component(world, "model", Strided.kind, {"stride": 2}, parts=2)
     assert [(f.path, f.writer) for f in parts.files[:2]] == [
         ("model/stride-0.part-000-of-002.safetensors", 0), ("model/stride-0.part-001-of-002.safetensors", 4)]
