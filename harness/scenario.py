@@ -469,10 +469,11 @@ def _parse_params(r: _Reader, pattern: str, group: str | tuple[str, ...] | None)
         raise r.error("params", f"must be plain JSON values: {exc}") from None
     field_name = "params" if "params" in r.table else ("group" if group is not None else "pattern")
     try:
-        build_pattern(pattern, params)
+        built = build_pattern(pattern, params)
     except Exception as exc:  # a user pattern's constructor may raise anything
         raise r.error(field_name, f"pattern {pattern} refuses params {params}: {exc}") from None
-    return dict(params)
+    # the built-ins in their recorded form (params.groups = "dp" is ["dp"]); others as given
+    return dict(built.params()) if pattern in PATTERNS else dict(params)
 
 
 def _parse_fault(r: _Reader, world: int, keys: set[str]) -> FaultSpec:

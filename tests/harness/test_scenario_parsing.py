@@ -247,6 +247,7 @@ def test_a_group_list_declares_the_join_and_params_may_name_the_groups() -> None
         "model": {"pattern": "per_group", "group": ["tp", "dp"], "validate": True},
         "rng": {"pattern": "per_group", "params": {"groups": ["tp"]}},
         "dataset": {"pattern": "Per_Group", "group": "dp"},
+        "optimizer": {"pattern": "per_group", "params": {"groups": "dp"}},
     }
     s = parse_scenario(_base(components=comps), WHERE)
     model, rng, dataset = (s.component(k) for k in ("model", "rng", "dataset"))
@@ -254,6 +255,7 @@ def test_a_group_list_declares_the_join_and_params_may_name_the_groups() -> None
     assert model.pattern_object() == PerGroup("tp", "dp")
     assert (rng.group, rng.pattern_object()) == ("tp", PerGroup("tp"))
     assert (dataset.pattern, dataset.params, dataset.pattern_object()) == ("per_group", {"groups": ["dp"]}, PerGroup("dp"))
+    assert s.component("optimizer") == dataclasses.replace(dataset, key="optimizer")
 
 
 _PATTERN_MODULE = """
