@@ -4,8 +4,10 @@ A scenario names a trainer, the topology of the world that saves (and, for
 elastic or negative scenarios, of the world that resumes), the steps to run and
 the step to save at, every component's declaration, optional faults, and what
 must happen. Every error names the file and the field at fault. The format is
-documented in ``docs/scenarios.md``; this module imports neither torch nor
-distckpt, so parsing is instant.
+documented in ``docs/scenarios.md``. A component may name any registered
+sharing pattern (``pattern`` plus ``params``); the modules in the top-level
+``imports`` are imported while parsing, so that patterns of their own are
+registered before the kinds are checked (:mod:`harness.patterns`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ T = TypeVar("T")
 
 #: Sharing patterns, by the values distckpt's ``SharingPattern`` uses.
 PATTERNS: tuple[str, ...] = ("global", "replicated", "per_rank", "per_node", "per_group")
-_VALIDATABLE = frozenset({"replicated", "per_node", "per_group"})
 #: Replication validation levels.
 LEVELS: tuple[str, ...] = ("none", "quick", "tensor", "full")
 #: Save phases at which a fault can be injected (distckpt's ``phase_hook`` names).
@@ -128,14 +129,37 @@ class Topology:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """One component's declaration, as distckpt's ``StateComponent`` takes it."""
+    """One component's declaration, as distckpt's ``StateComponent`` takes it.
+
+    ``pattern`` is a registered pattern kind and ``params`` its parameters, as
+    the manifest records them (``{"kind": pattern, "params": params}``).
+    ``group`` is the built-in ``per_group``'s group name, or a tuple of names
+    for the join of several groups; for ``per_group`` the params are derived
+    from it (``{"groups": [...]}``) when not given.
+    """
 
     key: str
     pattern: str
-    group: str | None = None
+    group: str | tuple[str, ...] | None = None
     validate: bool = False
     level: str = "tensor"
     required: bool = True
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pattern == "per_group" and self.group is not None and not self.params:
+            names = [self.group] if isinstance(self.group, str) else list(self.group)
+            object.__setattr__(self, "params", {"groups": names})
+
+    def record(self) -> dict[str, Any]:
+        """``{"kind": ..., "params": {...}}``: the pattern as the manifest records it."""
+        return {"kind": self.pattern, "params": dict(self.params)}
+
+    def pattern_object(self) -> Any:
+        """The ``distckpt.Pattern`` this declares (its kind must be registered in this process)."""
+        from harness.patterns import build_pattern
+
+        return build_pattern(self.pattern, self.params)
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,8 @@ class Scenario:
     expect: Expectation = field(default_factory=Expectation)
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Modules that register the scenario's own patterns: absolute ``.py`` paths or dotted names.
+    imports: tuple[str, ...] = ()
 
     @property
     def elastic(self) -> bool:
@@ -370,25 +396,84 @@ def _rescale_mesh(
 
 
 def _parse_component(r: _Reader, key: str, topology: Topology) -> ComponentSpec:
-    pattern = r.choice("pattern", PATTERNS)
-    group = r.get("group", str, None)
-    if pattern == "per_group":
-        if group is None:
-            raise r.error("group", "is required for pattern per_group")
-        if group not in topology.mesh_sizes:
+    from distckpt.patterns import registered_patterns
+
+    registry = registered_patterns()
+    raw_kind = r.get("pattern", str)
+    pattern = raw_kind.lower()
+    if pattern not in registry:
+        raise r.error(
+            "pattern",
+            f"{raw_kind!r} is not a registered sharing pattern (registered: "
+            f"{', '.join(sorted(registry))}); a pattern of your own must be registered by a "
+            "module named in the top-level imports",
+        )
+    group = _parse_group(r, pattern, topology)
+    params = _parse_params(r, pattern, group)
+    if pattern == "per_group" and group is None:  # given as params.groups: check them the same way
+        names = params["groups"]
+        unknown = [n for n in names if n not in topology.mesh_sizes]
+        if unknown:
             dims = ", ".join(topology.mesh_sizes) or "none"
-            raise r.error("group", f"{group!r} is not a mesh dimension (mesh dimensions: {dims})")
-    elif group is not None:
-        raise r.error("group", f"only pattern per_group takes a group; this one is {pattern}")
+            raise r.error("params", f"groups {unknown} are not mesh dimensions (mesh dimensions: {dims})")
+        group = names[0] if len(names) == 1 else tuple(names)
     validate = r.get("validate", bool, False)
-    if validate and pattern not in _VALIDATABLE:
+    if validate and not registry[pattern].identical_replicas:
         raise r.error("validate", f"pattern {pattern} has no replicas to validate")
     level = r.choice("level", LEVELS, "tensor")
     required = r.get("required", bool, True)
     r.finish()
     return ComponentSpec(
-        key=key, pattern=pattern, group=group, validate=validate, level=level, required=required
+        key=key, pattern=pattern, group=group, validate=validate, level=level, required=required,
+        params=params,
     )
+
+
+def _parse_group(r: _Reader, pattern: str, topology: Topology) -> str | tuple[str, ...] | None:
+    """``group``: a mesh dimension, or a list of them (the join); only for ``per_group``."""
+    group = r.get("group", (str, list), None, what="a mesh dimension name or a list of them")
+    if group is None:
+        return None
+    if pattern != "per_group":
+        raise r.error("group", f"only pattern per_group takes a group; this one is {pattern}")
+    names = [group] if isinstance(group, str) else group
+    if not names:
+        raise r.error("group", "name at least one mesh dimension")
+    dims = ", ".join(topology.mesh_sizes) or "none"
+    for name in names:
+        if not isinstance(name, str):
+            raise r.error("group", f"expected mesh dimension names, got {name!r}")
+        if name not in topology.mesh_sizes:
+            raise r.error("group", f"{name!r} is not a mesh dimension (mesh dimensions: {dims})")
+    if len(set(names)) != len(names):
+        raise r.error("group", f"names repeat: {names}")
+    return group if isinstance(group, str) else tuple(names)
+
+
+def _parse_params(r: _Reader, pattern: str, group: str | tuple[str, ...] | None) -> dict[str, Any]:
+    """``params``: the pattern's parameters; checked by building the pattern object."""
+    import json
+
+    from harness.patterns import build_pattern
+
+    params = r.get("params", dict, None, what="a table")
+    if params is not None and group is not None:
+        raise r.error("params", "give the groups either as group or as params.groups, not both")
+    if params is None and pattern == "per_group" and group is None:
+        raise r.error("group", "is required for pattern per_group (or give params.groups)")
+    if params is None:
+        params = {"groups": [group] if isinstance(group, str) else list(group)} if group else {}
+    try:
+        json.dumps(params, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise r.error("params", f"must be plain JSON values: {exc}") from None
+    field_name = "params" if "params" in r.table else ("group" if group is not None else "pattern")
+    try:
+        built = build_pattern(pattern, params)
+    except Exception as exc:  # a user pattern's constructor may raise anything
+        raise r.error(field_name, f"pattern {pattern} refuses params {params}: {exc}") from None
+    # the built-ins in their recorded form (params.groups = "dp" is ["dp"]); others as given
+    return dict(built.params()) if pattern in PATTERNS else dict(params)
 
 
 def _parse_fault(r: _Reader, world: int, keys: set[str]) -> FaultSpec:
@@ -525,6 +610,28 @@ def _parse_options(r: _Reader | None) -> Mapping[str, Any]:
     return out
 
 
+def _parse_imports(top: _Reader) -> tuple[str, ...]:
+    """``imports``: modules that register the scenario's own patterns, imported here and now.
+
+    Relative ``.py`` paths are resolved against the scenario file's directory;
+    the result holds absolute paths and dotted names (what the rank processes import).
+    """
+    from harness.patterns import ImportFailed, load_imports, resolve_import
+
+    entries = top.get("imports", list, [], what="a list of module names or .py paths")
+    resolved: list[str] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, str) or not entry:
+            raise top.error(f"imports[{i}]", f"expected a module name or a .py path, got {entry!r}")
+        try:
+            target = resolve_import(entry, Path(top.where).parent)
+            load_imports([target])
+        except ImportFailed as exc:
+            raise top.error(f"imports[{i}]", str(exc)) from exc.__cause__
+        resolved.append(target)
+    return tuple(resolved)
+
+
 def parse_scenario(data: Mapping[str, Any], where: str, default_name: str = "") -> Scenario:
     """Build a :class:`Scenario` from parsed TOML; ``where`` names the file in errors."""
     top = _Reader(where, dict(data))
@@ -532,6 +639,7 @@ def parse_scenario(data: Mapping[str, Any], where: str, default_name: str = "") 
     if not _NAME.fullmatch(name):
         raise top.error("name", f"{name!r} is not a valid name (letters, digits, '.', '_', '-')")
     description = top.get("description", str, "")
+    imports = _parse_imports(top)
     trainer = top.choice("trainer", TRAINERS)
     topo_reader = top.sub("topology")
     assert topo_reader is not None
@@ -579,6 +687,7 @@ def parse_scenario(data: Mapping[str, Any], where: str, default_name: str = "") 
         expect=expect,
         description=description,
         options=options,
+        imports=imports,
     )
     _check_consistency(scenario, top)
     return scenario
@@ -589,8 +698,9 @@ def _check_consistency(s: Scenario, top: _Reader) -> None:
     if s.expect.succeeds:
         if s.faults:
             raise top.error("faults", "a scenario with faults must expect an error")
+        _check_partitions(s, top)
         if s.elastic:
-            fixed = [c.key for c in s.components if c.pattern not in ("global", "replicated")]
+            fixed = [c.key for c in s.components if not _pattern_class(c.pattern).elastic]
             if fixed:
                 raise top.error(
                     "resume",
@@ -604,6 +714,28 @@ def _check_consistency(s: Scenario, top: _Reader) -> None:
             )
     elif s.expect.stage == "load" and any(f.kind != "diverge" for f in s.faults):
         raise top.error("faults", "save-phase faults make the save fail; expect stage 'save'")
+
+
+def _pattern_class(kind: str) -> Any:
+    from distckpt.patterns import registered_patterns
+
+    return registered_patterns()[kind]
+
+
+def _check_partitions(s: Scenario, top: _Reader) -> None:
+    """A positive scenario's patterns must partition its saving world (the oracle's derivation)."""
+    from harness import oracle
+
+    world = oracle.scenario_world(s.topology)
+    for c in s.components:
+        try:
+            oracle.replica_sets(world, c.pattern, c.params)
+        except Exception as exc:  # a user pattern's own code may raise anything
+            raise top.error(
+                f"components.{c.key}.pattern",
+                f"{c.pattern} does not give replica sets for {s.topology.describe()}: "
+                f"{type(exc).__name__}: {exc}",
+            ) from None
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from distckpt import CheckpointCoordinator, CheckpointError, StateComponent
+from harness.patterns import load_imports
 from harness.scenario import FaultSpec, Scenario, Topology
 from harness.trainers import Trainer, trainer_class
 from harness.world import RankContext
@@ -109,14 +110,17 @@ def coordinator(
     trainer: Trainer,
     hook: Callable[[str, int], None] | None = None,
 ) -> CheckpointCoordinator:
-    """A coordinator over the scenario's declared components, writing under ``ctx.workdir``."""
+    """A coordinator over the scenario's declared components, writing under ``ctx.workdir``.
+
+    Imports the scenario's pattern modules first (a rank process does not inherit the
+    parent's imports), then declares every component with its pattern object."""
+    load_imports(scenario.imports)
     available = trainer.components()
     components = [
         StateComponent(
             key=c.key,
             stateful=available[c.key],
-            sharing_pattern=c.pattern,
-            process_group_name=c.group,
+            sharing_pattern=c.pattern_object(),
             required=c.required,
             validate_replication=c.validate,
             validation_level=c.level,

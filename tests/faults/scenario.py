@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tests.property import oracle
+from tests.property import exact
 from tests.property.strategies import Decl, Example, Topo
 
 #: Component key -> declaration, one per pattern, two validated.
@@ -54,7 +54,7 @@ def example(nodes: int = 2, procs: int = 2, mesh: tuple[tuple[str, int], ...] | 
 def check_loaded(ex: Example, rank: int, states: dict[str, Any], generation: int = 0) -> None:
     """Assert ``states`` (what ``rank`` loaded) is bit-exactly what generation ``generation`` saved."""
     for d in ex.decls:
-        problem = oracle.diff(ex.expected_after_load(d.key, rank, generation), states[d.key])
+        problem = exact.diff(ex.expected_after_load(d.key, rank, generation), states[d.key])
         assert problem is None, f"rank {rank}, {d.key!r}: {problem}"
 
 

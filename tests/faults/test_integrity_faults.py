@@ -15,7 +15,7 @@ import pytest
 
 from distckpt import IntegrityError
 from tests.faults import scenario
-from tests.property import oracle, worlds
+from tests.property import worlds
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,7 +31,7 @@ def _saved(tmp_path: Path) -> str:
 
 def _target(path: str, key: str, rank: int) -> tuple[str, tuple[int, ...]]:
     """The damaged file (relative path) and the ranks that read it, from the oracle."""
-    rel, members, _ = oracle.expected_files(EX.topo, EX.decl(key))[oracle.set_index_of(EX.topo, EX.decl(key), rank)]
+    rel, members, _ = EX.decl(key).files(EX.topo)[EX.decl(key).set_index(EX.topo, rank)]
     return rel, members
 
 

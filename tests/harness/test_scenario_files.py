@@ -54,3 +54,12 @@ def test_the_promised_negative_scenarios_exist() -> None:
 def test_scenarios_stay_within_eight_ranks() -> None:
     for s in load_scenarios([SCENARIO_DIR]):
         assert s.topology.world_size <= 8 and s.resume_topology.world_size <= 8, s.name
+
+
+def test_a_user_pattern_and_a_join_of_groups_are_run_by_the_main_job() -> None:
+    scenarios = load_scenarios([SCENARIO_DIR])
+    user = [(s, c) for s in scenarios for c in s.components if c.pattern == "per_local_rank"]
+    assert any(s.expect.succeeds and c.validate and s.expect.writers and s.imports for s, c in user)
+    assert any(s.expect.error == "ReplicationMismatchError" for s, _ in user)
+    joins = [s for s in scenarios for c in s.components if isinstance(c.group, tuple) and len(c.group) > 1]
+    assert any(s.expect.succeeds for s in joins)

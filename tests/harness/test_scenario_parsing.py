@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +87,50 @@ def test_patterns_and_levels_are_case_insensitive() -> None:
         (
             {"components": {"model": {"pattern": "sharded"}}},
             "components.model.pattern",
-            "expected one of",
+            "'sharded' is not a registered sharing pattern",
         ),
+        (
+            {"components": {"model": {"pattern": "per_group", "group": ["dp", "pp"]}}},
+            "components.model.group",
+            "'pp' is not a mesh dimension",
+        ),
+        ({"components": {"model": {"pattern": "per_group", "group": []}}}, "components.model.group", "at least one"),
+        (
+            {"components": {"model": {"pattern": "per_group", "group": ["dp", "dp"]}}},
+            "components.model.group",
+            "names repeat",
+        ),
+        (
+            {"components": {"model": {"pattern": "per_group", "group": [1]}}},
+            "components.model.group",
+            "expected mesh dimension names",
+        ),
+        (
+            {"components": {"model": {"pattern": "per_rank", "group": ["dp"]}}},
+            "components.model.group",
+            "only pattern per_group",
+        ),
+        (
+            {"components": {"model": {"pattern": "global", "params": {"size": 2}}}},
+            "components.model.params",
+            "pattern global refuses params {'size': 2}",
+        ),
+        (
+            {"components": {"model": {"pattern": "per_group", "group": "dp", "params": {"groups": ["dp"]}}}},
+            "components.model.params",
+            "not both",
+        ),
+        (
+            {"components": {"model": {"pattern": "per_group", "params": {"groups": ["dp", "xx"]}}}},
+            "components.model.params",
+            "groups ['xx'] are not mesh dimensions",
+        ),
+        ({"components": {"model": {"pattern": "replicated", "params": 3}}}, "components.model.params", "a table"),
+        ({"imports": "mine.py"}, "imports", "expected a list"),
+        ({"imports": [""]}, "imports[0]", "expected a module name"),
+        ({"imports": ["no_such_dir/mine.py"]}, "imports[0]", "which is not a file"),
+        ({"imports": ["no such module"]}, "imports[0]", "neither a module name nor a path"),
+        ({"imports": ["harness_no_such_module_anywhere"]}, "imports[0]", "ModuleNotFoundError"),
         (
             {"components": {"cache": {"pattern": "per_node"}}},
             "components.cache",
@@ -194,3 +238,124 @@ def test_balanced_writes_and_the_load_strategy_are_scenario_settings() -> None:
     assert (s.run.min_part_bytes, s.run.load_strategy, dict(s.expect.parts)) == (512, "read_and_broadcast", {"model": 2})
     default = parse_scenario(_base(), WHERE)
     assert (default.run.min_part_bytes, default.run.load_strategy, dict(default.expect.parts)) == (None, None, {})
+
+
+def test_a_group_list_declares_the_join_and_params_may_name_the_groups() -> None:
+    from distckpt.patterns import PerGroup
+
+    comps = {
+        "model": {"pattern": "per_group", "group": ["tp", "dp"], "validate": True},
+        "rng": {"pattern": "per_group", "params": {"groups": ["tp"]}},
+        "dataset": {"pattern": "Per_Group", "group": "dp"},
+        "optimizer": {"pattern": "per_group", "params": {"groups": "dp"}},
+    }
+    s = parse_scenario(_base(components=comps), WHERE)
+    model, rng, dataset = (s.component(k) for k in ("model", "rng", "dataset"))
+    assert (model.group, model.record()) == (("tp", "dp"), {"kind": "per_group", "params": {"groups": ["tp", "dp"]}})
+    assert model.pattern_object() == PerGroup("tp", "dp")
+    assert (rng.group, rng.pattern_object()) == ("tp", PerGroup("tp"))
+    assert (dataset.pattern, dataset.params, dataset.pattern_object()) == ("per_group", {"groups": ["dp"]}, PerGroup("dp"))
+    assert s.component("optimizer") == dataclasses.replace(dataset, key="optimizer")
+
+
+_PATTERN_MODULE = """
+from dataclasses import dataclass
+from distckpt import Pattern, register_pattern
+
+@register_pattern
+@dataclass(frozen=True, eq=False, repr=False)
+class Blocks(Pattern):
+    kind = "{kind}"
+    size: int
+    elastic = {elastic}
+
+    def replica_sets(self, topology):
+        if self.size < 1:
+            raise ValueError("size must be positive")
+        return [range(s, min(s + self.size, topology.world_size)) for s in range(0, topology.world_size, self.size)]
+"""
+
+
+def _pattern_file(path: Path, *, elastic: bool = False) -> str:
+    """Write a module registering a pattern of a fresh kind; returns the kind."""
+    kind = f"harness_test_{uuid.uuid4().hex[:12]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_PATTERN_MODULE.format(kind=kind, elastic=elastic), encoding="utf-8")
+    return kind
+
+
+def _scenario_file(path: Path, imports: list[str], model: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"trainer = \"ddp\"\nimports = {json.dumps(imports)}\n[topology]\nnodes = 2\nprocs_per_node = 2\n"
+        f"[components]\nmodel = {model}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_imports_register_patterns_from_a_path_relative_to_the_scenario_file(tmp_path: Path) -> None:
+    from distckpt import registered_patterns
+
+    kind = _pattern_file(tmp_path / "patterns" / "blocks.py")
+    assert kind not in registered_patterns()
+    scenario = _scenario_file(tmp_path / "scenarios" / "mine.toml", ["../patterns/blocks.py"],
+                              f'{{ pattern = "{kind}", params = {{ size = 3 }}, validate = true }}')
+    s = load_scenario(scenario)
+    assert s.imports == (str((tmp_path / "patterns" / "blocks.py").resolve()),)
+    model = s.component("model")
+    assert (model.pattern, dict(model.params), model.group, model.validate) == (kind, {"size": 3}, None, True)
+    assert model.pattern_object() == registered_patterns()[kind](size=3)
+    assert load_scenario(scenario).component("model") == model  # importing again registers nothing twice
+
+
+def test_errors_of_user_patterns_name_the_scenario_file(tmp_path: Path) -> None:
+    kind = _pattern_file(tmp_path / "blocks.py")
+    cases = {
+        '{ pattern = "' + kind + '", params = { size = 2, colour = 1 } }': "components.model.params: pattern",
+        '{ pattern = "' + kind + '", params = { size = 0 } }': "components.model.pattern: " + kind + " does not give",
+        '{ pattern = "' + kind + '", group = "dp" }': "components.model.group: only pattern per_group",
+    }
+    for model, text in cases.items():
+        path = _scenario_file(tmp_path / "x.toml", ["blocks.py"], model)
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(path)
+        assert str(info.value).startswith(f"{path}: {text}"), str(info.value)
+    # without the import the kind is unknown, and the message says how to make it known
+    with pytest.raises(ScenarioError, match=r"y\.toml: components\.model\.pattern: .* top-level imports"):
+        load_scenario(_scenario_file(tmp_path / "y.toml", [], '{ pattern = "harness_test_unknown_kind" }'))
+
+
+def test_a_module_that_fails_to_import_is_named_with_its_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom at import')\n", encoding="utf-8")
+    (tmp_path / "syntax.py").write_text("def (:\n", encoding="utf-8")
+    for name, text in (("broken.py", "RuntimeError: boom at import"), ("syntax.py", "SyntaxError")):
+        path = _scenario_file(tmp_path / "z.toml", [name], '{ pattern = "replicated" }')
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: imports[0]: importing {tmp_path / name} failed") and text in message
+
+
+def test_an_elastic_scenario_may_hold_a_user_pattern_that_says_it_is_elastic(tmp_path: Path) -> None:
+    fixed, elastic = _pattern_file(tmp_path / "fixed.py"), _pattern_file(tmp_path / "elastic.py", elastic=True)
+    for kind, ok in ((fixed, False), (elastic, True)):
+        path = _scenario_file(tmp_path / "e.toml", ["fixed.py", "elastic.py"],
+                              f'{{ pattern = "{kind}", params = {{ size = 4 }} }}')
+        path.write_text(path.read_text() + "[resume]\nnodes = 1\n", encoding="utf-8")
+        if ok:
+            assert load_scenario(path).elastic
+        else:
+            with pytest.raises(ScenarioError, match="cannot be resumed into another world"):
+                load_scenario(path)
+
+
+def test_a_dotted_module_and_the_same_file_by_path_are_one_module() -> None:
+    root = Path(__file__).resolve().parents[2]
+    data = _base(trainer="ddp", topology={"nodes": 2, "procs_per_node": 2},
+                 components={"model": {"pattern": "per_local_rank", "validate": True}})
+    by_path = parse_scenario(dict(data, imports=["../examples/patterns/per_local_rank.py"]),
+                             str(root / "scenarios" / "x.toml"))
+    by_name = parse_scenario(dict(data, imports=["examples.patterns.per_local_rank"]), WHERE)
+    assert by_name.component("model") == by_path.component("model")
+    assert by_name.imports == ("examples.patterns.per_local_rank",)

@@ -13,8 +13,9 @@ from typing import Any
 import torch.distributed as dist
 
 from distckpt import CheckpointCoordinator, CheckpointError
+from harness import oracle
 from tests.helpers import Box
-from tests.property import oracle
+from tests.property import exact
 from tests.property.strategies import Example, unship
 from tests.property.worlds import component
 
@@ -31,7 +32,7 @@ def process_groups(ex: Example, rank: int, use_mesh: bool = False) -> Any:
                                 mesh_dim_names=tuple(n for n, _ in ex.topo.mesh))
     mine = {}
     for name, _ in ex.topo.mesh:
-        for members in oracle.mesh_partition(ex.topo, name):
+        for members in oracle.mesh_partition(ex.topo.mesh, name):
             pg = dist.new_group(list(members), backend="gloo")
             if rank in members:
                 mine[name] = pg
@@ -52,21 +53,21 @@ def _save(c: CheckpointCoordinator, ex: Example) -> str:
 def _check_files(ex: Example, path: str) -> list[str]:
     """Rank 0: properties 1 and 2 against the oracle."""
     problems = []
-    expected = {"manifest.json"} | {f for d in ex.decls for f, _, _ in oracle.expected_files(ex.topo, d)}
+    expected = {"manifest.json"} | {f for d in ex.decls for f, _, _ in d.files(ex.topo)}
     if oracle.checkpoint_files(path) != expected:
         problems.append(f"files {sorted(oracle.checkpoint_files(path) ^ expected)} differ from the oracle")
     with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
         m = json.load(f)
-    if m["topology"]["nodes"] != [list(s) for s in oracle.node_partition(ex.topo)]:
+    if m["topology"]["nodes"] != [list(s) for s in ex.topo.world.nodes]:
         problems.append(f"nodes {m['topology']['nodes']}")
     for d in ex.decls:
         c = m["components"][d.key]
-        files = oracle.expected_files(ex.topo, d)
+        files = d.files(ex.topo)
         if [(f["path"], f["ranks"], f["writer"]) for f in c["files"]] != [(p, list(s), w) for p, s, w in files]:
             problems.append(f"{d.key}: files {c['files']} != oracle {files}")
         for f in c["files"]:
             full = os.path.join(path, f["path"])
-            if f["size_bytes"] != os.path.getsize(full) or f["checksum"] != oracle.checksum_of_file(full):
+            if f["size_bytes"] != os.path.getsize(full) or f["checksum"] != exact.checksum_of_file(full):
                 problems.append(f"{f['path']}: size or checksum wrong")
     return problems
 
@@ -82,7 +83,7 @@ def round_trip(ctx: Any, ex: Example, out: str, use_mesh: bool) -> dict[str, Any
     fresh = {d.key: Box(None) for d in ex.decls}
     report = _coordinator(ctx, ex, out, fresh, groups).load_checkpoint()
     for d in ex.decls:
-        problem = oracle.diff(ex.expected_after_load(d.key, ctx.rank), fresh[d.key].state)
+        problem = exact.diff(ex.expected_after_load(d.key, ctx.rank), fresh[d.key].state)
         if problem:
             problems.append(f"rank {ctx.rank} {d.key!r} ({d.pattern}): {problem}")
     return {"path": path, "loaded": report.path, "problems": problems}
@@ -115,5 +116,5 @@ def fault_in_phase(ctx: Any, ex: Example, out: str, phase: str, victim: int) -> 
     fresh = {d.key: Box(None) for d in ex.decls}
     outcome["loaded"] = _coordinator(ctx, ex, out, fresh, groups).load_checkpoint().path
     outcome["problems"] = [f"{d.key}: {p}" for d in ex.decls
-                           if (p := oracle.diff(ex.expected_after_load(d.key, ctx.rank), fresh[d.key].state))]
+                           if (p := exact.diff(ex.expected_after_load(d.key, ctx.rank), fresh[d.key].state))]
     return outcome

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from tests.property import oracle
+from harness import oracle
 
 warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
 
-PATTERNS = oracle.PATTERNS
+PATTERNS = oracle.BUILTIN_KINDS
 LEVELS = ("none", "quick", "tensor", "full")
 NAME_REGEX = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
@@ -77,9 +77,17 @@ class Topo:
         """Ranks numbered node by node with node labels in order (what torchrun gives)."""
         return self.node_of == tuple(r // self.procs_per_node for r in range(self.world_size))
 
+    @property
+    def world(self) -> oracle.World:
+        """This topology as the oracle's plain data: nodes by label, one partition per mesh dim."""
+        by_label: dict[int, list[int]] = {}
+        for rank, label in enumerate(self.node_of):
+            by_label.setdefault(label, []).append(rank)
+        return oracle.World.of(by_label.values(), {n: oracle.mesh_partition(self.mesh, n) for n, _ in self.mesh})
+
     def groups_of(self, rank: int) -> dict[str, tuple[int, ...]]:
         """``process_groups`` for a threaded world: each mesh dim's group holding ``rank``."""
-        return {name: next(g for g in oracle.mesh_partition(self, name) if rank in g) for name, _ in self.mesh}
+        return {name: next(g for g in oracle.mesh_partition(self.mesh, name) if rank in g) for name, _ in self.mesh}
 
 
 def valid_names(max_size: int = 12) -> st.SearchStrategy[str]:
@@ -153,6 +161,36 @@ class Decl:
     def validated(self, save_validate: bool) -> bool:
         """Whether the save compares this component's replicas."""
         return self.can_validate and self.level != "none" and (self.validate or save_validate)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The pattern's params as the manifest records them."""
+        return {"groups": [self.group]} if self.group is not None else {}
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``pattern`` object."""
+        return {"kind": self.pattern, "params": self.params}
+
+    def sets(self, topo: Topo) -> tuple[tuple[int, ...], ...]:
+        """Replica sets in ``topo``, from ``harness.oracle``."""
+        return oracle.replica_sets(topo.world, self.pattern, self.params)
+
+    def set_index(self, topo: Topo, rank: int) -> int:
+        return oracle.set_index_of(self.sets(topo), rank)
+
+    def writer(self, topo: Topo, rank: int) -> int:
+        return min(self.sets(topo)[self.set_index(topo, rank)])
+
+    def files(self, topo: Topo) -> list[tuple[str, tuple[int, ...], int]]:
+        """(relative path, replica set, writer) of every file, by lowest rank, from ``harness.oracle``."""
+        comp = oracle.expected_component(topo.world, self.key, self.pattern, self.params)
+        return [(f.path, f.ranks, f.writer) for f in comp.files]
+
+    def variant(self, topo: Topo, rank: int) -> int:
+        """Which content a rank holds: equal within a replica set, different across sets.
+        GLOBAL: every rank holds its own (only rank 0's is authoritative)."""
+        return rank if self.pattern == "global" else self.set_index(topo, rank)
 
 
 @st.composite
@@ -393,12 +431,12 @@ class Example:
 
     def state(self, key: str, rank: int, generation: int = 0) -> dict[Any, Any]:
         """Rank ``rank``'s state of ``key`` for save number ``generation``."""
-        return component_state(self.bases[key], key, oracle.variant_of(self.topo, self.decl(key), rank)
+        return component_state(self.bases[key], key, self.decl(key).variant(self.topo, rank)
                                + 1000 * generation)
 
     def expected_after_load(self, key: str, rank: int, generation: int = 0) -> dict[Any, Any]:
         """What ``rank`` must hold after loading: the state of its set's writer."""
-        writer = oracle.writer_of(self.topo, self.decl(key), rank)
+        writer = self.decl(key).writer(self.topo, rank)
         return self.state(key, writer, generation)
 
     def with_decl(self, decl: Decl) -> Example:

@@ -70,7 +70,7 @@ def test_on_gloo_an_exception_in_any_phase_on_any_rank_fails_every_rank_naming_i
 
 def _shipping_diffs(ex: Example) -> list[str | None]:
     """What a rank materialises from the shipped example is bit-exactly what the parent would."""
-    from tests.property import oracle
+    from tests.property import exact
 
     back = unship(ship(ex))
-    return [oracle.diff(ex.state(d.key, r), back.state(d.key, r)) for d in ex.decls for r in range(ex.topo.world_size)]
+    return [exact.diff(ex.state(d.key, r), back.state(d.key, r)) for d in ex.decls for r in range(ex.topo.world_size)]

@@ -3,7 +3,7 @@
 Every drawn example declares one component of every pattern (GLOBAL,
 REPLICATED, PER_RANK, PER_NODE, PER_GROUP over a random mesh dimension) plus
 random extras, so each property is checked for every pattern in every example.
-The expected files, writers and replica sets come from ``tests.property.oracle``
+The expected files, writers and replica sets come from ``harness.oracle``
 (topology and declarations only), never from distckpt's own layout code.
 """
 
@@ -31,8 +31,9 @@ from distckpt import (
 )
 from distckpt.codec import decode
 from distckpt.digests import entry_name
+from harness import oracle
 from tests.helpers import Box
-from tests.property import oracle, worlds
+from tests.property import exact, worlds
 from tests.property.strategies import (
     PATTERNS,
     Decl,
@@ -66,7 +67,7 @@ def test_property_1_the_files_written_are_exactly_the_files_the_oracle_derives(e
         assert len(set(paths)) == 1, paths
         path = paths[0]
         assert path == os.path.join(os.path.abspath(out), "checkpoints", "checkpoint-1")
-        expected = {"manifest.json"} | {f for d in ex.decls for f, _, _ in oracle.expected_files(ex.topo, d)}
+        expected = {"manifest.json"} | {f for d in ex.decls for f, _, _ in d.files(ex.topo)}
         assert oracle.checkpoint_files(path) == expected
         assert worlds.checkpoints_listing(out) == ["checkpoint-1"]  # no staging left behind
 
@@ -81,14 +82,15 @@ def test_property_2_the_manifest_lists_the_right_writers_sets_sizes_and_checksum
         with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
             m = json.load(f)  # the plain JSON, not distckpt's parser
         assert m["format"] == "distckpt" and m["world_size"] == ex.topo.world_size
-        assert m["topology"]["nodes"] == [list(s) for s in oracle.node_partition(ex.topo)]
-        assert m["topology"]["groups"] == {n: [list(s) for s in oracle.mesh_partition(ex.topo, n)]
+        assert m["topology"]["nodes"] == [list(s) for s in ex.topo.world.nodes]
+        assert m["topology"]["groups"] == {n: [list(s) for s in oracle.mesh_partition(ex.topo.mesh, n)]
                                            for n, _ in ex.topo.mesh}
         assert set(m["components"]) == {d.key for d in ex.decls}
         for d in ex.decls:
             c = m["components"][d.key]
-            files = oracle.expected_files(ex.topo, d)
+            files = d.files(ex.topo)
             assert c["sharing_pattern"] == d.pattern and c["group_name"] == d.group
+            assert c["pattern"] == d.record
             assert c["ranks"] == sorted(w for _, _, w in files)
             assert c["replicated_across"] == [list(s) for _, s, _ in files]
             assert c["required"] is d.required
@@ -97,13 +99,13 @@ def test_property_2_the_manifest_lists_the_right_writers_sets_sizes_and_checksum
             for f in c["files"]:
                 full = os.path.join(path, f["path"])
                 assert f["size_bytes"] == os.path.getsize(full)
-                assert f["checksum"] == oracle.checksum_of_file(full)
+                assert f["checksum"] == exact.checksum_of_file(full)
                 with open(full, "rb") as fh:
                     data = fh.read()
                 with safetensors.safe_open(full, framework="pt") as st_file:  # a standard safetensors file
                     assert "distckpt.skeleton" in (st_file.metadata() or {})
                 # The file holds its writer's state (for GLOBAL: rank 0's, not anyone else's).
-                assert oracle.diff(ex.state(d.key, f["writer"]), decode(bytearray(data))) is None
+                assert exact.diff(ex.state(d.key, f["writer"]), decode(bytearray(data))) is None
             assert c["size_bytes"] == sum(f["size_bytes"] for f in c["files"])
 
 
@@ -122,8 +124,8 @@ def test_property_3_load_returns_exactly_what_was_saved(ex: Example, with_missin
             assert dict(report.skipped) == ({"not-saved-optional": "optional component not in checkpoint"}
                                             if extra else {})
             for d in ex.decls:
-                assert report.files[d.key] == oracle.expected_files(ex.topo, d)[oracle.set_index_of(ex.topo, d, rank)][0]
-                problem = oracle.diff(ex.expected_after_load(d.key, rank), states[d.key])
+                assert report.files[d.key] == d.files(ex.topo)[d.set_index(ex.topo, rank)][0]
+                problem = exact.diff(ex.expected_after_load(d.key, rank), states[d.key])
                 assert problem is None, f"rank {rank}, component {d.key!r} ({d.pattern}): {problem}"
             if extra:
                 assert states["not-saved-optional"] is None  # never touched
@@ -199,7 +201,7 @@ def mismatch_cases(draw: st.DrawFn, pattern: str) -> tuple[Example, str, int, st
     structural = draw(st.booleans())
     level = draw(st.sampled_from(("quick", "tensor", "full") if structural else ELEMENT_MODES))
     ex = ex.with_decl(Decl(target.key, target.pattern, group, True, level, target.required))
-    members = draw(st.sampled_from(oracle.replica_sets(ex.topo, ex.decl(target.key))))
+    members = draw(st.sampled_from(ex.decl(target.key).sets(ex.topo)))
     rank = draw(st.sampled_from(members))
     state = ex.state(target.key, rank)
     entries = _paths(state)
@@ -280,7 +282,7 @@ def test_property_4_a_single_change_on_one_replica_fails_every_rank_the_same_way
 ) -> None:
     ex, key, victim, level, change = data.draw(mismatch_cases(pattern))
     decl = ex.decl(key)
-    members = next(s for s in oracle.replica_sets(ex.topo, decl) if victim in s)
+    members = next(s for s in decl.sets(ex.topo) if victim in s)
     event(f"{level}: {change[0]}")
     event(f"replica set of {len(members)}")
     note(f"component {key!r} ({decl.pattern}), rank {victim} of {members}, level {level}, change {change}")
@@ -360,7 +362,7 @@ def test_property_5_an_exception_in_any_phase_on_any_rank_fails_every_rank_namin
         for rank, (report, states) in enumerate(worlds.ok(worlds.load(ex, out))):
             assert report.path == previous
             for d in ex.decls:
-                assert oracle.diff(ex.expected_after_load(d.key, rank, generation=0), states[d.key]) is None
+                assert exact.diff(ex.expected_after_load(d.key, rank, generation=0), states[d.key]) is None
 
 
 # ------------------------------------------------------------------ property 6
@@ -408,13 +410,13 @@ def test_property_6_safe_keys_map_injectively_inside_the_checkpoint_and_unsafe_k
         root = os.path.realpath(path)
         owner: dict[str, str] = {}
         for d in ex.decls:
-            for rel, _, _ in oracle.expected_files(topo, d):
+            for rel, _, _ in d.files(topo):
                 full = os.path.realpath(os.path.join(path, rel))
                 assert os.path.commonpath([root, full]) == root and os.path.isfile(full)
                 assert full.casefold() not in owner, f"{d.key!r} and {owner[full.casefold()]!r} share {rel}"
                 owner[full.casefold()] = d.key
         assert oracle.checkpoint_files(path) == {"manifest.json"} | {
-            rel for d in ex.decls for rel, _, _ in oracle.expected_files(topo, d)}
+            rel for d in ex.decls for rel, _, _ in d.files(topo)}
         assert sorted(os.listdir(os.path.join(out))) == ["checkpoints"]
 
 
@@ -523,7 +525,7 @@ def test_empty_dotted_twin_and_surrogate_keys_round_trip_bit_exact() -> None:
     with worlds.scratch() as out:
         worlds.ok(worlds.save(ex, out, async_save=False))
         for rank, (_, states) in enumerate(worlds.ok(worlds.load(ex, out))):
-            assert oracle.diff(ex.expected_after_load("model", rank), states["model"]) is None
+            assert exact.diff(ex.expected_after_load("model", rank), states["model"]) is None
 
 
 _COMPLEX128_LOAD = r"""

@@ -1,103 +1,23 @@
-"""An independent oracle: replica sets, writers and file names from topology alone.
+"""Bit-exact comparison of state dicts, and checksums recomputed from the bytes on disk.
 
-Nothing here imports :mod:`distckpt.layout` or :mod:`distckpt.topology`; it is
-DESIGN.md §1 and §3 restated. Also bit-exact comparison of state dicts and a
-recomputation of checksums from the bytes on disk.
+The property suite's (and the fault suite's) exactness helpers. Which files,
+writers and replica sets a checkpoint must have is not here: ``harness.oracle``
+is the one statement of those rules.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import xxhash
 
-if TYPE_CHECKING:
-    from tests.property.strategies import Decl, Topo
-
-PATTERNS = ("global", "replicated", "per_rank", "per_node", "per_group")
-
-
-# ------------------------------------------------------------------ partitions
-
-def node_partition(topo: Topo) -> list[tuple[int, ...]]:
-    """Ranks of each node, nodes ordered by their lowest rank."""
-    by_label: dict[int, list[int]] = {}
-    for rank, label in enumerate(topo.node_of):
-        by_label.setdefault(label, []).append(rank)
-    return sorted((tuple(sorted(v)) for v in by_label.values()), key=lambda s: s[0])
-
-
-def mesh_partition(topo: Topo, name: str) -> list[tuple[int, ...]]:
-    """Groups of mesh dimension ``name``: ranks that differ only along it (row-major mesh)."""
-    names = [n for n, _ in topo.mesh]
-    sizes = [s for _, s in topo.mesh]
-    grid = np.arange(topo.world_size).reshape(sizes)
-    d = names.index(name)
-    rows = np.moveaxis(grid, d, -1).reshape(-1, sizes[d])
-    return sorted((tuple(sorted(int(x) for x in row)) for row in rows), key=lambda s: s[0])
-
-
-def replica_sets(topo: Topo, decl: Decl) -> list[tuple[int, ...]]:
-    world = tuple(range(topo.world_size))
-    if decl.pattern in ("global", "replicated"):
-        return [world]
-    if decl.pattern == "per_rank":
-        return [(r,) for r in world]
-    if decl.pattern == "per_node":
-        return node_partition(topo)
-    assert decl.group is not None
-    return mesh_partition(topo, decl.group)
-
-
-def set_index_of(topo: Topo, decl: Decl, rank: int) -> int:
-    return next(i for i, s in enumerate(replica_sets(topo, decl)) if rank in s)
-
-
-def writer_of(topo: Topo, decl: Decl, rank: int) -> int:
-    return min(replica_sets(topo, decl)[set_index_of(topo, decl, rank)])
-
-
-def variant_of(topo: Topo, decl: Decl, rank: int) -> int:
-    """Which content a rank holds: equal within a replica set, different across sets.
-
-    GLOBAL: every rank holds its own (only rank 0's is authoritative).
-    """
-    if decl.pattern == "global":
-        return rank
-    return set_index_of(topo, decl, rank)
-
-
-def file_name(decl: Decl, index: int, writer: int) -> str:
-    stem = {
-        "global": "global",
-        "replicated": "replicated",
-        "per_rank": f"rank-{writer:05d}",
-        "per_node": f"node-{index:03d}",
-        "per_group": f"{decl.group}-{index:03d}",
-    }[decl.pattern]
-    return f"{decl.key}/{stem}.safetensors"
-
-
-def expected_files(topo: Topo, decl: Decl) -> list[tuple[str, tuple[int, ...], int]]:
-    """(relative path, replica set, writer) of every file of ``decl``, by lowest rank."""
-    return [(file_name(decl, i, min(s)), s, min(s)) for i, s in enumerate(replica_sets(topo, decl))]
-
-
-def checkpoint_files(path: str) -> set[str]:
-    """Every regular file under ``path``, relative, with '/' separators."""
-    out = set()
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            out.add(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/"))
-    return out
-
 
 def checksum_of_file(path: str) -> str:
+    """The ``xxh3-128:<hex>`` checksum of the file's bytes, as the manifest records it."""
     with open(path, "rb") as f:
         return "xxh3-128:" + xxhash.xxh3_128(f.read()).hexdigest()
 
