@@ -367,7 +367,10 @@ class VerifiedReader:
         self.checksum = checksum
         self.position = 0
         self._algorithm = checksum.partition(":")[0]
-        self._hasher = PipelinedHasher(self._algorithm)
+        try:
+            self._hasher = PipelinedHasher(self._algorithm)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{path}: {exc.message} in the manifest; cannot verify this file") from None
         self._fd = _open_regular(path, "checkpoint file")
         try:
             actual = os.fstat(self._fd).st_size
@@ -463,9 +466,15 @@ def read_manifest_bytes(path: str) -> bytes:
         if size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{path}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
         chunks = []
+        total = 0
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_MANIFEST_BYTES:  # grew while being read
+                raise ManifestError(f"{path}: larger than the {MAX_MANIFEST_BYTES}-byte limit")
         return b"".join(chunks)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
     finally:
         os.close(fd)
 
@@ -646,5 +655,7 @@ def list_checkpoints(parent: str, include_hidden: bool = False) -> list[Checkpoi
             good.append(CheckpointEntry(path, CheckpointManifest.load(os.path.join(path, MANIFEST_NAME)), None))
         except ManifestError as exc:
             broken.append(CheckpointEntry(path, None, str(exc)))
+        except Exception as exc:  # any reason at all: one bad directory never blocks "latest" or a save
+            broken.append(CheckpointEntry(path, None, f"unreadable manifest ({type(exc).__name__}: {exc})"[:500]))
     good.sort(key=lambda e: (e.manifest.sequence, e.manifest.timestamp, e.path) if e.manifest else (0, "", e.path))
     return broken + good
