@@ -175,6 +175,8 @@ class EncodedState:
 
     ``names``, ``dtypes`` (safetensors names) and ``skeleton`` describe the
     tensors so that :meth:`split` can build self-contained part files.
+    ``private``: the tensors are snapshots this encoding owns (``encode(copy=True)``),
+    which nothing else changes, so a writer may hash and write them in place.
     """
 
     header: bytes
@@ -182,6 +184,7 @@ class EncodedState:
     names: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ()
     skeleton: str = ""
+    private: bool = False
 
     @property
     def total_size(self) -> int:
@@ -228,7 +231,7 @@ class EncodedState:
             dtypes = [self.dtypes[i] for i in members]
             out.append(EncodedState(header=_header(meta, names, dtypes, tensors), tensors=tuple(tensors),
                                     names=tuple(names), dtypes=tuple(dtypes),
-                                    skeleton=self.skeleton if index == 0 else ""))
+                                    skeleton=self.skeleton if index == 0 else "", private=self.private))
         return tuple(out)
 
 
@@ -433,7 +436,7 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
         raise SerializationError(_TOO_DEEP)
     header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors)
     return EncodedState(header=header, tensors=tuple(tensors), names=tuple(names), dtypes=tuple(dtypes),
-                        skeleton=text)
+                        skeleton=text, private=enc.copy)
 
 
 @dataclass(frozen=True)

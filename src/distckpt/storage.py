@@ -59,7 +59,7 @@ log = logging.getLogger("distckpt")
 
 CHECKSUM_ALGORITHM = "xxh3-128"
 _BOUNCE_BYTES = 4 * 1024 * 1024  # bytes per private write buffer
-_BOUNCE_COUNT = 3  # buffers per writing thread: one filled, one written, one being hashed
+_BOUNCE_COUNT = 3  # buffers per writing thread: one being filled and hashed, up to two being written
 _READ_PIECE = 16 * 1024 * 1024  # hashed while still in cache
 _IOV_BATCH = 512  # buffers per readv (IOV_MAX is 1024 on Linux)
 _HASH_BATCH = 8 * 1024 * 1024  # bytes per hand-over to the hashing thread
@@ -195,7 +195,7 @@ class _Bounce:
 
     The copy is what makes the checksum exact: the hasher and ``writev`` read
     the same private bytes, so a tensor changed by another thread during a
-    save changes neither. ``free[i]`` is set while the hash worker is not
+    save changes neither. ``free[i]`` is set while the write worker is not
     reading buffer ``i``.
     """
 
@@ -224,9 +224,9 @@ def _bounce() -> _Bounce:
 
 
 class _BounceWriter:
-    """Copies a file's chunks into the thread's bounce buffers; each full buffer is written
-    to ``fd`` here while the hash worker hashes that same buffer (files of one buffer are
-    hashed inline, without a thread)."""
+    """Copies a file's chunks into the thread's bounce buffers and hashes each full buffer
+    while it is still in cache; a worker thread writes it to ``fd`` meanwhile (a file of one
+    buffer is written here, without a thread). A write error is raised by the next call."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -235,10 +235,9 @@ class _BounceWriter:
         self.index = 0
         self.fill = 0
         self.size = 0
-        self._queue: queue.SimpleQueue[int | None] | None = None
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._lengths = [0] * _BOUNCE_COUNT
 
     def add(self, view: memoryview) -> None:
         start = 0
@@ -256,33 +255,34 @@ class _BounceWriter:
         if not self.fill:
             return
         index, length = self.index, self.fill
-        data = self.ring.buffer(index)[:length]
+        self.hasher.update(self.ring.buffer(index)[:length])
         if self._queue is None:
             self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._work, name="distckpt-hash", daemon=True)
+            self._thread = threading.Thread(target=self._work, name="distckpt-write", daemon=True)
             self._thread.start()
         self.ring.free[index].clear()
-        self._lengths[index] = length
-        self._queue.put(index)
-        _writev_all(self.fd, [data])
+        self._queue.put((index, length))
         self.index = (index + 1) % _BOUNCE_COUNT
         self.fill = 0
         self.ring.buffer(self.index)
-        self.ring.free[self.index].wait()  # the worker is done reading the buffer filled next
+        self.ring.free[self.index].wait()  # the worker is done writing the buffer filled next
+        if self._error is not None:
+            raise self._error
 
     def _work(self) -> None:
         assert self._queue is not None
-        while (index := self._queue.get()) is not None:
+        while (job := self._queue.get()) is not None:
+            index, length = job
             try:
                 if self._error is None:
-                    self.hasher.update(self.ring.buffers[index][:self._lengths[index]])
-            except BaseException as exc:  # reported by finish
+                    _writev_all(self.fd, [self.ring.buffers[index][:length]])
+            except BaseException as exc:  # raised by the caller's next flush or finish
                 self._error = exc
             finally:
                 self.ring.free[index].set()
 
     def finish(self) -> str:
-        """Write what is left, wait for the hash worker; ``"<algorithm>:<hex>"`` of every byte written."""
+        """Write what is left, wait for the writer; ``"<algorithm>:<hex>"`` of every byte written."""
         if self._queue is None:  # the whole file fits one buffer: hash and write it here
             data = self.ring.buffer(0)[:self.fill]
             self.hasher.update(data)
@@ -296,25 +296,58 @@ class _BounceWriter:
         return f"{CHECKSUM_ALGORITHM}:{self.hasher.hexdigest()}"
 
     def close(self) -> None:
-        """Stop the worker, leaving every buffer free (idempotent)."""
+        """Stop the worker once it has written what it was given (idempotent)."""
         if self._queue is not None and self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
 
 
-def write_file(path: str, chunks: Iterable[memoryview | bytes]) -> tuple[int, str]:
+class _InPlaceWriter:
+    """Hashes (in a worker thread) and writes (``writev``, 512 buffers a call) the caller's own
+    views, no copy: only for memory nothing else changes until :meth:`finish` returns."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.hasher = PipelinedHasher()
+        self.size = 0
+        self._batch: list[memoryview] = []
+        self._bytes = 0
+
+    def add(self, view: memoryview) -> None:
+        for start in range(0, len(view), _BOUNCE_BYTES):
+            piece = view[start:start + _BOUNCE_BYTES]
+            self.hasher.update(piece)
+            self._batch.append(piece)
+            self._bytes += len(piece)
+            if len(self._batch) >= _IOV_BATCH or self._bytes >= _BOUNCE_BYTES:
+                _writev_all(self.fd, self._batch)
+                self._batch, self._bytes = [], 0
+        self.size += len(view)
+
+    def finish(self) -> str:
+        _writev_all(self.fd, self._batch)
+        self._batch = []
+        return f"{CHECKSUM_ALGORITHM}:{self.hasher.hexdigest()}"
+
+    def close(self) -> None:
+        self.hasher.close()
+
+
+def write_file(path: str, chunks: Iterable[memoryview | bytes], *, private: bool = False) -> tuple[int, str]:
     """Create ``path`` (never overwriting, never following a symlink), write, hash, fsync.
 
     Called by the save path (writers only) and the CLI; not collective. Every
     byte is first copied into a small private buffer of this thread (a few
     MiB, reused), and that copy is both hashed and written: the checksum is
     exactly that of the bytes handed to the kernel, even when another thread
-    changes a tensor during the save. Returns ``(size, "<algorithm>:<hex>")``.
-    On failure the partial file is removed and the ``OSError`` propagates.
+    changes a tensor during the save. ``private=True`` skips the copy, for
+    chunks nothing else can change until this returns (an asynchronous save's
+    own snapshots, ``bytes``). Returns ``(size, "<algorithm>:<hex>")``. On
+    failure the partial file is removed and the ``OSError`` propagates.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-    writer = _BounceWriter(fd)
+    writer: _BounceWriter | _InPlaceWriter = _InPlaceWriter(fd) if private else _BounceWriter(fd)
     try:
         for chunk in chunks:
             view = memoryview(chunk)
@@ -483,7 +516,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
     parent = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    write_file(tmp, [data])
+    write_file(tmp, [data], private=True)
     try:
         os.replace(tmp, path)
     except BaseException:
