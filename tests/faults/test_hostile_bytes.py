@@ -29,13 +29,16 @@ from distckpt import (
 )
 from distckpt.cli import main as cli_main
 from distckpt.storage import checksum_of
-from tests.faults import scenario
+from harness.world import WorldPool, WorldSpec
+from tests.faults import ranks, scenario
+from tests.faults.ranks import Fault
 from tests.helpers import Box
 from tests.property import worlds
 
 pytestmark = pytest.mark.timeout(60)
 
 DEEP = 100_000
+GLOO = WorldSpec(nodes=2, procs_per_node=2)
 EX = scenario.example()
 
 
@@ -107,6 +110,29 @@ def test_latest_skips_a_checkpoint_whose_manifest_fails_for_any_reason(
 
     monkeypatch.setattr(CheckpointManifest, "load", classmethod(load))
     assert CheckpointCoordinator([], output_dir=str(tmp_path)).latest_checkpoint() == older
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(180)
+def test_on_gloo_a_deeply_nested_manifest_blocks_neither_loading_latest_nor_saving(
+        world_pool: WorldPool, tmp_path: Path) -> None:
+    out = str(tmp_path)
+
+    def on_every_rank(fn: Any, *args: Any) -> list[dict[str, Any]]:
+        outcomes = world_pool.run(GLOO, fn, *args, timeout=90)
+        assert all(o.ok for o in outcomes), [o.describe() for o in outcomes]
+        return [o.value for o in outcomes]
+
+    older = on_every_rank(ranks.save, EX, out, 0, Fault(), "older", ranks.CALM_TIMEOUT)[0]["path"]
+    newer = on_every_rank(ranks.save, EX, out, 1, Fault(), "newer", ranks.CALM_TIMEOUT)[0]["path"]
+    _deeply_nested_manifest(Path(newer) / "manifest.json")
+
+    loaded = on_every_rank(ranks.load, EX, out, 0)  # latest, checked against generation 0 on every rank
+    assert [v.get("path") for v in loaded] == [older] * 4, loaded
+    saved = on_every_rank(ranks.save, EX, out, 2, Fault(), "after", ranks.CALM_TIMEOUT)
+    assert len({v.get("path") for v in saved}) == 1 and "error" not in saved[0], saved
+    loaded = on_every_rank(ranks.load, EX, out, 2)
+    assert [v.get("path") for v in loaded] == [saved[0]["path"]] * 4, loaded
 
 
 def test_the_cli_lists_inspects_and_verifies_a_deeply_nested_manifest_without_a_traceback(

@@ -83,6 +83,24 @@ def test_a_tensor_changed_by_another_thread_during_a_synchronous_save_gives_chec
     _load(str(tmp_path), {"w": weight})  # latest loads: its checksum holds
 
 
+def test_an_asynchronous_save_writes_its_own_snapshot_which_verifies_while_training_goes_on(tmp_path: Path) -> None:
+    """Snapshots skip the bounce copy (they are private): training must still not reach the file."""
+    weight = torch.zeros(4 * 1024 * 1024)
+    stop = threading.Event()
+    coordinator = CheckpointCoordinator([StateComponent("model", Box({"w": weight}), "global")],
+                                        output_dir=tmp_path)
+    trainer = threading.Thread(target=lambda: [weight.add_(1) for _ in iter(stop.is_set, True)], daemon=True)
+    trainer.start()
+    try:
+        handles = [coordinator.save_checkpoint(async_save=True) for _ in range(2)]
+        paths = [h.result() for h in handles]
+    finally:
+        stop.set()
+        trainer.join()
+    for path in paths:
+        assert cli_main(["verify", path]) == 0, path
+
+
 # ------------------------------------------------------ balanced writes come from one state
 
 def _balanced_save(tmp_path: Path, change: Any, validate: bool) -> list[Any]:
