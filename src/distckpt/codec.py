@@ -88,9 +88,9 @@ def _dtype_from_name(name: Any) -> torch.dtype:
 
 
 def _count(value: Any, what: str) -> int:
-    """A non-negative JSON integer (not a bool, a float such as 1e999, or a string)."""
-    if type(value) is not int or value < 0:
-        raise IntegrityError(f"{what} must be a non-negative integer, got {value!r}"[:200])
+    """A JSON integer in [0, 2**63) (not a bool, a float such as 1e999, or a string)."""
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise IntegrityError(f"{what} must be an integer in [0, 2**63), got {value!r}"[:200])
     return value
 
 

@@ -286,6 +286,9 @@ class CheckpointManifest:
             raise ManifestError(f"{where}: world_size must be positive")
         if "sequence" in d and not 0 <= _need(d, "sequence", int, where) < 2**63:
             raise ManifestError(f"{where}: sequence must be in [0, 2**63), got {d['sequence']}"[:300])
+        for key, comp in components.items():
+            if comp.checksum is not None and not isinstance(comp.checksum, str):
+                raise ManifestError(f"{where}: components.{key}: checksum must be a string or null")
         return cls(
             checkpoint_id=_need(d, "checkpoint_id", str, where),
             world_size=world,

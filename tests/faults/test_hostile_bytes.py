@@ -248,3 +248,24 @@ def test_a_state_nested_too_deeply_to_read_back_is_refused_at_save_naming_the_li
     with pytest.raises(SerializationError, match="too deeply"):
         coordinator.save_checkpoint()
     assert coordinator.latest_checkpoint() is None
+
+
+def test_a_dtype_name_in_a_skeleton_never_imports_a_torch_submodule() -> None:
+    """``{"$dtype": "_dynamo"}`` once made the decoder import torch._dynamo (seconds of work, side effects)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys, torch\n"
+        "from distckpt import codec, IntegrityError\n"
+        f"data = bytearray({_skeleton_file(json.dumps({'$dtype': '_dynamo'}))!r})\n"
+        "try:\n"
+        "    codec.decode(data, where='forged.safetensors')\n"
+        "except IntegrityError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('imported:', 'torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: forged.safetensors: unknown torch dtype '_dynamo'" in done.stdout, done.stdout
+    assert "imported: False" in done.stdout, done.stdout
