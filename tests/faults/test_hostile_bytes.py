@@ -151,6 +151,34 @@ def test_the_cli_lists_inspects_and_verifies_a_deeply_nested_manifest_without_a_
         assert "Traceback" not in captured.err + captured.out
 
 
+FORGED_FIELDS = {
+    "a component checksum that is a number": (("components", "model", "checksum"), 7, 2),
+    "a world of 10**19 ranks": (("world_size",), 10**19, 1),
+    "a group that is a list of numbers": (("topology", "groups"), {"dp": [1]}, 0),
+}
+
+
+@pytest.mark.parametrize("forged", list(FORGED_FIELDS), ids=list(FORGED_FIELDS))
+def test_the_cli_inspects_and_verifies_a_manifest_with_a_forged_field_without_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], forged: str) -> None:
+    (where, value, verify_status) = FORGED_FIELDS[forged]
+    path = _save_one(tmp_path, "forged")
+    manifest = Path(path) / "manifest.json"
+    raw = json.loads(manifest.read_bytes())
+    node = raw
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    manifest.write_text(json.dumps(raw))
+
+    assert cli_main(["verify", "-q", path]) == verify_status
+    assert cli_main(["inspect", path]) == (2 if verify_status == 2 else 0)  # a refused manifest, or shown
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    if verify_status == 2:
+        assert str(manifest) in captured.err, captured.err
+
+
 # ------------------------------------------------------------------ component files
 
 def _safetensors(header: str, data: bytes = b"") -> bytes:
@@ -203,6 +231,7 @@ HOSTILE = {
     "a $dict that is a string": _skeleton_file('{"$dict":"ab"}'),
     "a $dict with a float key": _skeleton_file('{"$dict":[[1.5,1]]}'),
     "an empty $npscalar": _skeleton_file('{"$npscalar":"","dtype":"<f8"}'),
+    "a torch.Size of 10**30": _skeleton_file('{"$size":[1000000000000000000000000000000]}'),
     "a raw tensor of 1 GiB with no bytes": _skeleton_file(
         '{"$tensor":"t0","dtype":"float32","shape":[16384,16384]}', '"t0":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}'),
 }
