@@ -427,14 +427,14 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     names = [item[0] for item in order]
     dtypes = [item[2] for item in order]
     tensors = [item[1] for item in order]
-    try:
-        with gc_paused():
+    with gc_paused():
+        try:
             text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
-    except RecursionError:
-        raise SerializationError(_TOO_DEEP) from None
-    if boundedjson.nesting_depth(text) > SKELETON_DEPTH:
-        raise SerializationError(_TOO_DEEP)
-    header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors)
+        except RecursionError:
+            raise SerializationError(_TOO_DEEP) from None
+        if boundedjson.nesting_depth(text) > SKELETON_DEPTH:
+            raise SerializationError(_TOO_DEEP)
+        header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors)
     return EncodedState(header=header, tensors=tuple(tensors), names=tuple(names), dtypes=tuple(dtypes),
                         skeleton=text, private=enc.copy)
 
