@@ -285,15 +285,19 @@ def _topology_lines(m: CheckpointManifest) -> list[tuple[str, str]]:
     out = []
     nodes = m.topology.get("nodes")
     if isinstance(nodes, list) and nodes:
-        text = "; ".join(f"node {i} = ranks {rank_text(n)}" for i, n in enumerate(nodes)
-                         if isinstance(n, list))
+        text = "; ".join(f"node {i} = ranks {rank_text(n)}" for i, n in enumerate(nodes) if _ints(n))
         out.append(("nodes", f"{len(nodes)}: {text}"))
     groups = m.topology.get("groups")
     if isinstance(groups, dict):
         for name, part in sorted(groups.items()):
-            if isinstance(part, list):
+            if isinstance(part, list) and all(_ints(s) for s in part):
                 out.append((f"group {name}", sets_text(part, limit=200)))
     return out
+
+
+def _ints(value: Any) -> bool:
+    """A list of rank numbers (what a hostile manifest's topology may not be)."""
+    return isinstance(value, list) and all(type(r) is int for r in value)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -463,7 +467,7 @@ def _manifest_problems(m: CheckpointManifest) -> list[Problem]:
                 bad(f"file {f.path} is also listed by component {seen_paths[f.path]!r}")
             seen_paths[f.path] = key
         members = sorted(r for f in firsts for r in f.ranks)
-        if members != list(range(m.world_size)):
+        if len(members) != m.world_size or members != list(range(len(members))):  # never range(a forged size)
             bad(f"its replica sets do not partition the {m.world_size} ranks of the world")
         if c.size_bytes != sum(f.size_bytes for f in c.files):
             bad(f"size_bytes {c.size_bytes} is not the sum of its files' sizes")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import boundedjson
 from .errors import IntegrityError, SerializationError
 
 __all__ = [
@@ -54,6 +55,10 @@ __all__ = [
 SKELETON_KEY = "distckpt.skeleton"
 PART_KEY = "distckpt.part"
 _HEADER_LIMIT = 100 * 1024 * 1024
+#: JSON nesting accepted in a safetensors header (distckpt's and plain ones need 3).
+_HEADER_DEPTH = 16
+#: JSON nesting accepted in a skeleton; :func:`encode` refuses deeper states (about 170 nested dicts).
+SKELETON_DEPTH = 512
 
 _ST_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -74,11 +79,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
+def _dtype_from_name(name: Any) -> torch.dtype:
+    # vars(), not getattr(): a hostile name must not trigger torch's lazy submodule imports
+    dtype = vars(torch).get(name) if type(name) is str else None
     if not isinstance(dtype, torch.dtype):
         raise IntegrityError(f"unknown torch dtype {name!r} in checkpoint")
     return dtype
+
+
+def _count(value: Any, what: str) -> int:
+    """A JSON integer in [0, 2**63) (not a bool, a float such as 1e999, or a string)."""
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise IntegrityError(f"{what} must be an integer in [0, 2**63), got {value!r}"[:200])
+    return value
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if type(value) is not list:
+        raise IntegrityError(f"shape must be a list, got {value!r}"[:200])
+    return tuple(_count(d, "shape entry") for d in value)
 
 
 @contextlib.contextmanager
@@ -156,6 +175,8 @@ class EncodedState:
 
     ``names``, ``dtypes`` (safetensors names) and ``skeleton`` describe the
     tensors so that :meth:`split` can build self-contained part files.
+    ``private``: the tensors are snapshots this encoding owns (``encode(copy=True)``),
+    which nothing else changes, so a writer may hash and write them in place.
     """
 
     header: bytes
@@ -163,6 +184,7 @@ class EncodedState:
     names: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ()
     skeleton: str = ""
+    private: bool = False
 
     @property
     def total_size(self) -> int:
@@ -209,7 +231,7 @@ class EncodedState:
             dtypes = [self.dtypes[i] for i in members]
             out.append(EncodedState(header=_header(meta, names, dtypes, tensors), tensors=tuple(tensors),
                                     names=tuple(names), dtypes=tuple(dtypes),
-                                    skeleton=self.skeleton if index == 0 else ""))
+                                    skeleton=self.skeleton if index == 0 else "", private=self.private))
         return tuple(out)
 
 
@@ -377,6 +399,10 @@ def encode_leaf(obj: Any, path: str) -> Any:
     )
 
 
+_TOO_DEEP = (f"<root>: the state nests containers too deeply to be read back (its skeleton may nest at most "
+             f"{SKELETON_DEPTH} JSON levels, about {SKELETON_DEPTH // 3} nested dicts); flatten it")
+
+
 def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None = None) -> EncodedState:
     """Encode a state dict; raises :class:`SerializationError` naming the first bad path.
 
@@ -390,8 +416,11 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     must be done with the previous result before reusing its buffers.
     """
     enc = _Encoder(copy or reuse is not None, reuse)
-    with gc_paused():
-        skeleton = enc.value(state, "")
+    try:
+        with gc_paused():
+            skeleton = enc.value(state, "")
+    except RecursionError:
+        raise SerializationError(_TOO_DEEP) from None
     # Largest elements first (by the real dtype, also for raw-stored ones), and
     # data starting 16-aligned: every tensor starts aligned to its element size.
     order = sorted(enc.tensors, key=lambda item: -item[3])
@@ -399,10 +428,15 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     dtypes = [item[2] for item in order]
     tensors = [item[1] for item in order]
     with gc_paused():
-        text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
+        try:
+            text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
+        except RecursionError:
+            raise SerializationError(_TOO_DEEP) from None
+        if boundedjson.nesting_depth(text) > SKELETON_DEPTH:
+            raise SerializationError(_TOO_DEEP)
         header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors)
     return EncodedState(header=header, tensors=tuple(tensors), names=tuple(names), dtypes=tuple(dtypes),
-                        skeleton=text)
+                        skeleton=text, private=enc.copy)
 
 
 @dataclass(frozen=True)
@@ -449,29 +483,37 @@ def parse_header(header: bytes | memoryview, file_size: int, where: str = "<buff
     start = header_length(header, file_size, where)
     try:
         with gc_paused():
-            raw = json.loads(bytes(header[8:start]).decode("utf-8"))
+            raw = boundedjson.loads(bytes(header[8:start]).decode("utf-8"), _HEADER_DEPTH)
         if not isinstance(raw, dict):
             raise ValueError("header is not a JSON object")
         meta = raw.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise ValueError("__metadata__ is not a JSON object")
         entries = []
         for name, info in raw.items():
-            dtype = _FROM_ST.get(info["dtype"])
+            dtype = _FROM_ST.get(info["dtype"]) if type(info.get("dtype")) is str else None
             if dtype is None:
-                raise IntegrityError(f"unsupported safetensors dtype {info['dtype']!r}")
-            shape = tuple(int(d) for d in info["shape"])
-            begin, stop = (int(x) for x in info["data_offsets"])
-            if (begin < 0 or stop < begin or start + stop > file_size
-                    or stop - begin != math.prod(shape) * _itemsize(dtype)):
+                raise IntegrityError(f"unsupported safetensors dtype {info.get('dtype')!r}"[:200])
+            shape = _shape(info["shape"])
+            offsets = info["data_offsets"]
+            if type(offsets) is not list or len(offsets) != 2:
+                raise IntegrityError(f"data_offsets must be [begin, end], got {offsets!r}"[:200])
+            begin, stop = (_count(x, "data offset") for x in offsets)
+            if stop < begin or start + stop > file_size or stop - begin != math.prod(shape) * _itemsize(dtype):
                 raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {list(shape)} or the file")
             entries.append(TensorEntry(name, dtype, shape, start + begin, start + stop))
         text = meta.get(SKELETON_KEY)
+        if text is not None and type(text) is not str:
+            raise ValueError("the skeleton is not a string")
         with gc_paused():
-            skeleton = None if text is None else json.loads(text)
+            skeleton = None if text is None else boundedjson.loads(text, SKELETON_DEPTH)
         part = meta.get(PART_KEY)
+        if part is not None and type(part) is not str:
+            raise ValueError("the part label is not a string")
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise IntegrityError(f"{where}: malformed safetensors header ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RuntimeError) as exc:
+        raise IntegrityError(f"{where}: malformed safetensors header ({exc})"[:400]) from None
     entries.sort(key=lambda e: e.begin)
     return FileLayout(data_start=start, entries=tuple(entries), skeleton=skeleton, part=part)
 
@@ -512,8 +554,8 @@ def assemble(parts: Sequence[tuple[FileLayout, bytearray | memoryview]],
             return _Decoder(tensors).value(skeleton)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise IntegrityError(f"{where}: malformed safetensors content ({exc})") from None
+    except (ValueError, KeyError, TypeError, RuntimeError, OverflowError, IndexError, struct.error) as exc:
+        raise IntegrityError(f"{where}: malformed safetensors content ({exc})"[:400]) from None
 
 
 def live_targets(skeleton: Any, entries: Iterable[TensorEntry], live: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -541,13 +583,13 @@ def live_targets(skeleton: Any, entries: Iterable[TensorEntry], live: Any) -> di
         if not isinstance(node, dict) or not node:
             return
         tag = next(iter(node))
-        if tag in ("$dict", "$odict") and isinstance(obj, dict):
-            for k, v in node[tag]:
-                if (type(k) is str or type(k) is int) and k in obj:
-                    visit(v, obj[k])
+        if tag in ("$dict", "$odict") and isinstance(obj, dict) and isinstance(node[tag], list):
+            for pair in node[tag]:  # malformed pairs are skipped here and refused by assemble()
+                if isinstance(pair, list) and len(pair) == 2 and type(pair[0]) in (str, int) and pair[0] in obj:
+                    visit(pair[1], obj[pair[0]])
         elif tag == "$tuple":
             visit(node[tag], obj)
-        elif tag == "$tensor" and isinstance(obj, torch.Tensor):
+        elif tag == "$tensor" and type(node[tag]) is str and isinstance(obj, torch.Tensor):
             target = _target(node, by_name.get(node[tag]), obj)
             if target is not None and node[tag] not in found:
                 storage = obj.untyped_storage().data_ptr()
@@ -580,6 +622,25 @@ def _target(node: dict[str, Any], entry: TensorEntry | None,
 @functools.cache
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def _np_dtype(node: dict[str, Any]) -> np.dtype[Any]:
+    """The NumPy dtype of an ``$ndarray`` or ``$npscalar`` node: only the kinds :func:`encode_leaf` writes."""
+    name = node["dtype"]
+    dtype = np.dtype(name) if type(name) is str else None
+    if dtype is None or dtype.kind not in _NP_KINDS or dtype.fields is not None or dtype.itemsize == 0:
+        raise ValueError(f"unsupported NumPy dtype {name!r}"[:200])
+    return dtype
+
+
+def _pairs(body: Any) -> list[tuple[Any, Any]]:
+    """A skeleton dict body: a list of ``[key, value]`` pairs, keys str or int."""
+    if type(body) is not list:
+        raise ValueError(f"a dict body must be a list of pairs, got {type(body).__name__}")
+    for pair in body:
+        if type(pair) is not list or len(pair) != 2 or type(pair[0]) not in (str, int):
+            raise ValueError(f"a dict entry must be [str or int key, value], got {pair!r}"[:200])
+    return [(k, v) for k, v in body]
 
 
 def _tensor_at(buffer: bytearray | memoryview, e: TensorEntry) -> torch.Tensor:
@@ -616,29 +677,38 @@ class _Decoder:
         if tag == "$tensor":
             return self.tensor(node)
         if tag == "$dict":
-            return {k: self.value(v) for k, v in body}
+            return {k: self.value(v) for k, v in _pairs(body)}
         if tag == "$odict":
-            out: OrderedDict[Any, Any] = OrderedDict((k, self.value(v)) for k, v in body)
+            out: OrderedDict[Any, Any] = OrderedDict((k, self.value(v)) for k, v in _pairs(body))
             if "meta" in node:
                 out._metadata = self.value(node["meta"])  # type: ignore[attr-defined]
             return out
         if tag == "$tuple":
+            if type(body) is not list:
+                raise ValueError(f"a tuple body must be a list, got {type(body).__name__}")
             return tuple(self.value(v) for v in body)
         if tag == "$float":
+            if type(body) is not str or len(body) != 16:
+                raise ValueError(f"$float must be 16 hex digits, got {body!r}"[:200])
             return struct.unpack(">d", bytes.fromhex(body))[0]
         if tag == "$bytes":
             return base64.b64decode(body, validate=True)
         if tag == "$ndarray":
             raw = self.tensors[body]
-            dtype = np.dtype(node["dtype"])
-            return np.frombuffer(bytes(tensor_bytes(raw)), dtype=dtype).reshape(node["shape"]).copy()
+            return np.frombuffer(bytes(tensor_bytes(raw)), dtype=_np_dtype(node)).reshape(_shape(node["shape"])).copy()
         if tag == "$npscalar":
-            return np.frombuffer(base64.b64decode(body, validate=True), dtype=np.dtype(node["dtype"]))[0]
+            data = base64.b64decode(body, validate=True)
+            dtype = _np_dtype(node)
+            if len(data) != dtype.itemsize:
+                raise ValueError(f"a NumPy {dtype} scalar needs {dtype.itemsize} bytes, got {len(data)}")
+            return np.frombuffer(data, dtype=dtype)[0]
         if tag == "$dtype":
             return _dtype_from_name(body)
         if tag == "$size":
-            return torch.Size(body)
+            return torch.Size(_shape(body))
         if tag == "$device":
+            if type(body) is not str:
+                raise ValueError(f"a device must be a string, got {body!r}"[:200])
             return torch.device(body)
         raise ValueError(f"unknown skeleton tag {tag!r}")
 
@@ -651,8 +721,10 @@ class _Decoder:
         if name not in self._raw:
             dtype = _dtype_from_name(node["dtype"])
             raw = self.tensors[name]
-            shape = node["shape"]
+            shape = _shape(node["shape"])
             if raw.numel() == 0:
+                if math.prod(shape):  # never allocate what the file does not hold
+                    raise ValueError(f"tensor {name!r} of shape {list(shape)} has no bytes in the file")
                 self._raw[name] = torch.empty(shape, dtype=dtype)
             else:
                 if raw.data_ptr() % min(_itemsize(dtype), 16):

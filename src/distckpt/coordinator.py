@@ -69,7 +69,9 @@ __all__ = ["CheckpointCoordinator"]
 log = logging.getLogger("distckpt")
 
 PhaseHook = Callable[[str, int], None]
-_Job = tuple[str, str, EncodedState, str]  # key, relative path, encoded file, structure digest (parts only)
+#: key, relative path, encoded file, structure digest (parts only), and for the writer of a
+#: balanced write's part 0 the other parts of its own replica (paths and bytes), to predict their checksums
+_Job = tuple[str, str, EncodedState, str, tuple[tuple[str, EncodedState], ...]]
 _Record = tuple[int, str, int, str]  # size, checksum, writer, structure digest
 _DETAIL_LIMIT_BYTES = 64 * 1024 * 1024
 #: Default smallest part of a balanced write (measured: bench/results/FINDINGS.md).
@@ -502,10 +504,13 @@ class CheckpointCoordinator:
                         reuse = self._snapshots.setdefault(c.key, {}) if copy else None
                         encoded = encode(self._state(states, c.key), copy=copy, reuse=reuse)
                         if f.parts == 1:  # a whole file: nothing to fit together
-                            yield c.key, f.path, encoded, ""
+                            yield c.key, f.path, encoded, "", ()
                             continue
                         structure = storage.checksum_of(encoded.header, "xxh3-64")
-                        yield c.key, f.path, encoded.split(f.parts)[f.part], structure
+                        pieces = encoded.split(f.parts)
+                        siblings = tuple((p.path, pieces[p.part]) for p in plan.components[c.key].files
+                                         if f.part == 0 and p.ranks == f.ranks and p.part != 0)
+                        yield c.key, f.path, pieces[f.part], structure, siblings
 
         if not copy:
             return jobs
@@ -559,24 +564,30 @@ class CheckpointCoordinator:
                produce: Callable[[], Iterator[_Job]]) -> dict[str, dict[str, _Record]]:
         """Phase 3: each writer writes its sets' files into staging; all-gather the records.
 
-        Every rank then checks that the writers of a balanced write's parts
-        encoded the same structure (else the parts would not fit together).
+        Every rank then checks that the parts of each balanced write come from
+        one state: the same structure, and each part's checksum equal to the
+        one the part-0 writer predicts from its own replica (else the parts
+        would assemble into a state no rank holds).
         """
-        def work() -> list[tuple[str, str, int, str, str]]:
+        def work() -> list[tuple[str, str, int, str, str, dict[str, str]]]:
             self._hook("write")
             written = []
-            for key, path, encoded, structure in produce():
+            for key, path, encoded, structure, siblings in produce():
                 storage.make_component_dir(plan.staging, key)
-                size, checksum = storage.write_file(os.path.join(plan.staging, path), encoded.chunks())
-                written.append((key, path, size, checksum, structure))
+                size, checksum = storage.write_file(os.path.join(plan.staging, path), encoded.chunks(),
+                                                    private=encoded.private)
+                predicted = {p: storage.checksum_of_chunks(piece.chunks()) for p, piece in siblings}
+                written.append((key, path, size, checksum, structure, predicted))
             return written
 
         gathered = exchange(comm, "write", work)
         records: dict[str, dict[str, _Record]] = {}
+        predictions: dict[str, dict[str, str]] = {}
         for rank, items in enumerate(gathered):
-            for key, path, size, checksum, structure in items:
+            for key, path, size, checksum, structure, predicted in items:
                 records.setdefault(key, {})[path] = (size, checksum, rank, structure)
-        _check_parts_agree(plan, records)
+                predictions.setdefault(key, {}).update(predicted)
+        _check_parts_agree(plan, records, predictions)
         return records
 
     def _commit(
@@ -821,23 +832,43 @@ def _check_same_plan(digests: Sequence[str], components: Sequence[StateComponent
             "replica_sets(topology) must be deterministic", failures=differ, phase="plan")
 
 
-def _check_parts_agree(plan: _SavePlan, records: Mapping[str, Mapping[str, _Record]]) -> None:
-    """Every rank, after the write phase: the parts of each balanced write come from one structure."""
-    failures: dict[int, str] = {}
+def _check_parts_agree(plan: _SavePlan, records: Mapping[str, Mapping[str, _Record]],
+                       predictions: Mapping[str, Mapping[str, str]]) -> None:
+    """Every rank, after the write phase: the parts of each balanced write come from one state.
+
+    A part must encode the same structure as part 0 of its set, and its
+    checksum must equal the one part 0's writer predicted from its own
+    replica (``predictions``: key -> part path -> checksum). Either failing
+    raises the same :class:`ReplicationMismatchError` on every rank (phase
+    "write"), naming the writers of the parts that disagree; nothing commits.
+    """
+    structure: dict[int, str] = {}
+    values: dict[int, str] = {}
     for key, cplan in plan.components.items():
         for f in cplan.files:
             if f.part == 0:
                 continue
             first = next(p for p in cplan.files if p.ranks == f.ranks and p.part == 0)
             if records[key][f.path][3] != records[key][first.path][3]:
-                failures[f.writer] = (f"component {key!r}: part {f.part} encodes a different structure "
-                                      f"than rank {first.writer}'s part 0")
-    if failures:
+                structure[f.writer] = (f"component {key!r}: part {f.part} encodes a different structure "
+                                       f"than rank {first.writer}'s part 0")
+            elif predictions.get(key, {}).get(f.path) != records[key][f.path][1]:
+                values[f.writer] = (f"component {key!r}: part {f.part} (written by rank {f.writer}) holds other "
+                                    f"bytes than the same part of rank {first.writer}'s replica")
+    if structure:
         raise ReplicationMismatchError(
             "balanced write: replicas hold differently structured state (keys, dtypes, shapes or "
             "non-tensor values), so their parts do not fit together; nothing was committed. "
             "Save with validate=True to see where they differ",
-            failures=failures, phase="write",
+            failures=structure, phase="write",
+        )
+    if values:
+        raise ReplicationMismatchError(
+            "balanced write: members writing parts of one replica set held different tensor values when "
+            "they wrote (a replica changed after validation, or was never validated), so the parts would "
+            "assemble into a state no rank holds; nothing was committed. Save with validate=True to see "
+            "where they differ, and do not change the state during a save",
+            failures=values, phase="write",
         )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import boundedjson
 from .errors import ManifestError
 from .layout import check_relpath
 from .patterns import KIND_PATTERN, SharingPattern, describe_record
@@ -34,6 +35,7 @@ FORMAT_NAME = "distckpt"
 FORMAT_VERSION = "1.2"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_MANIFEST_DEPTH = 512  # JSON nesting levels (a manifest needs 6, plus what component metadata holds)
 
 _FILE_FIELDS = ("path", "ranks", "writer", "size_bytes", "checksum", "part")
 _COMPONENT_FIELDS = (
@@ -287,8 +289,16 @@ class CheckpointManifest:
         }
 
     def to_json(self) -> str:
-        """Indented JSON in which lists of plain values (rank lists) stay on one line."""
-        return _dumps(self.to_dict(), 0) + "\n"
+        """Indented JSON in which lists of plain values (rank lists) stay on one line.
+
+        Raises :class:`ManifestError` when it would nest deeper than
+        ``MAX_MANIFEST_DEPTH`` (deep component metadata): never write what cannot be read back.
+        """
+        text = _dumps(self.to_dict(), 0) + "\n"
+        if boundedjson.nesting_depth(text) > MAX_MANIFEST_DEPTH:
+            raise ManifestError(f"checkpoint {self.checkpoint_id!r}: the manifest would nest deeper than "
+                                f"{MAX_MANIFEST_DEPTH} levels (component metadata too deeply nested)")
+        return text
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> CheckpointManifest:
@@ -315,6 +325,11 @@ class CheckpointManifest:
         world = _need(d, "world_size", int, where)
         if world < 1:
             raise ManifestError(f"{where}: world_size must be positive")
+        if "sequence" in d and not 0 <= _need(d, "sequence", int, where) < 2**63:
+            raise ManifestError(f"{where}: sequence must be in [0, 2**63), got {d['sequence']}"[:300])
+        for key, comp in components.items():
+            if comp.checksum is not None and not isinstance(comp.checksum, str):
+                raise ManifestError(f"{where}: components.{key}: checksum must be a string or null")
         return cls(
             checkpoint_id=_need(d, "checkpoint_id", str, where),
             world_size=world,
@@ -338,12 +353,18 @@ class CheckpointManifest:
         except UnicodeDecodeError as exc:
             raise ManifestError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         try:
-            raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+            raw = boundedjson.loads(text, MAX_MANIFEST_DEPTH, object_pairs_hook=_no_duplicates,
+                                    parse_constant=_no_constants)
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         except ValueError as exc:
             raise ManifestError(f"{where}: {exc}") from None
-        return cls.from_dict(raw, where)
+        try:
+            return cls.from_dict(raw, where)
+        except ManifestError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:  # any field a check missed
+            raise ManifestError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically to ``path`` (a checkpoint directory or a file path)."""

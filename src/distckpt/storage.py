@@ -42,6 +42,7 @@ __all__ = [
     "VerifiedReader",
     "atomic_write_bytes",
     "checksum_of",
+    "checksum_of_chunks",
     "clean_stale",
     "commit_directory",
     "create_staging",
@@ -69,7 +70,8 @@ __all__ = [
 log = logging.getLogger("distckpt")
 
 CHECKSUM_ALGORITHM = "xxh3-128"
-_WRITE_CHUNK = 64 * 1024 * 1024
+_BOUNCE_BYTES = 4 * 1024 * 1024  # bytes per private write buffer
+_BOUNCE_COUNT = 3  # buffers per writing thread: one being filled and hashed, up to two being written
 _READ_PIECE = 16 * 1024 * 1024  # hashed while still in cache
 _IOV_BATCH = 512  # buffers per readv (IOV_MAX is 1024 on Linux)
 _HASH_BATCH = 8 * 1024 * 1024  # bytes per hand-over to the hashing thread
@@ -165,6 +167,18 @@ def checksum_of(data: bytes | bytearray | memoryview, algorithm: str = CHECKSUM_
     return f"{algorithm}:{h.hexdigest()}"
 
 
+def checksum_of_chunks(chunks: Iterable[memoryview | bytes]) -> str:
+    """``"<algorithm>:<hex>"`` that :func:`write_file` would give for ``chunks``, without writing.
+
+    Called by the writer of a balanced write's part 0 to predict the other
+    parts' checksums from its own replica. Not collective; no I/O.
+    """
+    h = new_hasher(CHECKSUM_ALGORITHM)
+    for chunk in chunks:
+        h.update(chunk)
+    return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
@@ -188,45 +202,180 @@ def _writev_all(fd: int, views: list[memoryview]) -> None:
                 n = 0
 
 
-def write_file(path: str, chunks: Iterable[memoryview | bytes]) -> tuple[int, str]:
+class _Bounce:
+    """A few private buffers a writing thread copies file bytes into (kept for its next file).
+
+    The copy is what makes the checksum exact: the hasher and ``writev`` read
+    the same private bytes, so a tensor changed by another thread during a
+    save changes neither. ``free[i]`` is set while the write worker is not
+    reading buffer ``i``.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+        self.free: list[threading.Event] = []
+
+    def buffer(self, index: int) -> memoryview:
+        while len(self.buffers) <= index:
+            array: Any = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8).numpy()  # never zero-filled
+            self.buffers.append(memoryview(array).cast("B"))
+            event = threading.Event()
+            event.set()
+            self.free.append(event)
+        return self.buffers[index]
+
+
+_bounce_local = threading.local()
+
+
+def _bounce() -> _Bounce:
+    ring: _Bounce | None = getattr(_bounce_local, "ring", None)
+    if ring is None:
+        ring = _bounce_local.ring = _Bounce()
+    return ring
+
+
+class _BounceWriter:
+    """Copies a file's chunks into the thread's bounce buffers and hashes each full buffer
+    while it is still in cache; a worker thread writes it to ``fd`` meanwhile (a file of one
+    buffer is written here, without a thread). A write error is raised by the next call."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.ring = _bounce()
+        self.hasher = new_hasher(CHECKSUM_ALGORITHM)
+        self.index = 0
+        self.fill = 0
+        self.size = 0
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def add(self, view: memoryview) -> None:
+        start = 0
+        while start < len(view):
+            target = self.ring.buffer(self.index)
+            n = min(len(view) - start, _BOUNCE_BYTES - self.fill)
+            target[self.fill:self.fill + n] = view[start:start + n]
+            self.fill += n
+            start += n
+            if self.fill == _BOUNCE_BYTES:
+                self._flush()
+        self.size += len(view)
+
+    def _flush(self) -> None:
+        if not self.fill:
+            return
+        index, length = self.index, self.fill
+        self.hasher.update(self.ring.buffer(index)[:length])
+        if self._queue is None:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._work, name="distckpt-write", daemon=True)
+            self._thread.start()
+        self.ring.free[index].clear()
+        self._queue.put((index, length))
+        self.index = (index + 1) % _BOUNCE_COUNT
+        self.fill = 0
+        self.ring.buffer(self.index)
+        self.ring.free[self.index].wait()  # the worker is done writing the buffer filled next
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while (job := self._queue.get()) is not None:
+            index, length = job
+            try:
+                if self._error is None:
+                    _writev_all(self.fd, [self.ring.buffers[index][:length]])
+            except BaseException as exc:  # raised by the caller's next flush or finish
+                self._error = exc
+            finally:
+                self.ring.free[index].set()
+
+    def finish(self) -> str:
+        """Write what is left, wait for the writer; ``"<algorithm>:<hex>"`` of every byte written."""
+        if self._queue is None:  # the whole file fits one buffer: hash and write it here
+            data = self.ring.buffer(0)[:self.fill]
+            self.hasher.update(data)
+            _writev_all(self.fd, [data])
+            self.fill = 0
+        else:
+            self._flush()
+            self.close()
+        if self._error is not None:
+            raise self._error
+        return f"{CHECKSUM_ALGORITHM}:{self.hasher.hexdigest()}"
+
+    def close(self) -> None:
+        """Stop the worker once it has written what it was given (idempotent)."""
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+class _InPlaceWriter:
+    """Hashes (in a worker thread) and writes (``writev``, 512 buffers a call) the caller's own
+    views, no copy: only for memory nothing else changes until :meth:`finish` returns."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.hasher = PipelinedHasher()
+        self.size = 0
+        self._batch: list[memoryview] = []
+        self._bytes = 0
+
+    def add(self, view: memoryview) -> None:
+        for start in range(0, len(view), _BOUNCE_BYTES):
+            piece = view[start:start + _BOUNCE_BYTES]
+            self.hasher.update(piece)
+            self._batch.append(piece)
+            self._bytes += len(piece)
+            if len(self._batch) >= _IOV_BATCH or self._bytes >= _BOUNCE_BYTES:
+                _writev_all(self.fd, self._batch)
+                self._batch, self._bytes = [], 0
+        self.size += len(view)
+
+    def finish(self) -> str:
+        _writev_all(self.fd, self._batch)
+        self._batch = []
+        return f"{CHECKSUM_ALGORITHM}:{self.hasher.hexdigest()}"
+
+    def close(self) -> None:
+        self.hasher.close()
+
+
+def write_file(path: str, chunks: Iterable[memoryview | bytes], *, private: bool = False) -> tuple[int, str]:
     """Create ``path`` (never overwriting, never following a symlink), write, hash, fsync.
 
-    Chunks go to the kernel in batches of up to 512 buffers (``writev``), so
-    thousands of small tensors cost a few system calls and no copy in user
-    space. Returns ``(size, "<algorithm>:<hex>")`` computed from the bytes as
-    they were written. On failure the partial file is removed and the
-    ``OSError`` propagates.
+    Called by the save path (writers only) and the CLI; not collective. Every
+    byte is first copied into a small private buffer of this thread (a few
+    MiB, reused), and that copy is both hashed and written: the checksum is
+    exactly that of the bytes handed to the kernel, even when another thread
+    changes a tensor during the save. ``private=True`` skips the copy, for
+    chunks nothing else can change until this returns (an asynchronous save's
+    own snapshots, ``bytes``). Returns ``(size, "<algorithm>:<hex>")``. On
+    failure the partial file is removed and the ``OSError`` propagates.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-    hasher = PipelinedHasher()
-    size = 0
-    batch: list[memoryview] = []
-    batch_bytes = 0
+    writer: _BounceWriter | _InPlaceWriter = _InPlaceWriter(fd) if private else _BounceWriter(fd)
     try:
         for chunk in chunks:
             view = memoryview(chunk)
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
-            for start in range(0, len(view), _WRITE_CHUNK):
-                piece = view[start:start + _WRITE_CHUNK]
-                hasher.update(piece)
-                batch.append(piece)
-                batch_bytes += len(piece)
-                if len(batch) >= _IOV_BATCH or batch_bytes >= _WRITE_CHUNK:
-                    _writev_all(fd, batch)
-                    batch, batch_bytes = [], 0
-            size += len(view)
-        _writev_all(fd, batch)
-        digest = hasher.hexdigest()
+            writer.add(view)
+        checksum = writer.finish()
         os.fsync(fd)
     except BaseException:
-        hasher.close()
+        writer.close()
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     os.close(fd)
-    return size, f"{CHECKSUM_ALGORITHM}:{digest}"
+    return writer.size, checksum
 
 
 def _open_regular(path: str, what: str) -> int:
@@ -276,7 +425,10 @@ class VerifiedReader:
         self.checksum = checksum
         self.position = 0
         self._algorithm = checksum.partition(":")[0]
-        self._hasher = PipelinedHasher(self._algorithm)
+        try:
+            self._hasher = PipelinedHasher(self._algorithm)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{path}: {exc.message} in the manifest; cannot verify this file") from None
         self._fd = _open_regular(path, "checkpoint file")
         try:
             actual = os.fstat(self._fd).st_size
@@ -372,9 +524,15 @@ def read_manifest_bytes(path: str) -> bytes:
         if size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{path}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
         chunks = []
+        total = 0
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_MANIFEST_BYTES:  # grew while being read
+                raise ManifestError(f"{path}: larger than the {MAX_MANIFEST_BYTES}-byte limit")
         return b"".join(chunks)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
     finally:
         os.close(fd)
 
@@ -383,7 +541,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
     parent = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    write_file(tmp, [data])
+    write_file(tmp, [data], private=True)
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -499,6 +657,8 @@ def list_checkpoints(parent: str, include_hidden: bool = False, restore: bool = 
             good.append(CheckpointEntry(path, CheckpointManifest.load(os.path.join(path, MANIFEST_NAME)), None))
         except ManifestError as exc:
             broken.append(CheckpointEntry(path, None, str(exc)))
+        except Exception as exc:  # any reason at all: one bad directory never blocks "latest" or a save
+            broken.append(CheckpointEntry(path, None, f"unreadable manifest ({type(exc).__name__}: {exc})"[:500]))
     good.sort(key=lambda e: (e.manifest.sequence, e.manifest.timestamp, e.path) if e.manifest else (0, "", e.path))
     return broken + good
 

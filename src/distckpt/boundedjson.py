@@ -1,0 +1,72 @@
+"""Bounded JSON: parse text from a checkpoint only when its nesting depth is sane.
+
+Pure module. ``json.loads`` recurses once per nesting level, so a hostile
+manifest, safetensors header or skeleton nested 100,000 deep raises
+``RecursionError`` (or worse, on a small thread stack). :func:`loads` first
+measures the depth with a vectorised scan (escapes removed, then a running
+sum over the brackets outside strings, in blocks) and refuses a
+document deeper than its limit with a ``ValueError``, which the callers turn
+into :class:`~distckpt.errors.ManifestError` or
+:class:`~distckpt.errors.IntegrityError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import numpy as np
+
+__all__ = ["loads", "nesting_depth"]
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and the byte it escapes
+_NOT_SYNTAX = bytes(b for b in range(256) if b not in b'"[]{}')
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[list(b"[{")] = 1
+_STEP[list(b"]}")] = -1
+_QUOTE = ord('"')
+_BLOCK = 1 << 20
+
+
+def nesting_depth(text: str | bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text`` (0 for a scalar).
+
+    Brackets inside strings do not count: escapes are removed first, then a
+    bracket is inside a string when an odd number of quotes precede it. For
+    malformed text (an unterminated string, unbalanced brackets) the result is
+    an upper bound of what a parser would reach before failing. Linear time,
+    memory a few MiB at most.
+    """
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    if b"\\" in data:
+        data = _ESCAPE.sub(b"", data)
+    syntax = data.translate(None, _NOT_SYNTAX)  # only quotes and brackets are left
+    deepest = level = 0
+    quoted = False
+    for start in range(0, len(syntax), _BLOCK):
+        block = np.frombuffer(syntax, dtype=np.uint8, count=min(_BLOCK, len(syntax) - start), offset=start)
+        quotes = np.cumsum(block == _QUOTE, dtype=np.int64)
+        outside = (quotes & 1) == (1 if quoted else 0)  # an opening quote counts as inside, a closing one outside
+        running = np.cumsum(_STEP[block] * outside, dtype=np.int64) + level
+        deepest = max(deepest, int(running.max()))
+        level = int(running[-1])
+        quoted = quoted != bool(quotes[-1] & 1)
+    return deepest
+
+
+def loads(text: str | bytes, max_depth: int, **kwargs: Any) -> Any:
+    """``json.loads(text, **kwargs)`` after checking the nesting depth is at most ``max_depth``.
+
+    Called by the manifest parser and the codec (not collective). Raises
+    ``json.JSONDecodeError`` for malformed JSON and ``ValueError`` for a
+    document nested deeper than ``max_depth`` (also when the parser still runs
+    out of stack, e.g. called from deep in a caller's recursion).
+    """
+    depth = nesting_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep (at most {max_depth} are accepted)")
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply to parse here (at most {max_depth} levels are accepted)") from None
