@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 from .coordinator import CheckpointCoordinator
 from .errors import (
+    ArgumentMismatchError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -38,6 +39,7 @@ from .report import LoadReport
 from .rng import RNGState
 
 __all__ = [
+    "ArgumentMismatchError",
     "CheckpointCoordinator",
     "CheckpointError",
     "CheckpointExistsError",

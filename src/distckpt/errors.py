@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 __all__ = [
+    "ArgumentMismatchError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -101,6 +102,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint exists where one was expected."""
 
 
+class ArgumentMismatchError(CheckpointError, ValueError):
+    """Ranks passed different arguments to the same collective call (``failures`` names the odd ranks)."""
+
+
 class CrossRankError(CheckpointError, RuntimeError):
     """One or more ranks failed a collective phase; ``failures`` says which and why."""
 
@@ -121,6 +126,7 @@ _REGISTRY: dict[str, type[CheckpointError]] = {
         SerializationError,
         CheckpointExistsError,
         CheckpointNotFoundError,
+        ArgumentMismatchError,
         CrossRankError,
         CollectiveTimeoutError,
     )
