@@ -63,7 +63,7 @@ class TorchComm:
         self._serial = str(name[0])
         self._store: Any = dist.distributed_c10d._get_default_store()
         self._seq = 0
-        self._generation = 0
+        self._epoch = "init"  # names the current groups: "init", or the collective that rebuilt them
         self._broken = False
         self._retired: list[Any] = [naming]  # kept alive: never destroyed mid-run
         self._group = self._gloo("world", tuple(range(self.world_size)))
@@ -89,22 +89,27 @@ class TorchComm:
     # ------------------------------------------------------------ groups
 
     def _gloo(self, label: str, members: tuple[int, ...]) -> Any:
-        """A gloo group of ``members`` (this rank among them), named by channel, generation and label.
+        """A gloo group of ``members`` (this rank among them), named by channel, epoch and label.
 
         Blocks until every member built it, or raises after ``timeout``.
         """
-        prefix = f"distckpt/{self._serial}/g{self._generation}/{label}/"
+        prefix = f"distckpt/{self._serial}/{self._epoch}/{label}/"
         from torch._C._distributed_c10d import PrefixStore
 
         return self._dist.ProcessGroupGloo(PrefixStore(prefix, self._store),
                                            members.index(self.rank), len(members),
                                            timedelta(seconds=self.timeout))
 
-    def _rebuild(self) -> None:
-        """After a failed collective: fresh groups under a new generation (collective)."""
+    def _rebuild(self, seq: int) -> None:
+        """After a failed collective: fresh groups, named after collective ``seq`` (collective).
+
+        Every rank failed the same collective, so all rebuild at the same
+        ``seq``; if the rebuild fails too, the next collective tries again
+        under its own name.
+        """
         self._retired += [self._group, *self._sets.values()]
         self._sets.clear()
-        self._generation += 1
+        self._epoch = f"s{seq}"
         self._group = self._gloo("world", tuple(range(self.world_size)))
         self._broken = False
 
@@ -214,7 +219,7 @@ class TorchComm:
             raise _timeout_error(phase, self._verdict(seq, {}))
         try:
             if self._broken:
-                self._rebuild()
+                self._rebuild(seq)
             if everyone_first:
                 keys = [self._key(seq, r) for r in range(self.world_size)]
                 self._store.wait(keys, timedelta(seconds=max(0.1, started + self.timeout - time.monotonic())))
