@@ -237,7 +237,9 @@ class CheckpointCoordinator:
 
         On any failure on any rank, every rank raises the same
         :class:`CheckpointError` subclass naming the failing ranks, nothing
-        becomes visible, and earlier checkpoints are untouched.
+        becomes visible, and earlier checkpoints are untouched. Every rank must
+        pass the same arguments: they travel in the first collective, and any
+        difference raises :class:`~distckpt.errors.ArgumentMismatchError`.
         """
         self.wait()
         started = time.perf_counter()
@@ -277,7 +279,10 @@ class CheckpointCoordinator:
         ``checkpoints_dir``. Compatibility (components, patterns, partitions)
         is checked on every rank before any data is read. ``strict`` also
         rejects components in the checkpoint that nobody declared. On any
-        failure every rank raises the same :class:`CheckpointError` subclass.
+        failure every rank raises the same :class:`CheckpointError` subclass;
+        if the read phase failed, its message names each rank and the
+        components whose live state it had already changed. Arguments that
+        differ across ranks raise :class:`~distckpt.errors.ArgumentMismatchError`.
         """
         self.wait()
         started = time.perf_counter()
@@ -791,7 +796,7 @@ def _call_args(**args: Any) -> dict[str, Any]:
 def _modified(touched: Sequence[str]) -> str:
     """This rank's line in a failed load's error: which components' live state changed."""
     if not touched:
-        return "modified no live state"
+        return "changed no live state"
     return f"changed the live state of {list(touched)} (loaded, or read into in place)"
 
 

@@ -230,7 +230,7 @@ class TorchComm:
             if missing:
                 proposal = {
                     r: f"did not reach the '{phase}' step within {self.timeout:g}s "
-                       "(process died, hung, or arrived too late)"
+                       "(process died, hung, never called it, or arrived too late)"
                     for r in missing
                 }
             else:
