@@ -37,6 +37,7 @@ __all__ = ["TorchComm"]
 
 _ARRIVAL_GRACE_S = 10.0
 _SLOT_BYTES = 4096  # per rank, in the fast all-gather; larger payloads take a second round
+_ENDED_WELL = "ok"
 
 
 class TorchComm:
@@ -62,6 +63,7 @@ class TorchComm:
         dist.broadcast_object_list(name, src=0, group=naming)
         self._serial = str(name[0])
         self._store: Any = dist.distributed_c10d._get_default_store()
+        self._ledger = _Ledger(self._store, self._serial, self.rank, self.world_size)
         self._seq = 0
         self._epoch = "init"  # names the current groups: "init", or the collective that rebuilt them
         self._broken = False
@@ -196,74 +198,138 @@ class TorchComm:
 
     # ------------------------------------------------------------ the error protocol
 
-    def _key(self, seq: int, rank: int | str) -> str:
-        return f"distckpt/{self._serial}/{seq}/{rank}"
-
     def _collective(self, phase: str, run: Callable[[], None], everyone_first: bool = False) -> None:
         """Announce arrival, adopt a verdict peers already reached, heal, run; on failure settle one verdict.
 
-        ``everyone_first``: wait until every rank announced this collective before ``run``.
+        ``everyone_first`` (a step whose ranks do not all talk to each other,
+        like the per-set broadcasts): wait until every rank arrived before
+        ``run``, and until every rank finished after it, so that all ranks
+        reach one verdict even when only some of them saw the failure.
         """
         seq = self._seq
         self._seq += 1
         started = time.monotonic()
-        try:
-            self._store.set(self._key(seq, self.rank), phase)
-            if seq >= 2:
-                self._store.delete_key(self._key(seq - 2, self.rank))
-            earlier = self._store.check([self._key(seq, "verdict")])
-        except Exception:  # a store that fails shows up in the collective itself
-            earlier = False
-        if earlier:  # peers gave up on this collective before this rank arrived
+        deadline = started + self.timeout
+        if self._ledger.arrive(seq, phase):  # peers gave up on this collective before this rank arrived
             self._broken = True
-            raise _timeout_error(phase, self._verdict(seq, {}))
+            raise _timeout_error(phase, self._ledger.verdict(seq, {}))
+        outcome = ""
+        arrived = False
         try:
             if self._broken:
                 self._rebuild(seq)
             if everyone_first:
-                keys = [self._key(seq, r) for r in range(self.world_size)]
-                self._store.wait(keys, timedelta(seconds=max(0.1, started + self.timeout - time.monotonic())))
+                self._ledger.await_arrivals(seq, deadline)
+                arrived = True
             run()
         except Exception as exc:
-            self._broken = True
-            missing = self._missing(seq, started)
-            if missing:
-                proposal = {
-                    r: f"did not reach the '{phase}' step within {self.timeout:g}s "
-                       "(process died, hung, never called it, or arrived too late)"
-                    for r in missing
-                }
-            else:
-                proposal = {self.rank: f"'{phase}' collective failed: {type(exc).__name__}: {exc}"}
-            raise _timeout_error(phase, self._verdict(seq, proposal)) from exc
+            outcome = f"'{phase}' collective failed: {type(exc).__name__}: {exc}"
+            if not everyone_first:
+                self._broken = True
+                missing = self._ledger.missing(seq, deadline)
+                proposal = _absent(phase, self.timeout, missing) or {self.rank: outcome}
+                raise _timeout_error(phase, self._ledger.verdict(seq, proposal)) from exc
+        if everyone_first:
+            failures = self._ledger.settle(seq, deadline, outcome, phase, self.timeout, arrived)
+            if failures:
+                self._broken = True
+                raise _timeout_error(phase, failures)
 
-    def _verdict(self, seq: int, proposal: dict[int, str]) -> dict[int, str]:
+
+class _Ledger:
+    """One channel's bookkeeping in the store: arrivals, endings and verdicts of its collectives.
+
+    Keys: ``distckpt/<channel>/<seq>/<rank>`` (arrived), ``.../<seq>/end/<rank>``
+    (finished: "ok" or what failed; only for steps that wait for everyone),
+    both deleted two collectives later, and ``.../<seq>/verdict`` (the failures
+    everyone raises; first writer wins; kept). A store that fails degrades to
+    this rank's own view.
+    """
+
+    def __init__(self, store: Any, serial: str, rank: int, world_size: int) -> None:
+        self.store, self.serial, self.rank, self.world_size = store, serial, rank, world_size
+        self._ended: set[int] = set()  # collectives where this rank left an ending key
+
+    def key(self, seq: int, *rest: int | str) -> str:
+        return "/".join(["distckpt", self.serial, str(seq), *map(str, rest)])
+
+    def arrive(self, seq: int, phase: str) -> bool:
+        """Announce this rank at ``seq``; whether a verdict on ``seq`` exists already."""
+        try:
+            self.store.set(self.key(seq, self.rank), phase)
+            if seq >= 2:
+                self.store.delete_key(self.key(seq - 2, self.rank))
+            if seq - 2 in self._ended:
+                self._ended.discard(seq - 2)
+                self.store.delete_key(self.key(seq - 2, "end", self.rank))
+            return bool(self.store.check([self.key(seq, "verdict")]))
+        except Exception:  # a store that fails shows up in the collective itself
+            return False
+
+    def await_arrivals(self, seq: int, deadline: float) -> None:
+        """Block until every rank arrived at ``seq``; raises once ``deadline`` passed."""
+        keys = [self.key(seq, r) for r in range(self.world_size)]
+        self.store.wait(keys, timedelta(seconds=max(0.1, deadline - time.monotonic())))
+
+    def verdict(self, seq: int, proposal: dict[int, str]) -> dict[int, str]:
         """The failures of collective ``seq``: the first proposal recorded in the store wins."""
         try:
-            agreed = self._store.compare_set(self._key(seq, "verdict"), "",
-                                             json.dumps({str(r): m for r, m in proposal.items()}))
+            agreed = self.store.compare_set(self.key(seq, "verdict"), "",
+                                            json.dumps({str(r): m for r, m in proposal.items()}))
             return {int(r): str(m) for r, m in json.loads(agreed).items()}
         except Exception:
             return proposal or {self.rank: "a peer gave up on this step (its verdict could not be read)"}
 
-    def _missing(self, seq: int, started: float) -> list[int]:
-        """Ranks that never announced arrival at collective ``seq``.
+    def missing(self, seq: int, deadline: float, what: str = "") -> list[int]:
+        """Ranks with no ``what`` key (arrival by default) at ``seq``.
 
         A live rank always arrives, possibly late on a loaded machine; only a
         dead or stuck one never does. So stragglers get up to 10 s, but never
-        past the collective's own deadline (``timeout`` after it started):
-        every rank still raises within the timeout.
+        past the collective's deadline: every rank still raises within the timeout.
         """
-        deadline = min(time.monotonic() + _ARRIVAL_GRACE_S, started + self.timeout)
+        until = min(time.monotonic() + _ARRIVAL_GRACE_S, deadline)
         missing = list(range(self.world_size))
         try:
             while True:
-                missing = [r for r in missing if not self._store.check([self._key(seq, r)])]
-                if not missing or time.monotonic() > deadline:
+                missing = [r for r in missing if not self.store.check([self.key(seq, *([what] if what else []), r)])]
+                if not missing or time.monotonic() > until:
                     return missing
-                time.sleep(0.1)
+                time.sleep(0.05)
         except Exception:
             return []
+
+    def settle(self, seq: int, deadline: float, outcome: str, phase: str, timeout: float,
+               arrived: bool) -> dict[int, str]:
+        """Record how this rank ended ``seq``, wait for every rank's ending; the agreed failures or ``{}``.
+
+        Ranks that never arrived did not reach the step (``arrived``: every
+        rank is known to have arrived); else ranks that never ended died or
+        hung in it; else the ranks whose step failed.
+        """
+        try:
+            self.store.set(self.key(seq, "end", self.rank), outcome or _ENDED_WELL)
+            self._ended.add(seq)
+        except Exception:
+            return {self.rank: outcome} if outcome else {}
+        absent = [] if arrived else self.missing(seq, deadline)
+        if absent:  # the step could not complete anywhere: only the absent are to blame
+            return self.verdict(seq, _absent(phase, timeout, absent))
+        ends = [self.key(seq, "end", r) for r in range(self.world_size)]
+        try:
+            self.store.wait(ends, timedelta(seconds=max(0.1, deadline - time.monotonic())))
+            endings = {r: self.store.get(k).decode() for r, k in enumerate(ends)}
+        except Exception:
+            unended = self.missing(seq, deadline, "end")
+            return self.verdict(seq, {r: f"died or hung during the '{phase}' step" for r in unended}
+                                or {self.rank: outcome or "its peers' endings could not be read"})
+        failed = {r: m for r, m in endings.items() if m != _ENDED_WELL}
+        return self.verdict(seq, failed) if failed else {}
+
+
+def _absent(phase: str, timeout: float, missing: Sequence[int]) -> dict[int, str]:
+    """Failures for ranks that never arrived at a step."""
+    return {r: f"did not reach the '{phase}' step within {timeout:g}s "
+               "(process died, hung, never called it, or arrived too late)" for r in missing}
 
 
 def _timeout_error(phase: str, failures: dict[int, str]) -> CollectiveTimeoutError:

@@ -86,6 +86,22 @@ def die_before_broadcast(ctx: Any, ex: Example, out: str, victim: int) -> dict[s
     return {"rank": ctx.rank, **_outcome(coordinator.load_checkpoint)}
 
 
+def die_during_broadcast(ctx: Any, ex: Example, out: str, victim: int) -> dict[str, Any]:
+    """Save; then load with read_and_broadcast, where ``victim`` dies inside the broadcast step
+    (after every rank arrived and its replica set's group was built)."""
+    coordinator = _coordinator(ctx, ex, out, _boxes(ex, ctx.rank), load_strategy="read_and_broadcast")
+    coordinator.save_checkpoint()
+    if ctx.rank == victim:
+        comm: Any = coordinator._comm
+        build = comm._set_group
+
+        def build_then_die(members: tuple[int, ...]) -> Any:
+            build(members)
+            os.kill(os.getpid(), signal.SIGKILL)
+        comm._set_group = build_then_die
+    return {"rank": ctx.rank, **_outcome(coordinator.load_checkpoint)}
+
+
 class _Refuses(Box):
     """A Stateful whose load_state_dict fails (after its tensors may have been read into)."""
 

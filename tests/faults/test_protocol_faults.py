@@ -103,6 +103,21 @@ def test_a_rank_dying_as_read_and_broadcast_starts_broadcasting_is_named_by_ever
     assert len({str(v["failures"]) for v in survivors}) == 1
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("victim", [0, 3])
+def test_a_rank_dying_inside_read_and_broadcasts_broadcast_step_is_named_by_every_survivor(
+    world_pool: WorldPool, tmp_path: Path, victim: int,
+) -> None:
+    outcomes = _run(world_pool, protocol_ranks.die_during_broadcast, scenario.example(), str(tmp_path), victim)
+    assert outcomes[victim].exit_code == -9, outcomes[victim].describe()
+    survivors = _values([o for o in outcomes if o.rank != victim])
+    for v in survivors:
+        assert v.get("error") == "CollectiveTimeoutError", v
+        assert v["failures"] == {victim: "died or hung during the 'read' step"}, v
+        assert v["phase"] == "read" and v["elapsed"] <= TIMEOUT + SLACK_S, v
+    assert len({v["message"] for v in survivors}) == 1
+
+
 # ------------------------------------------------------------- item 9
 
 @pytest.mark.timeout(90)
