@@ -69,7 +69,7 @@ def incompatible_on_one_rank(ctx: Any, ex: Example, out: str, odd_rank: int) -> 
     if ctx.rank == odd_rank:
         def refuse(*args: Any, **kwargs: Any) -> Any:
             raise ComponentMismatchError("component 'model' does not fit here (injected on one rank)")
-        coordinator._check_compatible = refuse  # type: ignore[method-assign]
+        coordinator._check_compatible = refuse
     phases: list[str] = []
     coordinator.phase_hook = lambda phase, rank: phases.append(phase)
     return {"rank": ctx.rank, **_outcome(coordinator.load_checkpoint), "phases": phases}
@@ -82,7 +82,7 @@ def die_before_broadcast(ctx: Any, ex: Example, out: str, victim: int) -> dict[s
     if ctx.rank == victim:
         def die(*args: Any, **kwargs: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
-        coordinator._comm.broadcast_in_sets = die  # type: ignore[attr-defined]
+        coordinator._comm.broadcast_in_sets = die
     return {"rank": ctx.rank, **_outcome(coordinator.load_checkpoint)}
 
 
@@ -138,8 +138,17 @@ def interrupt(ctx: Any, ex: Example, out: str, victim: int, phase: str) -> dict[
             raise KeyboardInterrupt
 
     coordinator = _coordinator(ctx, ex, out, _boxes(ex, ctx.rank), phase_hook=hook, timeout=TIMEOUT)
+    from distckpt import storage
+
+    real = storage.commit_directory
+    if phase == "publish" and ctx.rank == victim:  # rank 0 alone publishes the commit (an announce)
+        def interrupted(*args: Any, **kwargs: Any) -> None:
+            raise KeyboardInterrupt
+        storage.commit_directory = interrupted
     started = time.monotonic()
     try:
         return {"rank": ctx.rank, **_outcome(coordinator.save_checkpoint)}
     except KeyboardInterrupt:
         return {"rank": ctx.rank, "interrupted": True, "elapsed": time.monotonic() - started}
+    finally:
+        storage.commit_directory = real  # the rank process serves later worlds
