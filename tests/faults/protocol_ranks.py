@@ -91,15 +91,23 @@ def die_during_broadcast(ctx: Any, ex: Example, out: str, victim: int) -> dict[s
     (after every rank arrived and its replica set's group was built)."""
     coordinator = _coordinator(ctx, ex, out, _boxes(ex, ctx.rank), load_strategy="read_and_broadcast")
     coordinator.save_checkpoint()
-    if ctx.rank == victim:
-        comm: Any = coordinator._comm
-        build = comm._set_group
+    comm: Any = coordinator._comm
+    # Where the replica-set group is built: TorchComm._set_group, or (before issue 11) dist.new_group.
+    owner, name = (comm, "_set_group") if hasattr(comm, "_set_group") else (comm._dist, "new_group")
+    build = getattr(owner, name)
 
-        def build_then_die(members: tuple[int, ...]) -> Any:
-            build(members)
+    def build_then_die(members: Any, *args: Any, **kwargs: Any) -> Any:
+        group = build(members, *args, **kwargs)
+        if ctx.rank in members:
             os.kill(os.getpid(), signal.SIGKILL)
-        comm._set_group = build_then_die
-    return {"rank": ctx.rank, **_outcome(coordinator.load_checkpoint)}
+        return group
+    if ctx.rank == victim:
+        setattr(owner, name, build_then_die)
+    try:
+        return {"rank": ctx.rank, **_outcome(coordinator.load_checkpoint)}
+    finally:
+        if owner is not comm and ctx.rank == victim:
+            setattr(owner, name, build)
 
 
 class _Refuses(Box):
