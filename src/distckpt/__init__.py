@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 from .components import StateComponent, Stateful, ValidationLevel
 from .coordinator import CheckpointCoordinator
 from .errors import (
+    ArgumentMismatchError,
     CheckpointBusyError,
     CheckpointError,
     CheckpointExistsError,
@@ -44,6 +45,7 @@ from .rng import RNGState
 from .topology import Topology
 
 __all__ = [
+    "ArgumentMismatchError",
     "CheckpointBusyError",
     "CheckpointCoordinator",
     "CheckpointError",

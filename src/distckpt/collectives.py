@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import socket
-import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from .errors import CheckpointError, CollectiveTimeoutError, CrossRankError, error_class_by_name
+from .errors import ArgumentMismatchError, CheckpointError, CrossRankError, error_class_by_name
+from .torchcomm import TorchComm
 
 __all__ = [
     "Comm",
@@ -39,8 +36,6 @@ __all__ = [
 
 log = logging.getLogger("distckpt")
 T = TypeVar("T")
-_ARRIVAL_GRACE_S = 10.0
-_SLOT_BYTES = 4096  # per rank, in the fast all-gather; larger payloads take a second round
 
 
 @runtime_checkable
@@ -92,186 +87,6 @@ class LocalComm:
         """A world of one has only singleton sets: nothing to send."""
 
 
-class TorchComm:
-    """torch.distributed world; objects travel on a dedicated gloo group with a timeout.
-
-    Constructing one is collective (it creates a process group): every rank
-    must construct it, in the same order as its other coordinators.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        import torch.distributed as dist
-
-        self._dist = dist
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.timeout = timeout
-        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        # Store keys must agree across ranks even when processes built different
-        # numbers of coordinators before: rank 0 names this channel for everyone.
-        name = [uuid.uuid4().hex if self.rank == 0 else None]
-        dist.broadcast_object_list(name, src=0, group=self._group)
-        self._serial = str(name[0])
-        self._seq = 0
-        self._subgroups: dict[tuple[int, ...], Any] = {}
-        try:
-            self._store: Any = dist.distributed_c10d._get_default_store()
-        except Exception:  # private API; diagnosis degrades gracefully without it
-            self._store = None
-
-    def group_members(self, group: Any) -> tuple[int, ...]:
-        return tuple(sorted(self._dist.get_process_group_ranks(group)))
-
-    def node_id(self) -> str:
-        return local_node_id()
-
-    def fork(self) -> TorchComm:
-        """Collective: an independent channel (its own gloo group) among the same ranks."""
-        return TorchComm(self.timeout)
-
-    def broadcast_in_sets(self, sets: Sequence[tuple[int, ...]], tensors: Sequence[Any], phase: str) -> None:
-        """Collective over the world: send ``tensors`` from the lowest rank of this rank's set to the set.
-
-        ``sets`` (identical on every rank) partition the world; a gloo group
-        is created once per set of two or more ranks, by every rank in the
-        same order. Sets broadcast concurrently. Raises
-        :class:`CollectiveTimeoutError` if a member fails or is too slow.
-        """
-        for members in sets:
-            if len(members) > 1 and members not in self._subgroups:
-                self._subgroups[members] = self._dist.new_group(
-                    list(members), backend="gloo", timeout=timedelta(seconds=self.timeout))
-        mine = next(m for m in sets if self.rank in m)
-        if len(mine) < 2:
-            return
-        try:
-            for t in tensors:
-                self._dist.broadcast(t, src=min(mine), group=self._subgroups[mine])
-        except Exception as exc:
-            raise CollectiveTimeoutError(
-                f"checkpoint '{phase}' step could not complete: a member of replica set {list(mine)} is unreachable",
-                failures={self.rank: f"'{phase}' broadcast within {list(mine)} failed: {type(exc).__name__}: {exc}"},
-                phase=phase,
-            ) from exc
-
-    def _key(self, seq: int, rank: int) -> str:
-        return f"distckpt/{self._serial}/{seq}/{rank}"
-
-    def all_gather(self, obj: Any, phase: str) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        self._collective(phase, lambda: self._gather_objects(obj, out))
-        return out
-
-    def _gather_objects(self, obj: Any, out: list[Any]) -> None:
-        """All-gather as gather-to-rank-0 plus one broadcast of fixed-size slots.
-
-        Two direct hops instead of ``all_gather_object``'s two ring passes:
-        measured 2.6 ms instead of 20 ms at 8 ranks on 2 cores
-        (``bench/results``). A payload larger than its slot only announces
-        its size; then every rank (all see the same sizes) falls back to
-        ``all_gather_object`` for the round.
-        """
-        import torch
-
-        gathered = torch.empty(self.world_size * _SLOT_BYTES, dtype=torch.uint8)
-        slots = list(gathered.chunk(self.world_size))
-        self._dist.gather(_pack_slot(obj), slots if self.rank == 0 else None, dst=0, group=self._group)
-        self._dist.broadcast(gathered, src=0, group=self._group)
-        unpacked = [_unpack_slot(s) for s in slots]
-        if any(not fits for fits, _ in unpacked):
-            self._dist.all_gather_object(out, obj, group=self._group)
-            return
-        out[:] = [value for _, value in unpacked]
-
-    def broadcast(self, obj: Any, phase: str) -> Any:
-        box = [obj if self.rank == 0 else None]
-        self._collective(phase, lambda: self._broadcast_object(box))
-        return box[0]
-
-    def _broadcast_object(self, box: list[Any]) -> None:
-        """Rank 0's ``box[0]`` in one broadcast of a fixed-size slot; a larger payload
-        takes a second round (``broadcast_object_list``), which the slot announces."""
-        slot = _pack_slot(box[0] if self.rank == 0 else None)
-        self._dist.broadcast(slot, src=0, group=self._group)
-        fits, value = _unpack_slot(slot)
-        if not fits:
-            self._dist.broadcast_object_list(box, src=0, group=self._group)
-        elif self.rank != 0:
-            box[0] = value
-
-    def _collective(self, phase: str, run: Callable[[], None]) -> None:
-        """Announce arrival in the store, run the collective, and name absent peers if it fails."""
-        seq = self._seq
-        self._seq += 1
-        if self._store is not None:
-            try:
-                self._store.set(self._key(seq, self.rank), phase)
-                if seq >= 2:
-                    self._store.delete_key(self._key(seq - 2, self.rank))
-            except Exception:
-                pass
-        started = time.monotonic()
-        try:
-            run()
-        except Exception as exc:
-            missing = self._missing(seq, started)
-            if missing:
-                failures = {
-                    r: f"did not reach the '{phase}' step within {self.timeout:g}s "
-                       "(process died, hung, or never called this collective)"
-                    for r in missing
-                }
-            else:
-                failures = {self.rank: f"'{phase}' collective failed: {type(exc).__name__}: {exc}"}
-            raise CollectiveTimeoutError(
-                f"checkpoint '{phase}' step could not complete: a peer is unreachable",
-                failures=failures, phase=phase,
-            ) from exc
-
-    def _missing(self, seq: int, started: float) -> list[int]:
-        """Ranks that never announced arrival at collective ``seq``.
-
-        A live rank always arrives, possibly late on a loaded machine; only a
-        dead or stuck one never does. So stragglers get up to 10 s, but never
-        past the collective's own deadline (``timeout`` after it started):
-        every rank still raises within the timeout.
-        """
-        if self._store is None:
-            return []
-        deadline = min(time.monotonic() + _ARRIVAL_GRACE_S, started + self.timeout)
-        missing = list(range(self.world_size))
-        try:
-            while True:
-                missing = [r for r in missing if not self._store.check([self._key(seq, r)])]
-                if not missing or time.monotonic() > deadline:
-                    return missing
-                time.sleep(0.1)
-        except Exception:
-            return []
-
-
-def _pack_slot(obj: Any) -> Any:
-    """A ``_SLOT_BYTES`` uint8 tensor: the pickle's length (int64), then the pickle if it fits."""
-    import torch
-
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    slot = torch.zeros(_SLOT_BYTES, dtype=torch.uint8)
-    slot[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
-    if len(data) <= _SLOT_BYTES - 8:
-        slot[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return slot
-
-
-def _unpack_slot(slot: Any) -> tuple[bool, Any]:
-    """``(True, object)`` from a slot made by :func:`_pack_slot`, or ``(False, None)`` if it did not fit."""
-    import torch
-
-    size = int(slot[:8].view(torch.int64)[0])
-    if size > _SLOT_BYTES - 8:
-        return False, None
-    return True, pickle.loads(slot[8:8 + size].numpy().tobytes())
-
-
 def default_comm(dist: Any, timeout: float) -> Comm:
     """The world the coordinator runs in.
 
@@ -309,27 +124,67 @@ def describe_exception(exc: BaseException) -> str:
         if exc.failures:
             text += " (" + "; ".join(f"rank {r}: {m}" for r, m in exc.failures.items()) + ")"
         return f"{type(exc).__name__}: {text}"
-    return f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def exchange(comm: Comm, phase: str, work: Callable[[], T]) -> list[T]:
+def exchange(
+    comm: Comm,
+    phase: str,
+    work: Callable[[], T],
+    *,
+    agree: Mapping[str, Any] | None = None,
+    note: Callable[[], str] | None = None,
+) -> list[T]:
     """Collective: run ``work`` locally, then all-gather results or errors.
 
     Every rank returns the list of every rank's result, or every rank raises
     the same error: the common :class:`CheckpointError` subclass of the
     failing ranks' errors (``CrossRankError`` when they differ or are not
     ours), with ``failures`` naming each failing rank.
+
+    ``agree``: this rank's arguments of the call (name -> comparable value),
+    sent along whatever ``work`` did; if any differ across ranks, every rank
+    raises :class:`ArgumentMismatchError` naming the argument and the odd
+    ranks, before any error of ``work``. ``note``: called after ``work``
+    (whether it succeeded or not) for a line this rank adds to the error of a
+    failed exchange (e.g. what it changed before the failure).
+
+    Any ``BaseException`` of ``work`` (``KeyboardInterrupt``, ``SystemExit``)
+    is reported to the peers first, then re-raised here unchanged, so the
+    peers raise at once instead of waiting for the timeout.
     """
+    interrupted: BaseException | None = None
     try:
         status: tuple[Any, ...] = ("ok", work())
-    except Exception as exc:  # reported to every rank below
+    except BaseException as exc:  # reported to every rank below; non-Exceptions re-raised after
         log.debug("distckpt: rank %d failed in %s", comm.rank, phase, exc_info=True)
         status = ("error", type(exc).__name__, describe_exception(exc))
-    gathered = comm.all_gather(status, phase)
+        if not isinstance(exc, Exception):
+            interrupted = exc
+    extra = (dict(agree) if agree is not None else None, _noted(note))
+    try:
+        gathered = comm.all_gather((*status, extra), phase)
+    finally:
+        if interrupted is not None:
+            raise interrupted
+    mismatch = argument_mismatch(phase, {r: s[-1][0] for r, s in enumerate(gathered) if s[-1][0] is not None})
+    if mismatch is not None:
+        raise mismatch
     failures = {r: s[2] for r, s in enumerate(gathered) if s[0] == "error"}
     if failures:
-        raise merged_error(phase, failures, {s[1] for s in gathered if s[0] == "error"})
+        notes = {r: s[-1][1] for r, s in enumerate(gathered) if s[-1][1]}
+        raise merged_error(phase, failures, {s[1] for s in gathered if s[0] == "error"}, notes)
     return [s[1] for s in gathered]
+
+
+def _noted(note: Callable[[], str] | None) -> str:
+    if note is None:
+        return ""
+    try:
+        return note()
+    except Exception as exc:  # a note never hides the error it annotates
+        return f"(note failed: {type(exc).__name__}: {exc})"
 
 
 def announce(comm: Comm, phase: str, work: Callable[[], T]) -> T:
@@ -337,16 +192,24 @@ def announce(comm: Comm, phase: str, work: Callable[[], T]) -> T:
 
     For steps only rank 0 performs (publishing a commit, resolving a path):
     cheaper than an all-gather, and the payload is not padded to every rank.
-    Every rank returns rank 0's result or raises the same error.
+    Every rank returns rank 0's result or raises the same error. A
+    ``BaseException`` on rank 0 is broadcast first, then re-raised there.
     """
     status: tuple[Any, ...] | None = None
+    interrupted: BaseException | None = None
     if comm.rank == 0:
         try:
             status = ("ok", work())
-        except Exception as exc:  # reported to every rank below
+        except BaseException as exc:  # reported to every rank below; non-Exceptions re-raised after
             log.debug("distckpt: rank 0 failed in %s", phase, exc_info=True)
             status = ("error", type(exc).__name__, describe_exception(exc))
-    status = comm.broadcast(status, phase)
+            if not isinstance(exc, Exception):
+                interrupted = exc
+    try:
+        status = comm.broadcast(status, phase)
+    finally:
+        if interrupted is not None:
+            raise interrupted
     assert status is not None
     if status[0] == "error":
         raise merged_error(phase, {0: status[2]}, {status[1]})
@@ -354,12 +217,51 @@ def announce(comm: Comm, phase: str, work: Callable[[], T]) -> T:
     return result
 
 
-def merged_error(phase: str, failures: Mapping[int, str], class_names: set[str]) -> CheckpointError:
-    """The error every rank raises for ``failures`` (deterministic on every rank)."""
+def argument_mismatch(phase: str, args: Mapping[int, Mapping[str, Any]]) -> ArgumentMismatchError | None:
+    """The error for per-call arguments that differ across ranks, or ``None``. Deterministic.
+
+    The value most ranks passed (ties: the one rank 0's side passed) is the
+    reference; ``failures`` names every rank that passed something else.
+    """
+    failures: dict[int, str] = {}
+    lines = []
+    names = sorted({name for a in args.values() for name in a})
+    for name in names:
+        by_value: dict[str, list[int]] = {}
+        for rank in sorted(args):
+            by_value.setdefault(repr(args[rank].get(name)), []).append(rank)
+        if len(by_value) < 2:
+            continue
+        reference = max(by_value, key=lambda v: (len(by_value[v]), -by_value[v][0]))
+        for value, ranks in by_value.items():
+            if value == reference:
+                continue
+            for rank in ranks:
+                failures[rank] = "; ".join(filter(None, [
+                    failures.get(rank), f"passed {name}={value} where ranks {by_value[reference]} passed {reference}"]))
+        lines.append(f"{name}: " + ", ".join(f"ranks {r} passed {v}" for v, r in by_value.items()))
+    if not failures:
+        return None
+    return ArgumentMismatchError(
+        f"checkpoint {phase}: ranks passed different arguments to the same call (every rank must pass "
+        "the same; nothing was written):\n  " + "\n  ".join(lines),
+        failures=failures, phase=phase,
+    )
+
+
+def merged_error(phase: str, failures: Mapping[int, str], class_names: set[str],
+                 notes: Mapping[int, str] | None = None) -> CheckpointError:
+    """The error every rank raises for ``failures`` (deterministic on every rank).
+
+    ``notes``: per-rank lines appended to the message (what each rank changed).
+    """
     cls: type[CheckpointError] = CrossRankError
     if len(class_names) == 1:
         cls = error_class_by_name(next(iter(class_names))) or CrossRankError
     ranks = sorted(failures)
     first = failures[ranks[0]]
     summary = first if len(ranks) == 1 else f"{first} (and {len(ranks) - 1} more rank(s))"
-    return cls(f"checkpoint {phase} failed on rank(s) {ranks}: {summary}", failures=failures, phase=phase)
+    message = f"checkpoint {phase} failed on rank(s) {ranks}: {summary}"
+    if notes:
+        message += "".join(f"\n  rank {r} {notes[r]}" for r in sorted(notes))
+    return cls(message, failures=failures, phase=phase)

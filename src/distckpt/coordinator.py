@@ -240,12 +240,16 @@ class CheckpointCoordinator:
 
         On any failure on any rank, every rank raises the same
         :class:`CheckpointError` subclass naming the failing ranks, nothing
-        becomes visible, and earlier checkpoints are untouched.
+        becomes visible, and earlier checkpoints are untouched. Every rank must
+        pass the same arguments: they travel in the first collective, and any
+        difference raises :class:`~distckpt.errors.ArgumentMismatchError`.
         """
         self.wait()
         started = time.perf_counter()
         states: dict[str, Any] = {}
-        plan = self._plan_save(checkpoint_path, checkpoint_id, overwrite, states)
+        args = _call_args(checkpoint_path=checkpoint_path, checkpoint_id=checkpoint_id, validate=validate,
+                          async_save=async_save, overwrite=overwrite)
+        plan = self._plan_save(checkpoint_path, checkpoint_id, overwrite, states, args)
         try:
             self._validate(plan, validate, states)
             if async_save:
@@ -278,15 +282,19 @@ class CheckpointCoordinator:
         ``checkpoints_dir``. Compatibility (components, patterns, partitions)
         is checked on every rank before any data is read. ``strict`` also
         rejects components in the checkpoint that nobody declared. On any
-        failure every rank raises the same :class:`CheckpointError` subclass.
+        failure every rank raises the same :class:`CheckpointError` subclass;
+        if the read phase failed, its message names each rank and the
+        components whose live state it had already changed. Arguments that
+        differ across ranks raise :class:`~distckpt.errors.ArgumentMismatchError`.
         """
         self.wait()
         started = time.perf_counter()
-        path, manifest, topology, unlisted = self._resolve(checkpoint_path, strict)
+        args = _call_args(checkpoint_path=checkpoint_path, strict=strict)
+        path, manifest, topology, unlisted = self._resolve(checkpoint_path, strict, args)
         if manifest is None:
             report = self._read_legacy(path, topology, strict)
         else:
-            actions, skipped = self._check_compatible(path, manifest, topology, strict)
+            actions, skipped = self._compatible_everywhere(path, manifest, topology, strict)
             report = self._read(path, manifest, actions, skipped)
             report = dataclasses.replace(report, unlisted=tuple(unlisted))
         log.info("distckpt: loaded %s (%d components, %d skipped) in %.3f s", path,
@@ -319,7 +327,7 @@ class CheckpointCoordinator:
         return Topology.from_reports([r["node"] for r in reports], [r["groups"] for r in reports])
 
     def _plan_save(self, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool,
-                   states: dict[str, Any]) -> _SavePlan:
+                   states: dict[str, Any], args: Mapping[str, Any]) -> _SavePlan:
         mine: dict[str, Any] = {}
 
         def work() -> dict[str, Any]:
@@ -333,7 +341,7 @@ class CheckpointCoordinator:
             return report
 
         try:
-            reports = exchange(self._comm, "plan", work)
+            reports = exchange(self._comm, "plan", work, agree=args)
             decision = reports[0]["decision"]
             topology = self._agree(reports)
             plans = self._plan_files(topology, reports)
@@ -526,7 +534,9 @@ class CheckpointCoordinator:
 
     def _start_async(self, plan: _SavePlan, states: dict[str, Any], validate: bool, overwrite: bool,
                      started: float) -> SaveHandle:
-        if self._async_comm is None:
+        if self._async_comm is None or getattr(self._async_comm, "broken", False):
+            # A channel whose last collective failed is replaced (collective: that failure
+            # reached every rank); the background thread never builds groups itself.
             fork = getattr(self._comm, "fork", None)
             if fork is None:
                 raise TypeError(f"async_save needs a Comm with fork(); {type(self._comm).__name__} has none")
@@ -630,14 +640,14 @@ class CheckpointCoordinator:
     # ------------------------------------------------------------ load phases
 
     def _resolve(
-        self, checkpoint_path: Any, strict: bool
+        self, checkpoint_path: Any, strict: bool, args: Mapping[str, Any]
     ) -> tuple[str, CheckpointManifest | None, Topology, list[str]]:
         """Phase 1 of load: all agree on the world; rank 0 finds the checkpoint and broadcasts its manifest."""
         def work() -> dict[str, Any]:
             self._hook("resolve")
             return self._local_report()
 
-        topology = self._agree(exchange(self._comm, "resolve", work))
+        topology = self._agree(exchange(self._comm, "resolve", work, agree=args))
 
         def find() -> tuple[str, dict[str, Any] | None, list[str]]:  # rank 0 only
             path = self._find(checkpoint_path)
@@ -673,6 +683,18 @@ class CheckpointCoordinator:
         if not os.path.isdir(path):
             raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
         return path
+
+    def _compatible_everywhere(
+        self, path: str, manifest: CheckpointManifest, topology: Topology, strict: bool
+    ) -> tuple[dict[str, ComponentManifest], dict[str, str]]:
+        """Collective: :meth:`_check_compatible` on every rank, then one verdict for all.
+
+        One rank's compatibility failure fails every rank at once, before any
+        data is read (not a peer waiting out the timeout in the read phase).
+        """
+        checked: list[tuple[dict[str, ComponentManifest], dict[str, str]]] = []
+        exchange(self._comm, "resolve", lambda: checked.append(self._check_compatible(path, manifest, topology, strict)))
+        return checked[0]
 
     def _check_compatible(
         self, path: str, manifest: CheckpointManifest, topology: Topology, strict: bool
@@ -729,6 +751,7 @@ class CheckpointCoordinator:
     ) -> LoadReport:
         """Phase 2 of load: read, verify and restore this rank's file of every component."""
         files: dict[str, str] = {}
+        touched: list[str] = []
 
         def work() -> None:
             self._hook("read")
@@ -736,17 +759,23 @@ class CheckpointCoordinator:
                 entries = saved.files_for_rank(self.rank, self._by_key[key].pattern.elastic)
                 stateful = self._by_key[key].stateful
                 live = stateful.state_dict() if self.load_in_place else None
-                stateful.load_state_dict(read_component(path, entries, live))
+                if live is not None:
+                    touched.append(key)  # read_component writes into these tensors
+                state = read_component(path, entries, live)
+                if live is None:
+                    touched.append(key)
+                stateful.load_state_dict(state)
                 files[key] = entries[0].path
 
         if self.load_strategy == "read_and_broadcast" and self.world_size > 1:
-            self._read_and_broadcast(path, actions, files)
+            self._read_and_broadcast(path, actions, files, touched)
         else:
-            exchange(self._comm, "read", work)
+            exchange(self._comm, "read", work, note=lambda: _modified(touched))
         return LoadReport(path=path, checkpoint_id=manifest.checkpoint_id, loaded=tuple(actions),
                           skipped=dict(skipped), files=files)
 
-    def _read_and_broadcast(self, path: str, actions: Mapping[str, ComponentManifest], files: dict[str, str]) -> None:
+    def _read_and_broadcast(self, path: str, actions: Mapping[str, ComponentManifest], files: dict[str, str],
+                            touched: list[str]) -> None:
         """Phase 2 of load, ``read_and_broadcast``: the lowest rank of each set reads and verifies
         its files, every rank hears whether all reads succeeded, the bytes go out within each set
         (a gloo group per set), and every rank decodes and restores."""
@@ -772,13 +801,14 @@ class CheckpointCoordinator:
             for key, saved in actions.items():
                 entries = saved.files_for_rank(self.rank, self._by_key[key].pattern.elastic)
                 state = decode_files(path, entries, [tensor_bytes(t) for t in buffers[key]])
+                touched.append(key)
                 self._by_key[key].stateful.load_state_dict(state)
                 files[key] = entries[0].path
 
         exchange(self._comm, "read", fetch)
         for key in actions:
             send(sets[key], buffers[key], "read")
-        exchange(self._comm, "read", restore)
+        exchange(self._comm, "read", restore, note=lambda: _modified(touched))
 
     def _read_legacy(self, path: str, topology: Topology, strict: bool) -> LoadReport:
         outcome: dict[str, Any] = {}
@@ -790,6 +820,31 @@ class CheckpointCoordinator:
         exchange(self._comm, "read", work)
         report: LoadReport = outcome["report"]
         return report
+
+
+def _call_args(**args: Any) -> dict[str, Any]:
+    """Per-call arguments as every rank compares them: paths absolute, ids as text, flags as bools."""
+    out: dict[str, Any] = {}
+    for name, value in args.items():
+        try:
+            if value is None:
+                out[name] = None
+            elif name == "checkpoint_path":
+                out[name] = os.path.abspath(os.fspath(value))
+            elif name == "checkpoint_id":
+                out[name] = str(value)
+            else:
+                out[name] = bool(value)
+        except Exception:  # unusable: the call itself reports it; compare by type only
+            out[name] = f"<{type(value).__name__}>"
+    return out
+
+
+def _modified(touched: Sequence[str]) -> str:
+    """This rank's line in a failed load's error: which components' live state changed."""
+    if not touched:
+        return "changed no live state"
+    return f"changed the live state of {list(touched)} (loaded, or read into in place)"
 
 
 def _combined(entries: Mapping[str, str]) -> str:

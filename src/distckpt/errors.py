@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 __all__ = [
+    "ArgumentMismatchError",
     "CheckpointBusyError",
     "CheckpointError",
     "CheckpointExistsError",
@@ -106,6 +107,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint exists where one was expected."""
 
 
+class ArgumentMismatchError(CheckpointError, ValueError):
+    """Ranks passed different arguments to the same collective call (``failures`` names the odd ranks)."""
+
+
 class CrossRankError(CheckpointError, RuntimeError):
     """One or more ranks failed a collective phase; ``failures`` says which and why."""
 
@@ -127,6 +132,7 @@ _REGISTRY: dict[str, type[CheckpointError]] = {
         CheckpointExistsError,
         CheckpointBusyError,
         CheckpointNotFoundError,
+        ArgumentMismatchError,
         CrossRankError,
         CollectiveTimeoutError,
     )

@@ -1,10 +1,29 @@
-"""SaveHandle: the future returned by an asynchronous save."""
+"""SaveHandle: the future returned by an asynchronous save.
+
+An asynchronous save is never silently lost at interpreter exit. Its thread is
+not a daemon, so Python finishes it (write and commit) before exit handlers
+run, and its process groups are distckpt's own, so ``destroy_process_group()``
+before exit does not cut it short. If it failed and no caller saw its error
+(no ``wait()`` / ``result()``), an exit handler logs the error at ERROR level
+and ends the process with status 1 instead of 0.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
+import os
+import sys
 import threading
 
 __all__ = ["SaveHandle"]
+
+log = logging.getLogger("distckpt")
+#: Exit status of a process whose asynchronous save failed unobserved.
+UNOBSERVED_FAILURE_EXIT = 1
+#: Handles whose outcome nobody has seen yet (a committed or observed one leaves).
+_live: set[SaveHandle] = set()
 
 
 class SaveHandle:
@@ -23,9 +42,12 @@ class SaveHandle:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._observed = False
+        _live.add(self)
 
     def _finish(self, error: BaseException | None) -> None:
         self._error = error
+        if error is None:
+            _live.discard(self)
         self._done.set()
 
     def done(self) -> bool:
@@ -41,6 +63,7 @@ class SaveHandle:
             raise TimeoutError(f"asynchronous save of {self.path} still running after {timeout} s")
         if self._error is not None:
             self._observed = True
+            _live.discard(self)
             raise self._error
         return self.path
 
@@ -52,8 +75,34 @@ class SaveHandle:
         if self._observed:
             return None
         self._observed = True
+        _live.discard(self)
         raise self._error
 
     def __repr__(self) -> str:
         state = "running" if not self.done() else ("failed" if self._error else "committed")
         return f"SaveHandle({self.path!r}, {state})"
+
+
+def _check_at_exit() -> None:
+    """Exit handler: a failed asynchronous save nobody observed makes the exit status non-zero.
+
+    Runs after Python joined the (non-daemon) save threads, so every handle
+    is settled. Never aborts: logs, flushes, and leaves with
+    :data:`UNOBSERVED_FAILURE_EXIT`.
+    """
+    lost = [h for h in list(_live) if h.done() and h._error is not None and not h._observed]
+    unfinished = [h for h in list(_live) if not h.done()]
+    for h in lost:
+        log.error("distckpt: asynchronous save of %s failed and nobody called wait() or result(); "
+                  "nothing was committed: %s", h.path, h._error)
+    for h in unfinished:
+        log.error("distckpt: asynchronous save of %s was still running at exit; nothing was committed", h.path)
+    if lost or unfinished:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(UNOBSERVED_FAILURE_EXIT)
+
+
+atexit.register(_check_at_exit)

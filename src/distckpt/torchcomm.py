@@ -1,0 +1,368 @@
+"""TorchComm: distckpt's collectives over torch.distributed, on gloo groups of its own.
+
+Used by :func:`~distckpt.collectives.default_comm` when torch.distributed is
+initialised with more than one rank. Objects travel on gloo process groups that
+this module builds straight on the default store (``ProcessGroupGloo`` over a
+``PrefixStore`` named by the channel), not through ``dist.new_group``:
+
+* they are not in torch's registry, so ``destroy_process_group()`` while an
+  asynchronous save is still committing does not pull the group from under it;
+* replica-set groups are built by their members only, under names every member
+  derives alone (no world-wide ``new_group`` call order to keep in step);
+* after a collective failed (a dead or late peer), the group is rebuilt under a
+  new name at the next collective, so the next call works once every rank
+  calls again: a gloo group that timed out has its operation counters out of
+  step across ranks and would never complete again.
+
+Every collective first announces this rank's arrival in the store. When one
+fails, the first rank to give up records a verdict (who did not arrive) with an
+atomic ``compare_set``; every other rank, including a straggler that arrives
+afterwards, raises that same verdict. So every rank names the same late or
+dead rank(s), within the timeout of its own arrival.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from .errors import CollectiveTimeoutError
+
+__all__ = ["TorchComm"]
+
+_ARRIVAL_GRACE_S = 10.0
+_SLOT_BYTES = 4096  # per rank, in the fast all-gather; larger payloads take a second round
+_ENDED_WELL = "ok"
+
+
+class TorchComm:
+    """torch.distributed world; objects travel on gloo groups of its own, with a timeout.
+
+    Constructing one is collective (it creates a process group): every rank
+    must construct it, in the same order as its other coordinators. Not
+    thread-safe: one thread uses a channel at a time (:meth:`fork` gives an
+    asynchronous save its own).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.timeout = timeout
+        # Rank 0 names this channel for everyone, so store keys agree across ranks even
+        # when processes built different numbers of coordinators before.
+        naming = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        name = [uuid.uuid4().hex if self.rank == 0 else None]
+        dist.broadcast_object_list(name, src=0, group=naming)
+        self._serial = str(name[0])
+        self._store: Any = dist.distributed_c10d._get_default_store()
+        self._ledger = _Ledger(self._store, self._serial, self.rank, self.world_size)
+        self._seq = 0
+        self._epoch = "init"  # names the current groups: "init", or the collective that rebuilt them
+        self._broken = False
+        self._retired: list[Any] = [naming]  # kept alive: never destroyed mid-run
+        self._group = self._gloo("world", tuple(range(self.world_size)))
+        self._sets: dict[tuple[int, ...], Any] = {}
+
+    def group_members(self, group: Any) -> tuple[int, ...]:
+        return tuple(sorted(self._dist.get_process_group_ranks(group)))
+
+    def node_id(self) -> str:
+        from .collectives import local_node_id
+
+        return local_node_id()
+
+    def fork(self) -> TorchComm:
+        """Collective: an independent channel (its own gloo group) among the same ranks."""
+        return TorchComm(self.timeout)
+
+    @property
+    def broken(self) -> bool:
+        """Whether the last collective failed (the next one rebuilds the groups first)."""
+        return self._broken
+
+    # ------------------------------------------------------------ groups
+
+    def _gloo(self, label: str, members: tuple[int, ...]) -> Any:
+        """A gloo group of ``members`` (this rank among them), named by channel, epoch and label.
+
+        Blocks until every member built it, or raises after ``timeout``.
+        """
+        prefix = f"distckpt/{self._serial}/{self._epoch}/{label}/"
+        from torch._C._distributed_c10d import PrefixStore
+
+        return self._dist.ProcessGroupGloo(PrefixStore(prefix, self._store),
+                                           members.index(self.rank), len(members),
+                                           timedelta(seconds=self.timeout))
+
+    def _rebuild(self, seq: int) -> None:
+        """After a failed collective: fresh groups, named after collective ``seq`` (collective).
+
+        Every rank failed the same collective, so all rebuild at the same
+        ``seq``; if the rebuild fails too, the next collective tries again
+        under its own name.
+        """
+        self._retired += [self._group, *self._sets.values()]
+        self._sets.clear()
+        self._epoch = f"s{seq}"
+        self._group = self._gloo("world", tuple(range(self.world_size)))
+        self._broken = False
+
+    def _set_group(self, members: tuple[int, ...]) -> Any:
+        if members not in self._sets:
+            self._sets[members] = self._gloo("set-" + "-".join(map(str, members)), members)
+        return self._sets[members]
+
+    # ------------------------------------------------------------ collectives
+
+    def all_gather(self, obj: Any, phase: str) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        self._collective(phase, lambda: self._gather_objects(obj, out))
+        return out
+
+    def broadcast(self, obj: Any, phase: str) -> Any:
+        box = [obj if self.rank == 0 else None]
+        self._collective(phase, lambda: self._broadcast_object(box))
+        return box[0]
+
+    def broadcast_in_sets(self, sets: Sequence[tuple[int, ...]], tensors: Sequence[Any], phase: str) -> None:
+        """Collective over the world: send ``tensors`` from the lowest rank of this rank's set to the set.
+
+        ``sets`` (identical on every rank) partition the world. Every rank first
+        waits until all ranks arrived (so a rank that died before this step is
+        named by everyone, not only by its set), then each set of two or more
+        broadcasts on its own gloo group, concurrently with the other sets.
+        Raises :class:`CollectiveTimeoutError` naming the missing rank(s).
+        """
+        mine = next(m for m in sets if self.rank in m)
+
+        def run() -> None:
+            if len(mine) < 2:
+                return
+            group = self._set_group(mine)
+            for t in tensors:
+                _wait(group.broadcast([t], _root(self._dist.BroadcastOptions(), 0)))
+
+        self._collective(phase, run, everyone_first=True)
+
+    def _gather_objects(self, obj: Any, out: list[Any]) -> None:
+        """All-gather as gather-to-rank-0 plus one broadcast of fixed-size slots.
+
+        Two direct hops instead of a ring all-gather (measured 2.6 ms instead of
+        20 ms at 8 ranks on 2 cores, ``bench/results``). A payload larger than
+        its slot only announces its size there; then every rank (all see the
+        same sizes) all-gathers the pickles padded to the largest.
+        """
+        import torch
+
+        data = _pickle(obj)
+        gathered = torch.empty(self.world_size * _SLOT_BYTES, dtype=torch.uint8)
+        slots = list(gathered.chunk(self.world_size))
+        opts = _root(self._dist.GatherOptions(), 0)
+        _wait(self._group.gather([slots] if self.rank == 0 else [], [_pack_slot(data)], opts))
+        _wait(self._group.broadcast([gathered], _root(self._dist.BroadcastOptions(), 0)))
+        sizes = [_slot_size(s) for s in slots]
+        if max(sizes) <= _SLOT_BYTES - 8:
+            out[:] = [pickle.loads(s[8:8 + n].numpy().tobytes()) for s, n in zip(slots, sizes, strict=True)]
+            return
+        padded = torch.zeros(max(sizes), dtype=torch.uint8)
+        padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        received = [torch.empty(max(sizes), dtype=torch.uint8) for _ in range(self.world_size)]
+        _wait(self._group.allgather([received], [padded]))
+        out[:] = [pickle.loads(t[:n].numpy().tobytes()) for t, n in zip(received, sizes, strict=True)]
+
+    def _broadcast_object(self, box: list[Any]) -> None:
+        """Rank 0's ``box[0]`` in one broadcast of a fixed-size slot; a larger payload
+        takes a second broadcast of its exact size, which the slot announces."""
+        import torch
+
+        data = _pickle(box[0]) if self.rank == 0 else b""
+        slot = _pack_slot(data)
+        _wait(self._group.broadcast([slot], _root(self._dist.BroadcastOptions(), 0)))
+        size = _slot_size(slot)
+        if size <= _SLOT_BYTES - 8:
+            payload = slot[8:8 + size]
+        else:
+            payload = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0
+                       else torch.empty(size, dtype=torch.uint8))
+            _wait(self._group.broadcast([payload], _root(self._dist.BroadcastOptions(), 0)))
+        if self.rank != 0:
+            box[0] = pickle.loads(payload.numpy().tobytes())
+
+    # ------------------------------------------------------------ the error protocol
+
+    def _collective(self, phase: str, run: Callable[[], None], everyone_first: bool = False) -> None:
+        """Announce arrival, adopt a verdict peers already reached, heal, run; on failure settle one verdict.
+
+        ``everyone_first`` (a step whose ranks do not all talk to each other,
+        like the per-set broadcasts): wait until every rank arrived before
+        ``run``, and until every rank finished after it, so that all ranks
+        reach one verdict even when only some of them saw the failure.
+        """
+        seq = self._seq
+        self._seq += 1
+        started = time.monotonic()
+        deadline = started + self.timeout
+        if self._ledger.arrive(seq, phase):  # peers gave up on this collective before this rank arrived
+            self._broken = True
+            raise _timeout_error(phase, self._ledger.verdict(seq, {}))
+        outcome = ""
+        arrived = False
+        try:
+            if self._broken:
+                self._rebuild(seq)
+            if everyone_first:
+                self._ledger.await_arrivals(seq, deadline)
+                arrived = True
+            run()
+        except Exception as exc:
+            outcome = f"'{phase}' collective failed: {type(exc).__name__}: {exc}"
+            if not everyone_first:
+                self._broken = True
+                missing = self._ledger.missing(seq, deadline)
+                proposal = _absent(phase, self.timeout, missing) or {self.rank: outcome}
+                raise _timeout_error(phase, self._ledger.verdict(seq, proposal)) from exc
+        if everyone_first:
+            failures = self._ledger.settle(seq, deadline, outcome, phase, self.timeout, arrived)
+            if failures:
+                self._broken = True
+                raise _timeout_error(phase, failures)
+
+
+class _Ledger:
+    """One channel's bookkeeping in the store: arrivals, endings and verdicts of its collectives.
+
+    Keys: ``distckpt/<channel>/<seq>/<rank>`` (arrived), ``.../<seq>/end/<rank>``
+    (finished: "ok" or what failed; only for steps that wait for everyone),
+    both deleted two collectives later, and ``.../<seq>/verdict`` (the failures
+    everyone raises; first writer wins; kept). A store that fails degrades to
+    this rank's own view.
+    """
+
+    def __init__(self, store: Any, serial: str, rank: int, world_size: int) -> None:
+        self.store, self.serial, self.rank, self.world_size = store, serial, rank, world_size
+        self._ended: set[int] = set()  # collectives where this rank left an ending key
+
+    def key(self, seq: int, *rest: int | str) -> str:
+        return "/".join(["distckpt", self.serial, str(seq), *map(str, rest)])
+
+    def arrive(self, seq: int, phase: str) -> bool:
+        """Announce this rank at ``seq``; whether a verdict on ``seq`` exists already."""
+        try:
+            self.store.set(self.key(seq, self.rank), phase)
+            if seq >= 2:
+                self.store.delete_key(self.key(seq - 2, self.rank))
+            if seq - 2 in self._ended:
+                self._ended.discard(seq - 2)
+                self.store.delete_key(self.key(seq - 2, "end", self.rank))
+            return bool(self.store.check([self.key(seq, "verdict")]))
+        except Exception:  # a store that fails shows up in the collective itself
+            return False
+
+    def await_arrivals(self, seq: int, deadline: float) -> None:
+        """Block until every rank arrived at ``seq``; raises once ``deadline`` passed."""
+        keys = [self.key(seq, r) for r in range(self.world_size)]
+        self.store.wait(keys, timedelta(seconds=max(0.1, deadline - time.monotonic())))
+
+    def verdict(self, seq: int, proposal: dict[int, str]) -> dict[int, str]:
+        """The failures of collective ``seq``: the first proposal recorded in the store wins."""
+        try:
+            agreed = self.store.compare_set(self.key(seq, "verdict"), "",
+                                            json.dumps({str(r): m for r, m in proposal.items()}))
+            return {int(r): str(m) for r, m in json.loads(agreed).items()}
+        except Exception:
+            return proposal or {self.rank: "a peer gave up on this step (its verdict could not be read)"}
+
+    def missing(self, seq: int, deadline: float, what: str = "") -> list[int]:
+        """Ranks with no ``what`` key (arrival by default) at ``seq``.
+
+        A live rank always arrives, possibly late on a loaded machine; only a
+        dead or stuck one never does. So stragglers get up to 10 s, but never
+        past the collective's deadline: every rank still raises within the timeout.
+        """
+        until = min(time.monotonic() + _ARRIVAL_GRACE_S, deadline)
+        missing = list(range(self.world_size))
+        try:
+            while True:
+                missing = [r for r in missing if not self.store.check([self.key(seq, *([what] if what else []), r)])]
+                if not missing or time.monotonic() > until:
+                    return missing
+                time.sleep(0.05)
+        except Exception:
+            return []
+
+    def settle(self, seq: int, deadline: float, outcome: str, phase: str, timeout: float,
+               arrived: bool) -> dict[int, str]:
+        """Record how this rank ended ``seq``, wait for every rank's ending; the agreed failures or ``{}``.
+
+        Ranks that never arrived did not reach the step (``arrived``: every
+        rank is known to have arrived); else ranks that never ended died or
+        hung in it; else the ranks whose step failed.
+        """
+        try:
+            self.store.set(self.key(seq, "end", self.rank), outcome or _ENDED_WELL)
+            self._ended.add(seq)
+        except Exception:
+            return {self.rank: outcome} if outcome else {}
+        absent = [] if arrived else self.missing(seq, deadline)
+        if absent:  # the step could not complete anywhere: only the absent are to blame
+            return self.verdict(seq, _absent(phase, timeout, absent))
+        ends = [self.key(seq, "end", r) for r in range(self.world_size)]
+        try:
+            self.store.wait(ends, timedelta(seconds=max(0.1, deadline - time.monotonic())))
+            endings = {r: self.store.get(k).decode() for r, k in enumerate(ends)}
+        except Exception:
+            unended = self.missing(seq, deadline, "end")
+            return self.verdict(seq, {r: f"died or hung during the '{phase}' step" for r in unended}
+                                or {self.rank: outcome or "its peers' endings could not be read"})
+        failed = {r: m for r, m in endings.items() if m != _ENDED_WELL}
+        return self.verdict(seq, failed) if failed else {}
+
+
+def _absent(phase: str, timeout: float, missing: Sequence[int]) -> dict[int, str]:
+    """Failures for ranks that never arrived at a step."""
+    return {r: f"did not reach the '{phase}' step within {timeout:g}s "
+               "(process died, hung, never called it, or arrived too late)" for r in missing}
+
+
+def _timeout_error(phase: str, failures: dict[int, str]) -> CollectiveTimeoutError:
+    return CollectiveTimeoutError(f"checkpoint '{phase}' step could not complete: a peer is unreachable",
+                                  failures=failures, phase=phase)
+
+
+def _root(opts: Any, rank: int) -> Any:
+    opts.rootRank = rank
+    return opts
+
+
+def _wait(work: Any) -> None:
+    work.wait()
+
+
+def _pickle(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _pack_slot(data: bytes) -> Any:
+    """A ``_SLOT_BYTES`` uint8 tensor: the pickle's length (int64), then the pickle if it fits."""
+    import torch
+
+    slot = torch.zeros(_SLOT_BYTES, dtype=torch.uint8)
+    slot[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    if 0 < len(data) <= _SLOT_BYTES - 8:
+        slot[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return slot
+
+
+def _slot_size(slot: Any) -> int:
+    """The pickle length a slot made by :func:`_pack_slot` announces."""
+    import torch
+
+    return int(slot[:8].view(torch.int64)[0])
