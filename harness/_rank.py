@@ -5,6 +5,9 @@ torchrun environment, initialises ``torch.distributed``, runs the function,
 destroys the process group, restores ``os.environ`` and reports the outcome.
 It exits when the pool's process dies (``PR_SET_PDEATHSIG`` on Linux and a
 watchdog thread), and dumps every thread's stack to its dump file on ``SIGUSR1``.
+Where tearing a world down is unsafe on this torch (:mod:`harness._compat`), it
+keeps the world's process groups alive and, after a few worlds, says in its
+report that it retires, then exits without running their destructors.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
+from harness import _compat
 from harness.world import RankContext
 
 _PR_SET_PDEATHSIG = 1
@@ -50,9 +54,12 @@ def serve(conn: Connection, dump_path: str, parent_pid: int) -> None:
             break
         _, task_id, info, payload = msg
         result = run_task(info, payload)
+        result["retire"] = _compat.worlds_kept() >= _compat.WORLDS_PER_PROCESS
         try:
             conn.send(("done", task_id, result))
         except OSError:
+            break
+        if result["retire"]:
             break
     sys.stdout.flush()
     sys.stderr.flush()
@@ -127,9 +134,9 @@ def _init_process_group(info: dict[str, Any]) -> None:
 
 
 def _destroy_process_groups() -> None:
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+    """Teardown after the function (its failure is not the function's; the deadline covers a hang)."""
+    with contextlib.suppress(Exception):
+        _compat.destroy_process_groups()
 
 
 def _error(exc: BaseException) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -113,3 +115,65 @@ def exit_normally(ctx: RankContext, ranks: list[int], code: int = 3) -> int:
     if ctx.rank in ranks:
         os._exit(code)
     return ctx.rank
+
+
+def hang_in_teardown(ctx: RankContext, ranks: list[int]) -> int:
+    """Ranks in ``ranks`` block forever when the harness destroys their process group.
+
+    They replace ``torch.distributed.destroy_process_group`` in their own process,
+    which the pool kills at the world's deadline, so the change dies with it.
+    """
+    if ctx.rank in ranks:
+
+        def _block_in_teardown(group: Any = None) -> None:
+            _sleep_in_named_frame(3600.0)
+
+        dist.destroy_process_group = _block_in_teardown
+    return ctx.rank
+
+
+def freeze_when_idle(ctx: RankContext, ranks: list[int]) -> int:
+    """Ranks in ``ranks`` return their pid, then ``SIGSTOP`` themselves once idle.
+
+    A thread waits until the main thread is back in the pool's loop, reading its
+    pipe for the next world, and stops the whole process there: a rank that is
+    alive but never reads again. The others return their pid.
+    """
+    if ctx.rank in ranks:
+        threading.Thread(target=_stop_when_idle, name="probe-freeze", daemon=True).start()
+    return os.getpid()
+
+
+def _stop_when_idle() -> None:
+    main = threading.main_thread().ident
+    while True:
+        frame = sys._current_frames().get(main or 0)
+        names = set()
+        while frame is not None:
+            names.add(frame.f_code.co_name)
+            frame = frame.f_back
+        if "serve" in names and "run_task" not in names and names & {"recv", "_recv_bytes"}:
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
+        time.sleep(0.01)
+
+
+def payload_size(ctx: RankContext, payload: bytes) -> int:
+    """The length of ``payload`` (a large argument makes the parent's send block)."""
+    return len(payload)
+
+
+def subgroup_all_reduce(ctx: RankContext) -> list[float]:
+    """All-reduce ``rank`` in a new world group and in two halves (subgroups to tear down)."""
+    half = max(1, ctx.world_size // 2)
+    members = [list(range(ctx.world_size)), list(range(half)), list(range(half, ctx.world_size))]
+    sums = []
+    for ranks in members:
+        if not ranks:
+            continue
+        group = dist.new_group(ranks, backend="gloo")  # every rank creates every group
+        if ctx.rank in ranks:
+            t = torch.tensor([float(ctx.rank)])
+            dist.all_reduce(t, group=group)
+            sums.append(float(t.item()))
+    return sums

@@ -20,7 +20,12 @@ need the ``if __name__ == "__main__":`` guard.
 Nothing hangs: every process group and store has a timeout, every world has an
 outer deadline, and on that deadline each unfinished rank dumps its Python
 stacks (``faulthandler`` on ``SIGUSR1``) before it is killed and replaced; the
-stacks are reported in :class:`WorldTimeout`. A rank that dies (for instance a
+stacks are reported in :class:`WorldTimeout`. The deadline covers the whole
+world, teardown included, and the parent's own pipe traffic: messages to and
+from rank processes go through :class:`harness._channel.Channel`, so a rank that
+stops reading cannot block the parent. A rank left busy by a world its caller
+abandoned (an exception or a test timeout in the parent) is replaced before the
+next world rather than sent more work. A rank that dies (for instance a
 fault injection that sends itself ``SIGKILL``) is reported as an outcome with
 its negative signal number as ``exit_code`` while the other ranks' outcomes are
 still collected. Rank processes exit when the pool's process dies.
@@ -42,6 +47,7 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import queue
 import shutil
 import signal
 import socket
@@ -53,8 +59,10 @@ import traceback as tb_module
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
+
+from harness._channel import CLOSED, Channel
 
 if TYPE_CHECKING:
     from multiprocessing.context import ForkServerProcess
@@ -74,6 +82,7 @@ DEFAULT_PRELOAD: tuple[str, ...] = ("torch", "torch.distributed", "numpy", "harn
 
 _STACK_DUMP_WAIT_S = 0.5
 _KILL_WAIT_S = 5.0
+_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -195,13 +204,19 @@ def rank_env(
 @dataclass
 class _Worker:
     proc: ForkServerProcess
-    conn: Connection
+    channel: Channel
     dump_path: str
+    busy: str | None = None  # the world it was sent and has not reported on yet
+    retiring: bool = False  # it said it exits after the world it reported on
 
     @property
     def pid(self) -> int:
         assert self.proc.pid is not None
         return self.proc.pid
+
+    def usable(self) -> bool:
+        """Alive, idle and staying: fit to be sent the next world."""
+        return self.proc.is_alive() and self.busy is None and not self.retiring
 
 
 class WorldPool:
@@ -225,6 +240,7 @@ class WorldPool:
         self._preload = list(preload)
         self._ctx: multiprocessing.context.ForkServerContext | None = None
         self._workers: list[_Worker] = []
+        self._inbox: queue.Queue[tuple[int, Any]] = queue.Queue()
         self._root = tempfile.mkdtemp(prefix="harness-world-")
         self._lock = threading.Lock()
         self._closed = False
@@ -244,15 +260,12 @@ class WorldPool:
             return
         self._closed = True
         for worker in self._workers:
-            with contextlib.suppress(OSError):
-                worker.conn.send(None)
+            if worker.usable():  # a busy rank may not be reading: it is killed instead
+                worker.channel.send_now(None, timeout=1.0)
         deadline = time.monotonic() + 2.0
         for worker in self._workers:
             worker.proc.join(max(0.0, deadline - time.monotonic()))
-            if worker.proc.is_alive():
-                worker.proc.kill()
-                worker.proc.join(_KILL_WAIT_S)
-            worker.conn.close()
+            _retire(worker)
         self._workers.clear()
         shutil.rmtree(self._root, ignore_errors=True)
 
@@ -327,29 +340,50 @@ class WorldPool:
         return self._ctx
 
     def _ensure_workers(self, n: int) -> list[_Worker]:
-        """Return ``n`` live workers, replacing dead ones and starting missing ones."""
-        alive: list[_Worker] = []
+        """Return ``n`` usable workers, replacing dead, busy or retiring ones, starting missing ones.
+
+        Raises ``RuntimeError`` (after killing the new processes) when one does not
+        report ready within ``start_timeout`` or dies while starting.
+        """
+        usable: list[_Worker] = []
         for worker in self._workers:
-            if worker.proc.is_alive():
-                alive.append(worker)
+            if worker.usable():
+                usable.append(worker)
             else:
-                worker.proc.join(0)
-                worker.conn.close()
-        self._workers = alive
+                _retire(worker)
+        self._workers = usable
         starting: list[_Worker] = []
-        while len(self._workers) + len(starting) < n:
-            starting.append(self._spawn())
-        deadline = time.monotonic() + self.start_timeout
-        for worker in starting:
-            remaining = max(0.0, deadline - time.monotonic())
-            if not worker.conn.poll(remaining):
-                worker.proc.kill()
-                raise RuntimeError(f"rank process {worker.pid} did not start in time")
-            msg = worker.conn.recv()
-            if msg != ("ready", worker.pid):
-                raise RuntimeError(f"unexpected start message from rank process: {msg!r}")
+        try:
+            while len(self._workers) + len(starting) < n:
+                starting.append(self._spawn())
+            self._await_ready(starting, time.monotonic() + self.start_timeout)
+        except BaseException:
+            for worker in starting:
+                _retire(worker)
+            raise
         self._workers.extend(starting)
         return self._workers[:n]
+
+    def _await_ready(self, starting: list[_Worker], deadline: float) -> None:
+        waiting = {w.channel.key: w for w in starting}
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pids = sorted(w.pid for w in waiting.values())
+                raise RuntimeError(f"rank processes {pids} did not start in time")
+            try:
+                key, msg = self._inbox.get(timeout=min(remaining, _POLL_S))
+            except queue.Empty:
+                continue
+            worker = waiting.get(key)
+            if worker is None:
+                continue  # news from a process retired earlier
+            if msg != ("ready", worker.pid):
+                code = worker.proc.exitcode
+                raise RuntimeError(
+                    f"rank process {worker.pid} failed to start: {msg!r} (exit code {code})"
+                )
+            del waiting[key]
 
     def _spawn(self) -> _Worker:
         ctx = self._context()
@@ -364,7 +398,8 @@ class WorldPool:
         )
         proc.start()
         child_conn.close()
-        return _Worker(proc=proc, conn=parent_conn, dump_path=dump_path)
+        channel = Channel(parent_conn, self._counter, self._inbox)
+        return _Worker(proc=proc, channel=channel, dump_path=dump_path)
 
     def _run_locked(self, spec: WorldSpec, payload: bytes, timeout: float) -> list[RankOutcome]:
         workers = self._ensure_workers(spec.world_size)
@@ -378,6 +413,7 @@ class WorldPool:
         store_path = os.path.join(self._root, f"store-{run_id}")
         port = _free_port()
         offsets: list[int] = []
+        deadline = time.monotonic() + timeout
         try:
             for rank, worker in enumerate(workers):
                 offsets.append(_file_size(worker.dump_path))
@@ -394,8 +430,9 @@ class WorldPool:
                     "sys_path": list(sys.path),
                     "env": rank_env(spec, rank, "127.0.0.1", port, run_id),
                 }
-                worker.conn.send(("run", run_id, info, payload))
-            return self._collect(workers, run_id, offsets, time.monotonic() + timeout, timeout)
+                worker.busy = run_id
+                worker.channel.start_send(("run", run_id, info, payload))
+            return self._collect(workers, run_id, offsets, deadline, timeout)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(store_path)
@@ -416,6 +453,7 @@ class WorldPool:
         if not pending:
             return [o for o in outcomes if o is not None]
         # Deadline passed: dump the stuck ranks' stacks, then kill and forget them.
+        undelivered = [r for r in sorted(pending) if not workers[r].channel.sent()]
         for rank in pending:
             _signal(workers[rank].pid, signal.SIGUSR1)
         self._gather(workers, task_id, outcomes, pending, time.monotonic() + _STACK_DUMP_WAIT_S)
@@ -423,13 +461,18 @@ class WorldPool:
         for rank in pending:
             workers[rank].proc.kill()
         for rank in pending:
-            workers[rank].proc.join(_KILL_WAIT_S)
+            _retire(workers[rank])
         self._workers = [w for w in self._workers if w.proc.is_alive()]
         finished = [o for o in outcomes if o is not None]
         lines = [
             f"world of {len(workers)} ranks timed out after {timeout:.1f}s; "
             f"ranks {sorted(pending)} did not finish"
         ]
+        if undelivered:
+            lines.append(
+                f"the parent could not deliver the world to ranks {undelivered} "
+                "before the deadline: they were not reading their pipes"
+            )
         lines += [o.describe() for o in finished if not o.ok]
         for rank, text in stacks.items():
             lines.append(f"--- stacks of rank {rank} ---\n{text.strip() or '(no dump)'}")
@@ -444,54 +487,83 @@ class WorldPool:
         deadline: float,
     ) -> None:
         """Fill ``outcomes`` from results and deaths until nothing is pending or ``deadline``."""
+        rank_of = {w.channel.key: rank for rank, w in enumerate(workers)}
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            waitables: dict[Any, int] = {}
-            for rank in pending:
-                waitables[workers[rank].conn] = rank
-                waitables[workers[rank].proc.sentinel] = rank
-            ready = wait(list(waitables), timeout=remaining)
-            for obj in ready:
-                rank = waitables[obj]
-                if rank not in pending:
-                    continue
-                outcome = self._receive(workers[rank], rank, task_id)
-                if outcome is not None:
-                    outcomes[rank] = outcome
-                    pending.discard(rank)
+            try:
+                key, msg = self._inbox.get(timeout=min(remaining, _POLL_S))
+            except queue.Empty:
+                # A death normally arrives as CLOSED; this catches a pipe kept open elsewhere.
+                for rank in sorted(pending):
+                    if not workers[rank].proc.is_alive():
+                        outcomes[rank] = _death(workers[rank], rank)
+                        pending.discard(rank)
+                continue
+            rank = rank_of.get(key, -1)
+            if rank not in pending:
+                continue  # news from another world or a retired process
+            outcome = _outcome_of(workers[rank], rank, task_id, msg)
+            if outcome is not None:
+                outcomes[rank] = outcome
+                pending.discard(rank)
 
-    def _receive(self, worker: _Worker, rank: int, task_id: str) -> RankOutcome | None:
-        """The outcome of ``rank`` if its process reported or died, else ``None``."""
-        try:
-            if worker.conn.poll():
-                msg = worker.conn.recv()
-                if msg[0] == "done" and msg[1] == task_id:
-                    return _outcome_from_message(rank, worker.pid, msg[2])
-                return None
-        except (EOFError, OSError):
-            pass
-        if worker.proc.is_alive():
-            # The pipe closed but the process lingers: wait briefly for its exit.
-            worker.proc.join(_KILL_WAIT_S)
-            if worker.proc.is_alive():
-                worker.proc.kill()
-                worker.proc.join(_KILL_WAIT_S)
-        code = worker.proc.exitcode
-        how = (
-            f"signal {signal.Signals(-code).name}"
-            if code is not None and code < 0
-            else f"exit code {code}"
-        )
+
+def _outcome_of(worker: _Worker, rank: int, task_id: str, msg: Any) -> RankOutcome | None:
+    """The outcome ``msg`` reports for ``rank`` in world ``task_id``, or ``None`` if none."""
+    if msg == CLOSED:
+        return _death(worker, rank)
+    if not isinstance(msg, tuple) or not msg:
+        return None
+    if msg[0] == "garbled":
+        worker.busy = None
         return RankOutcome(
             rank=rank,
             ok=False,
-            error_type="harness.world.RankDied",
-            error_message=f"rank {rank} (pid {worker.pid}) died with {how}",
-            exit_code=code,
+            error_type="harness.world.ResultError",
+            error_message=f"the parent could not read the rank's report: {msg[1]}",
             pid=worker.pid,
         )
+    if msg[0] == "done" and msg[1] == task_id:
+        worker.busy = None
+        worker.retiring = bool(msg[2].get("retire"))
+        return _outcome_from_message(rank, worker.pid, msg[2])
+    return None
+
+
+def _death(worker: _Worker, rank: int) -> RankOutcome:
+    """The outcome of a rank whose pipe closed: its exit code or signal (killed if lingering)."""
+    if worker.proc.is_alive():
+        # The pipe closed but the process lingers: wait briefly for its exit.
+        worker.proc.join(_KILL_WAIT_S)
+        if worker.proc.is_alive():
+            worker.proc.kill()
+            worker.proc.join(_KILL_WAIT_S)
+    code = worker.proc.exitcode
+    how = (
+        f"signal {signal.Signals(-code).name}"
+        if code is not None and code < 0
+        else f"exit code {code}"
+    )
+    return RankOutcome(
+        rank=rank,
+        ok=False,
+        error_type="harness.world.RankDied",
+        error_message=f"rank {rank} (pid {worker.pid}) died with {how}",
+        exit_code=code,
+        pid=worker.pid,
+    )
+
+
+def _retire(worker: _Worker) -> None:
+    """Stop ``worker`` for good: wait briefly if it is exiting by itself, else kill it."""
+    if worker.retiring:
+        worker.proc.join(_KILL_WAIT_S)
+    if worker.proc.is_alive():
+        worker.proc.kill()
+    worker.proc.join(_KILL_WAIT_S)
+    worker.channel.close()
 
 
 def _outcome_from_message(rank: int, pid: int, data: dict[str, Any]) -> RankOutcome:
