@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar, TypeVar
@@ -151,12 +153,24 @@ def register_pattern(cls: P) -> P:
     if cls.replica_sets is Pattern.replica_sets:
         raise ValueError(f"register_pattern: {cls.__name__} does not implement replica_sets(topology)")
     known = _REGISTRY.get(kind)
-    if known is not None and known is not cls:
+    if known is not None and known is not cls and not same_definition(known, cls):
         raise ValueError(
             f"register_pattern: kind {kind!r} is already registered by {known.__module__}.{known.__qualname__}"
         )
     _REGISTRY[kind] = cls
     return cls
+
+
+def same_definition(a: type, b: type) -> bool:
+    """Whether two classes are one definition imported twice under different module names
+    (a test runner's rootdir import and a dotted import of the same file): same qualified
+    name, same source file. Such a class may register the kind again."""
+    def source(cls: type) -> str | None:
+        module = sys.modules.get(cls.__module__)
+        path = getattr(module, "__file__", None)
+        return os.path.realpath(path) if path else None
+
+    return a.__qualname__ == b.__qualname__ and source(a) is not None and source(a) == source(b)
 
 
 def registered_patterns() -> dict[str, type[Pattern]]:
@@ -325,7 +339,8 @@ def resolve_pattern(value: Pattern | SharingPattern | str, group_name: str | Non
         if group_name is not None:
             raise ValueError(f"process_group_name: given with a pattern object {value.describe()}; "
                              "name the groups in the pattern instead")
-        if _REGISTRY.get(value.kind) is not type(value):
+        known = _REGISTRY.get(value.kind)
+        if known is None or not (known is type(value) or same_definition(known, type(value))):
             raise ValueError(f"{field_name}: {type(value).__name__} (kind {value.kind!r}) is not registered; "
                              "decorate it with @distckpt.register_pattern")
         return value

@@ -233,3 +233,20 @@ def test_no_module_of_the_library_branches_on_a_builtin_pattern() -> None:
             continue
         text = path.read_text()
         assert "SharingPattern." not in text, path
+
+
+def test_one_pattern_file_imported_under_two_module_names_registers_once_without_conflict() -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "patterns" / "per_local_rank.py"
+    classes = []
+    for name in ("kit_copy_a", "kit_copy_b"):
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        classes.append(module.PerLocalRank)
+    assert classes[0] is not classes[1]
+    assert StateComponent("m", Box(), classes[1]()).pattern == classes[0]()

@@ -41,7 +41,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..patterns import Pattern, registered_patterns
+from ..patterns import Pattern, registered_patterns, same_definition
 from ..topology import Topology
 from . import worlds
 from ._rankside import KEY, rank_step
@@ -88,7 +88,7 @@ def _pattern_for(source: PatternSource, topology: Topology) -> Pattern:
     pattern = source if isinstance(source, Pattern) else source(topology)
     assert isinstance(pattern, Pattern), f"the factory gave {pattern!r}, not a Pattern"
     cls = registered_patterns().get(pattern.kind)
-    assert cls is type(pattern), (f"{type(pattern).__name__} (kind {pattern.kind!r}) is not registered; "
+    assert cls is not None and (cls is type(pattern) or same_definition(cls, type(pattern))), (f"{type(pattern).__name__} (kind {pattern.kind!r}) is not registered; "
                                   "decorate it with @distckpt.register_pattern")
     params = pattern.params()
     assert json.loads(json.dumps(params)) == params, f"params() {params!r} is not plain JSON"
