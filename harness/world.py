@@ -460,9 +460,10 @@ class WorldPool:
         stacks = {r: _read_from(workers[r].dump_path, offsets[r]) for r in sorted(pending)}
         for rank in pending:
             workers[rank].proc.kill()
-        for rank in pending:
-            _retire(workers[rank])
-        self._workers = [w for w in self._workers if w.proc.is_alive()]
+        stuck = [workers[rank] for rank in pending]
+        for worker in stuck:
+            _retire(worker)
+        self._workers = [w for w in self._workers if all(w is not s for s in stuck)]
         finished = [o for o in outcomes if o is not None]
         lines = [
             f"world of {len(workers)} ranks timed out after {timeout:.1f}s; "
