@@ -18,7 +18,7 @@ from harness._channel import CLOSED, Channel
 from harness.world import WorldPool, WorldSpec, WorldTimeout
 
 # Far larger than a socket pair's buffers: a send of it blocks until the peer reads.
-BIG = b"x" * (16 << 20)
+BIG = b"x" * (4 << 20)
 
 
 class Abandoned(Exception):
