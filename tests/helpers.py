@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from distckpt.testing import ThreadComm, ThreadWorld, run_threads
+from distckpt.testing.strategies import mesh_partition
 
 
 class Box:
@@ -37,17 +39,6 @@ def all_ok(results: list[Any]) -> list[Any]:
 def mesh_groups(rank: int, dims: Sequence[tuple[str, int]]) -> dict[str, tuple[int, ...]]:
     """Groups of a row-major mesh: for each dimension, the ranks that differ only along it."""
     sizes = [s for _, s in dims]
-    coords = []
-    rest = rank
-    for size in reversed(sizes):
-        coords.append(rest % size)
-        rest //= size
-    coords.reverse()
-    strides = [1] * len(sizes)
-    for i in range(len(sizes) - 2, -1, -1):
-        strides[i] = strides[i + 1] * sizes[i + 1]
-    out = {}
-    for d, (name, size) in enumerate(dims):
-        base = rank - coords[d] * strides[d]
-        out[name] = tuple(base + i * strides[d] for i in range(size))
-    return out
+    world = math.prod(sizes)
+    return {name: next(tuple(g) for g in mesh_partition(world, sizes, axis) if rank in g)
+            for axis, (name, _) in enumerate(dims)}

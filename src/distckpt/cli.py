@@ -855,9 +855,9 @@ def plan_conversion(
                 if len(mine) > 1:
                     raise CLIError(f"component {key!r}: several legacy files for replica set "
                                    f"{{{rank_text(fp.ranks)}}}: {[f.name for f in mine]}; is the layout right?")
-                if kind == "node" and mine[0].node != topology.node_index(fp.writer):
+                if kind == "node" and mine[0].node != topology.node_of(fp.writer):
                     raise CLIError(f"component {key!r}: {mine[0].name} says node {mine[0].node}, but the layout "
-                                   f"given puts rank {mine[0].writer} on node {topology.node_index(fp.writer)}")
+                                   f"given puts rank {mine[0].writer} on node {topology.node_of(fp.writer)}")
                 sources[fp.path] = mine[0].name
         out.append(_Planned(key, pattern, group, plan, sources))
     return out

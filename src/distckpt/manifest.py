@@ -18,7 +18,7 @@ from typing import Any
 from . import boundedjson
 from .errors import ManifestError
 from .layout import check_relpath
-from .patterns import KIND_PATTERN, SharingPattern, describe_record
+from .patterns import BUILTIN_KINDS, KIND_PATTERN, SharingPattern, describe_record
 
 __all__ = [
     "FORMAT_NAME",
@@ -152,11 +152,10 @@ class ComponentManifest:
     params: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        kind = str(self.sharing_pattern.value if isinstance(self.sharing_pattern, SharingPattern)
-                   else self.sharing_pattern)
+        kind = self.kind
         if KIND_PATTERN.fullmatch(kind) is None:
             raise ValueError(f"component {self.key!r}: {kind!r} is not a pattern kind")
-        if kind in _BUILTIN_KINDS:
+        if kind in BUILTIN_KINDS:
             object.__setattr__(self, "sharing_pattern", SharingPattern(kind))
         if self.params is None:  # 1.0 and 1.1 recorded the pattern as kind + group name
             params = {"groups": [self.group_name]} if self.group_name is not None else {}
@@ -216,7 +215,7 @@ class ComponentManifest:
             if _need(record, "kind", str, f"{where}.pattern") != kind:
                 raise ManifestError(f"{where}: pattern.kind {record['kind']!r} differs from sharing_pattern {kind!r}")
             params = _need(record, "params", dict, f"{where}.pattern")
-        elif kind.lower() in _BUILTIN_KINDS:
+        elif kind.lower() in BUILTIN_KINDS:
             kind = kind.lower()
         if KIND_PATTERN.fullmatch(kind) is None:
             raise ManifestError(f"{where}: sharing_pattern {kind!r} is not a pattern kind")
@@ -248,9 +247,6 @@ class ComponentManifest:
             extra=_extra(d, _COMPONENT_FIELDS),
             params=params,
         )
-
-
-_BUILTIN_KINDS = frozenset(m.value for m in SharingPattern)
 
 
 @dataclass(frozen=True)

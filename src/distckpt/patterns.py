@@ -345,10 +345,10 @@ def resolve_pattern(value: Pattern | SharingPattern | str, group_name: str | Non
                              "decorate it with @distckpt.register_pattern")
         return value
     if isinstance(value, str):
-        folded = value.lower() if value.lower() in _BUILTIN_KINDS else value
+        folded = value.lower() if value.lower() in BUILTIN_KINDS else value
         if folded == "per_group" and isinstance(group_name, (list, tuple)):
             return PerGroup(*group_name)
-        if folded in _BUILTIN_KINDS:
+        if folded in BUILTIN_KINDS:
             return SharingPattern(folded).pattern(group_name)
         cls = _REGISTRY.get(value)
         if cls is not None:
@@ -359,4 +359,5 @@ def resolve_pattern(value: Pattern | SharingPattern | str, group_name: str | Non
     raise ValueError(f"{field_name}: {value!r} is not a sharing pattern (registered: {choices})")
 
 
-_BUILTIN_KINDS = frozenset(m.value for m in SharingPattern)
+#: The kinds of the five built-ins (the values of :class:`SharingPattern`).
+BUILTIN_KINDS = frozenset(m.value for m in SharingPattern)

@@ -14,23 +14,12 @@ from __future__ import annotations
 
 import sys
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from distckpt import CheckpointCoordinator, SharingPattern, StateComponent
-
-
-class _Box:
-    def __init__(self, state: Any) -> None:
-        self.state = state
-
-    def state_dict(self) -> Any:
-        return self.state
-
-    def load_state_dict(self, state: Any) -> None:
-        self.state = state
+from tests.helpers import Box
 
 
 def main(rank: int, world: int, store_file: str, out: str, mode: str) -> None:
@@ -42,8 +31,8 @@ def main(rank: int, world: int, store_file: str, out: str, mode: str) -> None:
             raise OSError("injected: the disk went away during the background write")
 
     components = [
-        StateComponent("model", _Box({"w": torch.full((1 << 21,), float(rank))}), SharingPattern.PER_RANK),
-        StateComponent("trainer", _Box({"step": 7, "w": torch.arange(1 << 20)}), SharingPattern.REPLICATED),
+        StateComponent("model", Box({"w": torch.full((1 << 21,), float(rank))}), SharingPattern.PER_RANK),
+        StateComponent("trainer", Box({"step": 7, "w": torch.arange(1 << 20)}), SharingPattern.REPLICATED),
     ]
     coordinator = CheckpointCoordinator(components, output_dir=out, timeout=30, phase_hook=hook,
                                         min_part_bytes=None)

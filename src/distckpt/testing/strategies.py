@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ..topology import Topology
 
-__all__ = ["GROUP_NAMES", "StateSpec", "state_dicts", "state_diff", "state_specs", "topologies"]
+__all__ = ["GROUP_NAMES", "StateSpec", "mesh_partition", "state_dicts", "state_diff", "state_specs", "topologies"]
 
 #: Names drawn for group partitions.
 GROUP_NAMES = ("dp", "tp", "pp", "cp", "ep")
@@ -40,9 +40,9 @@ def _split(items: Sequence[int], sizes: Sequence[int]) -> list[list[int]]:
     return out
 
 
-def _mesh_partition(world: int, dims: Sequence[int], axis: int) -> list[list[int]]:
-    """Groups of mesh dimension ``axis`` of a row-major mesh of shape ``dims``."""
-    stride = math.prod(dims[axis + 1:])
+def mesh_partition(world: int, dims: Sequence[int], axis: int) -> list[list[int]]:
+    """Groups of mesh dimension ``axis`` of a row-major mesh of shape ``dims`` (last dimension
+    fastest): the ranks whose coordinates differ only along ``axis``, in rank order."""
     sets: dict[tuple[int, ...], list[int]] = {}
     for rank in range(world):
         coords = []
@@ -53,7 +53,6 @@ def _mesh_partition(world: int, dims: Sequence[int], axis: int) -> list[list[int
         coords.reverse()
         coords[axis] = 0
         sets.setdefault(tuple(coords), []).append(rank)
-    assert all(len(s) == dims[axis] for s in sets.values()) and stride >= 1
     return list(sets.values())
 
 
@@ -75,7 +74,7 @@ def topologies(draw: st.DrawFn, min_world: int = 1, max_world: int = 16, max_gro
         if draw(st.booleans(), label=f"{name} from a mesh"):
             first = draw(st.sampled_from(divisors))
             dims = [first, world // first]
-            groups[name] = _mesh_partition(world, dims, draw(st.integers(0, 1)))
+            groups[name] = mesh_partition(world, dims, draw(st.integers(0, 1)))
         else:
             labels = draw(st.lists(st.integers(0, world - 1), min_size=world, max_size=world), label=name)
             by_label: dict[int, list[int]] = {}
