@@ -32,9 +32,11 @@ from .errors import (
     ComponentMismatchError,
     CrossRankError,
     IntegrityError,
+    LayoutMismatchError,
     ManifestError,
     ReplicationMismatchError,
     SerializationError,
+    StateMismatchError,
     TopologyMismatchError,
 )
 from .handle import SaveHandle
@@ -58,6 +60,7 @@ __all__ = [
     "CrossRankError",
     "FileEntry",
     "IntegrityError",
+    "LayoutMismatchError",
     "LoadReport",
     "ManifestError",
     "Pattern",
@@ -65,6 +68,7 @@ __all__ = [
     "ReplicationMismatchError",
     "SaveHandle",
     "SerializationError",
+    "StateMismatchError",
     "SharingPattern",
     "StateComponent",
     "Stateful",

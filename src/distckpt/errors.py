@@ -91,6 +91,21 @@ class ComponentMismatchError(CheckpointError, ValueError):
     """Ranks declared different components, or a declaration disagrees with the checkpoint."""
 
 
+class StateMismatchError(CheckpointError, ValueError):
+    """A saved entry's shape, dtype, key set or layout differs from the live state dict.
+
+    Raised on every rank before any byte is read into live tensors; the message names the
+    component, the entry, and the saved and live values.
+    """
+
+
+class LayoutMismatchError(StateMismatchError, TopologyMismatchError):
+    """A saved DTensor's mesh, placements or global shape differ from the live DTensor's.
+
+    Resharding to another layout is not distckpt's job (use torch.distributed.checkpoint).
+    """
+
+
 class SerializationError(CheckpointError, TypeError):
     """A state dict holds an object outside the supported set; the message names its path."""
 
@@ -128,6 +143,8 @@ _REGISTRY: dict[str, type[CheckpointError]] = {
         ReplicationMismatchError,
         TopologyMismatchError,
         ComponentMismatchError,
+        StateMismatchError,
+        LayoutMismatchError,
         SerializationError,
         CheckpointExistsError,
         CheckpointBusyError,
