@@ -7,7 +7,7 @@ Called by the coordinator's facade: :meth:`AsyncSaves.start` from
 caller's thread, so the training loop may change its tensors as soon as
 :meth:`start` returns. The background thread runs the write and commit phases
 (:mod:`distckpt.saving`) on a channel forked from the coordinator's
-(:meth:`~distckpt.collectives.Comm.fork`), so its collectives never interleave
+(:meth:`~distckpt.transport.ForkingComm.fork`), so its collectives never interleave
 with a later synchronous call's. Its outcome travels in a
 :class:`~distckpt.handle.SaveHandle`; on failure rank 0 removes the staging
 directory and the error waits for the next :meth:`wait` (on every rank).
@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 
 from . import storage
-from .collectives import Comm
 from .handle import SaveHandle
 from .planning import Produce, SavePlan
+from .transport import Comm, ForkingComm, check_comm
 
 __all__ = ["AsyncSaves"]
 
@@ -37,7 +37,7 @@ class AsyncSaves:
     and the host buffers of the last snapshot (reused by the next one)."""
 
     def __init__(self) -> None:
-        self.comm: Comm | None = None
+        self.comm: ForkingComm | None = None
         self.pending: SaveHandle | None = None
         # Host buffers of the last asynchronous snapshot, reused by the next one.
         self.snapshots: dict[str, dict[int, torch.Tensor]] = {}
@@ -47,13 +47,13 @@ class AsyncSaves:
 
         Collective (forking builds process groups; that failure reached every
         rank, so every rank replaces it together). The background thread never
-        builds groups itself.
+        builds groups itself. ``TypeError`` when ``comm`` is not a
+        :class:`~distckpt.transport.ForkingComm` (the facade checks that first).
         """
-        if self.comm is None or getattr(self.comm, "broken", False):
-            fork = getattr(comm, "fork", None)
-            if fork is None:
-                raise TypeError(f"async_save needs a Comm with fork(); {type(comm).__name__} has none")
-            self.comm = fork()
+        if self.comm is None or self.comm.broken:
+            check_comm(comm, ForkingComm, "async_save")
+            assert isinstance(comm, ForkingComm)
+            self.comm = comm.fork()
         return self.comm
 
     def start(self, comm: Comm, plan: SavePlan, snapshot: Callable[[dict[str, dict[int, torch.Tensor]]], Produce],

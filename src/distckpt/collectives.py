@@ -1,4 +1,4 @@
-"""Collectives that carry errors, so that no rank waits on a peer that failed.
+"""The error protocol: collectives that carry errors, so that no rank waits on a peer that failed.
 
 :func:`exchange` is the only collective pattern the coordinator uses: every
 rank runs its local work, catches its own exception, and all-gathers either
@@ -7,25 +7,42 @@ its result or its error. If any rank failed, every rank raises the same
 message}``. A peer that died or never arrived surfaces as
 :class:`~distckpt.errors.CollectiveTimeoutError` naming it, within the timeout.
 
-Object collectives run on a dedicated gloo group created once per
-coordinator, so an NCCL training job works too and the trainer's own
-collectives never interleave with ours.
+A failing rank's formatted traceback travels with its failure; every rank
+that raises the merged error logs its peers' tracebacks on the ``distckpt``
+logger at DEBUG (a peer's stack is otherwise only in that peer's own log).
+
+Called by the save and load phases (:mod:`distckpt.saving`,
+:mod:`distckpt.validation`, :mod:`distckpt.loading`). How objects travel is
+:mod:`distckpt.transport`'s business (the :class:`~distckpt.transport.Comm`
+protocols, :class:`~distckpt.transport.LocalComm`, :func:`default_comm`)
+and :mod:`distckpt.torchcomm`'s (gloo groups of distckpt's own, so an NCCL
+training job works too and the trainer's collectives never interleave with
+ours); their names are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from .errors import ArgumentMismatchError, CheckpointError, CrossRankError, error_class_by_name
-from .torchcomm import TorchComm
+from .transport import (
+    Comm,
+    ForkingComm,
+    LocalComm,
+    SetBroadcastComm,
+    TorchComm,
+    default_comm,
+    local_node_id,
+)
 
 __all__ = [
     "Comm",
+    "ForkingComm",
     "LocalComm",
+    "SetBroadcastComm",
     "TorchComm",
     "announce",
     "default_comm",
@@ -36,85 +53,8 @@ __all__ = [
 
 log = logging.getLogger("distckpt")
 T = TypeVar("T")
-
-
-@runtime_checkable
-class Comm(Protocol):
-    """What the coordinator needs from a world: who am I, and an all-gather of objects."""
-
-    rank: int
-    world_size: int
-
-    def all_gather(self, obj: Any, phase: str) -> list[Any]:
-        """Collective: every rank's ``obj``, indexed by rank. Raises CollectiveTimeoutError."""
-        ...
-
-    def broadcast(self, obj: Any, phase: str) -> Any:
-        """Collective: rank 0's ``obj`` on every rank. Raises CollectiveTimeoutError."""
-        ...
-
-    def group_members(self, group: Any) -> tuple[int, ...]:
-        """Global ranks of ``group`` (a process group this rank belongs to). Local."""
-        ...
-
-    def node_id(self) -> str:
-        """This rank's node identity (ranks with equal ids share a node). Local."""
-        ...
-
-
-class LocalComm:
-    """A world of one process: collectives are identities."""
-
-    rank = 0
-    world_size = 1
-
-    def all_gather(self, obj: Any, phase: str) -> list[Any]:
-        return [obj]
-
-    def broadcast(self, obj: Any, phase: str) -> Any:
-        return obj
-
-    def group_members(self, group: Any) -> tuple[int, ...]:
-        return (0,)
-
-    def node_id(self) -> str:
-        return local_node_id()
-
-    def fork(self) -> LocalComm:
-        return LocalComm()
-
-    def broadcast_in_sets(self, sets: Sequence[tuple[int, ...]], tensors: Sequence[Any], phase: str) -> None:
-        """A world of one has only singleton sets: nothing to send."""
-
-
-def default_comm(dist: Any, timeout: float) -> Comm:
-    """The world the coordinator runs in.
-
-    ``dist`` may be a :class:`Comm` (used as is), or ``None`` / any other object
-    (then torch.distributed when initialized with more than one rank, else a
-    world of one).
-    """
-    if isinstance(dist, Comm) and callable(getattr(dist, "all_gather", None)):
-        return dist
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        return TorchComm(timeout)
-    return LocalComm()
-
-
-def local_node_id() -> str:
-    """This rank's node identity, as a launcher set it.
-
-    ``GROUP_RANK`` (torchrun's node index), else ``NODE_RANK``, else the host
-    name. Never ``LOCAL_RANK``: a missing LOCAL_RANK must not make every rank a
-    node of its own.
-    """
-    for var in ("GROUP_RANK", "NODE_RANK"):
-        value = os.environ.get(var)
-        if value not in (None, ""):
-            return f"{var}={value}"
-    return f"host={socket.gethostname()}"
+#: At most this many characters of one rank's traceback travel to its peers.
+TRACEBACK_LIMIT = 8000
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -159,7 +99,7 @@ def exchange(
         status: tuple[Any, ...] = ("ok", work())
     except BaseException as exc:  # reported to every rank below; non-Exceptions re-raised after
         log.debug("distckpt: rank %d failed in %s", comm.rank, phase, exc_info=True)
-        status = ("error", type(exc).__name__, describe_exception(exc))
+        status = ("error", type(exc).__name__, describe_exception(exc), _formatted(exc))
         if not isinstance(exc, Exception):
             interrupted = exc
     extra = (dict(agree) if agree is not None else None, _noted(note))
@@ -174,8 +114,25 @@ def exchange(
     failures = {r: s[2] for r, s in enumerate(gathered) if s[0] == "error"}
     if failures:
         notes = {r: s[-1][1] for r, s in enumerate(gathered) if s[-1][1]}
+        _log_peer_tracebacks(comm.rank, phase, {r: s[3] for r, s in enumerate(gathered) if s[0] == "error"})
         raise merged_error(phase, failures, {s[1] for s in gathered if s[0] == "error"}, notes)
     return [s[1] for s in gathered]
+
+
+def _formatted(exc: BaseException) -> str:
+    """``exc``'s formatted traceback, for its peers (at most :data:`TRACEBACK_LIMIT` characters, the end kept)."""
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as failure:  # a traceback that cannot be formatted never hides the error
+        text = f"(traceback unavailable: {type(failure).__name__})"
+    return text if len(text) <= TRACEBACK_LIMIT else "...\n" + text[-TRACEBACK_LIMIT:]
+
+
+def _log_peer_tracebacks(rank: int, phase: str, tracebacks: Mapping[int, str]) -> None:
+    """Log, at DEBUG, the tracebacks of the peers whose failure this rank is about to raise."""
+    for peer, text in sorted(tracebacks.items()):
+        if peer != rank:
+            log.debug("distckpt: rank %d failed in %s; its traceback:\n%s", peer, phase, text)
 
 
 def _noted(note: Callable[[], str] | None) -> str:
@@ -202,7 +159,7 @@ def announce(comm: Comm, phase: str, work: Callable[[], T]) -> T:
             status = ("ok", work())
         except BaseException as exc:  # reported to every rank below; non-Exceptions re-raised after
             log.debug("distckpt: rank 0 failed in %s", phase, exc_info=True)
-            status = ("error", type(exc).__name__, describe_exception(exc))
+            status = ("error", type(exc).__name__, describe_exception(exc), _formatted(exc))
             if not isinstance(exc, Exception):
                 interrupted = exc
     try:
@@ -212,6 +169,7 @@ def announce(comm: Comm, phase: str, work: Callable[[], T]) -> T:
             raise interrupted
     assert status is not None
     if status[0] == "error":
+        _log_peer_tracebacks(comm.rank, phase, {0: status[3]})
         raise merged_error(phase, {0: status[2]}, {status[1]})
     result: T = status[1]
     return result

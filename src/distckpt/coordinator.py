@@ -34,13 +34,13 @@ from typing import Any, Literal, overload
 
 from . import loading, saving, series, storage, validation
 from .asyncsave import AsyncSaves
-from .collectives import Comm, default_comm
 from .components import StateComponent
 from .handle import SaveHandle
 from .loading import LOAD_STRATEGIES
 from .names import check_name
 from .planning import Produce, SavePlan, local_report, validated_components
 from .report import LoadReport
+from .transport import Comm, ForkingComm, SetBroadcastComm, check_comm, default_comm
 
 __all__ = ["DEFAULT_MIN_PART_BYTES", "LOAD_STRATEGIES", "CheckpointCoordinator", "PhaseHook"]
 
@@ -115,6 +115,8 @@ class CheckpointCoordinator:
         self.load_strategy = load_strategy
         self._groups = _normalise_groups(process_groups)
         self._comm = default_comm(dist, seconds)
+        if load_strategy == "read_and_broadcast":
+            check_comm(self._comm, SetBroadcastComm, "load_strategy='read_and_broadcast'")
         self._async = AsyncSaves()
         self._by_key = {c.key: c for c in self.components}
 
@@ -179,6 +181,8 @@ class CheckpointCoordinator:
         difference raises :class:`~distckpt.errors.ArgumentMismatchError`.
         """
         self.wait()
+        if async_save:
+            check_comm(self._comm, ForkingComm, "async_save")
         started = time.perf_counter()
         states = saving.States(self._by_key)
         args = _call_args(checkpoint_path=checkpoint_path, checkpoint_id=checkpoint_id, validate=validate,

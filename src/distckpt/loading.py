@@ -45,6 +45,7 @@ from .planning import agree
 from .reading import decode_files, read_component, read_files
 from .report import LoadReport
 from .topology import Topology
+from .transport import SetBroadcastComm, check_comm
 
 __all__ = [
     "LOAD_STRATEGIES",
@@ -229,10 +230,8 @@ def _read_and_broadcast(comm: Comm, path: str, actions: Mapping[str, ComponentMa
     """Phase 2 of load, ``read_and_broadcast``: the lowest rank of each set reads and verifies
     its files, every rank hears whether all reads succeeded, the bytes go out within each set
     (a gloo group per set), and every rank decodes and restores."""
-    send = getattr(comm, "broadcast_in_sets", None)
-    if send is None:
-        raise TypeError(f"load_strategy='read_and_broadcast' needs a Comm with broadcast_in_sets(); "
-                        f"{type(comm).__name__} has none")
+    check_comm(comm, SetBroadcastComm, "load_strategy='read_and_broadcast'")  # checked at construction too
+    assert isinstance(comm, SetBroadcastComm)
     sets = {key: _load_sets(saved, comm.world_size, components[key].pattern.elastic)
             for key, saved in actions.items()}
     buffers: dict[str, list[torch.Tensor]] = {}
@@ -257,7 +256,7 @@ def _read_and_broadcast(comm: Comm, path: str, actions: Mapping[str, ComponentMa
 
     exchange(comm, "read", fetch)
     for key in actions:
-        send(sets[key], buffers[key], "read")
+        comm.broadcast_in_sets(sets[key], buffers[key], "read")
     exchange(comm, "read", restore, note=lambda: _modified(touched))
 
 

@@ -24,7 +24,9 @@ dead rank(s), within the timeout of its own arrival.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -33,11 +35,25 @@ from typing import Any
 
 from .errors import CollectiveTimeoutError
 
-__all__ = ["TorchComm"]
+__all__ = ["TorchComm", "local_node_id"]
 
 _ARRIVAL_GRACE_S = 10.0
 _SLOT_BYTES = 4096  # per rank, in the fast all-gather; larger payloads take a second round
 _ENDED_WELL = "ok"
+
+
+def local_node_id() -> str:
+    """This rank's node identity, as a launcher set it.
+
+    ``GROUP_RANK`` (torchrun's node index), else ``NODE_RANK``, else the host
+    name. Never ``LOCAL_RANK``: a missing LOCAL_RANK must not make every rank a
+    node of its own.
+    """
+    for var in ("GROUP_RANK", "NODE_RANK"):
+        value = os.environ.get(var)
+        if value not in (None, ""):
+            return f"{var}={value}"
+    return f"host={socket.gethostname()}"
 
 
 class TorchComm:
@@ -75,8 +91,6 @@ class TorchComm:
         return tuple(sorted(self._dist.get_process_group_ranks(group)))
 
     def node_id(self) -> str:
-        from .collectives import local_node_id
-
         return local_node_id()
 
     def fork(self) -> TorchComm:

@@ -58,6 +58,9 @@ class ThreadComm:
         self.world_size = world.world_size
         self._forks = 0
 
+    #: A threaded world's channel never needs replacing (:class:`~distckpt.transport.ForkingComm`).
+    broken = False
+
     def fork(self) -> ThreadComm:
         """An independent channel among the same ranks (ranks fork in the same order)."""
         child = self.world.child(self._forks)
