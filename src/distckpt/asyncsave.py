@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import storage
+from . import folder
 from .handle import SaveHandle
 from .planning import Produce, SavePlan
 from .transport import Comm, ForkingComm, check_comm
@@ -75,7 +75,7 @@ class AsyncSaves:
                 finish(background, produce)
             except BaseException as exc:
                 if comm.rank == 0:
-                    storage.discard_staging(plan.staging)
+                    folder.discard_staging(plan.staging)
                 handle._finish(exc)
             else:
                 handle._finish(None)

@@ -37,7 +37,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from . import __version__, codec, layout, legacy, storage
+from . import __version__, codec, folder, layout, legacy, series, storage
 from .digests import describe_difference, iter_leaves
 from .errors import CheckpointError, ManifestError, TopologyMismatchError
 from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
@@ -199,7 +199,7 @@ def read_state(checkpoint: str, entries: FileEntry | Sequence[FileEntry]) -> Any
 # ------------------------------------------------------------------------ ls
 
 
-def _classify(entry: storage.CheckpointEntry) -> tuple[str, str]:
+def _classify(entry: series.CheckpointEntry) -> tuple[str, str]:
     """(status word, reason) for a directory without a readable manifest."""
     name = os.path.basename(entry.path)
     if entry.problem == "is a symlink":
@@ -231,7 +231,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         raise CLIError(f"{root}: a checkpoint, not a directory of checkpoints; use `distckpt inspect {root}`")
     nested = os.path.join(root, "checkpoints")
     parent = nested if os.path.isdir(nested) and not os.path.islink(nested) else root
-    entries = storage.list_checkpoints(parent, include_hidden=True)
+    entries = series.list_checkpoints(parent, include_hidden=True)
     committed = [e for e in entries if e.manifest is not None]
     broken = [e for e in entries if e.manifest is None]
     latest = committed[-1].path if committed else None
@@ -953,8 +953,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     parent = os.path.dirname(final)
     sequence = args.sequence
     if sequence is None:
-        sequence = max((e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest), default=0) + 1
-    staging = storage.create_staging(final, uuid.uuid4().hex[:12], sequence)
+        sequence = max((e.manifest.sequence for e in series.list_checkpoints(parent) if e.manifest), default=0) + 1
+    staging = folder.create_staging(final, uuid.uuid4().hex[:12], sequence)
     try:
         components: dict[str, ComponentManifest] = {}
         origin: dict[str, str] = {}
@@ -986,9 +986,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         manifest.save(os.path.join(staging, MANIFEST_NAME))
         storage.fsync_dir(staging)
-        storage.commit_directory(staging, final, overwrite=False)
+        folder.commit_directory(staging, final, overwrite=False)
     except BaseException:
-        storage.discard_staging(staging)
+        folder.discard_staging(staging)
         raise
     total = sum(c.size_bytes for c in components.values())
     print(f"converted {_short(src)} -> {_short(final)}: {len(components)} components, "

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, overload
 
-from . import loading, saving, series, storage, validation
+from . import folder, loading, saving, series, validation
 from .asyncsave import AsyncSaves
 from .components import StateComponent
 from .handle import SaveHandle
@@ -207,7 +207,7 @@ class CheckpointCoordinator:
                                    validate, overwrite, started)
         except BaseException:
             if self.rank == 0:
-                storage.discard_staging(plan.staging)
+                folder.discard_staging(plan.staging)
             raise
         return plan.path
 

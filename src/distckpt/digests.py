@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
 from .codec import encode_leaf, tensor_bytes
 from .components import ValidationLevel
+from .hashing import new_hasher
 
 __all__ = [
     "STRUCTURE",
@@ -106,7 +106,8 @@ def _prefix(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
 
 def _tensor_digest(t: torch.Tensor, level: ValidationLevel) -> str:
     """Digest of dtype, shape and bytes (QUICK: of a sample of values when over 1 MiB)."""
-    h = xxhash.xxh3_64(_prefix(t.dtype, tuple(t.shape)))
+    h = new_hasher("xxh3-64")
+    h.update(_prefix(t.dtype, tuple(t.shape)))
     sample = level is ValidationLevel.QUICK and t.numel() * t.element_size() > _QUICK_WHOLE_BYTES
     if not sample and t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
         h.update(tensor_bytes(t))  # the common case: no copy, no conversion
@@ -123,7 +124,8 @@ def _tensor_digest(t: torch.Tensor, level: ValidationLevel) -> str:
 
 def _leaf_digest(leaf: Any, path: str) -> str:
     node = encode_leaf(leaf, path)
-    h = xxhash.xxh3_64(json.dumps(node, sort_keys=True).encode())
+    h = new_hasher("xxh3-64")
+    h.update(json.dumps(node, sort_keys=True).encode())
     if isinstance(leaf, np.ndarray):
         h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()
@@ -141,7 +143,7 @@ def digest_state(state: Any, level: ValidationLevel | str) -> dict[str, str]:
     :class:`~distckpt.errors.SerializationError` for unsupported leaves.
     """
     level = ValidationLevel.coerce(level)
-    structure = xxhash.xxh3_64()
+    structure = new_hasher("xxh3-64")
     out: dict[str, str] = {}
     for path, kind, leaf in iter_leaves(state):
         if kind == "tensor":

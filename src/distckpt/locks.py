@@ -18,26 +18,26 @@ byte-range locks, which need a writable file) the folder lock falls back to a
 lock file in the folder. Where it cannot lock at all, liveness is "unknown"
 and nothing is removed.
 
-Nothing here is collective; storage and the coordinator's rank 0 call it.
+Nothing here is collective; the folder's staging and commit
+(:mod:`distckpt.folder`) and the series' rank 0 call it. It reaches the disk
+only through :mod:`distckpt.storage`'s primitives (descriptors, ``flock``,
+``renameat2``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import json
 import logging
 import os
 import socket
-import stat
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
+from . import storage
 from .errors import CheckpointBusyError
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
     "Owner",
     "claim",
     "folder_lock",
-    "open_regular_fd",
+    "owns",
     "probe",
     "release",
     "rename_exchange",
@@ -60,83 +60,18 @@ OWNER_FILE = ".distckpt-owner.lock"
 #: The folder lock file, only where the folder itself cannot be locked.
 FOLDER_LOCK_FILE = ".distckpt.lock"
 _OWNER_MAX_BYTES = 4096
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-#: errno values meaning "this file system cannot flock this", not "someone holds it".
-_UNSUPPORTED = {errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)}
 
 
-def open_regular_fd(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
-    """Open ``path`` without following a symlink and without blocking, and only if it is a regular file.
-
-    ``O_NONBLOCK`` makes opening a FIFO return at once (instead of waiting for
-    a writer forever); the ``fstat`` then refuses it. Raises ``OSError``:
-    ``ELOOP`` for a symlink, ``ENOENT`` when missing, ``EINVAL`` for anything
-    that is not a regular file (FIFO, socket, device, directory). The returned
-    descriptor is blocking again. Callers: every read of a checkpoint file.
-    """
-    fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK, mode)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        if _O_NONBLOCK:
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-# ------------------------------------------------------------------ renameat2
-
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-_renameat2_fn: Any = None
-_renameat2_loaded = False
-
-
-def _load_renameat2() -> Any:
-    global _renameat2_fn, _renameat2_loaded
-    if not _renameat2_loaded:
-        _renameat2_loaded = True
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)  # the running process's symbols, libc's included
-            fn = libc.renameat2
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _renameat2_fn = fn
-        except (OSError, AttributeError):  # not Linux, or a libc older than glibc 2.28
-            _renameat2_fn = None
-    return _renameat2_fn
-
-
-def _renameat2(old: str, new: str, flags: int) -> bool:
-    """``renameat2(old, new, flags)``: True when done; False when the OS or file system lacks it.
-
-    Any other failure raises ``OSError`` (``EEXIST`` for a taken name with ``RENAME_NOREPLACE``).
-    """
-    fn = _load_renameat2()
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL) or err in _UNSUPPORTED:
-        return False
-    raise OSError(err, os.strerror(err), old, None, new)
-
+# ------------------------------------------------------------------ atomic renames (storage's renameat2)
 
 def rename_exchange(a: str, b: str) -> bool:
     """Swap two existing paths in one step (Linux ``RENAME_EXCHANGE``); False where unsupported."""
-    return _renameat2(a, b, _RENAME_EXCHANGE)
+    return storage.rename_exchange(a, b)
 
 
 def rename_noreplace(old: str, new: str) -> bool:
     """Rename only if ``new`` does not exist (``RENAME_NOREPLACE``); False where unsupported."""
-    return _renameat2(old, new, _RENAME_NOREPLACE)
+    return storage.rename_noreplace(old, new)
 
 
 # ---------------------------------------------------------------- folder lock
@@ -155,23 +90,10 @@ _FOLDERS_GUARD = threading.Lock()
 _WARNED: set[str] = set()
 
 
-def _try_flock(fd: int) -> bool | None:
-    """True: locked; False: someone else holds it; None: this file system cannot lock it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in _UNSUPPORTED:
-            return None
-        raise
-    return True
-
-
 def _flock_until(fd: int, deadline: float) -> bool | None:
     delay = 0.002
     while True:
-        got = _try_flock(fd)
+        got = storage.try_flock(fd)
         if got is not False or time.monotonic() >= deadline:
             return got
         time.sleep(delay)
@@ -180,21 +102,21 @@ def _flock_until(fd: int, deadline: float) -> bool | None:
 
 def _lock_folder_fd(parent: str, deadline: float) -> int:
     """An open descriptor holding the exclusive folder lock (-1 where nothing can lock)."""
-    fd = os.open(parent, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+    fd = storage.open_dir_fd(parent)
     got = _flock_until(fd, deadline)
     if got is None:  # the directory cannot be flock'ed here: a lock file can
-        os.close(fd)
-        fd = open_regular_fd(os.path.join(parent, FOLDER_LOCK_FILE), os.O_RDWR | os.O_CREAT)
+        storage.close_fd(fd)
+        fd = storage.open_lock_file(os.path.join(parent, FOLDER_LOCK_FILE), create=True)
         got = _flock_until(fd, deadline)
     if got is None:
-        os.close(fd)
+        storage.close_fd(fd)
         if parent not in _WARNED:  # once per folder, not once per save
             _WARNED.add(parent)
             log.warning("distckpt: %s cannot be locked on this file system; concurrent saves into it "
                         "are not protected and leftover staging directories are kept", parent)
         return -1
     if not got:
-        os.close(fd)
+        storage.close_fd(fd)
         raise CheckpointBusyError(
             f"{parent}: another process held this checkpoints folder's lock for longer than allowed; "
             "is a save of another job stuck there?"
@@ -209,8 +131,7 @@ def folder_lock(parent: str, wait_s: float = 30.0) -> Iterator[None]:
     Waits up to ``wait_s`` seconds, then raises :class:`CheckpointBusyError`
     (``wait_s=0``: one try). Re-entrant within the holding thread.
     """
-    st = os.lstat(parent)
-    key = (st.st_dev, st.st_ino)
+    key = storage.file_identity(parent)
     with _FOLDERS_GUARD:
         held = _FOLDERS.setdefault(key, _Held())
     deadline = time.monotonic() + max(0.0, wait_s)
@@ -226,7 +147,7 @@ def folder_lock(parent: str, wait_s: float = 30.0) -> Iterator[None]:
         finally:
             held.depth -= 1
             if held.depth == 0 and held.fd >= 0:
-                os.close(held.fd)
+                storage.close_fd(held.fd)
                 held.fd = -1
     finally:
         held.thread_lock.release()
@@ -256,15 +177,14 @@ def claim(staging: str, sequence: int) -> None:
 
     Called by the process that created ``staging``, under the folder lock.
     """
-    fd = os.open(os.path.join(staging, OWNER_FILE),
-                 os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+    fd = storage.create_exclusive_fd(os.path.join(staging, OWNER_FILE))
     try:
-        if _try_flock(fd) is False:
+        if storage.try_flock(fd) is False:
             raise OSError(errno.EAGAIN, "owner lock of a fresh staging directory is taken", staging)
         info = {"sequence": sequence, "host": socket.gethostname(), "pid": os.getpid()}
-        os.write(fd, json.dumps(info).encode())
+        storage.write_all(fd, json.dumps(info).encode())
     except BaseException:
-        os.close(fd)
+        storage.close_fd(fd)
         raise
     with _OWNED_GUARD:
         _OWNED[os.path.abspath(staging)] = fd
@@ -275,7 +195,7 @@ def release(staging: str) -> None:
     with _OWNED_GUARD:
         fd = _OWNED.pop(os.path.abspath(staging), -1)
     if fd >= 0:
-        os.close(fd)
+        storage.close_fd(fd)
 
 
 def owns(staging: str) -> bool:
@@ -295,30 +215,30 @@ def probe(staging: str) -> Owner:
     if owns(staging):
         return _owner_info(staging, "live")
     try:
-        fd = open_regular_fd(os.path.join(staging, OWNER_FILE), os.O_RDWR)
+        fd = storage.open_lock_file(os.path.join(staging, OWNER_FILE))
     except FileNotFoundError:
         return Owner("stale", 0, "")
     except OSError:
         return Owner("unknown", 0, "")
     try:
-        got = _try_flock(fd)
+        got = storage.try_flock(fd)
         state = "stale" if got else "live" if got is False else "unknown"
         return _owner_info(staging, state, fd)
     finally:
-        os.close(fd)
+        storage.close_fd(fd)
 
 
 def _owner_info(staging: str, state: str, fd: int = -1) -> Owner:
     raw = b""
     with contextlib.suppress(OSError):
         if fd < 0:
-            opened = open_regular_fd(os.path.join(staging, OWNER_FILE))
+            opened = storage.open_regular_fd(os.path.join(staging, OWNER_FILE))
             try:
-                raw = os.pread(opened, _OWNER_MAX_BYTES, 0)
+                raw = storage.read_at(opened, _OWNER_MAX_BYTES, 0)
             finally:
-                os.close(opened)
+                storage.close_fd(opened)
         else:
-            raw = os.pread(fd, _OWNER_MAX_BYTES, 0)
+            raw = storage.read_at(fd, _OWNER_MAX_BYTES, 0)
     try:
         info = json.loads(raw.decode())
         sequence = info["sequence"] if type(info.get("sequence")) is int else 0

@@ -5,13 +5,20 @@ belongs to, its writer, its size and its checksum. Parsing is strict (UTF-8,
 no duplicate keys, bounded size, known major version) and raises
 :class:`ManifestError` naming the source. Fields this version does not know,
 written by a newer minor version, are kept in ``extra`` and written back.
+
+Pure: the schema and its JSON, no I/O. :meth:`CheckpointManifest.load` and
+:meth:`CheckpointManifest.save` reach the disk through the two functions
+:mod:`distckpt.storage` binds here when it is imported (:func:`bind_files`;
+importing ``distckpt`` imports it), so this module imports nothing that
+touches the file system. Called by the save phases (building and writing the
+manifest), the load phases and the series (reading it), and the CLI.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +35,7 @@ __all__ = [
     "CheckpointManifest",
     "ComponentManifest",
     "FileEntry",
+    "bind_files",
 ]
 
 FORMAT_NAME = "distckpt"
@@ -46,6 +54,30 @@ _TOP_FIELDS = (
     "format", "format_version", "checkpoint_id", "sequence", "world_size", "timestamp",
     "library_version", "pytorch_version", "topology", "components",
 )
+
+
+#: How :meth:`CheckpointManifest.load` and :meth:`~CheckpointManifest.save` reach the disk; set by
+#: :func:`bind_files` (storage). read(path) -> (bytes, manifest file path); write(path, bytes).
+_read_file: Callable[[str], tuple[bytes, str]] | None = None
+_write_file: Callable[[str, bytes], None] | None = None
+
+
+def bind_files(read: Callable[[str], tuple[bytes, str]], write: Callable[[str, bytes], None]) -> None:
+    """Give manifests their file I/O. Called once, by :mod:`distckpt.storage` when it is imported.
+
+    ``read(path)`` returns the bytes of the manifest of ``path`` (a checkpoint
+    directory or a manifest file) and the file's path, raising
+    :class:`ManifestError` naming it; ``write(path, data)`` writes manifest
+    bytes atomically into ``path`` (a directory or a file path).
+    """
+    global _read_file, _write_file
+    _read_file, _write_file = read, write
+
+
+def _bound() -> tuple[Callable[[str], tuple[bytes, str]], Callable[[str, bytes], None]]:
+    if _read_file is None or _write_file is None:
+        raise RuntimeError("manifest file I/O is not bound: import distckpt (or distckpt.storage) first")
+    return _read_file, _write_file
 
 
 def _need(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -363,23 +395,15 @@ class CheckpointManifest:
             raise ManifestError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically to ``path`` (a checkpoint directory or a file path)."""
-        from .storage import atomic_write_bytes
-
-        target = os.fspath(path)
-        if os.path.isdir(target):
-            target = os.path.join(target, MANIFEST_NAME)
-        atomic_write_bytes(target, self.to_json().encode("utf-8"))
+        """Write atomically to ``path`` (a checkpoint directory or a file path), through storage."""
+        _bound()[1](os.fspath(path), self.to_json().encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CheckpointManifest:
-        """Read from a checkpoint directory or a manifest file; :class:`ManifestError` on any problem."""
-        from .storage import read_manifest_bytes
-
-        target = os.fspath(path)
-        if os.path.isdir(target):
-            target = os.path.join(target, MANIFEST_NAME)
-        return cls.from_json(read_manifest_bytes(target), where=target)
+        """Read from a checkpoint directory or a manifest file, through storage;
+        :class:`ManifestError` on any problem."""
+        data, where = _bound()[0](os.fspath(path))
+        return cls.from_json(data, where=where)
 
 
 def _check_parts(files: tuple[FileEntry, ...], where: str) -> None:

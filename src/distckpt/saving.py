@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import storage
+from . import folder, storage
 from .codec import encode, state_nbytes
 from .collectives import Comm, announce, exchange
 from .components import StateComponent
@@ -103,7 +103,7 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[[], 
         plans = _plan_files(comm, components, topology, reports, min_part_bytes)
     except BaseException:
         if "decision" in mine:
-            storage.discard_staging(mine["decision"]["staging"])
+            folder.discard_staging(mine["decision"]["staging"])
         raise
     return SavePlan(topology=topology, components=plans, **decision)
 
@@ -205,7 +205,7 @@ def commit(comm: Comm, plan: SavePlan, manifest: CheckpointManifest, *, overwrit
             storage.fsync_dir(plan.staging)
 
     def publish() -> None:  # rank 0 only
-        storage.commit_directory(plan.staging, plan.path, overwrite, wait_s)
+        folder.commit_directory(plan.staging, plan.path, overwrite, wait_s)
         retain(plan.path)
 
     exchange(comm, "commit", prepare)

@@ -1,4 +1,4 @@
-"""Storage: the only module that writes to disk.
+"""Storage: the only module that touches the file system.
 
 Every write lands first in a staging directory or a temporary file beside its
 final name, is hashed while written, fsynced, and made visible by a rename
@@ -7,14 +7,25 @@ anything but regular files (a FIFO never blocks), and verify size and checksum
 before anything is parsed. A folder of checkpoints is shared safely between
 saves, of one job or several: naming, commit and cleanup run under the folder
 lock, and a staging directory is removed only once its owner is gone
-(:mod:`distckpt.series`, :mod:`distckpt.locks`: this layer's other modules).
-Nothing here is collective; the coordinator decides which rank calls what.
+(:mod:`distckpt.folder`, :mod:`distckpt.locks`; both reach the disk only
+through the primitives at the end of this module, which is the one place that
+knows POSIX details: the seam a second backend would plug into).
+Nothing here is collective; the save and load phases decide which rank calls what.
+
+Called by: the save phases (:mod:`distckpt.saving`: component files, fsyncs),
+the load phases (:mod:`distckpt.loading`, :mod:`distckpt.reading`: verified
+reads), :mod:`distckpt.folder`, :mod:`distckpt.locks` and
+:mod:`distckpt.series` (the folder of checkpoints), the CLI, and
+:class:`~distckpt.manifest.CheckpointManifest` (``load``/``save``, bound here:
+:func:`read_manifest_file`, :func:`write_manifest_file`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
 import logging
 import os
 import queue
@@ -23,12 +34,11 @@ import stat
 import threading
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import locks
+from . import manifest as _manifest
 from .errors import IntegrityError, ManifestError
 from .hashing import (
     CHECKSUM_ALGORITHM,
@@ -38,38 +48,53 @@ from .hashing import (
     new_hasher,
 )
 from .layout import check_relpath
-from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
-    "CheckpointEntry",
     "PipelinedHasher",
     "VerifiedReader",
     "atomic_write_bytes",
     "checksum_of",
     "checksum_of_chunks",
-    "clean_stale",
-    "commit_directory",
-    "create_staging",
-    "discard_staging",
-    "first_free",
-    "folder_lock",
+    "close_fd",
+    "create_exclusive_fd",
+    "entry_exists",
+    "file_identity",
     "fsync_dir",
-    "list_checkpoints",
-    "live_saves",
+    "is_dir",
+    "is_link",
+    "is_real_dir",
+    "list_names",
     "make_component_dir",
+    "make_dir",
+    "make_dirs",
+    "manifest_file",
     "new_hasher",
+    "open_dir_fd",
+    "open_lock_file",
+    "open_regular_fd",
     "open_regular_file",
-    "prepare_folder",
+    "read_at",
     "read_manifest_bytes",
+    "read_manifest_file",
     "read_verified",
+    "regular_file_size",
     "remove_checkpoint",
+    "remove_entry",
+    "remove_file",
+    "remove_tree",
+    "rename",
+    "rename_exchange",
+    "rename_noreplace",
     "require_real_dir",
-    "restore_stranded",
     "safe_join",
     "staging_prefix",
+    "try_flock",
     "unlisted_files",
+    "write_all",
     "write_file",
+    "write_manifest_file",
 ]
 
 log = logging.getLogger("distckpt")
@@ -285,11 +310,11 @@ def _open_regular(path: str, what: str) -> int:
     """Open a checkpoint file for reading: never a symlink, never anything but a regular file.
 
     A FIFO, socket or device is refused without blocking (see
-    :func:`~distckpt.locks.open_regular_fd`). Raises :class:`IntegrityError`
+    :func:`open_regular_fd`). Raises :class:`IntegrityError`
     naming ``path``; other ``OSError`` propagate.
     """
     try:
-        return locks.open_regular_fd(path)
+        return open_regular_fd(path)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: {what} is missing") from None
     except OSError as exc:
@@ -306,7 +331,7 @@ def open_regular_file(path: str) -> int:
     Raises ``OSError``: ``ENOENT`` missing, ``ELOOP`` symlink, ``EINVAL`` not a
     regular file (a FIFO never blocks the caller).
     """
-    return locks.open_regular_fd(path)
+    return open_regular_fd(path)
 
 
 class VerifiedReader:
@@ -497,19 +522,6 @@ def remove_checkpoint(path: str) -> None:
     shutil.rmtree(trash)
 
 
-@dataclass(frozen=True)
-class CheckpointEntry:
-    """A directory under a checkpoints folder: committed (with manifest) or not (with why)."""
-
-    path: str
-    manifest: CheckpointManifest | None
-    problem: str | None
-
-    @property
-    def committed(self) -> bool:
-        return self.manifest is not None
-
-
 def unlisted_files(root: str, listed: Iterable[str]) -> list[str]:
     """Entries under a checkpoint directory that its manifest does not list (relative paths).
 
@@ -529,52 +541,230 @@ def unlisted_files(root: str, listed: Iterable[str]) -> list[str]:
     return extra
 
 
-def list_checkpoints(parent: str, include_hidden: bool = False, restore: bool = True) -> list[CheckpointEntry]:
-    """Every checkpoint directory in ``parent``, committed ones ordered oldest to newest.
+# ------------------------------------------------------------------------------------------------
+# File-system primitives for the rest of the library.
+#
+# Every other module of distckpt (the folder's staging and commit, the locks, the series, the load
+# phases, the manifest's load and save) reaches the disk through these functions, so that this
+# module alone knows POSIX details (flags, flock, renameat2, errno values). Nothing here is
+# collective; none of it is on the hot path of writing or reading checkpoint data.
+# ------------------------------------------------------------------------------------------------
 
-    Order is by manifest ``sequence``, then timestamp, then name: never by
-    mtime. Directories without a readable manifest come first, with the reason.
-    Staging and trash directories are skipped unless ``include_hidden``.
-    ``restore`` first puts back an old checkpoint stranded by an interrupted
-    overwrite (:func:`restore_stranded`), so it is found under its name.
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+#: errno values meaning "this file system cannot do this" (flock, renameat2), not "someone holds it".
+_UNSUPPORTED = {errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)}
+
+
+def open_regular_fd(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """Open ``path`` without following a symlink and without blocking, and only if it is a regular file.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once (instead of waiting for
+    a writer forever); the ``fstat`` then refuses it. Raises ``OSError``:
+    ``ELOOP`` for a symlink, ``ENOENT`` when missing, ``EINVAL`` for anything
+    that is not a regular file (FIFO, socket, device, directory). The returned
+    descriptor is blocking again. Callers: every read of a checkpoint file, the locks.
     """
-    if not os.path.isdir(parent):
-        return []
-    if restore:
-        restore_stranded(parent)  # bound at the end of this module (from .series)
-    broken: list[CheckpointEntry] = []
-    good: list[CheckpointEntry] = []
-    for name in sorted(os.listdir(parent)):
-        path = os.path.join(parent, name)
-        if name.startswith(".") and not include_hidden:
-            continue
-        if os.path.islink(path):
-            broken.append(CheckpointEntry(path, None, "is a symlink"))
-            continue
-        if not os.path.isdir(path):
-            continue
-        if name.startswith("."):
-            broken.append(CheckpointEntry(path, None, "staging or trash directory (incomplete)"))
-            continue
+    fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_lock_file(path: str, create: bool = False) -> int:
+    """Open a lock file for reading and writing (``flock`` needs that on NFS); regular files only,
+    never through a symlink, never blocking (see :func:`open_regular_fd`)."""
+    return open_regular_fd(path, os.O_RDWR | (os.O_CREAT if create else 0))
+
+
+def create_exclusive_fd(path: str) -> int:
+    """Create ``path`` (never an existing one, never through a symlink) open for reading and writing."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+
+
+def open_dir_fd(path: str) -> int:
+    """A read-only descriptor of the directory ``path`` (never through a symlink), e.g. to flock it."""
+    return os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+
+
+def close_fd(fd: int) -> None:
+    os.close(fd)
+
+
+def read_at(fd: int, size: int, offset: int = 0) -> bytes:
+    """Up to ``size`` bytes of ``fd`` from ``offset`` (the file position is unchanged)."""
+    return os.pread(fd, size, offset)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at ``fd``'s position."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def try_flock(fd: int) -> bool | None:
+    """Exclusive ``flock`` without waiting: True locked; False someone else holds it; None this
+    file system cannot lock it (NFS directories, some FUSE mounts). Other errors raise ``OSError``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            return None
+        raise
+    return True
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    """``(device, inode)`` of ``path`` itself (a symlink is not followed)."""
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def entry_exists(path: str) -> bool:
+    """Whether anything (a dangling symlink included) has this name."""
+    return os.path.lexists(path)
+
+
+def is_link(path: str) -> bool:
+    return os.path.islink(path)
+
+
+def is_dir(path: str) -> bool:
+    """Whether ``path`` is a directory (following a symlink; see :func:`is_real_dir`)."""
+    return os.path.isdir(path)
+
+
+def is_real_dir(path: str) -> bool:
+    """Whether ``path`` is a directory and not a symlink to one."""
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def regular_file_size(path: str) -> int | None:
+    """The size of ``path`` if it is a regular file (not through a symlink), else ``None``.
+    A missing file raises ``FileNotFoundError``."""
+    st = os.lstat(path)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def list_names(path: str) -> list[str]:
+    """The names in directory ``path``, sorted. Raises ``OSError`` (missing, not a directory)."""
+    return sorted(os.listdir(path))
+
+
+def make_dir(path: str) -> None:
+    """Create one directory (its parent must exist); an existing one raises ``FileExistsError``."""
+    os.mkdir(path, 0o755)
+
+
+def make_dirs(path: str) -> None:
+    """Create a directory and its parents; an existing directory is fine."""
+    os.makedirs(path, exist_ok=True)
+
+
+def rename(old: str, new: str) -> None:
+    """``rename(2)``: atomic within one file system; replaces an existing file or empty directory."""
+    os.rename(old, new)
+
+
+def remove_file(path: str, missing_ok: bool = False) -> None:
+    """Unlink a file or symlink."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def remove_tree(path: str, ignore_errors: bool = False) -> None:
+    """Delete a directory tree (symlinks inside are removed, never followed)."""
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def remove_entry(path: str) -> None:
+    """Delete a file, link or tree; one that is already gone (another cleaner) is fine."""
+    try:
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2_fn: Any = None
+_renameat2_loaded = False
+
+
+def _load_renameat2() -> Any:
+    global _renameat2_fn, _renameat2_loaded
+    if not _renameat2_loaded:
+        _renameat2_loaded = True
         try:
-            good.append(CheckpointEntry(path, CheckpointManifest.load(os.path.join(path, MANIFEST_NAME)), None))
-        except ManifestError as exc:
-            broken.append(CheckpointEntry(path, None, str(exc)))
-        except Exception as exc:  # any reason at all: one bad directory never blocks "latest" or a save
-            broken.append(CheckpointEntry(path, None, f"unreadable manifest ({type(exc).__name__}: {exc})"[:500]))
-    good.sort(key=lambda e: (e.manifest.sequence, e.manifest.timestamp, e.path) if e.manifest else (0, "", e.path))
-    return broken + good
+            libc = ctypes.CDLL(None, use_errno=True)  # the running process's symbols, libc's included
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2_fn = fn
+        except (OSError, AttributeError):  # not Linux, or a libc older than glibc 2.28
+            _renameat2_fn = None
+    return _renameat2_fn
 
 
-# The folder's staging, commit and cleanup live in .series (part of this layer); callers use them from here.
-from .series import (  # noqa: E402
-    clean_stale,
-    commit_directory,
-    create_staging,
-    discard_staging,
-    first_free,
-    folder_lock,
-    live_saves,
-    prepare_folder,
-    restore_stranded,
-)
+def _renameat2(old: str, new: str, flags: int) -> bool:
+    """``renameat2(old, new, flags)``: True when done; False when the OS or file system lacks it.
+
+    Any other failure raises ``OSError`` (``EEXIST`` for a taken name with ``RENAME_NOREPLACE``).
+    """
+    fn = _load_renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL) or err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), old, None, new)
+
+
+def rename_exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one step (Linux ``RENAME_EXCHANGE``); False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_noreplace(old: str, new: str) -> bool:
+    """Rename only if ``new`` does not exist (``RENAME_NOREPLACE``); False where unsupported."""
+    return _renameat2(old, new, _RENAME_NOREPLACE)
+
+
+def manifest_file(path: str) -> str:
+    """The manifest file of ``path``: ``<path>/manifest.json`` for a directory, else ``path`` itself."""
+    return os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
+
+
+def read_manifest_file(path: str) -> tuple[bytes, str]:
+    """Bytes of the manifest of ``path`` (a checkpoint directory or a manifest file) and the file's
+    path; :class:`ManifestError` naming it if missing, a symlink or too large. Bound to
+    :meth:`CheckpointManifest.load`."""
+    target = manifest_file(path)
+    return read_manifest_bytes(target), target
+
+
+def write_manifest_file(path: str, data: bytes) -> None:
+    """Write manifest bytes atomically into ``path`` (a checkpoint directory or a file path).
+    Bound to :meth:`CheckpointManifest.save`."""
+    atomic_write_bytes(manifest_file(path), data)
+
+
+_manifest.bind_files(read_manifest_file, write_manifest_file)

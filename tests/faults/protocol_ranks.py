@@ -150,17 +150,17 @@ def interrupt(ctx: Any, ex: Example, out: str, victim: int, phase: str) -> dict[
             raise KeyboardInterrupt
 
     coordinator = _coordinator(ctx, ex, out, _boxes(ex, ctx.rank), phase_hook=hook, timeout=TIMEOUT)
-    from distckpt import storage
+    from distckpt import folder
 
-    real = storage.commit_directory
+    real = folder.commit_directory
     if phase == "publish" and ctx.rank == victim:  # rank 0 alone publishes the commit (an announce)
         def interrupted(*args: Any, **kwargs: Any) -> None:
             raise KeyboardInterrupt
-        storage.commit_directory = interrupted
+        folder.commit_directory = interrupted
     started = time.monotonic()
     try:
         return {"rank": ctx.rank, **_outcome(coordinator.save_checkpoint)}
     except KeyboardInterrupt:
         return {"rank": ctx.rank, "interrupted": True, "elapsed": time.monotonic() - started}
     finally:
-        storage.commit_directory = real  # the rank process serves later worlds
+        folder.commit_directory = real  # the rank process serves later worlds

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from distckpt import storage
+from distckpt import series
 from tests.faults import scenario
 from tests.property import worlds
 
@@ -101,7 +101,7 @@ def fifo(out: str) -> Any:
     saved = worlds.save(EX, out, 3, async_save=False)
     explicit = worlds.load(EX, out, path=os.path.join(out, "checkpoints", "checkpoint-fifo"))
     listed = [(os.path.basename(e.path), e.problem)
-              for e in storage.list_checkpoints(os.path.join(out, "checkpoints"))]
+              for e in series.list_checkpoints(os.path.join(out, "checkpoints"))]
     return {
         "latest": _outcome([r if isinstance(r, BaseException) else r[0].path for r in latest]),
         "saved": _outcome(saved),

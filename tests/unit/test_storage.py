@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distckpt import CheckpointExistsError, IntegrityError, ManifestError, storage
+from distckpt import CheckpointExistsError, IntegrityError, ManifestError, folder, series, storage
 
 
 def test_write_file_hashes_what_it_writes(tmp_path: Path) -> None:
@@ -50,12 +50,12 @@ def test_commit_refuses_to_replace_a_checkpoint_unless_asked(tmp_path: Path) -> 
     final = tmp_path / "checkpoint-1"
     final.mkdir()
     (final / "old").write_text("old")
-    staging = storage.create_staging(str(final), "n1")
+    staging = folder.create_staging(str(final), "n1")
     (Path(staging) / "new").write_text("new")
     with pytest.raises(CheckpointExistsError):
-        storage.commit_directory(staging, str(final), overwrite=False)
+        folder.commit_directory(staging, str(final), overwrite=False)
     assert (final / "old").exists()
-    storage.commit_directory(staging, str(final), overwrite=True)
+    folder.commit_directory(staging, str(final), overwrite=True)
     assert (final / "new").exists() and not (final / "old").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
 
@@ -65,7 +65,7 @@ def test_clean_stale_removes_staging_and_trash_but_nothing_else(tmp_path: Path) 
     (tmp_path / ".checkpoint-2.trash-def").mkdir()
     (tmp_path / "checkpoint-1").mkdir()
     (tmp_path / ".hidden-user-file").write_text("keep")
-    removed = storage.clean_stale(str(tmp_path))
+    removed = folder.clean_stale(str(tmp_path))
     assert len(removed) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-user-file", "checkpoint-1"]
 
@@ -74,7 +74,7 @@ def test_listing_reports_broken_directories_with_their_reason(tmp_path: Path) ->
     (tmp_path / "checkpoint-9").mkdir()
     (tmp_path / "checkpoint-8").mkdir()
     (tmp_path / "checkpoint-8" / "manifest.json").write_text("{")
-    entries = storage.list_checkpoints(str(tmp_path))
+    entries = series.list_checkpoints(str(tmp_path))
     assert [e.committed for e in entries] == [False, False]
     assert all(e.problem for e in entries)
 
