@@ -26,7 +26,7 @@ and ``verify``) does not load torch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 __version__ = "0.1.0"
 
@@ -55,7 +55,7 @@ from .report import LoadReport
 from .topology import Topology
 from .verification import VerificationProblem, VerificationReport, verify_checkpoint
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .comparison import DiffReport, diff_checkpoints
     from .coordinator import CheckpointCoordinator
     from .rng import RNGState
@@ -108,7 +108,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
