@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import typing as _typing
 
-__version__ = "0.1.0"
-
 from .components import StateComponent, Stateful, ValidationLevel
 from .errors import (
     ArgumentMismatchError,
@@ -54,6 +52,7 @@ from .patterns import Pattern, SharingPattern, register_pattern, registered_patt
 from .report import LoadReport
 from .topology import Topology
 from .verification import VerificationProblem, VerificationReport, verify_checkpoint
+from .version import __version__
 
 if _typing.TYPE_CHECKING:
     from .comparison import DiffReport, diff_checkpoints

@@ -77,7 +77,7 @@ def test_verify_checkpoint_raises_for_a_path_that_is_not_a_readable_checkpoint(t
     with pytest.raises(CheckpointNotFoundError, match="no such file"):
         verify_checkpoint(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointNotFoundError, match="no manifest.json"):
+    with pytest.raises(CheckpointNotFoundError, match="not a distckpt checkpoint"):
         verify_checkpoint(tmp_path / "empty")
     (ckpt / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError):
@@ -113,7 +113,7 @@ def test_diff_checkpoints_names_the_changed_entry_and_the_component_on_one_side(
 def test_diff_checkpoints_refuses_a_damaged_copy_with_an_integrity_error(tmp_path: Path, ckpt: Path) -> None:
     other = Path(save(tmp_path / "other", torch.arange(6.0)))
     (other / "model" / "global.safetensors").write_bytes(b"short")
-    with pytest.raises(IntegrityError, match="model/global.safetensors: B's copy is damaged"):
+    with pytest.raises(IntegrityError, match=r"model/global\.safetensors: B's copy is damaged"):
         diff_checkpoints(ckpt, other)
 
 

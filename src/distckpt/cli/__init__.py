@@ -32,8 +32,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from .. import __version__, storage
+from .. import storage
 from ..errors import CheckpointError
+from ..version import __version__
 from . import convert, diff, inspect, ls, verify
 from .arguments import EXIT_BAD_INPUT, EXIT_FOUND, EXIT_OK, CLIError
 

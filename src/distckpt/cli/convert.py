@@ -20,11 +20,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .. import __version__, legacy, storage
+from .. import legacy, storage
 from ..errors import CheckpointError, TopologyMismatchError
 from ..manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
 from ..names import check_name
 from ..topology import Partition, Topology
+from ..version import __version__
 from . import export
 from .arguments import EXIT_OK, CLIError
 from .formatting import human_size, sets_text, short, table
