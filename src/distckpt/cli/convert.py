@@ -36,6 +36,7 @@ log = logging.getLogger("distckpt")
 
 
 def add_parser(sub: Any) -> None:
+    """Register the subcommand and its help on ``sub`` (called by :func:`distckpt.cli.build_parser`)."""
     p = sub.add_parser(
         "convert", help="original-format checkpoint -> distckpt; or --to-torch: one rank's view as a torch file",
         description="convert SRC DST: rewrite a checkpoint of the original implementation (*_state*.pt files) "
@@ -171,6 +172,9 @@ def _checked_name(value: str, field: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Convert (or export, with --to-torch) and print; the exit status. Called by :func:`distckpt.cli.main`, not
+    collective; bad input raises ``CLIError`` (printed, exit status 2).
+    """
     if args.to_torch is not None:
         return export.run(args)
     if len(args.paths) != 2:

@@ -20,6 +20,7 @@ __all__ = ["add_parser", "component_lines", "run"]
 
 
 def add_parser(sub: Any) -> None:
+    """Register the subcommand and its help on ``sub`` (called by :func:`distckpt.cli.build_parser`)."""
     p = sub.add_parser("diff", help="components, entries and tensors that differ between two checkpoints",
                        description="Compare two checkpoints file by file: components, entries and tensors that "
                                    "differ, with the largest absolute difference for tensors. Exit status 1 "
@@ -56,6 +57,9 @@ def component_lines(d: ComponentDiff, limit: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Compare the two checkpoints and print; the exit status. Called by :func:`distckpt.cli.main`, not
+    collective; bad input raises ``CLIError`` (printed, exit status 2).
+    """
     from ..comparison import diff_checkpoints  # imports torch: only this command needs it
 
     pa, _ = load_checkpoint_dir(args.a)  # the CLI's messages for a path that is not a checkpoint

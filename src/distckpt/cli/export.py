@@ -42,6 +42,9 @@ def _clone_tree(obj: Any, found_numpy: list[bool]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Export and print; the exit status. Called by :func:`distckpt.cli.convert.run` for ``--to-torch``;
+    bad input or an unreadable file raises ``CLIError``; ``FILE`` is then left as it was.
+    """
     import torch
 
     from ..reading import read_component

@@ -20,6 +20,7 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any) -> None:
+    """Register the subcommand and its help on ``sub`` (called by :func:`distckpt.cli.build_parser`)."""
     p = sub.add_parser("inspect", help="components, patterns, writers, files and topology of a checkpoint",
                        description="Show what a checkpoint holds: each component's pattern, group, writers, "
                                    "replica sets, files, size and validation, and the topology it was saved with.")
@@ -49,6 +50,9 @@ def _topology_lines(m: CheckpointManifest) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Describe the checkpoint and print; the exit status. Called by :func:`distckpt.cli.main`, not
+    collective; bad input raises ``CLIError`` (printed, exit status 2).
+    """
     if storage.path_info(args.checkpoint).dir \
             and not storage.path_info(os.path.join(args.checkpoint, MANIFEST_NAME)).exists \
             and legacy.is_legacy_checkpoint(args.checkpoint):

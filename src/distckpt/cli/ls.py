@@ -21,6 +21,7 @@ __all__ = ["add_parser", "classify", "run"]
 
 
 def add_parser(sub: Any) -> None:
+    """Register the subcommand and its help on ``sub`` (called by :func:`distckpt.cli.build_parser`)."""
     p = sub.add_parser("ls", help="list checkpoints oldest to newest, marking the latest and broken ones",
                        description="List the checkpoints of an output directory (or of its checkpoints/ "
                                    "folder) oldest to newest, marking the latest committed one and every "
@@ -53,6 +54,9 @@ def classify(entry: storage.CheckpointEntry) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """List the folder and print; the exit status. Called by :func:`distckpt.cli.main`, not
+    collective; bad input raises ``CLIError`` (printed, exit status 2).
+    """
     root: str = args.output_dir
     info = storage.path_info(root)
     if not info.exists:

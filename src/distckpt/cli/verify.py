@@ -18,6 +18,7 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any) -> None:
+    """Register the subcommand and its help on ``sub`` (called by :func:`distckpt.cli.build_parser`)."""
     p = sub.add_parser("verify", help="recompute every size and checksum; exit 0 only if intact",
                        description="Recompute every file's size and checksum and compare them with the "
                                    "manifest; report missing, damaged and unlisted files. Exit status 0 only "
@@ -28,6 +29,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Verify the checkpoint and print; the exit status. Called by :func:`distckpt.cli.main`, not
+    collective; bad input raises ``CLIError`` (printed, exit status 2).
+    """
     path, m = load_checkpoint_dir(args.checkpoint)
     total = sum(c.size_bytes for c in m.components.values())
     progress = Progress(total, sys.stderr, enabled=sys.stderr.isatty() and not args.quiet)
