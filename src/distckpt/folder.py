@@ -109,7 +109,7 @@ def first_free(parent: str, start: int, name_of: Callable[[int], str], taken: se
     Rank 0's default checkpoint id, under the folder lock.
     """
     n = start
-    while name_of(n) in taken or storage.entry_exists(os.path.join(parent, name_of(n))):
+    while name_of(n) in taken or storage.path_info(os.path.join(parent, name_of(n))).exists:
         n += 1
     return n
 
@@ -139,7 +139,8 @@ def clean_stale(parent: str, keep: str | None = None, wait_s: float = _LOCK_WAIT
     is released, so other saves never wait for it. Called by rank 0 at the
     start of every save. ``keep`` is a staging directory that must survive.
     """
-    if not storage.is_real_dir(parent):
+    info = storage.path_info(parent)
+    if not info.dir or info.link:
         return []
     doomed: list[tuple[str, str]] = []  # (name found, name to delete)
     with locks.folder_lock(parent, wait_s):
@@ -173,7 +174,7 @@ def clean_stale(parent: str, keep: str | None = None, wait_s: float = _LOCK_WAIT
 
 def _restore(replaced: str, final: str) -> bool:
     """Put an interrupted overwrite's old checkpoint back under its name, if free and complete."""
-    if storage.entry_exists(final) or storage.is_link(replaced) or not _is_complete(replaced):
+    if storage.path_info(final).exists or storage.path_info(replaced).link or not _is_complete(replaced):
         return False
     storage.rename(replaced, final)
     fsync_dir(os.path.dirname(final))
@@ -190,7 +191,7 @@ def restore_stranded(parent: str) -> None:
     lock (an overwrite may be between its renames) or where the folder is read-only.
     """
     stranded = [n for n in _listdir(parent) if (k := _hidden_kind(n)) and k[0] == _REPLACED
-                and not storage.entry_exists(os.path.join(parent, k[1]))]
+                and not storage.path_info(os.path.join(parent, k[1])).exists]
     if not stranded:
         return
     try:
@@ -222,7 +223,7 @@ def commit_directory(staging: str, final: str, overwrite: bool, wait_s: float = 
         with locks.folder_lock(parent, wait_s):
             require_real_dir(staging, "staging directory")
             storage.remove_file(os.path.join(staging, locks.OWNER_FILE), missing_ok=True)
-            if not storage.entry_exists(final):
+            if not storage.path_info(final).exists:
                 _rename_new(staging, final)
             elif not overwrite:
                 raise _exists(final)
@@ -262,7 +263,4 @@ def _rename_new(staging: str, final: str) -> None:
 
 
 def _listdir(path: str) -> list[str]:
-    try:
-        return storage.list_names(path)
-    except OSError:
-        return []
+    return storage.list_names(path)  # [] when it cannot be listed

@@ -80,7 +80,7 @@ def resolve(
     def look() -> tuple[str, dict[str, Any] | None, list[str]]:  # rank 0 only
         path = locate()
         manifest_file = os.path.join(path, MANIFEST_NAME)
-        if not storage.entry_exists(manifest_file) and is_legacy_checkpoint(path):
+        if not storage.path_info(manifest_file).exists and is_legacy_checkpoint(path):
             return path, None, []
         manifest = CheckpointManifest.load(manifest_file)
         listed = [f.path for c in manifest.components.values() for f in c.files]
@@ -112,9 +112,9 @@ def find(checkpoint_path: Any, checkpoints_dir: str, latest: Callable[[], str | 
             )
         return newest
     path: str = os.path.abspath(os.fspath(checkpoint_path))
-    if storage.is_link(path):
+    if storage.path_info(path).link:
         raise CheckpointNotFoundError(f"{path}: checkpoint directory is a symlink; refusing to follow it")
-    if not storage.is_dir(path):
+    if not storage.path_info(path).dir:
         raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
     return path
 

@@ -58,20 +58,21 @@ def list_checkpoints(parent: str, include_hidden: bool = False, restore: bool = 
     ``restore`` first puts back an old checkpoint stranded by an interrupted
     overwrite (:func:`restore_stranded`), so it is found under its name.
     """
-    if not storage.is_dir(parent):
+    if not storage.path_info(parent).dir:
         return []
     if restore:
         folder.restore_stranded(parent)
     broken: list[CheckpointEntry] = []
     good: list[CheckpointEntry] = []
-    for name in storage.list_names(parent):
+    for name in storage.list_dir(parent):
         path = os.path.join(parent, name)
         if name.startswith(".") and not include_hidden:
             continue
-        if storage.is_link(path):
+        info = storage.path_info(path)
+        if info.link:
             broken.append(CheckpointEntry(path, None, "is a symlink"))
             continue
-        if not storage.is_dir(path):
+        if not info.dir:
             continue
         if name.startswith("."):
             broken.append(CheckpointEntry(path, None, "staging or trash directory (incomplete)"))
@@ -140,7 +141,7 @@ def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, ove
                 f"{final}: another save ({owner.holder}) is writing this checkpoint right now; "
                 "pass another checkpoint_id or wait for it"
             )
-        if storage.entry_exists(final) and not overwrite:
+        if storage.path_info(final).exists and not overwrite:
             raise CheckpointExistsError(
                 f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
             )
