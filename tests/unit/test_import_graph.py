@@ -197,3 +197,27 @@ def test_every_module_imports_alone_in_an_interpreter_that_has_loaded_no_distckp
     failed = {name: outcome for name, outcome in results.items() if outcome != "ok"}
     assert not failed, failed
     assert sorted(results) == names
+
+
+#: File-system calls and modules that only ``storage`` uses (issue 13 item 6).
+FILE_SYSTEM_CALLS = FORBIDDEN_CALLS | {"os.fdopen", "os.pread", "os.pwrite", "os.readv", "os.writev",
+                                       "os.set_blocking", "os.dup2", "os.chmod", "os.utime", "os.path.getmtime"}
+FILE_SYSTEM_MODULES = {"shutil", "fcntl", "ctypes"}
+#: distckpt.testing's kit reads checkpoints with plain ``open`` on purpose: it checks the library independently.
+OUTSIDE_THE_LIBRARY = ("distckpt.testing",)
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m != "distckpt.storage"
+                                        and not m.startswith(OUTSIDE_THE_LIBRARY)))
+def test_only_storage_touches_the_file_system(name: str) -> None:
+    tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name in FILE_SYSTEM_MODULES]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module in FILE_SYSTEM_MODULES:
+            found.append(str(node.module))
+        elif isinstance(node, ast.Call) and (_dotted(node.func) in FILE_SYSTEM_CALLS
+                                             or _dotted(node.func).split(".")[0] in FILE_SYSTEM_MODULES):
+            found.append(f"{_dotted(node.func)}() at line {node.lineno}")
+    assert not found, f"{name} touches the file system itself ({found}); add a function to storage instead"
