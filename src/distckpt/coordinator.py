@@ -63,7 +63,7 @@ class CheckpointCoordinator:
         state_components: the declarations; keys must be unique ignoring case.
         process_groups: ``{name: ProcessGroup}`` or a ``DeviceMesh`` whose
             dimension names become group names; needed for PER_GROUP.
-        dist: a :class:`~distckpt.collectives.Comm`, or ``None`` to use
+        dist: a :class:`~distckpt.transport.Comm`, or ``None`` to use
             torch.distributed when initialized, else a world of one process.
         output_dir: checkpoints live in ``<output_dir>/checkpoints/``.
         keep_last: keep only this many newest committed checkpoints there.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import storage
 from .errors import CheckpointError, CheckpointNotFoundError
+from .hashing import checksum_of
 from .manifest import MANIFEST_NAME, CheckpointManifest
 
 __all__ = ["PROBLEM_KINDS", "VerificationProblem", "VerificationReport", "open_checkpoint", "verify_checkpoint"]
@@ -166,7 +167,7 @@ def manifest_problems(m: CheckpointManifest) -> list[VerificationProblem]:
         if c.checksum is not None:
             algorithm = c.checksum.partition(":")[0]
             try:
-                expected = storage.checksum_of("\n".join(f.checksum for f in c.files).encode(), algorithm)
+                expected = checksum_of("\n".join(f.checksum for f in c.files).encode(), algorithm)
             except CheckpointError:
                 bad(f"unknown checksum algorithm {c.checksum!r}")
             else:

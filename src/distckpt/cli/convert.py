@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import folder, legacy, series, storage
 from ..errors import CheckpointError, TopologyMismatchError
+from ..hashing import checksum_of
 from ..manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
 from ..names import check_name
 from ..topology import Partition, Topology
@@ -251,7 +252,7 @@ def _write(src: str, final: str, planned: Sequence[legacy.ConversionStep], topol
                 ranks=p.plan.writers,
                 replicated_across=p.plan.replica_sets, files=tuple(entries), required=True, validation=None,
                 size_bytes=sum(e.size_bytes for e in entries),
-                checksum=storage.checksum_of("\n".join(e.checksum for e in entries).encode()),
+                checksum=checksum_of("\n".join(e.checksum for e in entries).encode()),
             )
             storage.fsync_dir(os.path.join(staging, p.key))
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")

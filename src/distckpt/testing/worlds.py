@@ -50,7 +50,7 @@ class ThreadWorld:
 
 
 class ThreadComm:
-    """One rank's view of a :class:`ThreadWorld`; satisfies :class:`~distckpt.collectives.Comm`."""
+    """One rank's view of a :class:`ThreadWorld`; implements every :mod:`distckpt.transport` protocol."""
 
     def __init__(self, world: ThreadWorld, rank: int) -> None:
         self.world = world
