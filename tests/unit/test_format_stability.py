@@ -5,6 +5,10 @@ The fixture ``tests/data/format-481fced/checkpoint`` was written by
 content must give the same files with the same bytes, and the same manifest:
 byte for byte once its volatile fields (:data:`tests.format_golden.VOLATILE`)
 are set to the fixture's values, and those fields present with the same types.
+``format_version`` is the current :data:`~distckpt.manifest.FORMAT_VERSION`,
+at least the fixture's: a deliberate format change bumps that constant (a
+new minor version adds what older readers keep in ``extra``), and everything
+else a checkpoint without the new feature holds stays byte for byte the same.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from distckpt import CheckpointCoordinator
+from distckpt.manifest import FORMAT_VERSION
 from distckpt.testing import ThreadComm, ThreadWorld, run_threads
 from tests import format_golden
 
@@ -28,11 +33,18 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
 def _with_fixture_volatiles(fresh: bytes, golden: bytes) -> bytes:
     """``fresh`` manifest text with each volatile field's value replaced by the fixture's."""
     new, old = json.loads(fresh), json.loads(golden)
+    assert new["format_version"] == FORMAT_VERSION
+    assert _version(new["format_version"])[0] == _version(old["format_version"])[0]
+    assert _version(new["format_version"]) >= _version(old["format_version"])
     text = fresh.decode("utf-8")
-    for field in format_golden.VOLATILE:
+    for field in (*format_golden.VOLATILE, "format_version"):
         assert type(new[field]) is type(old[field]), field
         text = text.replace(f'"{field}": {json.dumps(new[field])}', f'"{field}": {json.dumps(old[field])}', 1)
     return text.encode("utf-8")
