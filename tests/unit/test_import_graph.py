@@ -25,21 +25,26 @@ PACKAGE = SRC / "distckpt"
 #: The layers, bottom first. Within a layer, a module may import the ones listed before it.
 LAYERS: dict[str, tuple[str, ...]] = {
     "pure": (
-        "version", "errors", "names", "boundedjson", "hashing", "topology", "patterns", "layout",
-        "components", "codec", "digests", "manifest", "report", "rng", "planning",
+        "version", "errors", "logs", "names", "boundedjson", "hashing", "topology", "patterns", "layout",
+        "components", "dtensor", "codec", "digests", "manifest", "statecheck", "report", "rng", "progress",
+        "planning",
     ),
-    "transport": ("torchcomm", "transport", "collectives"),
+    "transport": ("waiting", "torchcomm", "transport", "collectives"),
     "storage": ("storage", "locks", "folder", "series"),
     "reading": ("reading", "legacy", "verification", "comparison"),
-    "phases": ("validation", "saving", "handle", "asyncsave", "loading"),
+    "phases": ("validation", "snapshots", "saving", "handle", "asyncsave", "loading"),
     "facade": ("coordinator",),
 }
+#: Placed ahead of the work merging in the same round (issues 12, 14, 15); drop a name from this set
+#: once its module is on main.
+MERGING = {"distckpt.logs", "distckpt.dtensor", "distckpt.statecheck", "distckpt.progress", "distckpt.waiting",
+           "distckpt.snapshots"}
 #: Above everything: the package's public face, the test kit, the command line. These may import
 #: any module below them (and, within each prefix, each other without cycles).
 TOP = ("distckpt", "distckpt.__main__")
 TOP_PACKAGES = ("distckpt.testing", "distckpt.cli")
 ORDER = [f"distckpt.{m}" for layer in LAYERS.values() for m in layer]
-PURE = {f"distckpt.{m}" for m in LAYERS["pure"]}
+PURE = {f"distckpt.{m}" for m in LAYERS["pure"]}  # (those present are checked)
 #: What the pure layer never imports or calls: file-system and process I/O, collectives.
 FORBIDDEN_IMPORTS = {"shutil", "fcntl", "socket", "ctypes", "torch.distributed"}
 FORBIDDEN_CALLS = {
@@ -101,7 +106,7 @@ def _top(name: str) -> bool:
 def test_every_module_has_a_place_in_the_layers() -> None:
     unplaced = [m for m in MODULES if _place(m) is None and not _top(m)]
     assert not unplaced, f"give these modules a layer in {__name__}.LAYERS and docs/architecture.md: {unplaced}"
-    assert not [m for m in ORDER if m not in MODULES], "LAYERS names modules that do not exist"
+    assert not [m for m in ORDER if m not in MODULES and m not in MERGING], "LAYERS names modules that do not exist"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -143,7 +148,7 @@ def _dotted(node: ast.expr) -> str:
     return ""
 
 
-@pytest.mark.parametrize("name", sorted(PURE))
+@pytest.mark.parametrize("name", sorted(PURE & set(MODULES)))
 def test_a_pure_module_does_no_io_and_no_collectives(name: str) -> None:
     tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
     found = []
