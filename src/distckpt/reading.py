@@ -26,7 +26,7 @@ from . import codec, storage
 from .errors import IntegrityError
 from .manifest import FileEntry
 
-__all__ = ["decode_files", "read_component", "read_files"]
+__all__ = ["decode_files", "read_component", "read_files", "read_layouts"]
 
 
 def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) -> Any:
@@ -116,3 +116,25 @@ def decode_files(root: str, entries: Sequence[FileEntry], buffers: Sequence[memo
         _check_part(layout, index, len(entries), full)
         parts.append((layout, buffer))
     return codec.assemble(parts, where=storage.safe_join(root, entries[0].path))
+
+
+def read_layouts(root: str, entries: Sequence[FileEntry]) -> list[codec.FileLayout] | None:
+    """The parsed headers of ``entries`` (one file, or the parts in order), nothing else read.
+
+    Called by the load path's state check on every rank, before the read phase;
+    not collective. The headers are not yet verified (the checksum covers the
+    whole file), so a header that cannot be read or parsed gives ``None``: the
+    read phase then reports the file properly (missing, damaged, malformed).
+    """
+    layouts = []
+    try:
+        for entry in entries:
+            full = storage.safe_join(root, entry.path)
+            start = codec.header_length(storage.read_prefix(full, 0, 8), entry.size_bytes, full)
+            header = storage.read_prefix(full, 0, start)
+            if len(header) != start:
+                return None
+            layouts.append(codec.parse_header(header, entry.size_bytes, full))
+    except (IntegrityError, OSError, ValueError):
+        return None
+    return layouts
