@@ -118,3 +118,20 @@ def test_read_layouts_leaves_a_damaged_or_missing_header_to_the_read_phase(tmp_p
     assert read_layouts(str(tmp_path), [entry]) is None
     os.remove(tmp_path / entry.path)
     assert read_layouts(str(tmp_path), [entry]) is None
+
+
+def test_a_read_with_progress_counts_every_byte_of_every_file_and_decodes_the_same(tmp_path: Any) -> None:
+    from distckpt import reading
+
+    state = {"big": torch.arange(300_000, dtype=torch.float32), "small": torch.ones(3), "n": 5}
+    entry = _write(tmp_path, "rank-0.safetensors", state)
+    seen: list[int] = []
+    old = reading._PROGRESS_STEP
+    reading._PROGRESS_STEP = 100_000  # several stretches for a 1.2 MB file
+    try:
+        live = {"big": torch.zeros(300_000), "small": torch.zeros(3), "n": 0}
+        out = reading.read_component(str(tmp_path), [entry], live, progress=seen.append)
+    finally:
+        reading._PROGRESS_STEP = old
+    assert sum(seen) == entry.size_bytes and len(seen) > 3
+    assert torch.equal(out["big"], state["big"]) and out["big"] is live["big"] and out["n"] == 5
