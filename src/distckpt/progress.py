@@ -60,20 +60,32 @@ def describe_progress(done: int, total: int, seconds: float) -> str:
 class Progress:
     """Counts the bytes of one phase on one rank and reports them on rank 0 (see the module)."""
 
-    def __init__(self, phase: str, rank: int, total: int, *, bar: bool = False,
+    def __init__(self, phase: str, rank: int, total: int | Callable[[], int], *, bar: bool = False,
                  after: float | None = None, every: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.phase = phase
         self.rank = rank
-        self.total = max(0, int(total))
+        self._total = total
         self.done = 0
         self._clock = clock
         self._started = clock()
-        self._bar: Any = _tqdm_bar(phase, self.total) if bar and rank == 0 else None
-        logged_bar = bar and self._bar is None
+        self._want_bar = bar and rank == 0
+        self._bar: Any = None
+        logged_bar = bar and _tqdm() is None
         self._after = (0.0 if logged_bar else REPORT_AFTER_S) if after is None else after
         self._every = (1.0 if logged_bar else REPORT_EVERY_S) if every is None else every
         self._next = self._started + self._after
+
+    @property
+    def total(self) -> int:
+        """The bytes this phase is expected to take on this rank (asked of a callable total
+        on first use, inside the phase; ``0`` when that fails)."""
+        if callable(self._total):
+            try:
+                self._total = max(0, int(self._total()))
+            except Exception:  # the phase itself reports what failed
+                self._total = 0
+        return self._total
 
     def add(self, nbytes: int) -> None:
         """``nbytes`` more are done; report if it is time."""
@@ -81,6 +93,9 @@ class Progress:
         if self.rank != 0:
             return
         try:
+            if self._want_bar and self._bar is None:
+                self._bar = _tqdm_bar(self.phase, self.total)
+                self._want_bar = self._bar is not None
             if self._bar is not None:
                 self._bar.update(nbytes)
                 return
@@ -107,9 +122,16 @@ class Progress:
                 log.debug("distckpt: closing the progress bar failed", exc_info=True)
 
 
-def _tqdm_bar(phase: str, total: int) -> Any:
+def _tqdm() -> Any:
     try:
         from tqdm import tqdm
     except ImportError:
+        return None
+    return tqdm
+
+
+def _tqdm_bar(phase: str, total: int) -> Any:
+    tqdm = _tqdm()
+    if tqdm is None:
         return None
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"distckpt {phase}")

@@ -2,7 +2,8 @@
 
 Called on every rank by the load path after it parsed the headers of the files
 this rank will read (:func:`distckpt.reading.read_layouts`) and before any byte
-is read into a live tensor. It walks the file's skeleton (the typed JSON
+is read into a live tensor, for the components whose stateful is an
+``nn.Module`` or an optimizer (:data:`CHECKED_KINDS`). It walks the file's skeleton (the typed JSON
 structure :mod:`distckpt.codec` writes) alongside the component's current
 ``state_dict()`` and reports, for every tensor present on both sides, a shape
 or dtype that differs, and for every mapping whose values are tensors on both
@@ -19,15 +20,18 @@ can put a ``[4, 8]`` tensor into a ``[8, 8]`` one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .codec import FileLayout
+from .components import StateComponent
 from .digests import entry_name
+from .errors import StateMismatchError
+from .manifest import ComponentManifest, FileEntry
 
-__all__ = ["MAX_PROBLEMS", "check_state", "describe_problems"]
+__all__ = ["CHECKED_KINDS", "MAX_PROBLEMS", "check_live_state", "check_state", "describe_problems"]
 
 #: Problems listed per component; the rest are counted.
 MAX_PROBLEMS = 8
@@ -48,6 +52,40 @@ def check_state(key: str, layouts: Sequence[FileLayout], live: Any, *, strict: b
         return []
     saved = {e.name: (_dtype_name(e.dtype), tuple(e.shape)) for layout in layouts for e in layout.entries}
     return [f"component {key!r}, {line}" for line in _walk(layouts[0].skeleton, live, "", saved, strict)]
+
+
+#: The statefuls whose state is checked: their ``load_state_dict`` copies into tensors that already
+#: exist, so a saved tensor of another shape cannot fit. Other statefuls may replace their tensors
+#: wholesale (a growing history, a buffer sized by the data), so their state is theirs to judge.
+CHECKED_KINDS: tuple[type, ...] = (torch.nn.Module, torch.optim.Optimizer)
+
+
+def check_live_state(path: str, actions: Mapping[str, ComponentManifest], components: Sequence[StateComponent],
+                     rank: int, strict: bool,
+                     layouts_of: Callable[[Sequence[FileEntry]], Sequence[FileLayout] | None]) -> None:
+    """This rank, before the read phase: every component to load fits its live ``state_dict()``.
+
+    Called by the load path inside its compatibility collective, so one rank's
+    mismatch fails every rank before any byte is read. ``layouts_of(entries)``
+    gives the parsed headers of this rank's files of a component, or ``None``
+    when they cannot be read (the read phase then names the file). Raises
+    :class:`StateMismatchError` listing every difference (up to
+    :data:`MAX_PROBLEMS` per component).
+    """
+    by_key = {c.key: c for c in components}
+    problems: list[str] = []
+    for key, saved in actions.items():
+        component = by_key[key]
+        if not isinstance(component.stateful, CHECKED_KINDS):
+            continue
+        layouts = layouts_of(saved.files_for_rank(rank, component.pattern.elastic))
+        if layouts:
+            found = check_state(key, layouts, component.stateful.state_dict(), strict=strict)
+            if found:
+                problems.append(describe_problems(found))
+    if problems:
+        raise StateMismatchError(f"{path}: the saved state does not fit the live state dict (nothing was read "
+                                 "into it): " + "; ".join(problems))
 
 
 def describe_problems(problems: Sequence[str]) -> str:
