@@ -6,9 +6,9 @@ Run it (twice: the second launch resumes where the first one's last checkpoint l
     torchrun --standalone --nproc-per-node 2 examples/trainer/train.py --out runs/demo --steps 12
 
 Every rank trains the same model (DDP over gloo; use "nccl" and move the model to
-its GPU on a GPU machine) on its own shard of a synthetic dataset. ``--trace FILE``
-appends one line per step, "<step> <digest of this rank's state>", so that two runs
-can be compared bit for bit.
+its GPU on a GPU machine) on its own shard of a synthetic dataset. ``--trace DIR``
+appends one line per step to ``DIR/rank-<rank>.txt``, "<step> <digest of this rank's
+state>", so that two runs can be compared bit for bit.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=3)
     parser.add_argument("--stop-after", type=int, default=None, help="exit after this step, unsaved (a crash)")
     parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
-    parser.add_argument("--trace", default=None, help="append '<step> <state digest>' lines here")
+    parser.add_argument("--trace", default=None, help="append '<step> <state digest>' lines to TRACE/rank-<r>.txt")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -123,7 +123,8 @@ def main() -> None:
         if args.trace:
             state = digest(model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
                            loader.state_dict(), rng.state_dict(), counter.step)
-            with open(args.trace, "a") as f:
+            os.makedirs(args.trace, exist_ok=True)
+            with open(os.path.join(args.trace, f"rank-{rank}.txt"), "a") as f:
                 f.write(f"{label} {state}\n")
 
     report = coordinator.load_checkpoint(missing_ok=True)  # every rank; nothing to load on the first launch
