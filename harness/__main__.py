@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not scenarios:
         print("error: no scenarios to run", file=sys.stderr)
         return 2
+    from distckpt.testing.pool import WorldPool
     from harness.runner import run_scenarios
-    from harness.world import WorldPool
 
     started = time.perf_counter()
     max_ranks = max(max(s.topology.world_size, s.resume_topology.world_size) for s in scenarios)

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distckpt.testing.pool import RankOutcome, WorldPool, WorldSpec, WorldTimeout
 from harness import oracle, session
 from harness.scenario import Scenario, Topology
-from harness.world import RankOutcome, WorldPool, WorldSpec, WorldTimeout
 
 __all__ = [
     "Failed",

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from distckpt import CheckpointCoordinator, CheckpointError, StateComponent
+from distckpt.testing.pool import RankContext
 from harness.patterns import load_imports
 from harness.scenario import FaultSpec, Scenario, Topology
 from harness.trainers import Trainer, trainer_class
-from harness.world import RankContext
 
 __all__ = [
     "LibraryError",

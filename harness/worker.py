@@ -131,9 +131,9 @@ def _run(scenario: Any, topology: Any, backend: str, workdir: Path, json_path: s
 
     import torch.distributed as dist
 
+    from distckpt.testing.pool import RankContext
     from harness import runner, session
     from harness.report import format_problems, format_row, table_header
-    from harness.world import RankContext
 
     rank = dist.get_rank()
     s = dataclasses.replace(scenario, topology=topology, resume_topology=topology)

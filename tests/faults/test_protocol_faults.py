@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.faults import protocol_ranks, scenario
 from tests.faults.ranks import TIMEOUT
 
