@@ -174,7 +174,7 @@ def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
             pool.run(_spec(s.topology), session.handoff_start, s, timeout=timeout),
             "reference (to the save step)",
         )
-        handed = {c.key: first[0].state for c in s.components}
+        handed = {key: first[0].state for key in s.expected_loaded()}
         states = {k: v[k] for k, v in handed.items() if v is not None}
         ref_tail = _values(
             pool.run(_spec(s.resume_topology), session.handoff_finish, s, states, timeout=timeout),
@@ -189,13 +189,14 @@ def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
         "resume",
     )
     check_resumed(s, resumed, result)
+    fresh = set(s.expected_skipped())  # skipped at load: they start fresh, as a new trainer's
     if s.elastic:
-        diffs = _compare_elastic(first, ref_tail, saved, resumed)
+        diffs = _compare_elastic(first, ref_tail, saved, resumed, fresh)
     else:
         reference = _values(
             pool.run(_spec(s.topology), session.reference, s, timeout=timeout), "reference"
         )
-        diffs = compare_runs(reference, saved, resumed)
+        diffs = compare_runs(reference, saved, resumed, fresh)
     record_exactness(s, diffs, result)
 
 
@@ -223,13 +224,17 @@ def check_saved(
 
 
 def check_resumed(s: Scenario, resumed: list[session.RankRun], result: ScenarioResult) -> None:
-    """Judge a successful load: no error, every declared component loaded on every rank."""
+    """Judge a successful load: no error, on every rank every component declared in both
+    worlds loaded, and exactly the ones the resuming world adds or drops skipped."""
     _no_library_errors(resumed, "resume")
     result.load_s = max(r.seconds for r in resumed)
-    declared = sorted(c.key for c in s.components)
+    declared = s.expected_loaded()
+    skipped = s.expected_skipped()
     for r in resumed:
         if sorted(r.loaded) != declared:
-            result.problems.append(f"rank {r.rank} loaded {sorted(r.loaded)}, declared {declared}")
+            result.problems.append(f"rank {r.rank} loaded {sorted(r.loaded)}, expected {declared}")
+        if dict(r.skipped) != skipped:
+            result.problems.append(f"rank {r.rank} skipped {dict(r.skipped)}, expected {skipped}")
 
 
 def record_exactness(s: Scenario, diffs: list[str], result: ScenarioResult) -> None:
@@ -253,8 +258,13 @@ def _manifest_totals(path: str, result: ScenarioResult) -> tuple[int | None, int
 
 
 def compare_runs(
-    reference: list[session.RankRun], saved: list[session.RankRun], resumed: list[session.RankRun]
+    reference: list[session.RankRun],
+    saved: list[session.RankRun],
+    resumed: list[session.RankRun],
+    fresh: set[str] | frozenset[str] = frozenset(),
 ) -> list[str]:
+    """Where the saved-then-resumed run differs from the reference (losses, every component's
+    state except the ``fresh`` ones, which the load skipped on purpose); empty if bit-exact."""
     diffs: list[str] = []
     for ref, first, last in zip(reference, saved, resumed, strict=True):
         joined = first.losses + last.losses
@@ -263,7 +273,7 @@ def compare_runs(
                 f"rank {ref.rank} losses differ: reference {_losses(ref.losses)}, "
                 f"saved+resumed {_losses(joined)}"
             )
-        diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint))
+        diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint, fresh))
     return diffs
 
 
@@ -272,6 +282,7 @@ def _compare_elastic(
     tail: list[session.RankRun],
     saved: list[session.RankRun],
     resumed: list[session.RankRun],
+    fresh: set[str],
 ) -> list[str]:
     diffs: list[str] = []
     for a, b in zip(first, saved, strict=True):
@@ -286,15 +297,18 @@ def _compare_elastic(
                 f"rank {ref.rank} losses after the resume differ: reference "
                 f"{_losses(ref.losses)}, resumed {_losses(last.losses)}"
             )
-        diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint))
+        diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint, fresh))
     return diffs
 
 
 def _fingerprint_diff(
-    rank: int, want: dict[str, dict[str, str]], got: dict[str, dict[str, str]]
+    rank: int,
+    want: dict[str, dict[str, str]],
+    got: dict[str, dict[str, str]],
+    fresh: set[str] | frozenset[str],
 ) -> list[str]:
     out: list[str] = []
-    for key in sorted(set(want) | set(got)):
+    for key in sorted((set(want) | set(got)) - set(fresh)):
         a, b = want.get(key, {}), got.get(key, {})
         if a == b:
             continue
