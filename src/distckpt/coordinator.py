@@ -45,6 +45,7 @@ from .codec import EncodedState, encode, state_nbytes, tensor_bytes
 from .collectives import Comm, announce, default_comm, exchange
 from .components import StateComponent, ValidationLevel
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
+from .dtensor import local_or_self, restore
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -483,6 +484,7 @@ class CheckpointCoordinator:
                 leaves = {p: leaf for p, kind, leaf in iter_leaves(states[m.component]) if kind == "tensor"}
                 for entry in m.entries:
                     t = leaves.get(entry)
+                    t = None if t is None else local_or_self(t)  # a DTensor: compare the shards
                     if t is not None and t.numel() * t.element_size() <= budget:
                         budget -= t.numel() * t.element_size()
                         mine.setdefault(m.component, {})[entry] = t.detach().cpu()
@@ -762,6 +764,7 @@ class CheckpointCoordinator:
                 if live is not None:
                     touched.append(key)  # read_component writes into these tensors
                 state = read_component(path, entries, live)
+                state = restore(state, stateful.state_dict if live is None else live, entries[0].path, live is not None)
                 if live is None:
                     touched.append(key)
                 stateful.load_state_dict(state)
@@ -802,7 +805,8 @@ class CheckpointCoordinator:
                 entries = saved.files_for_rank(self.rank, self._by_key[key].pattern.elastic)
                 state = decode_files(path, entries, [tensor_bytes(t) for t in buffers[key]])
                 touched.append(key)
-                self._by_key[key].stateful.load_state_dict(state)
+                stateful = self._by_key[key].stateful
+                stateful.load_state_dict(restore(state, stateful.state_dict, entries[0].path, self.load_in_place))
                 files[key] = entries[0].path
 
         exchange(self._comm, "read", fetch)
