@@ -47,7 +47,11 @@ class DPPipelineTPTrainer(Trainer):
 
     def build(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
 
         sizes = self.topology.mesh_sizes
         self.dp_size, self.stages, tp = sizes["dp"], sizes["pp"], sizes["tp"]

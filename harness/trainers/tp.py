@@ -28,7 +28,11 @@ class DTensorTPTrainer(Trainer):
 
     def build(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
 
         sizes = self.topology.mesh_sizes
         self.mesh = init_device_mesh(self.device.type, (sizes["dp"], sizes["tp"]), mesh_dim_names=("dp", "tp"))

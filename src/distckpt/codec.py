@@ -351,8 +351,8 @@ class _Encoder:
 def state_nbytes(state: Any) -> int:
     """Bytes of tensor data in a state dict (nested dicts, lists and tuples), without encoding it. Pure."""
     if isinstance(state, torch.Tensor):
-        state = _dtensor.local_or_self(state)  # a DTensor stores its shard only
-        return state.numel() * state.element_size()
+        shard = _dtensor.local_or_self(state)  # a DTensor stores its shard only
+        return shard.numel() * shard.element_size()
     if isinstance(state, dict):
         return sum(state_nbytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):

@@ -45,7 +45,8 @@ from .codec import EncodedState, encode, state_nbytes, tensor_bytes
 from .collectives import Comm, announce, default_comm, exchange
 from .components import StateComponent, ValidationLevel
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
-from .dtensor import local_or_self, restore
+from .dtensor import local_or_self
+from .dtensor import restore as restore_dtensors
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -764,7 +765,7 @@ class CheckpointCoordinator:
                 if live is not None:
                     touched.append(key)  # read_component writes into these tensors
                 state = read_component(path, entries, live)
-                state = restore(state, stateful.state_dict if live is None else live, entries[0].path, live is not None)
+                state = restore_dtensors(state, stateful.state_dict if live is None else live, entries[0].path, live is not None)
                 if live is None:
                     touched.append(key)
                 stateful.load_state_dict(state)
@@ -806,7 +807,7 @@ class CheckpointCoordinator:
                 state = decode_files(path, entries, [tensor_bytes(t) for t in buffers[key]])
                 touched.append(key)
                 stateful = self._by_key[key].stateful
-                stateful.load_state_dict(restore(state, stateful.state_dict, entries[0].path, self.load_in_place))
+                stateful.load_state_dict(restore_dtensors(state, stateful.state_dict, entries[0].path, self.load_in_place))
                 files[key] = entries[0].path
 
         exchange(self._comm, "read", fetch)

@@ -249,18 +249,19 @@ def _mismatch(where: str, entry: str, problem: str) -> LayoutMismatchError:
 
 
 def _children(node: Any, live: Any) -> Iterator[tuple[Any, Any, Any]]:
-    """(key, skeleton child, live child) pairs of a container node present on both sides."""
+    """(key, skeleton child, live child or ``None`` where the live state has none) of a container node."""
     if isinstance(node, list):
-        if isinstance(live, (list, tuple)) and len(live) == len(node):
-            yield from ((i, n, o) for i, (n, o) in enumerate(zip(node, live, strict=True)))
+        fits = isinstance(live, (list, tuple)) and len(live) == len(node)
+        yield from ((i, n, live[i] if fits else None) for i, n in enumerate(node))
         return
     tag = next(iter(node)) if isinstance(node, dict) and node else None
-    if tag in ("$dict", "$odict") and isinstance(live, dict) and isinstance(node[tag], list):
-        for pair in node[tag]:
-            if isinstance(pair, list) and len(pair) == 2 and type(pair[0]) in (str, int) and pair[0] in live:
-                yield pair[0], pair[1], live[pair[0]]
-    elif tag == "$tuple" and isinstance(live, (list, tuple)) and isinstance(node[tag], list) and len(live) == len(node[tag]):
-        yield from ((i, n, o) for i, (n, o) in enumerate(zip(node[tag], live, strict=True)))
+    if tag in ("$dict", "$odict") and isinstance(node[tag], list):
+        mapping = live if isinstance(live, dict) else {}
+        for pair in node[tag]:  # malformed pairs are skipped here and refused by the decoder
+            if isinstance(pair, list) and len(pair) == 2 and type(pair[0]) in (str, int):
+                yield pair[0], pair[1], mapping.get(pair[0])
+    elif tag == "$tuple" and isinstance(node[tag], list):
+        yield from _children(node[tag], live)
 
 
 def check_skeleton(skeleton: Any, live: Any, where: str) -> None:
@@ -369,7 +370,7 @@ def _restored(saved: SavedDTensor, live: Any, where: str, path: str, in_place: b
             with torch.no_grad():
                 local.copy_(saved.local)  # not read in place (on a GPU, say): copy it there now
         return live
-    cls = dtensor_type()
+    cls: Any = dtensor_type()
     assert cls is not None  # live is a DTensor
     shard = saved.local.to(device=local.device)
     if shard.data_ptr() == saved.local.data_ptr():
