@@ -90,7 +90,7 @@ class DPPipelineTPTrainer(Trainer):
             dist.send(out.detach().contiguous(), dst=self.next)
             grad = torch.empty_like(out)
             dist.recv(grad, src=self.next)
-            out.backward(grad)  # type: ignore[no-untyped-call]
+            out.backward(grad)
         if not first:
             assert inp.grad is not None
             dist.send(inp.grad.contiguous(), dst=self.previous)

@@ -31,13 +31,13 @@ class FSDPTrainer(Trainer):
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6
-            from torch.distributed._composable.fsdp import fully_shard
+            from torch.distributed._composable.fsdp import fully_shard  # type: ignore[attr-defined]
 
         sizes = self.topology.mesh_sizes
         self.mesh = init_device_mesh(self.device.type, tuple(sizes[d] for d in self.mesh_dims),
                                      mesh_dim_names=self.mesh_dims)
         self.model = mlp(self.hidden, self.dropout).to(self.device)
-        for layer in self.model:
+        for layer in self.model.children():
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=self.mesh)
         fully_shard(self.model, mesh=self.mesh)

@@ -1,10 +1,15 @@
-"""DTensor rank functions for real gloo worlds (module level, so they pickle): FSDP2, HSDP, TP."""
+"""DTensor rank functions (module level, so they pickle): FSDP2, HSDP, TP.
+
+They run in the test suite's gloo worlds on CPU meshes, and under torchrun with
+NCCL on CUDA meshes (``tests/multirank/dtensor_torchrun.py``, the GPU workflow).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from distckpt import CheckpointCoordinator, CheckpointManifest, StateComponent
@@ -12,15 +17,28 @@ from distckpt import CheckpointCoordinator, CheckpointManifest, StateComponent
 _OPTIONS: dict[str, Any] = {"timeout": 30}
 
 
+def _device() -> torch.device:
+    """This rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _mesh(shape: tuple[int, ...], dims: tuple[str, ...]) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(_device().type, shape, mesh_dim_names=dims)
+
+
 def _sharded_mlp(seed: int, mesh: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A small MLP under FSDP2 (HSDP on a 2-D mesh), trained one step; dims uneven on purpose."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 3))
+    model = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 3)).to(_device())
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    model(torch.randn(5, 6)).square().sum().backward()  # type: ignore[no-untyped-call]
+    model(torch.randn(5, 6, device=_device())).square().sum().backward()  # type: ignore[no-untyped-call]
     opt.step()
     opt.zero_grad()
     return model, opt
@@ -63,7 +81,7 @@ def _shards(state: Any) -> list[tuple[str, torch.Tensor, str]]:
     def walk(obj: Any, path: str) -> None:
         if isinstance(obj, torch.Tensor):
             local = obj.to_local() if hasattr(obj, "to_local") else obj
-            out.append((path, local.detach().clone(), type(obj).__name__))
+            out.append((path, local.detach().cpu().clone(), type(obj).__name__))
         elif isinstance(obj, dict):
             for k, v in obj.items():
                 walk(v, f"{path}.{k}")
@@ -86,9 +104,7 @@ def fsdp2_round_trip(ctx: Any, dcp_api: bool, load_options: dict[str, Any]) -> d
     """FSDP2 on a 1-D mesh of the whole world: model and AdamW state (DTensors) PER_RANK, saved
     and loaded into a fresh model and optimizer (through DCP's state-dict API or plain
     ``state_dict()``); reports whether every local shard came back bit-exact."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    mesh = _mesh((dist.get_world_size(),), ("dp",))
 
     def comps(model: nn.Module, opt: torch.optim.Optimizer) -> list[StateComponent]:
         if dcp_api:
@@ -116,13 +132,11 @@ def fsdp2_round_trip(ctx: Any, dcp_api: bool, load_options: dict[str, Any]) -> d
 def fsdp2_into_hsdp(ctx: Any) -> str:
     """Save an FSDP2 model (1-D mesh of 4) PER_RANK, then load it into an HSDP model (2 x 2):
     same world and files, another layout. Must raise on every rank."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    flat = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
+    flat = _mesh((4,), ("dp",))
     model, _ = _sharded_mlp(0, flat)
     path = CheckpointCoordinator([StateComponent("model", model, "per_rank")], output_dir=ctx.workdir,
                                  **_OPTIONS).save_checkpoint(checkpoint_id="flat")
-    square = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "shard"))
+    square = _mesh((2, 2), ("dp", "shard"))
     hsdp, _ = _sharded_mlp(0, square)
     CheckpointCoordinator([StateComponent("model", hsdp, "per_rank")], output_dir=ctx.workdir,
                           **_OPTIONS).load_checkpoint(path)
@@ -131,9 +145,7 @@ def fsdp2_into_hsdp(ctx: Any) -> str:
 
 def misdeclared(ctx: Any, mesh_shape: tuple[int, ...], dims: tuple[str, ...], group: str) -> str:
     """An FSDP2 / HSDP model declared PER_GROUP(``group``) with validation; the save must fail."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=dims)
+    mesh = _mesh(tuple(mesh_shape), tuple(dims))
     model, _ = _sharded_mlp(0, mesh)
     CheckpointCoordinator([StateComponent("model", _DCPModel(model), "per_group", process_group_name=group,
                                           validate_replication=True, validation_level="full")],
@@ -144,22 +156,21 @@ def misdeclared(ctx: Any, mesh_shape: tuple[int, ...], dims: tuple[str, ...], gr
 def tp_round_trip(ctx: Any) -> dict[str, Any]:
     """DP x TP (2 x 2) with ColwiseParallel / RowwiseParallel: model and optimizer PER_GROUP("dp"),
     validated, loaded bit-exact into a fresh model."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    mesh = _mesh((2, 2), ("dp", "tp"))
 
     def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(seed)
-        model = parallelize_module(nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)), mesh["tp"],
+        model = parallelize_module(nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).to(_device()), mesh["tp"],
                                    {"0": ColwiseParallel(), "2": RowwiseParallel()})
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
         torch.manual_seed(seed + 7)
-        model(torch.randn(5, 6)).square().sum().backward()  # type: ignore[no-untyped-call]
+        model(torch.randn(5, 6, device=_device())).square().sum().backward()  # type: ignore[no-untyped-call]
         opt.step()
         return model, opt
 

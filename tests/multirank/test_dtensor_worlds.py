@@ -86,3 +86,37 @@ def test_a_misdeclared_sharded_model_is_caught_by_validation_on_every_rank(
     assert " | ".join(str(g) for g in differing) in text
     assert "max abs difference" in text  # FULL level measured the local shards
     assert not any((tmp_path / "checkpoints").glob("checkpoint-*"))
+
+
+def _gpu_workflow_dtensor_command() -> str:
+    """The DTensor step's command of .github/workflows/gpu.yml, continuation lines joined."""
+    yaml = pytest.importorskip("yaml")
+    workflow = Path(__file__).resolve().parents[2] / ".github" / "workflows" / "gpu.yml"
+    steps = yaml.safe_load(workflow.read_text())["jobs"]["nccl"]["steps"]
+    runs = [str(s.get("run", "")) for s in steps if "dtensor_torchrun" in str(s.get("run", ""))]
+    assert len(runs) == 1, "gpu.yml runs the DTensor checks in exactly one step"
+    lines = runs[0].replace("\\\n", " ").splitlines()
+    (command,) = [line for line in lines if "torchrun" in line]
+    return command
+
+
+@needs_fsdp2
+def test_the_gpu_workflows_dtensor_step_passes_under_real_torchrun_on_gloo(tmp_path: Path) -> None:
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    command = _gpu_workflow_dtensor_command()
+    assert "--backend nccl" in command and "--nproc-per-node=4" in command
+    args = shlex.split(command.replace('"$RUNNER_TEMP/dtensor"', str(tmp_path)).replace("< /dev/null", ""))
+    args = args[args.index("torchrun"):]  # drop the shell's `timeout 600`
+    args[0:1] = [sys.executable, "-m", "torch.distributed.run"]
+    args[args.index("nccl")] = "gloo"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    passed = set(re.findall(r"rank (\d) \[gloo\] ([\w-]+): ok", done.stdout))  # ranks' lines may interleave
+    assert len(passed) == 8 * 4, done.stdout  # eight checks on four ranks
