@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 TAG = "$dtensor"
+_REPLICATE = "Replicate()"
 _RESHARD = ("resharding a checkpoint to another mesh or placement is torch.distributed.checkpoint's (DCP's) "
             "job; distckpt restores a shard only into the layout that saved it")
 
@@ -97,7 +98,7 @@ def _placement_text(p: Any) -> str:
     if name == "Shard":
         return f"Shard({p.dim})"
     if name == "Replicate":
-        return "Replicate()"
+        return _REPLICATE
     if name in ("Partial", "_Partial"):
         return f"Partial({getattr(p, 'reduce_op', 'sum')})"
     return f"{name}({p!r})"
@@ -109,15 +110,24 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _coordinate(value: Any) -> tuple[int | None, ...]:
+    if type(value) not in (list, tuple) or not all(v is None or (type(v) is int and v >= 0) for v in value):
+        raise ValueError(f"DTensor coordinate must be a list of non-negative ints or nulls, got {value!r}"[:200])
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a DTensor's shard sits: placements, mesh dimension names and shape, this
-    rank's mesh coordinate, and the global shape and stride. Validated at construction."""
+    rank's mesh coordinate, and the global shape and stride. Validated at construction.
+
+    The coordinate is ``None`` along ``Replicate()`` dimensions: every replica holds the
+    same shard there, so replicas describe (and encode) their shard identically."""
 
     placements: tuple[str, ...]
     mesh_dims: tuple[str, ...] | None
     mesh_shape: tuple[int, ...]
-    coordinate: tuple[int, ...] | None
+    coordinate: tuple[int | None, ...] | None
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
@@ -157,7 +167,7 @@ class Layout:
         coordinate = node.get("coordinate")
         return cls(placements=tuple(placements), mesh_dims=None if dims is None else tuple(dims),
                    mesh_shape=_ints(node.get("mesh_shape"), "mesh_shape"),
-                   coordinate=None if coordinate is None else _ints(coordinate, "coordinate"),
+                   coordinate=None if coordinate is None else _coordinate(coordinate),
                    shape=_ints(node.get("shape"), "shape"), stride=_ints(node.get("stride"), "stride"))
 
     def describe(self) -> str:
@@ -175,12 +185,17 @@ class Layout:
         if self.shape != live.shape:
             out.append(f"global shape {list(self.shape)} saved, {list(live.shape)} live")
         if not out and self.coordinate is not None and live.coordinate is not None:
-            sharded = [d for d, p in enumerate(self.placements) if p != "Replicate()"]
+            sharded = [d for d, p in enumerate(self.placements) if p != _REPLICATE]
             if any(self.coordinate[d] != live.coordinate[d] for d in sharded):
-                out.append(f"the file holds the shard at mesh coordinate {list(self.coordinate)}, this rank "
-                           f"holds the one at {list(live.coordinate)} (the component's sharing pattern gives "
+                out.append(f"the file holds the shard at mesh coordinate {_text(self.coordinate)}, this rank "
+                           f"holds the one at {_text(live.coordinate)} (the component's sharing pattern gives "
                            "this rank another rank's file)")
         return out
+
+
+def _text(coordinate: tuple[int | None, ...]) -> str:
+    """A coordinate, ``*`` along replicated dimensions: ``[*, 1]``."""
+    return "[" + ", ".join("*" if c is None else str(c) for c in coordinate) + "]"
 
 
 def _mesh(layout: Layout) -> str:
@@ -192,17 +207,19 @@ def layout_of(t: Any) -> Layout:
     """The layout of a live DTensor on this rank."""
     mesh = t.device_mesh
     coordinate = mesh.get_coordinate()
-    return Layout(placements=tuple(_placement_text(p) for p in t.placements),
+    placements = tuple(_placement_text(p) for p in t.placements)
+    return Layout(placements=placements,
                   mesh_dims=None if mesh.mesh_dim_names is None else tuple(mesh.mesh_dim_names),
                   mesh_shape=tuple(int(s) for s in mesh.shape),
-                  coordinate=None if coordinate is None else tuple(int(c) for c in coordinate),
+                  coordinate=None if coordinate is None else tuple(
+                      None if p == _REPLICATE else int(c) for p, c in zip(placements, coordinate, strict=True)),
                   shape=tuple(t.shape), stride=tuple(t.stride()))
 
 
 def layout_text(t: torch.Tensor) -> str:
-    """The parts of a DTensor's layout that replicas share (no coordinate), for digests; ``""``
-    for any other tensor. Members of one replica set hold shards at different coordinates
-    along the replicated dimensions, so the coordinate is left out."""
+    """The parts of a DTensor's layout that replicas of a shard share, for digests; ``""`` for any
+    other tensor. The coordinate is left out: members of a mis-declared set differ in it, and
+    the digests of their shards' bytes already tell them apart."""
     if not is_dtensor(t):
         return ""
     layout = layout_of(t)

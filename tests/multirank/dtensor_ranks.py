@@ -189,3 +189,27 @@ def tp_round_trip(ctx: Any) -> dict[str, Any]:
     loaded = [_shards(c.stateful.state_dict()) for c in comps(model2, opt2)]
     return {"exact": all(_same(a, b) for a, b in zip(saved, loaded, strict=True)),
             "writers": list(CheckpointManifest.load(path).components["model"].ranks)}
+
+
+def hsdp_round_trip(ctx: Any, save_options: dict[str, Any]) -> dict[str, Any]:
+    """HSDP on ("dp", "shard") = 2 x 2: model and optimizer PER_GROUP("dp"), validated, saved with
+    ``save_options`` (balanced writes: each replica set as parts written by both members) and
+    loaded bit-exact into a fresh model; reports the files' writers."""
+    mesh = _mesh((2, 2), ("dp", "shard"))
+
+    def comps(model: nn.Module, opt: torch.optim.Optimizer) -> list[StateComponent]:
+        return [StateComponent("model", _DCPModel(model), "per_group", process_group_name="dp", validate_replication=True),
+                StateComponent("optimizer", _DCPOptimizer(model, opt), "per_group", process_group_name="dp",
+                               validate_replication=True)]
+
+    model, opt = _sharded_mlp(0, mesh)
+    saved = [_shards(c.stateful.state_dict()) for c in comps(model, opt)]
+    path = CheckpointCoordinator(comps(model, opt), process_groups=mesh, output_dir=ctx.workdir, **save_options,
+                                 **_OPTIONS).save_checkpoint(checkpoint_id="hsdp")
+    model2, opt2 = _sharded_mlp(1, mesh)
+    CheckpointCoordinator(comps(model2, opt2), process_groups=mesh, output_dir=ctx.workdir,
+                          **_OPTIONS).load_checkpoint(path)
+    loaded = [_shards(c.stateful.state_dict()) for c in comps(model2, opt2)]
+    files = CheckpointManifest.load(path).components["optimizer"].files
+    return {"exact": all(_same(a, b) for a, b in zip(saved, loaded, strict=True)),
+            "writers": sorted(f.writer for f in files)}

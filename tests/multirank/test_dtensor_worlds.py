@@ -52,6 +52,19 @@ def test_dtensor_tensor_parallel_model_and_optimizer_load_bit_exact_per_group_dp
     assert results[0]["writers"] == [0, 1]
 
 
+
+@needs_fsdp2
+@pytest.mark.parametrize(("save_options", "writers"), [({}, [0, 1]), ({"min_part_bytes": 64}, [0, 1, 2, 3])],
+                         ids=["one-file-per-set", "balanced-parts"])
+def test_hsdp_state_per_group_dp_round_trips_and_replicas_encode_the_same_bytes(
+        pool: WorldPool, tmp_path: Path, save_options: dict[str, object], writers: list[int]) -> None:
+    from tests.multirank import dtensor_ranks
+
+    results = pool.run_ok(WorldSpec(nodes=2, procs_per_node=2, workdir=tmp_path), dtensor_ranks.hsdp_round_trip,
+                          save_options, timeout=180)
+    assert all(r["exact"] for r in results)
+    assert results[0]["writers"] == writers  # parts: both members of each dp group write one
+
 @needs_fsdp2
 def test_loading_an_fsdp2_checkpoint_into_an_hsdp_layout_raises_layout_mismatch_on_every_rank(
         pool: WorldPool, tmp_path: Path) -> None:

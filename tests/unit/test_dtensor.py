@@ -115,10 +115,11 @@ def test_a_layout_mismatch_names_the_entry_and_sends_resharding_to_dcp(mesh: Any
 
 
 def test_layouts_compare_mesh_placements_shape_and_the_coordinate_of_sharded_dimensions() -> None:
-    base = dt.Layout(("Replicate()", "Shard(0)"), ("dp", "shard"), (2, 2), (0, 1), (8, 3), (3, 1))
+    base = dt.Layout(("Replicate()", "Shard(0)"), ("dp", "shard"), (2, 2), (None, 1), (8, 3), (3, 1))
     assert base.differences(dt.Layout(("Replicate()", "Shard(0)"), ("dp", "shard"), (2, 2), (1, 1), (8, 3), (3, 1))) == []
     other_shard = dt.Layout(("Replicate()", "Shard(0)"), ("dp", "shard"), (2, 2), (0, 0), (8, 3), (3, 1))
-    assert "mesh coordinate [0, 1]" in base.differences(other_shard)[0]
+    assert "the file holds the shard at mesh coordinate [*, 1], this rank holds the one at [0, 0]" in \
+        base.differences(other_shard)[0]
     assert "mesh (dp=2, shard=2) saved, (dp=4) live" in base.differences(
         dt.Layout(("Shard(0)",), ("dp",), (4,), (1,), (8, 3), (3, 1)))[0]
     assert dt.Layout.from_json(base.to_json()) == base
@@ -143,6 +144,11 @@ def test_digests_cover_the_local_shard_and_the_layout_but_not_the_coordinate(mes
     assert digest_state({"w": sharded(mesh, data, "replicate")}, "quick")[STRUCTURE] != \
         digest_state({"w": sharded(mesh, data)}, "quick")[STRUCTURE]
     assert "coordinate" not in dt.layout_text(sharded(mesh, data))
+
+
+def test_replicas_describe_a_replicated_dimension_without_their_coordinate(mesh: Any) -> None:
+    assert dt.layout_of(sharded(mesh, torch.randn(4, 2), "replicate")).coordinate == (None,)
+    assert dt.layout_of(sharded(mesh, torch.randn(4, 2))).coordinate == (0,)
 
 
 def test_an_fsdp2_model_and_optimizer_round_trip_through_the_coordinator(mesh: Any, tmp_path: Path) -> None:
