@@ -189,3 +189,15 @@ def test_without_dtensor_support_the_library_imports_and_refuses_subclasses(mesh
         dt.dtensor_type.cache_clear()
     monkeypatch.undo()
     assert dt.is_dtensor(d)
+
+
+@pytest.mark.parametrize("snapshot", [{"copy": True}, {"reuse": {}}], ids=["copy", "reused-buffers"])
+def test_an_async_snapshot_of_a_dtensor_keeps_the_shard_as_it_was(mesh: Any, snapshot: dict[str, Any]) -> None:
+    d = sharded(mesh, torch.randn(4, 2))
+    before = d.to_local().clone()
+    encoded = encode({"w": d}, **snapshot)
+    with torch.no_grad():
+        d.to_local().add_(1.0)  # training goes on while the snapshot is written
+    out = decode(bytearray(encoded.to_bytes()))["w"]
+    assert isinstance(out, dt.SavedDTensor) and torch.equal(out.local, before)
+    assert out.layout == dt.layout_of(d)
