@@ -45,7 +45,10 @@ def mesh() -> Iterator[Any]:
 
 
 def sharded(mesh: Any, t: torch.Tensor, placement: str = "shard") -> Any:
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    try:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Replicate, Shard, distribute_tensor  # type: ignore[no-redef]
 
     return distribute_tensor(t, mesh, [Shard(0) if placement == "shard" else Replicate()])
 
