@@ -68,6 +68,8 @@ def iter_leaves(state: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
     """
     if isinstance(state, torch.Tensor):
         yield path, "tensor", state
+    elif isinstance(state, dtensor.SavedDTensor):  # a decoded DTensor (diff): compare its shard
+        yield path, "tensor", state.local
     elif type(state) in (dict, OrderedDict):
         names = [entry_name(k) for k in state]
         yield path, f"{type(state).__name__}{names}", None

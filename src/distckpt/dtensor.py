@@ -233,12 +233,30 @@ def encode(t: Any, path: str, tensor: Callable[[torch.Tensor, str], Any]) -> dic
     return node
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SavedDTensor:
-    """A decoded DTensor before :func:`restore` puts it into the live one: the shard and its layout."""
+    """A decoded DTensor before :func:`restore` puts it into the live one: the shard and its layout.
+
+    Two are equal when their layouts are and their shards hold the same bytes (``distckpt diff``
+    compares decoded states with ``==``); the repr is short enough for one line of a report.
+    """
 
     local: torch.Tensor
     layout: Layout
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SavedDTensor):
+            return NotImplemented
+        a, b = self.local.detach(), other.local.detach()
+        return (self.layout == other.layout and a.dtype == b.dtype and a.shape == b.shape
+                and bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))))
+
+    def __repr__(self) -> str:
+        dtype = str(self.local.dtype).removeprefix("torch.")
+        return (f"DTensor {dtype}{list(self.local.shape)} of {list(self.layout.shape)} "
+                f"[{', '.join(self.layout.placements)}]")
 
 
 def decode(node: dict[str, Any], tensor: Callable[[Any], Any]) -> SavedDTensor:

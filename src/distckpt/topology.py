@@ -21,7 +21,7 @@ from types import MappingProxyType
 from .errors import TopologyMismatchError
 from .names import check_name
 
-__all__ = ["Partition", "Topology", "check_partition", "join_partitions"]
+__all__ = ["Partition", "Topology", "check_partition", "join_partitions", "rank_text"]
 
 #: A partition of ranks: sorted tuples, ordered by their lowest rank.
 Partition = tuple[tuple[int, ...], ...]
@@ -220,3 +220,23 @@ class Topology:
             "nodes": [list(s) for s in self.nodes],
             "groups": {name: [list(s) for s in part] for name, part in self.groups.items()},
         }
+
+
+def rank_text(ranks: Iterable[int]) -> str:
+    """Compact rank list for messages: ``0-3``, ``0,4``, ``0-2,5`` (runs of three or more as ranges).
+
+    Pure. Called by the CLI's tables and legacy conversion's errors.
+    """
+    ordered = sorted(ranks)
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{ordered[i]}-{ordered[j]}")
+        else:
+            parts.extend(str(r) for r in ordered[i:j + 1])
+        i = j + 1
+    return ",".join(parts)

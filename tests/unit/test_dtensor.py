@@ -154,17 +154,20 @@ def test_replicas_describe_a_replicated_dimension_without_their_coordinate(mesh:
     assert dt.layout_of(sharded(mesh, torch.randn(4, 2))).coordinate == (0,)
 
 
-def test_an_fsdp2_model_and_optimizer_round_trip_through_the_coordinator(mesh: Any, tmp_path: Path) -> None:
+def _fsdp2(mesh: Any, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()  # type: ignore[no-untyped-call]
+    opt.step()
+    return model, opt
 
+
+def test_an_fsdp2_model_and_optimizer_round_trip_through_the_coordinator(mesh: Any, tmp_path: Path) -> None:
     def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(seed)
-        model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
-        fully_shard(model, mesh=mesh)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-        model(torch.randn(2, 3)).sum().backward()  # type: ignore[no-untyped-call]
-        opt.step()
-        return model, opt
+        return _fsdp2(mesh, seed)
 
     model, opt = build(0)
     comps = [StateComponent("model", model, "per_rank"), StateComponent("optimizer", opt, "per_rank")]
@@ -204,3 +207,23 @@ def test_an_async_snapshot_of_a_dtensor_keeps_the_shard_as_it_was(mesh: Any, sna
     out = decode(bytearray(encoded.to_bytes()))["w"]
     assert isinstance(out, dt.SavedDTensor) and torch.equal(out.local, before)
     assert out.layout == dt.layout_of(d)
+
+
+def test_diff_and_export_read_dtensor_checkpoints(mesh: Any, tmp_path: Path) -> None:
+    from distckpt import diff_checkpoints
+    from distckpt.cli import main as cli
+
+    paths = []
+    for seed in (0, 0, 1):
+        model, _ = _fsdp2(mesh, seed)
+        coord = CheckpointCoordinator([StateComponent("model", model, "per_rank")], output_dir=tmp_path / str(len(paths)))
+        paths.append(coord.save_checkpoint())
+    assert diff_checkpoints(paths[0], paths[1]).same
+    changed = diff_checkpoints(paths[0], paths[2])
+    assert not changed.same and [d.key for d in changed.differences] == ["model"]
+    lines = [line for f in changed.differences[0].files for line in f.entries]
+    assert any(line.startswith("'0.weight': max abs difference") for line in lines), lines
+    out = tmp_path / "rank0.pt"
+    assert cli(["convert", "--to-torch", str(out), "--rank", "0", paths[2]]) == 0
+    exported = torch.load(out, weights_only=True)["model"]
+    assert type(exported["0.weight"]) is torch.Tensor and torch.equal(exported["0.weight"], model.state_dict()["0.weight"].to_local())
