@@ -227,3 +227,16 @@ def test_diff_and_export_read_dtensor_checkpoints(mesh: Any, tmp_path: Path) -> 
     assert cli(["convert", "--to-torch", str(out), "--rank", "0", paths[2]]) == 0
     exported = torch.load(out, weights_only=True)["model"]
     assert type(exported["0.weight"]) is torch.Tensor and torch.equal(exported["0.weight"], model.state_dict()["0.weight"].to_local())
+
+
+def test_a_checkpoint_in_the_1_2_format_still_loads_into_plain_and_a_1_3_one_says_1_3(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    path = CheckpointCoordinator([StateComponent("model", model, "global")], output_dir=tmp_path).save_checkpoint()
+    manifest = Path(path) / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    assert raw["format_version"] == "1.3"
+    raw["format_version"] = "1.2"  # what 1.2 writers wrote: nothing else differs without DTensors
+    manifest.write_text(json.dumps(raw))
+    fresh = torch.nn.Linear(3, 2)
+    CheckpointCoordinator([StateComponent("model", fresh, "global")], output_dir=tmp_path).load_checkpoint(path)
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
