@@ -60,9 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_ranks = max(max(s.topology.world_size, s.resume_topology.world_size) for s in scenarios)
     print(table_header(), flush=True)
     with WorldPool(max_ranks=max_ranks) as pool:
-        results = run_scenarios(
-            pool, scenarios, args.workdir, on_result=lambda r: print(format_row(r), flush=True)
-        )
+        results = []
+        for index, scenario in enumerate(scenarios, 1):  # progress on stderr; the table stays on stdout
+            print(f"[{index}/{len(scenarios)}] {scenario.name}: {scenario.trainer} "
+                  f"{scenario.describe_world()} ...", file=sys.stderr, flush=True)
+            results += run_scenarios(
+                pool, [scenario], args.workdir, on_result=lambda r: print(format_row(r), flush=True)
+            )
     elapsed = time.perf_counter() - started
     problems = format_problems(results)
     if problems:

@@ -28,7 +28,13 @@ import torch
 
 from .codec import EncodedState
 from .components import StateComponent, ValidationLevel
-from .errors import ComponentMismatchError, ReplicationMismatchError, TopologyMismatchError
+from .errors import (
+    CheckpointError,
+    ComponentMismatchError,
+    ReplicationMismatchError,
+    TopologyMismatchError,
+    on_every_rank,
+)
 from .hashing import checksum_of
 from .layout import ComponentPlan, plan_component
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
@@ -88,13 +94,21 @@ def local_report(node: str, groups: Mapping[str, tuple[int, ...]],
     }
 
 
-def agree(reports: Sequence[Mapping[str, Any]]) -> Topology:
+def agree(reports: Sequence[Mapping[str, Any]], phase: str = "plan") -> Topology:
     """Every rank: check declarations agree, then build the topology. Deterministic.
 
     Raises :class:`ComponentMismatchError` naming the ranks that declared
     otherwise than rank 0, or :class:`TopologyMismatchError` (from
-    :meth:`Topology.from_reports`) for groups that are not partitions.
+    :meth:`Topology.from_reports`) for groups that are not partitions; either
+    with ``phase`` set and ``failures`` naming every rank when none is singled out.
     """
+    try:
+        return _agree(reports)
+    except CheckpointError as exc:
+        raise on_every_rank(exc, phase, len(reports)) from None
+
+
+def _agree(reports: Sequence[Mapping[str, Any]]) -> Topology:
     declared = [tuple(r["declarations"]) for r in reports]
     if any(d != declared[0] for d in declared):
         raise ComponentMismatchError(

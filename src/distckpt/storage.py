@@ -60,6 +60,7 @@ __all__ = [
     "open_regular_file",
     "prepare_folder",
     "read_manifest_bytes",
+    "read_prefix",
     "read_verified",
     "remove_checkpoint",
     "require_real_dir",
@@ -297,6 +298,20 @@ def _open_regular(path: str, what: str) -> int:
         if exc.errno == errno.EINVAL and exc.strerror == "not a regular file":
             raise IntegrityError(f"{path}: {what} is not a regular file") from None
         raise
+
+
+def read_prefix(path: str, offset: int, length: int) -> bytes:
+    """Up to ``length`` bytes of a regular file from ``offset``, unverified (a file's header,
+    read by the load path's state check before the file itself). Not collective.
+
+    Raises :class:`IntegrityError` naming ``path`` when it is missing, a symlink
+    or not a regular file; other ``OSError`` propagate.
+    """
+    fd = _open_regular(path, "checkpoint file")
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
 
 
 def open_regular_file(path: str) -> int:

@@ -7,6 +7,7 @@ the payload is live: plain unpickling does create the marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -85,7 +86,12 @@ def test_a_malicious_pickle_in_place_of_a_legacy_file_fails_the_load_and_never_r
         (legacy / "checkpoint_manifest.json").write_text(json.dumps({"checkpoint_id": "500"}))
     ex = scenario.example()
     ex = Example(ex.topo, (Decl("model", pattern, group="dp" if pattern == "per_group" else None),), {})
-    results = worlds.load(ex, str(tmp_path), path=str(legacy))
+    # torch's weights_only unpickler warns about the raw pickle's protocol before refusing it:
+    # expected, and part of what this test provokes.
+    expected = (pytest.warns(UserWarning, match="pickle protocol") if fmt == "raw-pickle"
+                else contextlib.nullcontext())
+    with expected:
+        results = worlds.load(ex, str(tmp_path), path=str(legacy))
     assert all(type(r) is IntegrityError for r in results), results
     assert set(results[0].failures) == {0, 1, 2, 3}
     assert all("weights_only=True" in m and ".pt" in m for m in results[0].failures.values()), results[0].failures

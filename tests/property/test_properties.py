@@ -46,7 +46,11 @@ from tests.property.strategies import (
     valid_names,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [
+    pytest.mark.timeout(240),
+    # complex32 is among the dtypes covered on purpose; torch warns once that it is experimental
+    pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning"),
+]
 
 
 def _events(ex: Example) -> None:
