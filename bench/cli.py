@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         os.makedirs(args.profile, exist_ok=True)
     try:
-        from harness.world import WorldPool, WorldSpec
+        from distckpt.testing.pool import WorldPool, WorldSpec
     except ImportError as exc:
         print(f"bench needs the project's harness package (harness/world.py): {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Rank side of the benchmark: every method saves and loads the same state on the same disk.
 
-:func:`run_case` runs inside each rank of a real gloo world (``harness.world``).
+:func:`run_case` runs inside each rank of a real gloo world (``distckpt.testing.pool``).
 It builds the workload's state once, then for every repetition runs every
 method's save in turn (interleaved, so that slow drifts of the machine hit all
 methods alike), then every method's load. Each operation starts right after a

@@ -21,7 +21,7 @@ import xxhash
 from distckpt import IntegrityError
 from tests.faults import scenario
 from tests.property import worlds
-from tests.property.strategies import Decl, Example
+from tests.property.strategies import Decl, Example, decl_files
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -103,7 +103,7 @@ def test_a_pickle_smuggled_in_as_a_component_file_with_a_matching_manifest_entry
 ) -> None:
     ex = scenario.example()
     path = Path(worlds.ok(worlds.save(ex, str(tmp_path), async_save=False))[0])
-    rel = ex.decl("trainer").files(ex.topo)[0][0]
+    rel = decl_files(ex.decl("trainer"), ex.topo)[0][0]
     _write_payload(path / rel, "raw-pickle")
     data = (path / rel).read_bytes()
     manifest = json.loads((path / "manifest.json").read_bytes())

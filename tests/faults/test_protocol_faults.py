@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from distckpt.errors import rank_span
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.faults import protocol_ranks, scenario
 from tests.faults.ranks import TIMEOUT
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.multirank import usability_ranks
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(180)]
