@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import boundedjson
+from . import dtensor as _dtensor
 from .errors import IntegrityError, SerializationError
 
 __all__ = [
@@ -139,8 +140,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def _check_tensor(t: torch.Tensor, path: str) -> None:
     """Refuse tensors the format cannot hold, naming their path."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
-        hint = " (DTensor: save t.to_local() or t.full_tensor())" if type(t).__name__ == "DTensor" else ""
-        raise SerializationError(f"{path}: tensor subclass {type(t).__qualname__} is not serializable{hint}")
+        raise SerializationError(f"{path}: tensor subclass {type(t).__qualname__} is not serializable")
     if t.layout is not torch.strided:
         raise SerializationError(f"{path}: {t.layout} tensors are not serializable; convert to dense")
     if t.is_quantized:
@@ -306,6 +306,8 @@ class _Encoder:
                 fast: dict[str, Any] = {"$tensor": self._add(t, st, _itemsize(t.dtype))}
                 self._alias[key] = fast
                 return dict(fast)
+        if kind is not torch.Tensor and kind is not torch.nn.Parameter and _dtensor.is_dtensor(t):
+            return _dtensor.encode(t, path, self.tensor)  # the local shard, plus its layout
         data = self._snapshot(t, path) if self.reuse is not None else _plain_cpu(t, path, self.copy)
         alias = None
         if t.numel() > 0 and t.layout is torch.strided:
@@ -349,7 +351,8 @@ class _Encoder:
 def state_nbytes(state: Any) -> int:
     """Bytes of tensor data in a state dict (nested dicts, lists and tuples), without encoding it. Pure."""
     if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
+        shard = _dtensor.local_or_self(state)  # a DTensor stores its shard only
+        return shard.numel() * shard.element_size()
     if isinstance(state, dict):
         return sum(state_nbytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):
@@ -589,6 +592,8 @@ def live_targets(skeleton: Any, entries: Iterable[TensorEntry], live: Any) -> di
                     visit(pair[1], obj[pair[0]])
         elif tag == "$tuple":
             visit(node[tag], obj)
+        elif tag == _dtensor.TAG:
+            visit(node[tag], _dtensor.live_local(node, obj))
         elif tag == "$tensor" and type(node[tag]) is str and isinstance(obj, torch.Tensor):
             target = _target(node, by_name.get(node[tag]), obj)
             if target is not None and node[tag] not in found:
@@ -676,6 +681,8 @@ class _Decoder:
         body = node[tag]
         if tag == "$tensor":
             return self.tensor(node)
+        if tag == _dtensor.TAG:
+            return _dtensor.decode(node, self.value)
         if tag == "$dict":
             return {k: self.value(v) for k, v in _pairs(body)}
         if tag == "$odict":

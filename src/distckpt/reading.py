@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import codec, storage
+from . import codec, dtensor, storage
 from .errors import IntegrityError
 from .manifest import FileEntry
 
@@ -76,6 +76,8 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 raise
             if index == 0:
                 skeleton = layout.skeleton
+                if live is not None:  # before any byte lands in a live tensor
+                    dtensor.check_skeleton(skeleton, live, full)
             targets = {}
             if live is not None and _disjoint(layout.entries):
                 targets = codec.live_targets(skeleton, layout.entries, live)
