@@ -113,7 +113,13 @@ class RNGHolder:
 
 
 def copy_into(live: Any, new: Any) -> Any:
-    """Copy ``new`` into ``live`` in place where shapes allow; return the result."""
+    """Copy ``new`` into ``live`` in place where shapes allow; return the result.
+
+    A tensor that already *is* the live one (an in-place load) is kept as is,
+    which is what ``live.copy_(live)`` amounts to, without the Python checks.
+    """
+    if live is new:
+        return live
     if isinstance(live, torch.Tensor) and isinstance(new, torch.Tensor) and live.shape == new.shape \
             and live.dtype == new.dtype:
         live.copy_(new)

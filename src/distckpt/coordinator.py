@@ -584,8 +584,7 @@ class CheckpointCoordinator:
             written = []
             for key, path, encoded, structure, siblings in produce():
                 storage.make_component_dir(plan.staging, key)
-                size, checksum = storage.write_file(os.path.join(plan.staging, path), encoded.chunks(),
-                                                    private=encoded.private)
+                size, checksum = storage.write_runs(os.path.join(plan.staging, path), encoded.runs())
                 predicted = {p: storage.checksum_of_chunks(piece.chunks()) for p, piece in siblings}
                 written.append((key, path, size, checksum, structure, predicted))
             return written

@@ -16,7 +16,6 @@ every rank, and the trainer must load again (or restart) before training on.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,25 +71,27 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
             if index == 0:
                 skeleton = layout.skeleton
             targets = {}
-            if live is not None and _disjoint(layout.entries):
-                targets = codec.live_targets(skeleton, layout.entries, live)
+            if live is not None and _disjoint(layout):
+                targets = codec.live_targets(skeleton, layout, live)
             views: list[memoryview] = []  # file order: scratch-buffer gaps and live tensors
             position = reader.position
-            for e in layout.entries:
-                if e.name in targets:
-                    if e.begin > position:
-                        views.append(reader.buffer[position:e.begin])
-                    view, tensor = targets[e.name]
-                    views.append(codec.tensor_bytes(view))
-                    overrides[e.name] = tensor
-                    position = e.end
+            if targets:
+                for name, begin, end in zip(layout.names, layout.begins, layout.ends):
+                    target = targets.get(name)
+                    if target is not None:
+                        if begin > position:
+                            views.append(reader.buffer[position:begin])
+                        view, tensor = target
+                        views.append(codec.tensor_bytes(view))
+                        overrides[name] = tensor
+                        position = end
             reader.read_into(views)  # one readv per 512 buffers, not one per tensor
             parts.append((layout, reader.finish()))
 
 
-def _disjoint(entries: Sequence[codec.TensorEntry]) -> bool:
+def _disjoint(layout: codec.FileLayout) -> bool:
     """Entries are sorted by offset; in-place reading needs them not to overlap."""
-    return all(a.end <= b.begin for a, b in itertools.pairwise(entries))
+    return all(end <= begin for end, begin in zip(layout.ends, layout.begins[1:]))
 
 
 def _check_part(layout: codec.FileLayout, index: int, count: int, where: str) -> None:
