@@ -18,8 +18,6 @@ the built-ins, and ``register_pattern`` adds your own.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .components import StateComponent, Stateful, ValidationLevel
 from .coordinator import CheckpointCoordinator
 from .errors import (
@@ -45,6 +43,7 @@ from .patterns import Pattern, SharingPattern, register_pattern, registered_patt
 from .report import LoadReport
 from .rng import RNGState
 from .topology import Topology
+from .version import __version__
 
 __all__ = [
     "ArgumentMismatchError",
@@ -68,9 +67,9 @@ __all__ = [
     "ReplicationMismatchError",
     "SaveHandle",
     "SerializationError",
-    "StateMismatchError",
     "SharingPattern",
     "StateComponent",
+    "StateMismatchError",
     "Stateful",
     "Topology",
     "TopologyMismatchError",

@@ -1,38 +1,49 @@
-"""A folder of checkpoints shared by saves: staging, commit, cleanup (part of the storage layer).
+"""The series: a folder of checkpoints shared by saves (part of the storage layer).
 
-Every function here is re-exported by :mod:`distckpt.storage`, where callers
-use it. Naming, commit and cleanup run under the folder lock
-(:mod:`distckpt.locks`); a staging directory is removed only once the process
-that owns it is gone; ``overwrite=True`` swaps old and new in one step where
-the OS can, and otherwise leaves the old checkpoint restorable. Nothing here is
+Two halves. The folder's mechanics: staging, commit and cleanup, re-exported
+by :mod:`distckpt.storage` where callers (the save phases, the CLI) use them.
+Naming, commit and cleanup run under the folder lock (:mod:`distckpt.locks`);
+a staging directory is removed only once the process that owns it is gone;
+``overwrite=True`` swaps old and new in one step where the OS can, and
+otherwise leaves the old checkpoint restorable. And the series' rules, called
+by the coordinator's facade and save phases on rank 0: which checkpoint is the
+latest (:func:`latest_committed`), the path, id and sequence number of the next
+save (:func:`allocate`), and retention (:func:`retain`). Nothing here is
 collective: rank 0 (or the CLI) calls it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import logging
 import os
 import shutil
 import stat
 import uuid
 from collections.abc import Callable
+from typing import Any
 
-from . import locks
+from . import locks, storage
 from .errors import CheckpointBusyError, CheckpointExistsError, IntegrityError, ManifestError
 from .manifest import MANIFEST_NAME, CheckpointManifest
+from .names import check_name
 from .storage import fsync_dir, require_real_dir, safe_join, staging_prefix
 
 __all__ = [
+    "Allocation",
+    "allocate",
     "clean_stale",
     "commit_directory",
     "create_staging",
     "discard_staging",
     "first_free",
     "folder_lock",
+    "latest_committed",
     "live_saves",
     "prepare_folder",
     "restore_stranded",
+    "retain",
 ]
 
 log = logging.getLogger("distckpt")
@@ -280,3 +291,81 @@ def _listdir(path: str) -> list[str]:
         return sorted(os.listdir(path))
     except OSError:
         return []
+
+
+# ---------------------------------------------------------------- the series' rules
+
+
+Allocation = dict[str, Any]
+
+
+def latest_committed(parent: str) -> str | None:
+    """Path of the newest committed checkpoint in ``parent`` (highest sequence), or ``None``. Local."""
+    committed = [e for e in storage.list_checkpoints(parent) if e.committed]
+    return committed[-1].path if committed else None
+
+
+def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool,
+             wait_s: float) -> Allocation:
+    """Rank 0 only, in the plan phase: final path, id, sequence and a fresh staging directory
+    this process owns, as ``{"path", "staging", "checkpoint_id", "sequence", "timestamp"}``.
+
+    All under the folder lock, so two saves (of this job or another job
+    sharing the folder) never claim one name or one sequence number: the
+    sequence is one past every committed checkpoint and every live save,
+    and a default id skips every name that is taken. Raises
+    :class:`CheckpointExistsError` for a name that is committed (without
+    ``overwrite``) or that a live save is writing, and
+    :class:`CheckpointBusyError` when the folder lock is held longer than ``wait_s``.
+    """
+    if checkpoint_path is not None:
+        final = os.path.abspath(os.fspath(checkpoint_path))
+        parent = os.path.dirname(final)
+    else:
+        parent = os.path.abspath(checkpoints_dir)
+    if checkpoint_id is not None:
+        check_name(str(checkpoint_id), field_name="checkpoint_id")
+    prepare_folder(parent)
+    with folder_lock(parent, wait_s):
+        clean_stale(parent)
+        live = live_saves(parent)
+        sequence = max([e.manifest.sequence for e in storage.list_checkpoints(parent) if e.manifest]
+                       + [owner.sequence for owner in live.values()], default=0) + 1
+        if checkpoint_path is not None:
+            cid = str(checkpoint_id) if checkpoint_id is not None else os.path.basename(final)
+        elif checkpoint_id is not None:
+            cid = str(checkpoint_id)
+            final = os.path.join(parent, f"checkpoint-{cid}")
+        else:  # the default id: a free name, never one that is taken
+            sequence = first_free(parent, sequence, lambda n: f"checkpoint-{n}", set(live))
+            cid = str(sequence)
+            final = os.path.join(parent, f"checkpoint-{cid}")
+        check_name(os.path.basename(final), field_name="checkpoint_path")
+        check_name(cid, field_name="checkpoint_id")
+        owner = live.get(os.path.basename(final))
+        if owner is not None:
+            raise CheckpointExistsError(
+                f"{final}: another save ({owner.holder}) is writing this checkpoint right now; "
+                "pass another checkpoint_id or wait for it"
+            )
+        if os.path.lexists(final) and not overwrite:
+            raise CheckpointExistsError(
+                f"{final}: a checkpoint already exists there; pass overwrite=True or another checkpoint_id"
+            )
+        staging = create_staging(final, uuid.uuid4().hex[:12], sequence)
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return {"path": final, "staging": staging, "checkpoint_id": cid, "sequence": sequence, "timestamp": stamp}
+
+
+def retain(checkpoints_dir: str, committed: str, keep_last: int | None) -> None:
+    """Rank 0, after a commit: keep the newest ``keep_last`` committed checkpoints of
+    ``checkpoints_dir`` (only when ``committed`` lies directly in it); a failed delete only warns."""
+    parent = os.path.abspath(checkpoints_dir)
+    if keep_last is None or os.path.dirname(os.path.abspath(committed)) != parent:
+        return
+    entries = [e for e in storage.list_checkpoints(parent) if e.committed]
+    for entry in entries[: max(0, len(entries) - keep_last)]:
+        try:
+            storage.remove_checkpoint(entry.path)
+        except OSError as exc:
+            log.warning("distckpt: retention could not remove %s: %s", entry.path, exc)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import queue
@@ -25,13 +24,19 @@ import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import xxhash
 
 from . import locks
 from .errors import IntegrityError, ManifestError
+from .hashing import (
+    CHECKSUM_ALGORITHM,
+    PipelinedHasher,
+    checksum_of,
+    checksum_of_chunks,
+    new_hasher,
+)
 from .layout import check_relpath
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest
 
@@ -70,114 +75,12 @@ __all__ = [
 
 log = logging.getLogger("distckpt")
 
-CHECKSUM_ALGORITHM = "xxh3-128"
 _BOUNCE_BYTES = 4 * 1024 * 1024  # bytes per private write buffer
 _BOUNCE_COUNT = 3  # buffers per writing thread: one being filled and hashed, up to two being written
 _READ_PIECE = 16 * 1024 * 1024  # hashed while still in cache
 _IOV_BATCH = 512  # buffers per readv (IOV_MAX is 1024 on Linux)
-_HASH_BATCH = 8 * 1024 * 1024  # bytes per hand-over to the hashing thread
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-class _Hasher(Protocol):
-    def update(self, data: bytes | memoryview | bytearray, /) -> None: ...
-    def hexdigest(self) -> str: ...
-
-
-def new_hasher(algorithm: str = CHECKSUM_ALGORITHM) -> _Hasher:
-    """A streaming hasher for ``algorithm`` ("xxh3-128", "xxh3-64" or "sha256")."""
-    if algorithm == "xxh3-128":
-        return xxhash.xxh3_128()
-    if algorithm == "xxh3-64":
-        return xxhash.xxh3_64()
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    raise IntegrityError(f"unknown checksum algorithm {algorithm!r}")
-
-
-class PipelinedHasher:
-    """A streaming hasher that hashes in a worker thread, in order, while the caller does I/O.
-
-    xxhash releases the GIL, so hashing chunk *n* overlaps the ``readv`` or
-    ``writev`` of chunk *n + 1*. Views are handed over in batches of a few MiB
-    (a queue operation per tiny tensor would cost more than hashing it); a
-    file smaller than one batch is hashed inline, without a thread. The caller
-    must keep the viewed memory unchanged until :meth:`hexdigest` returns, and
-    call :meth:`close` if it gives up early.
-    """
-
-    def __init__(self, algorithm: str = CHECKSUM_ALGORITHM) -> None:
-        self._hasher = new_hasher(algorithm)
-        self._batch: list[memoryview] = []
-        self._bytes = 0
-        self._queue: queue.SimpleQueue[list[memoryview] | None] | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def update(self, view: memoryview) -> None:
-        self._batch.append(view)
-        self._bytes += len(view)
-        if self._bytes >= _HASH_BATCH:
-            self._submit()
-
-    def _submit(self) -> None:
-        batch, self._batch, self._bytes = self._batch, [], 0
-        if not batch:
-            return
-        if self._queue is None:
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._work, name="distckpt-hash", daemon=True)
-            self._thread.start()
-        self._queue.put(batch)
-
-    def _work(self) -> None:
-        assert self._queue is not None
-        while (batch := self._queue.get()) is not None:
-            try:
-                for view in batch:
-                    self._hasher.update(view)
-            except BaseException as exc:  # reported by hexdigest
-                self._error = exc
-
-    def hexdigest(self) -> str:
-        """Wait for every pending batch, then the digest of everything given to :meth:`update`."""
-        if self._queue is None:  # small: everything is still in the batch; no thread needed
-            for view in self._batch:
-                self._hasher.update(view)
-            self._batch = []
-        else:
-            self._submit()
-            self.close()
-        if self._error is not None:
-            raise self._error
-        return self._hasher.hexdigest()
-
-    def close(self) -> None:
-        """Stop the worker (idempotent)."""
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-
-def checksum_of(data: bytes | bytearray | memoryview, algorithm: str = CHECKSUM_ALGORITHM) -> str:
-    """``"<algorithm>:<hex>"`` of ``data``."""
-    h = new_hasher(algorithm)
-    h.update(data)
-    return f"{algorithm}:{h.hexdigest()}"
-
-
-def checksum_of_chunks(chunks: Iterable[memoryview | bytes]) -> str:
-    """``"<algorithm>:<hex>"`` that :func:`write_file` would give for ``chunks``, without writing.
-
-    Called by the writer of a balanced write's part 0 to predict the other
-    parts' checksums from its own replica. Not collective; no I/O.
-    """
-    h = new_hasher(CHECKSUM_ALGORITHM)
-    for chunk in chunks:
-        h.update(chunk)
-    return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
 
 
 def fsync_dir(path: str) -> None:
@@ -238,7 +141,7 @@ def _bounce() -> _Bounce:
 
 class _RunWriter:
     """Writes one file from ``(view, owned)`` runs, in order: hashes in the caller's thread,
-    ``writev``\s in a worker thread meanwhile (a file of one buffer is written here, without a thread).
+    ``writev`` in a worker thread meanwhile (a file of one buffer is written here, without a thread).
 
     A view that is not ``owned`` is first copied into the thread's bounce buffers
     and that copy is hashed and written (the checksum is of the very bytes handed to

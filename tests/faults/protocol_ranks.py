@@ -62,17 +62,21 @@ def disagree(ctx: Any, ex: Example, out: str, op: str, argument: str, odd_rank: 
 
 def incompatible_on_one_rank(ctx: Any, ex: Example, out: str, odd_rank: int) -> dict[str, Any]:
     """Save; then load where ``odd_rank`` alone finds the checkpoint incompatible."""
-    from distckpt import ComponentMismatchError
+    from distckpt import ComponentMismatchError, loading
 
     coordinator = _coordinator(ctx, ex, out, _boxes(ex, ctx.rank))
     coordinator.save_checkpoint()
+    check = loading.check_compatible
     if ctx.rank == odd_rank:
         def refuse(*args: Any, **kwargs: Any) -> Any:
             raise ComponentMismatchError("component 'model' does not fit here (injected on one rank)")
-        coordinator._check_compatible = refuse
+        loading.check_compatible = refuse  # this rank's process only; put back below
     phases: list[str] = []
     coordinator.phase_hook = lambda phase, rank: phases.append(phase)
-    return {"rank": ctx.rank, **_outcome(coordinator.load_checkpoint), "phases": phases}
+    try:
+        return {"rank": ctx.rank, **_outcome(coordinator.load_checkpoint), "phases": phases}
+    finally:
+        loading.check_compatible = check
 
 
 def die_before_broadcast(ctx: Any, ex: Example, out: str, victim: int) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def test_consecutive_async_saves_reuse_snapshot_buffers_without_mixing_checkpoin
             weights.weight.fill_(float(step))
         expected.append(weights.weight.detach().clone())
         coord.save_checkpoint(checkpoint_id=str(step), async_save=True)
-        buffers = dict(coord._snapshots["model"])
+        buffers = dict(coord._async.snapshots["model"])
         if step:
             assert all(buffers[i] is previous[i] for i in buffers)  # same host memory, no new allocation
         previous = buffers

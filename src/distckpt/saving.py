@@ -1,0 +1,224 @@
+"""The save phases: plan, write and commit, as functions of a channel, a plan and storage.
+
+Called by the coordinator's facade (:meth:`CheckpointCoordinator.save_checkpoint`)
+on every rank, and by :mod:`distckpt.asyncsave`'s background thread for the
+write and commit of an asynchronous save. Every phase ends in an
+error-carrying collective (:func:`~distckpt.collectives.exchange` or
+:func:`~distckpt.collectives.announce`), so a failure on any rank is raised on
+every rank at the same step. Validation, phase 2, is :mod:`distckpt.validation`.
+
+1. :func:`plan`: rank 0 fixes path, id and sequence and creates the staging
+   directory (:func:`distckpt.series.allocate`); every rank reports its node,
+   groups and declarations; every rank checks agreement and derives the same
+   file plan (:mod:`distckpt.planning`).
+2. :func:`write`: the lowest rank of every replica set writes that set's file
+   into staging, hashing while writing (a balanced write: several members of a
+   large set write one part each); every rank checks the parts fit together.
+3. :func:`commit`: every rank votes; only then does rank 0 write the manifest
+   last, rename staging to the final name and apply retention.
+
+A failed phase leaves staging in place; the facade (or the background thread)
+removes it on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import storage
+from .codec import encode, state_nbytes
+from .collectives import Comm, announce, exchange
+from .components import StateComponent
+from .hashing import checksum_of, checksum_of_chunks
+from .layout import ComponentPlan
+from .manifest import MANIFEST_NAME, CheckpointManifest
+from .planning import (
+    Job,
+    Produce,
+    Record,
+    SavePlan,
+    agree,
+    build_manifest,
+    check_parts_agree,
+    check_same_plan,
+    plan_components,
+    plan_digest,
+)
+from .series import Allocation
+
+__all__ = ["States", "commit", "encoder", "plan", "write", "write_and_commit"]
+
+log = logging.getLogger("distckpt")
+
+
+class States:
+    """This rank's state of each component in one save, asked of its ``Stateful`` at most once.
+
+    ``state_dict()`` is called only where needed: on the ranks that write a
+    file of the component or validate it, or report its size.
+    """
+
+    def __init__(self, components: Mapping[str, StateComponent]) -> None:
+        self._components = components
+        self._states: dict[str, Any] = {}
+
+    def __call__(self, key: str) -> Any:
+        if key not in self._states:
+            self._states[key] = self._components[key].stateful.state_dict()
+        return self._states[key]
+
+
+def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[[], dict[str, Any]],
+         states: States, *, allocate: Callable[[], Allocation], min_part_bytes: int | None,
+         hook: Callable[[str], None], args: Mapping[str, Any]) -> SavePlan:
+    """Phase 1, collective: agree on the call, the world and the files; rank 0 allocates the target.
+
+    ``report`` gives this rank's node, groups and declarations
+    (:func:`distckpt.planning.local_report`); ``allocate`` runs on rank 0 only
+    (:func:`distckpt.series.allocate`). ``args`` are this rank's call
+    arguments, compared across ranks. On failure anywhere, every rank raises,
+    and rank 0 removes the staging directory it had created.
+    """
+    mine: dict[str, Any] = {}
+
+    def work() -> dict[str, Any]:
+        hook("plan")
+        out = report()
+        if min_part_bytes is not None and comm.world_size > 1:  # sizes decide balanced writes
+            out["sizes"] = {c.key: state_nbytes(states(c.key)) for c in components if c.pattern.identical_replicas}
+        if comm.rank == 0:
+            out["decision"] = mine["decision"] = allocate()
+        return out
+
+    try:
+        reports = exchange(comm, "plan", work, agree=args)
+        decision = reports[0]["decision"]
+        topology = agree(reports)
+        plans = _plan_files(comm, components, topology, reports, min_part_bytes)
+    except BaseException:
+        if "decision" in mine:
+            storage.discard_staging(mine["decision"]["staging"])
+        raise
+    return SavePlan(topology=topology, components=plans, **decision)
+
+
+def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
+                reports: Sequence[Mapping[str, Any]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
+    """Every rank: each component's files from its pattern, inside a collective so that a
+    pattern that raises, or answers differently on some rank, fails every rank."""
+    plans: dict[str, ComponentPlan] = {}
+
+    def work() -> str:
+        plans.update(plan_components(topology, components, reports, min_part_bytes))
+        return plan_digest(plans)
+
+    digests = exchange(comm, "plan", work)
+    check_same_plan(digests, components)
+    return plans
+
+
+def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: States,
+            snapshots: dict[str, dict[int, torch.Tensor]] | None = None) -> Produce:
+    """This rank's files to write: encoded lazily (``snapshots`` is None, a synchronous save) or
+    copied to host memory now, reusing the buffers in ``snapshots`` (an asynchronous save).
+
+    Local. An error while snapshotting is not raised here: the returned
+    producer raises it inside the write phase, so every rank hears it.
+    """
+    copy = snapshots is not None
+
+    def jobs() -> Iterator[Job]:
+        for c in components:
+            for f in plan.components[c.key].files:
+                if f.writer == rank:
+                    reuse = snapshots.setdefault(c.key, {}) if snapshots is not None else None
+                    encoded = encode(states(c.key), copy=copy, reuse=reuse)
+                    if f.parts == 1:  # a whole file: nothing to fit together
+                        yield c.key, f.path, encoded, "", ()
+                        continue
+                    structure = checksum_of(encoded.header, "xxh3-64")
+                    pieces = encoded.split(f.parts)
+                    siblings = tuple((p.path, pieces[p.part]) for p in plan.components[c.key].files
+                                     if f.part == 0 and p.ranks == f.ranks and p.part != 0)
+                    yield c.key, f.path, pieces[f.part], structure, siblings
+
+    if not copy:
+        return jobs
+    try:
+        snapshot = list(jobs())
+    except Exception as exc:  # reported through the write phase, so every rank hears it
+        error = exc
+
+        def failed() -> Iterator[Job]:
+            raise error
+        return failed
+    return lambda: iter(snapshot)
+
+
+def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], None]) -> dict[str, dict[str, Record]]:
+    """Phase 3, collective: each writer writes its sets' files into staging; all-gather the records.
+
+    Every rank then checks that the parts of each balanced write come from
+    one state: the same structure, and each part's checksum equal to the
+    one the part-0 writer predicts from its own replica (else the parts
+    would assemble into a state no rank holds).
+    """
+    def work() -> list[tuple[str, str, int, str, str, dict[str, str]]]:
+        hook("write")
+        written = []
+        for key, path, encoded, structure, siblings in produce():
+            storage.make_component_dir(plan.staging, key)
+            size, checksum = storage.write_runs(os.path.join(plan.staging, path), encoded.runs())
+            predicted = {p: checksum_of_chunks(piece.chunks()) for p, piece in siblings}
+            written.append((key, path, size, checksum, structure, predicted))
+        return written
+
+    gathered = exchange(comm, "write", work)
+    records: dict[str, dict[str, Record]] = {}
+    predictions: dict[str, dict[str, str]] = {}
+    for rank, items in enumerate(gathered):
+        for key, path, size, checksum, structure, predicted in items:
+            records.setdefault(key, {})[path] = (size, checksum, rank, structure)
+            predictions.setdefault(key, {}).update(predicted)
+    check_parts_agree(plan, records, predictions)
+    return records
+
+
+def commit(comm: Comm, plan: SavePlan, manifest: CheckpointManifest, *, overwrite: bool, wait_s: float,
+           hook: Callable[[str], None], retain: Callable[[str], None]) -> None:
+    """Phase 4, collective: every rank votes; then rank 0 writes ``manifest`` last, renames staging
+    into place (waiting at most ``wait_s`` for the folder lock) and calls ``retain(path)``."""
+    def prepare() -> None:
+        hook("commit")
+        if comm.rank == 0:
+            storage.require_real_dir(plan.staging, "staging directory")
+            for key in plan.components:
+                storage.fsync_dir(os.path.join(plan.staging, key))
+            manifest.save(os.path.join(plan.staging, MANIFEST_NAME))
+            storage.fsync_dir(plan.staging)
+
+    def publish() -> None:  # rank 0 only
+        storage.commit_directory(plan.staging, plan.path, overwrite, wait_s)
+        retain(plan.path)
+
+    exchange(comm, "commit", prepare)
+    announce(comm, "commit", publish)
+
+
+def write_and_commit(comm: Comm, plan: SavePlan, produce: Produce, components: Sequence[StateComponent],
+                     validated: Mapping[str, str], *, overwrite: bool, wait_s: float,
+                     hook: Callable[[str], None], retain: Callable[[str], None], started: float) -> None:
+    """Phases 3 and 4, collective; logs the committed save. ``validated``: key -> level used."""
+    records = write(comm, plan, produce, hook)
+    manifest = build_manifest(plan, components, records, validated)
+    commit(comm, plan, manifest, overwrite=overwrite, wait_s=wait_s, hook=hook, retain=retain)
+    total = sum(c.size_bytes for c in manifest.components.values())
+    log.info("distckpt: saved %s (%d components, %d files, %d bytes) in %.3f s", plan.path,
+             len(manifest.components), sum(len(c.files) for c in manifest.components.values()),
+             total, time.perf_counter() - started)
