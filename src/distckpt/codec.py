@@ -24,7 +24,7 @@ import math
 import operator
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "FileLayout",
     "TensorEntry",
     "assemble",
+    "copy_to_targets",
     "decode",
     "encode",
     "encode_leaf",
@@ -71,6 +72,9 @@ _FROM_ST: dict[str, torch.dtype] = {
     st: getattr(torch, name) for st, name in _ST_NAMES.items() if hasattr(torch, name)
 }
 _TO_ST: dict[torch.dtype, str] = {dt: st for st, dt in _FROM_ST.items()}
+#: dtype -> (safetensors name, element size, complex?) for the encoder's fast path
+_FAST_DTYPES: dict[torch.dtype, tuple[str, int, bool]] = {
+    dt: (st, torch.empty(0, dtype=dt).element_size(), dt.is_complex) for dt, st in _TO_ST.items()}
 _NP_KINDS = set("biufcUSMm")
 _NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
                            torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128})
@@ -178,13 +182,6 @@ _PACKABLE = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat
                        torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128})
 
 
-def _packed(run: list[torch.Tensor]) -> memoryview:
-    """One private copy of the contiguous tensors ``run`` (all of one dtype), back to back."""
-    if len(run) == 1:
-        return tensor_bytes(run[0].clone())
-    return tensor_bytes(torch._utils._flatten_dense_tensors(run))
-
-
 @dataclass(frozen=True)
 class EncodedState:
     """A state dict ready to stream: the safetensors header and the tensors in file order.
@@ -222,13 +219,15 @@ class EncodedState:
             if size:
                 yield tensor_bytes(t)
 
-    def runs(self) -> Iterator[tuple[memoryview, bool]]:
-        """The file's bytes as ``(view, owned)``, for :func:`distckpt.storage.write_runs`.
+    def runs(self) -> Iterator[tuple[memoryview, bool] | tuple[list[torch.Tensor], int]]:
+        """The file's bytes for :func:`distckpt.storage.write_runs`, in order.
 
-        ``owned`` views are private copies nothing else changes (the header, a
-        private encoding's snapshots, and runs of small tensors packed here into
-        one buffer per dtype: one copy, one hash and one write per run instead of
-        per tensor); the writer copies the others into its own buffer first.
+        ``(view, True)``: a private copy nothing else changes (the header, a
+        private encoding's snapshots); ``(view, False)``: a large tensor's bytes,
+        which the writer copies before hashing; ``(tensors, nbytes)``: a run of
+        small tensors of one dtype, at most :data:`RUN_BYTES` together, which the
+        writer copies back to back with one call (one copy, hash and write per
+        run instead of per tensor).
         """
         yield memoryview(self.header), True
         if self.private:
@@ -244,18 +243,18 @@ class EncodedState:
                 continue
             if size >= PACK_BELOW or t.dtype not in _PACKABLE:
                 if run:
-                    yield _packed(run), True
+                    yield run, run_bytes
                     run, run_bytes = [], 0
                 yield tensor_bytes(t), False
                 continue
             if run and (t.dtype is not run_dtype or run_bytes + size > RUN_BYTES):
-                yield _packed(run), True
+                yield run, run_bytes
                 run, run_bytes = [], 0
             run.append(t)
             run_bytes += size
             run_dtype = t.dtype
         if run:
-            yield _packed(run), True
+            yield run, run_bytes
 
     def to_bytes(self) -> bytes:
         """The whole file in memory (tests and small states)."""
@@ -370,16 +369,19 @@ class _Encoder:
                     raise SerializationError("bad key")
             return {"$dict": items}
         if kind is torch.Tensor or kind is torch.nn.Parameter:
-            if (obj.is_cpu and obj.layout is torch.strided and obj.is_contiguous() and obj.numel() > 0
-                    and not (obj.is_conj() or obj.is_neg() or obj.is_quantized)):
+            # A plain contiguous CPU tensor of a dtype safetensors has (never quantized), not a
+            # lazily conjugated or negated view, seen for the first time: referenced as is.
+            fast = _FAST_DTYPES.get(obj.dtype)
+            if (fast is not None and obj.is_cpu and obj.layout is torch.strided and obj.is_contiguous()
+                    and obj.numel() > 0 and not obj.is_neg() and not (fast[2] and obj.is_conj())):
                 ptr = obj.data_ptr()
-                seen = self._by_ptr.get(ptr)
-                if seen is None:
-                    st = _TO_ST.get(obj.dtype)
-                    if st is not None:
-                        node = {"$tensor": self._add(obj, st, _itemsize(obj.dtype))}
-                        self._by_ptr[ptr] = (obj, node)
-                        return node
+                if ptr not in self._by_ptr:
+                    tensors = self.tensors
+                    name = f"t{len(tensors)}"
+                    tensors.append((name, obj, fast[0], fast[1]))
+                    node = {"$tensor": name}
+                    self._by_ptr[ptr] = (obj, node)
+                    return node
             return self.tensor(obj, "")
         if obj is None or kind is str or kind is int or kind is bool or (kind is float and math.isfinite(obj)):
             return obj
@@ -728,16 +730,34 @@ def assemble(parts: Sequence[tuple[FileLayout, bytearray | memoryview]],
         raise IntegrityError(f"{where}: malformed safetensors content ({exc})"[:400]) from None
 
 
+def copy_to_targets(layout: FileLayout, buffer: bytearray | memoryview,
+                    targets: dict[str, tuple[torch.Tensor, torch.Tensor]], overrides: dict[str, torch.Tensor]) -> None:
+    """Copy entries of ``layout`` from ``buffer`` (the whole, verified file) into their live
+    ``targets`` (as :func:`live_targets` gives them) with one ``torch._foreach_copy_``, and
+    record each in ``overrides`` for :func:`assemble`. Called by the load path for small
+    tensors; pure (memory only)."""
+    views: dict[str, torch.Tensor] = {}
+    _tensors_of(layout, buffer, {}, views, wanted=targets)
+    names = [name for name in layout.names if name in targets]
+    torch._foreach_copy_([targets[name][0] for name in names], [views[name] for name in names])
+    for name in names:
+        overrides[name] = targets[name][1]
+
+
 def _tensors_of(layout: FileLayout, buffer: bytearray | memoryview, overrides: dict[str, torch.Tensor],
-                out: dict[str, torch.Tensor]) -> None:
-    """Add ``layout``'s tensors to ``out``: the override where there is one, else a view of
-    ``buffer`` (aligned to its element size, copied where the buffer is not). Consecutive
-    entries of one dtype are cut from one view of the buffer (one call per run, not per tensor)."""
+                out: dict[str, torch.Tensor], wanted: Mapping[str, Any] | None = None) -> None:
+    """Add ``layout``'s tensors (those in ``wanted`` if given) to ``out``: the override where
+    there is one, else a view of ``buffer`` (aligned to its element size, copied where the
+    buffer is not). Consecutive entries of one dtype are cut from one view of the buffer (one
+    call per run, not per tensor)."""
     names, dtypes, shapes, begins, ends = layout.names, layout.dtypes, layout.shapes, layout.begins, layout.ends
     count = len(names)
     i = 0
     while i < count:
         name = names[i]
+        if wanted is not None and name not in wanted:
+            i += 1
+            continue
         if name in out:
             raise IntegrityError(f"tensor {name!r} appears twice")
         if name in overrides:
@@ -747,7 +767,8 @@ def _tensors_of(layout: FileLayout, buffer: bytearray | memoryview, overrides: d
         dtype = dtypes[i]
         j = i + 1  # a run: same dtype, back to back, no override, not empty
         while (j < count and dtypes[j] is dtype and begins[j] == ends[j - 1] and ends[j] > begins[j]
-               and ends[i] > begins[i] and names[j] not in overrides):
+               and ends[i] > begins[i] and names[j] not in overrides
+               and (wanted is None or names[j] in wanted)):
             j += 1
         if j - i == 1:
             out[name] = _aligned(_tensor_at(buffer, TensorEntry(name, dtype, shapes[i], begins[i], ends[i])))

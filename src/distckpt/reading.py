@@ -39,9 +39,13 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
         raise IntegrityError(f"{root}: no file to read")
     parts: list[tuple[codec.FileLayout, memoryview]] = []
     overrides: dict[str, torch.Tensor] = {}
+    small: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
     try:
         with codec.gc_paused():  # thousands of small objects: a GC pass over a large state each time
-            _read_parts(root, entries, live, parts, overrides)
+            _read_parts(root, entries, live, parts, overrides, small)
+            for (layout, buffer), targets in zip(parts, small, strict=True):
+                if targets:  # verified: now into the live tensors, one call for all of them
+                    codec.copy_to_targets(layout, buffer, targets, overrides)
     except IntegrityError as exc:
         if not overrides:
             raise
@@ -55,8 +59,16 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
 
 
 def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
-                parts: list[tuple[codec.FileLayout, memoryview]], overrides: dict[str, torch.Tensor]) -> None:
-    """Read every file of ``entries`` in order, filling ``parts`` and ``overrides`` as it goes."""
+                parts: list[tuple[codec.FileLayout, memoryview]], overrides: dict[str, torch.Tensor],
+                small: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Read every file of ``entries`` in order, filling ``parts`` and ``overrides`` as it goes.
+
+    Live targets of at least :data:`~distckpt.codec.PACK_BELOW` bytes are read
+    straight into (one ``readv`` per 512); smaller ones are left in the
+    scratch buffer, which is read in large pieces, and listed in ``small``
+    (one dict per part) for :func:`~distckpt.codec.copy_to_targets` once
+    verified: a per-tensor view, hash and iovec would cost more than the copy.
+    """
     skeleton: Any = None
     for index, entry in enumerate(entries):
         full = storage.safe_join(root, entry.path)
@@ -75,10 +87,14 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 targets = codec.live_targets(skeleton, layout, live)
             views: list[memoryview] = []  # file order: scratch-buffer gaps and live tensors
             position = reader.position
+            later: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             if targets:
                 for name, begin, end in zip(layout.names, layout.begins, layout.ends):
                     target = targets.get(name)
                     if target is not None:
+                        if end - begin < codec.PACK_BELOW:
+                            later[name] = target
+                            continue
                         if begin > position:
                             views.append(reader.buffer[position:begin])
                         view, tensor = target
@@ -87,6 +103,7 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                         position = end
             reader.read_into(views)  # one readv per 512 buffers, not one per tensor
             parts.append((layout, reader.finish()))
+            small.append(later)
 
 
 def _disjoint(layout: codec.FileLayout) -> bool:

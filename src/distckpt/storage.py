@@ -71,6 +71,7 @@ __all__ = [
     "unlisted_files",
     "write_file",
     "write_runs",
+    "Run",
 ]
 
 log = logging.getLogger("distckpt")
@@ -117,11 +118,14 @@ class _Bounce:
 
     def __init__(self) -> None:
         self.buffers: list[memoryview] = []
+        self.tensors: list[torch.Tensor] = []  # the same memory, for torch.cat(..., out=)
         self.free: list[threading.Event] = []
 
     def buffer(self, index: int) -> memoryview:
         while len(self.buffers) <= index:
-            array: Any = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8).numpy()  # never zero-filled
+            tensor = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8)  # never zero-filled
+            array: Any = tensor.numpy()
+            self.tensors.append(tensor)
             self.buffers.append(memoryview(array).cast("B"))
             event = threading.Event()
             event.set()
@@ -164,6 +168,33 @@ class _RunWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
+    def add_run(self, tensors: list[torch.Tensor], nbytes: int) -> None:
+        """Copy small contiguous tensors of one dtype (``nbytes`` together, at most one buffer)
+        back to back into the bounce buffer with one ``torch.cat``: one copy for the run."""
+        dtype = tensors[0].dtype
+        itemsize = tensors[0].element_size()
+        if self._owned:
+            self._release_owned()
+        if self.fill + nbytes > _BOUNCE_BYTES or self.fill % itemsize:
+            self._flush()
+        self.ring.buffer(self.index)
+        target = self.ring.tensors[self.index][self.fill:self.fill + nbytes].view(dtype)
+        torch.cat([t if t.dim() == 1 else t.view(-1) for t in tensors], out=target)
+        self.fill += nbytes
+        self.size += nbytes
+        if self.fill == _BOUNCE_BYTES:
+            self._flush()
+
+    def _release_owned(self) -> None:
+        """Before bounce-buffered bytes: owned views waiting for their hand-over go first."""
+        if self._queue is None and self._owned_bytes + self.fill <= _BOUNCE_BYTES:
+            # a small file so far (a header): into the bounce buffer, no thread yet
+            pending, self._owned, self._owned_bytes = self._owned, [], 0
+            for piece in pending:
+                self._copy(piece)
+        else:
+            self._submit_owned()
+
     def add(self, view: memoryview, owned: bool) -> None:
         if owned:
             if self.fill:
@@ -176,12 +207,7 @@ class _RunWriter:
                     self._submit_owned()
         else:
             if self._owned:
-                if self._queue is None:  # a small file so far (a header): into the bounce buffer, no thread yet
-                    pending, self._owned, self._owned_bytes = self._owned, [], 0
-                    for piece in pending:
-                        self._copy(piece)
-                else:
-                    self._submit_owned()
+                self._release_owned()
             self._copy(view)
         self.size += len(view)
 
@@ -213,6 +239,8 @@ class _RunWriter:
 
     def _flush(self) -> None:
         """Hash the filled bounce buffer and hand it to the worker; wait until the next one is free."""
+        if not self.fill:
+            return
         index, length = self.index, self.fill
         self.hasher.update(self.ring.buffer(index)[:length])
         self.ring.free[index].clear()
@@ -287,21 +315,33 @@ def _as_bytes_view(chunk: memoryview | bytes) -> memoryview:
     return view
 
 
-def write_runs(path: str, runs: Iterable[tuple[memoryview, bool]]) -> tuple[int, str]:
-    """:func:`write_file` for ``(view, owned)`` runs (:meth:`distckpt.codec.EncodedState.runs`).
+#: One item of :func:`write_runs`: ``(bytes, owned)``, or ``(tensors, nbytes)`` for a run of small
+#: contiguous CPU tensors of one dtype, at most 4 MiB together, copied into the file back to back.
+Run = tuple[memoryview, bool] | tuple[list[torch.Tensor], int]
 
-    Called by the save path (writers only); not collective. ``owned`` views
-    are private copies, hashed and written as they are; the others are copied
-    first (see :func:`write_file`). Returns ``(size, "<algorithm>:<hex>")``;
-    on failure the partial file is removed and the ``OSError`` propagates.
+
+def write_runs(path: str, runs: Iterable[Run]) -> tuple[int, str]:
+    """:func:`write_file` for the runs of :meth:`distckpt.codec.EncodedState.runs`.
+
+    Called by the save path (writers only); not collective. ``(view, True)``
+    is a private copy, hashed and written as it is; ``(view, False)`` is
+    copied into this thread's buffers first (see :func:`write_file`), and so
+    is ``(tensors, nbytes)``, with one ``torch.cat`` for the whole run: one
+    copy, one hash and one write per few MiB, not per tensor. Returns
+    ``(size, "<algorithm>:<hex>")``; on failure the partial file is removed
+    and the ``OSError`` propagates.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
     writer = _RunWriter(fd)
     try:
-        for view, owned in runs:
+        for item, flag in runs:
+            if isinstance(item, list):
+                writer.add_run(item, int(flag))
+                continue
+            view = item
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
-            writer.add(view, owned)
+            writer.add(view, bool(flag))
         checksum = writer.finish()
         os.fsync(fd)
     except BaseException:
