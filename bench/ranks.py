@@ -136,14 +136,23 @@ class _NullHasher:
 @contextlib.contextmanager
 def no_checksum() -> Iterator[None]:
     """Bypass distckpt's checksums (save and load) by swapping its hasher factory."""
+    import importlib
+
     from distckpt import storage
 
-    original = storage.new_hasher
-    storage.new_hasher = lambda algorithm="xxh3-128": _NullHasher()  # type: ignore[assignment]
+    modules = [storage]
+    try:
+        modules.append(importlib.import_module("distckpt.hashing"))  # where the hasher lives since issue 13
+    except ImportError:
+        pass
+    originals = [m.new_hasher for m in modules]
+    for m in modules:
+        m.new_hasher = lambda algorithm="xxh3-128": _NullHasher()  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        storage.new_hasher = original  # type: ignore[assignment]
+        for m, original in zip(modules, originals, strict=True):
+            m.new_hasher = original  # type: ignore[attr-defined]
 
 
 def _tsave(obj: Any, path: str) -> None:
