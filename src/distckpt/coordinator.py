@@ -34,6 +34,7 @@ from typing import Any, Literal, overload
 
 from . import loading, saving, series, storage, validation
 from .asyncsave import AsyncSaves
+from .snapshots import DEFAULT_SNAPSHOT_BYTES
 from .collectives import Comm, default_comm
 from .components import StateComponent
 from .handle import SaveHandle
@@ -87,6 +88,14 @@ class CheckpointCoordinator:
             rank of each set reads and verifies, then broadcasts the bytes
             within the set over gloo: fewer reads of a shared file, e.g. a
             cold parallel file system). Both give the same state.
+        async_snapshot_bytes: host memory this rank's ``async_save``
+            snapshot may hold. A snapshot within it is copied whole before
+            the call returns and its buffers are kept for the next save; a
+            larger one streams: the call copies file after file while the
+            background thread writes them, waiting for the disk whenever the
+            copies not yet written would exceed the budget (a single larger
+            file is copied alone). ``None``: no bound. Default 8 GiB
+            (:data:`distckpt.snapshots.DEFAULT_SNAPSHOT_BYTES`).
     """
 
     def __init__(
@@ -102,7 +111,11 @@ class CheckpointCoordinator:
         min_part_bytes: int | None = DEFAULT_MIN_PART_BYTES,
         load_in_place: bool = True,
         load_strategy: str = "every_member_reads",
+        async_snapshot_bytes: int | None = DEFAULT_SNAPSHOT_BYTES,
     ) -> None:
+        if async_snapshot_bytes is not None and (type(async_snapshot_bytes) is not int or async_snapshot_bytes < 1):
+            raise ValueError(f"async_snapshot_bytes: expected a positive int or None, got {async_snapshot_bytes!r}")
+        self.async_snapshot_bytes = async_snapshot_bytes
         components = _checked_components(state_components)
         seconds = _checked_settings(keep_last, min_part_bytes, load_strategy, timeout)
         self.components: tuple[StateComponent, ...] = tuple(sorted(components, key=lambda c: c.key))
@@ -195,7 +208,8 @@ class CheckpointCoordinator:
             if async_save:
                 return self._async.start(
                     self._comm, plan,
-                    lambda buffers: saving.encoder(self.rank, self.components, plan, states, buffers),
+                    lambda buffers: saving.encoder(self.rank, self.components, plan, states, buffers,
+                                                   self.async_snapshot_bytes),
                     lambda comm, produce: self._write_and_commit(comm, plan, produce, validate, overwrite, started),
                     started,
                 )

@@ -51,6 +51,7 @@ from .planning import (
     plan_digest,
 )
 from .series import Allocation
+from .snapshots import SnapshotBudget, streamed
 
 __all__ = ["States", "commit", "encoder", "plan", "write", "write_and_commit"]
 
@@ -124,20 +125,26 @@ def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
 
 
 def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: States,
-            snapshots: dict[str, dict[int, torch.Tensor]] | None = None) -> Produce:
+            snapshots: dict[str, dict[int, torch.Tensor]] | None = None,
+            budget: int | None = None) -> Produce:
     """This rank's files to write: encoded lazily (``snapshots`` is None, a synchronous save) or
     copied to host memory now, reusing the buffers in ``snapshots`` (an asynchronous save).
 
     Local. An error while snapshotting is not raised here: the returned
-    producer raises it inside the write phase, so every rank hears it.
+    producer raises it inside the write phase, so every rank hears it. With a
+    ``budget`` (bytes) that this rank's files exceed, the copies stream
+    instead (:mod:`distckpt.snapshots`): the returned producer has a ``pump``
+    attribute, which the caller runs once the writing thread is started.
     """
     copy = snapshots is not None
 
-    def jobs() -> Iterator[Job]:
+    def jobs(reserve: Callable[[int], None] | None = None) -> Iterator[Job]:
         for c in components:
             for f in plan.components[c.key].files:
                 if f.writer == rank:
-                    reuse = snapshots.setdefault(c.key, {}) if snapshots is not None else None
+                    if reserve is not None:
+                        reserve(state_nbytes(states(c.key)))
+                    reuse = snapshots.setdefault(c.key, {}) if snapshots is not None and reserve is None else None
                     encoded = encode(states(c.key), copy=copy, reuse=reuse)
                     if f.parts == 1:  # a whole file: nothing to fit together
                         yield c.key, f.path, encoded, "", ()
@@ -150,6 +157,14 @@ def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, sta
 
     if not copy:
         return jobs
+    if budget is not None and snapshots is not None:
+        mine = sum(state_nbytes(states(c.key)) for c in components
+                   if any(f.writer == rank for f in plan.components[c.key].files))
+        if mine > budget:
+            snapshots.clear()  # buffers kept from an earlier save would count against the budget
+            produce, pump = streamed(jobs, SnapshotBudget(budget))
+            produce.pump = pump  # type: ignore[attr-defined]
+            return produce
     try:
         snapshot = list(jobs())
     except Exception as exc:  # reported through the write phase, so every rank hears it
