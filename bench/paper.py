@@ -21,7 +21,7 @@ import tempfile
 import time
 from typing import Any
 
-MESHES = {1024: (16, 8, 8), 16384: (256, 8, 8)}  # (dp, pp, tp)
+MESHES = {1024: (16, 8, 8), 16384: (256, 8, 8), 65536: (1024, 8, 8)}  # (dp, pp, tp)
 RANKS_PER_NODE = 8
 
 

@@ -271,9 +271,9 @@ class CheckpointCoordinator:
         if self.phase_hook is not None:
             self.phase_hook(phase, self.rank)
 
-    def _local_report(self) -> dict[str, Any]:
+    def _local_report(self, full: bool = False) -> dict[str, Any]:
         groups = {name: self._comm.group_members(pg) for name, pg in self._groups.items()}
-        return local_report(self._comm.node_id(), groups, self.components)
+        return local_report(self._comm.node_id(), groups, self.components, full)
 
     def _write_and_commit(self, comm: Comm, plan: SavePlan, produce: Produce, validate: bool, overwrite: bool,
                           started: float) -> None:

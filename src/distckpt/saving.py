@@ -75,7 +75,7 @@ class States:
         return self._states[key]
 
 
-def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[[], dict[str, Any]],
+def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[..., dict[str, Any]],
          states: States, *, allocate: Callable[[], Allocation], min_part_bytes: int | None,
          hook: Callable[[str], None], args: Mapping[str, Any]) -> SavePlan:
     """Phase 1, collective: agree on the call, the world and the files; rank 0 allocates the target.
@@ -100,7 +100,7 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[[], 
     try:
         reports = exchange(comm, "plan", work, agree=args)
         decision = reports[0]["decision"]
-        topology = agree(reports)
+        topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)))
         plans = _plan_files(comm, components, topology, reports, min_part_bytes)
     except BaseException:
         if "decision" in mine:
