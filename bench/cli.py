@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_paper:
         from . import paper as paper_mod
 
-        paper = paper_mod.run((1024,) if args.smoke else (1024, 16384))
+        paper = paper_mod.run((1024,) if args.smoke else (1024, 16384, 65536))
         print(report.paper_table(paper))
     g15 = report.goals15(cases)
     print(report.goals_table(g15, "goals of issue 15 (ratios repetition by repetition)",

@@ -141,10 +141,8 @@ def no_checksum() -> Iterator[None]:
     from distckpt import storage
 
     modules = [storage]
-    try:
-        modules.append(importlib.import_module("distckpt.hashing"))  # where the hasher lives since issue 13
-    except ImportError:
-        pass
+    with contextlib.suppress(ImportError):  # where the hasher lives since issue 13
+        modules.append(importlib.import_module("distckpt.hashing"))
     originals = [m.new_hasher for m in modules]
     for m in modules:
         m.new_hasher = lambda algorithm="xxh3-128": _NullHasher()  # type: ignore[attr-defined]

@@ -379,9 +379,9 @@ class _Encoder:
                     tensors = self.tensors
                     name = f"t{len(tensors)}"
                     tensors.append((name, obj, fast[0], fast[1]))
-                    node = {"$tensor": name}
-                    self._by_ptr[ptr] = (obj, node)
-                    return node
+                    leaf: dict[str, Any] = {"$tensor": name}
+                    self._by_ptr[ptr] = (obj, leaf)
+                    return leaf
             return self.tensor(obj, "")
         if obj is None or kind is str or kind is int or kind is bool or (kind is float and math.isfinite(obj)):
             return obj
@@ -390,7 +390,7 @@ class _Encoder:
         if kind is tuple:
             return {"$tuple": [self.fast(v) for v in obj]}
         if kind is OrderedDict:
-            node = {"$odict": [[k, self.fast(v)] for k, v in obj.items()]}
+            node: dict[str, Any] = {"$odict": [[k, self.fast(v)] for k, v in obj.items()]}
             for k in obj:
                 if type(k) is not str and type(k) is not int:
                     raise SerializationError("bad key")
@@ -685,7 +685,7 @@ def _parse_entries(text: str, start: int, file_size: int) -> FileLayout:
     part = meta.get(PART_KEY)
     if part is not None and type(part) is not str:
         raise ValueError("the part label is not a string")
-    if any(b > a for a, b in zip(begins[1:], begins)):  # not in file order yet: sort the columns
+    if any(b > a for a, b in zip(begins[1:], begins[:-1], strict=True)):  # not in file order yet: sort the columns
         order = sorted(range(len(begins)), key=begins.__getitem__)
         names, dtypes, shapes = [names[i] for i in order], [dtypes[i] for i in order], [shapes[i] for i in order]
         begins, ends = [begins[i] for i in order], [ends[i] for i in order]
@@ -778,7 +778,7 @@ def _tensors_of(layout: FileLayout, buffer: bytearray | memoryview, overrides: d
         base = torch.frombuffer(buffer, dtype=dtype, count=(ends[j - 1] - begins[i]) // size, offset=begins[i])
         if base.data_ptr() % min(size, 16):
             base = base.clone()  # a fresh allocation is aligned
-        pieces = base.split([(ends[k] - begins[k]) // size for k in range(i, j)])
+        pieces = torch.split(base, [(ends[k] - begins[k]) // size for k in range(i, j)])
         for k in range(i, j):
             if names[k] in out:
                 raise IntegrityError(f"tensor {names[k]!r} appears twice")
@@ -804,14 +804,14 @@ def live_targets(skeleton: Any, entries: FileLayout | Iterable[TensorEntry],
         return {}
     if isinstance(entries, FileLayout):
         names, dtypes, shapes = entries.names, entries.dtypes, entries.shapes
-        sizes = [end - begin for begin, end in zip(entries.begins, entries.ends)]
+        sizes = [end - begin for begin, end in zip(entries.begins, entries.ends, strict=True)]
     else:
         listed = list(entries)
         names = tuple(e.name for e in listed)
         dtypes = tuple(e.dtype for e in listed)
         shapes = tuple(e.shape for e in listed)
         sizes = [e.end - e.begin for e in listed]
-    index = dict(zip(names, range(len(names))))
+    index = dict(zip(names, range(len(names)), strict=True))
     found: list[tuple[str, dict[str, Any], torch.Tensor]] = []
     _pair_tensors(skeleton, live, found)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -869,7 +869,7 @@ def _pair_tensors(node: Any, obj: Any, found: list[tuple[str, dict[str, Any], to
                     k, v = pair
                     if (type(v) is dict or type(v) is list) and (type(k) is str or type(k) is int) and k in obj:
                         name = v.get("$tensor") if type(v) is dict else None
-                        if type(name) is str:  # a tensor node, inline
+                        if type(name) is str and type(v) is dict:  # a tensor node, inline
                             o = obj[k]
                             if isinstance(o, torch.Tensor):
                                 found.append((name, v, o))

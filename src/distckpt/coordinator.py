@@ -34,7 +34,6 @@ from typing import Any, Literal, overload
 
 from . import loading, saving, series, storage, validation
 from .asyncsave import AsyncSaves
-from .snapshots import DEFAULT_SNAPSHOT_BYTES
 from .collectives import Comm, default_comm
 from .components import StateComponent
 from .handle import SaveHandle
@@ -42,6 +41,7 @@ from .loading import LOAD_STRATEGIES
 from .names import check_name
 from .planning import Produce, SavePlan, local_report, validated_components
 from .report import LoadReport
+from .snapshots import DEFAULT_SNAPSHOT_BYTES
 
 __all__ = ["DEFAULT_MIN_PART_BYTES", "LOAD_STRATEGIES", "CheckpointCoordinator", "PhaseHook"]
 

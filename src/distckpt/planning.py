@@ -139,10 +139,17 @@ def plan_components(topology: Topology, components: Sequence[StateComponent],
     :func:`plan_digest` across ranks.
     """
     plans: dict[str, ComponentPlan] = {}
-    for c in components:
-        sizes = {r: rep.get("sizes", {}).get(c.key, 0) for r, rep in enumerate(reports)}
+    for index, c in enumerate(components):
+        sizes = {r: _size(rep.get("sizes"), index, c.key) for r, rep in enumerate(reports)}
         plans[c.key] = plan_component(topology, c.key, c.pattern, sizes=sizes, min_part_bytes=min_part_bytes)
     return plans
+
+
+def _size(sizes: Any, index: int, key: str) -> int:
+    """A rank's reported bytes of a component: ``sizes`` by component position (compact) or key."""
+    if isinstance(sizes, tuple):
+        return int(sizes[index]) if index < len(sizes) else 0
+    return int((sizes or {}).get(key, 0))
 
 
 def plan_digest(plans: Mapping[str, ComponentPlan]) -> str:

@@ -89,7 +89,7 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
             position = reader.position
             later: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             if targets:
-                for name, begin, end in zip(layout.names, layout.begins, layout.ends):
+                for name, begin, end in zip(layout.names, layout.begins, layout.ends, strict=True):
                     target = targets.get(name)
                     if target is not None:
                         if end - begin < codec.PACK_BELOW:
@@ -108,7 +108,7 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
 
 def _disjoint(layout: codec.FileLayout) -> bool:
     """Entries are sorted by offset; in-place reading needs them not to overlap."""
-    return all(end <= begin for end, begin in zip(layout.ends, layout.begins[1:]))
+    return all(end <= begin for end, begin in zip(layout.ends[:-1], layout.begins[1:], strict=True))
 
 
 def _check_part(layout: codec.FileLayout, index: int, count: int, where: str) -> None:

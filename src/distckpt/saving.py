@@ -91,16 +91,21 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     def work() -> dict[str, Any]:
         hook("plan")
         out = report()
-        if min_part_bytes is not None and comm.world_size > 1:  # sizes decide balanced writes
-            out["sizes"] = {c.key: state_nbytes(states(c.key)) for c in components if c.pattern.identical_replicas}
-        if comm.rank == 0:
-            out["decision"] = mine["decision"] = allocate()
+        if min_part_bytes is not None and comm.world_size > 1:  # sizes decide balanced writes (by position)
+            out["sizes"] = tuple(state_nbytes(states(c.key)) if c.pattern.identical_replicas else 0
+                                 for c in components)
         return out
+
+    def decide() -> dict[str, Any]:  # rank 0, once the world agrees; broadcast, not gathered
+        if "decision" not in mine:
+            mine["decision"] = allocate()
+        decided: dict[str, Any] = mine["decision"]
+        return decided
 
     try:
         reports = exchange(comm, "plan", work, agree=args)
-        decision = reports[0]["decision"]
         topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)))
+        decision = announce(comm, "plan", decide)
         plans = _plan_files(comm, components, topology, reports, min_part_bytes)
     except BaseException:
         if "decision" in mine:

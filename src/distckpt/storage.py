@@ -44,6 +44,7 @@ __all__ = [
     "CHECKSUM_ALGORITHM",
     "CheckpointEntry",
     "PipelinedHasher",
+    "Run",
     "VerifiedReader",
     "atomic_write_bytes",
     "checksum_of",
@@ -71,7 +72,6 @@ __all__ = [
     "unlisted_files",
     "write_file",
     "write_runs",
-    "Run",
 ]
 
 log = logging.getLogger("distckpt")
