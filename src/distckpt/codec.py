@@ -24,7 +24,7 @@ import math
 import operator
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,6 @@ __all__ = [
     "FileLayout",
     "TensorEntry",
     "assemble",
-    "copy_to_targets",
     "decode",
     "encode",
     "encode_leaf",
@@ -730,34 +729,16 @@ def assemble(parts: Sequence[tuple[FileLayout, bytearray | memoryview]],
         raise IntegrityError(f"{where}: malformed safetensors content ({exc})"[:400]) from None
 
 
-def copy_to_targets(layout: FileLayout, buffer: bytearray | memoryview,
-                    targets: dict[str, tuple[torch.Tensor, torch.Tensor]], overrides: dict[str, torch.Tensor]) -> None:
-    """Copy entries of ``layout`` from ``buffer`` (the whole, verified file) into their live
-    ``targets`` (as :func:`live_targets` gives them) with one ``torch._foreach_copy_``, and
-    record each in ``overrides`` for :func:`assemble`. Called by the load path for small
-    tensors; pure (memory only)."""
-    views: dict[str, torch.Tensor] = {}
-    _tensors_of(layout, buffer, {}, views, wanted=targets)
-    names = [name for name in layout.names if name in targets]
-    torch._foreach_copy_([targets[name][0] for name in names], [views[name] for name in names])
-    for name in names:
-        overrides[name] = targets[name][1]
-
-
 def _tensors_of(layout: FileLayout, buffer: bytearray | memoryview, overrides: dict[str, torch.Tensor],
-                out: dict[str, torch.Tensor], wanted: Mapping[str, Any] | None = None) -> None:
-    """Add ``layout``'s tensors (those in ``wanted`` if given) to ``out``: the override where
-    there is one, else a view of ``buffer`` (aligned to its element size, copied where the
-    buffer is not). Consecutive entries of one dtype are cut from one view of the buffer (one
-    call per run, not per tensor)."""
+                out: dict[str, torch.Tensor]) -> None:
+    """Add ``layout``'s tensors to ``out``: the override where there is one, else a view of
+    ``buffer`` (aligned to its element size, copied where the buffer is not). Consecutive
+    entries of one dtype are cut from one view of the buffer (one call per run, not per tensor)."""
     names, dtypes, shapes, begins, ends = layout.names, layout.dtypes, layout.shapes, layout.begins, layout.ends
     count = len(names)
     i = 0
     while i < count:
         name = names[i]
-        if wanted is not None and name not in wanted:
-            i += 1
-            continue
         if name in out:
             raise IntegrityError(f"tensor {name!r} appears twice")
         if name in overrides:
@@ -767,8 +748,7 @@ def _tensors_of(layout: FileLayout, buffer: bytearray | memoryview, overrides: d
         dtype = dtypes[i]
         j = i + 1  # a run: same dtype, back to back, no override, not empty
         while (j < count and dtypes[j] is dtype and begins[j] == ends[j - 1] and ends[j] > begins[j]
-               and ends[i] > begins[i] and names[j] not in overrides
-               and (wanted is None or names[j] in wanted)):
+               and ends[i] > begins[i] and names[j] not in overrides):
             j += 1
         if j - i == 1:
             out[name] = _aligned(_tensor_at(buffer, TensorEntry(name, dtype, shapes[i], begins[i], ends[i])))

@@ -39,13 +39,9 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
         raise IntegrityError(f"{root}: no file to read")
     parts: list[tuple[codec.FileLayout, memoryview]] = []
     overrides: dict[str, torch.Tensor] = {}
-    small: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
     try:
         with codec.gc_paused():  # thousands of small objects: a GC pass over a large state each time
-            _read_parts(root, entries, live, parts, overrides, small)
-            for (layout, buffer), targets in zip(parts, small, strict=True):
-                if targets:  # verified: now into the live tensors, one call for all of them
-                    codec.copy_to_targets(layout, buffer, targets, overrides)
+            _read_parts(root, entries, live, parts, overrides)
     except IntegrityError as exc:
         if not overrides:
             raise
@@ -59,15 +55,12 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
 
 
 def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
-                parts: list[tuple[codec.FileLayout, memoryview]], overrides: dict[str, torch.Tensor],
-                small: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+                parts: list[tuple[codec.FileLayout, memoryview]], overrides: dict[str, torch.Tensor]) -> None:
     """Read every file of ``entries`` in order, filling ``parts`` and ``overrides`` as it goes.
 
-    Live targets of at least :data:`~distckpt.codec.PACK_BELOW` bytes are read
-    straight into (one ``readv`` per 512); smaller ones are left in the
-    scratch buffer, which is read in large pieces, and listed in ``small``
-    (one dict per part) for :func:`~distckpt.codec.copy_to_targets` once
-    verified: a per-tensor view, hash and iovec would cost more than the copy.
+    Live targets (matched by entry index, :func:`~distckpt.codec.live_targets`)
+    are read straight into, 512 buffers per ``readv``; the gaps between them
+    go to the scratch buffer.
     """
     skeleton: Any = None
     for index, entry in enumerate(entries):
@@ -87,14 +80,10 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 targets = codec.live_targets(skeleton, layout, live)
             views: list[memoryview] = []  # file order: scratch-buffer gaps and live tensors
             position = reader.position
-            later: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             if targets:
                 for name, begin, end in zip(layout.names, layout.begins, layout.ends, strict=True):
                     target = targets.get(name)
                     if target is not None:
-                        if end - begin < codec.PACK_BELOW:
-                            later[name] = target
-                            continue
                         if begin > position:
                             views.append(reader.buffer[position:begin])
                         view, tensor = target
@@ -103,7 +92,6 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                         position = end
             reader.read_into(views)  # one readv per 512 buffers, not one per tensor
             parts.append((layout, reader.finish()))
-            small.append(later)
 
 
 def _disjoint(layout: codec.FileLayout) -> bool:
