@@ -403,13 +403,13 @@ def _variants_table(cases: list[dict[str, Any]]) -> list[str]:
 def goals_table(gs: list[dict[str, Any]], title: str = "goals of issue 5", loads: list[float] | None = None) -> str:
     lines = ["", f"== {title}" + (f" (load average over the cases: min {min(loads):.2f}, median "
                                   f"{statistics.median(loads):.2f}, max {max(loads):.2f})" if loads else ""),
-             f"{'goal':<66}{'target':>11}{'measured':>10}{'min / median / max':>22}  {'case':<13}met"]
+             f"{'goal':<66}{'target':>15}{'measured':>10}  {'min / median / max':<26}{'case':<18}met"]
     for g in gs:
         met = {True: "MET", False: "NOT MET", None: "n/a"}[g["met"]]
         st = g.get("stats")
         spread = " / ".join(_f(x, "{:.2f}") for x in st) if st else "-"
-        lines.append(f"{g['goal']:<66}{g['target']:>11}{_f(g['worst'], '{:.3f}'):>10}{spread:>22}  "
-                     f"{g['case'] or '-'!s:<13}{met}" + (f"  ({g['note']})" if g.get("note") else ""))
+        lines.append(f"{g['goal']:<66}{g['target']:>15}{_f(g['worst'], '{:.3f}'):>10}  {spread:<26}"
+                     f"{g['case'] or '-'!s:<18}{met}" + (f"  ({g['note']})" if g.get("note") else ""))
     return "\n".join(lines)
 
 
