@@ -17,7 +17,7 @@ from .workloads import WORKLOADS, effective_scale, fmt_bytes
 
 BASE_METHODS = ["physical", "distckpt", "distckpt-nohash", "distckpt-quick", "distckpt-tensor", "distckpt-full",
                 "torch.save-all", "torch.save-writers", "dcp"]
-VARIANT_METHODS = ["distckpt-copyload", "distckpt-bcast", "distckpt-balanced", "distckpt-whole"]
+VARIANT_METHODS = ["distckpt-copyload", "distckpt-bcast", "distckpt-balanced", "distckpt-whole", "distckpt-async-budget"]
 
 
 def has_async_save() -> bool:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         os.makedirs(args.profile, exist_ok=True)
     try:
-        from harness.world import WorldPool, WorldSpec
+        from distckpt.testing.pool import WorldPool, WorldSpec
     except ImportError as exc:
         print(f"bench needs the project's harness package (harness/world.py): {exc}", file=sys.stderr)
         return 2

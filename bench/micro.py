@@ -48,7 +48,7 @@ def _collectives(ctx: Any, n: int) -> dict[str, float]:
 
 
 def collectives(worlds: tuple[int, ...] = (2, 4, 8), n: int = 50) -> dict[int, dict[str, float]]:
-    from harness.world import WorldPool, WorldSpec
+    from distckpt.testing.pool import WorldPool, WorldSpec
 
     result: dict[int, dict[str, float]] = {}
     with WorldPool(max_ranks=max(worlds)) as pool:

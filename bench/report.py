@@ -23,6 +23,7 @@ LABELS = {
     "distckpt-balanced": "distckpt, balanced writes",
     "distckpt-whole": "distckpt, whole files",
     "distckpt-async": "distckpt async_save",
+    "distckpt-async-budget": "distckpt async, 1/4 budget",
     "proto-async": "proto: async save",
 }
 PATTERNS = {"big": "REPLICATED", "small": "REPLICATED", "hybrid": 'PER_GROUP("dp")', "rng": "PER_RANK",
@@ -61,7 +62,7 @@ def aggregate(workload: str, world: int, nodes: int, scale: float, warmup: int,
             row.update(save_s=_median(reps), save_reps=reps, written=r0["written"].get(m), files=r0["files"].get(m),
                        save_peak_rss=max(x["peak"] for p in per for x in p[warmup:]),
                        save_rss_delta=max(x["peak"] - x["base"] for p in per for x in p[warmup:]))
-            if m in ("proto-async", "distckpt-async"):
+            if m in ("proto-async", "distckpt-async", "distckpt-async-budget"):
                 row["blocking_reps"] = _slowest(per, warmup, "blocking_s")
                 row["blocking_s"] = _median(row["blocking_reps"])
             row["save_phases"] = _phases(per, warmup)

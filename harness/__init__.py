@@ -1,11 +1,9 @@
-"""Test harness for distckpt: simulated multi-node worlds, mini trainers, scenarios.
+"""Test harness for distckpt: mini trainers, scenarios and the runner that judges them.
 
-Submodules:
+The worlds they run in (a pool of warm rank processes with the environment
+torchrun gives real jobs) are test infrastructure shared with the test suite:
+:mod:`distckpt.testing.pool`. Submodules:
 
-- :mod:`harness.world` -- a pool of warm rank processes that run a function as a
-  ``torch.distributed`` world with the environment torchrun gives real jobs
-  (:mod:`harness._rank` is the rank-process side, :mod:`harness.probes` small
-  rank functions for checking it).
 - :mod:`harness.scenario` -- scenario files (TOML) parsed into frozen objects;
   :mod:`harness.patterns` imports the modules that register a scenario's own
   sharing patterns and builds pattern objects.

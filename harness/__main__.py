@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from harness.report import format_problems, format_row, format_summary, table_header
-from harness.scenario import ScenarioError, load_scenarios
+from harness.scenario import check_paths
 
 __all__ = ["main"]
 
@@ -39,10 +39,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 when every scenario met its expectation)."""
     args = _parser().parse_args(argv)
-    try:
-        scenarios = load_scenarios(args.paths)
-    except ScenarioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    scenarios, errors = check_paths(args.paths)
+    if errors:
+        for message in errors:
+            print(f"error: {message}", file=sys.stderr)
+        bad = len({m.split(": ", 1)[0] for m in errors})
+        print(f"{bad} bad scenario file{'s' if bad != 1 else ''}", file=sys.stderr)
         return 2
     if args.command == "check":
         for s in scenarios:
@@ -53,16 +55,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not scenarios:
         print("error: no scenarios to run", file=sys.stderr)
         return 2
+    from distckpt.testing.pool import WorldPool
     from harness.runner import run_scenarios
-    from harness.world import WorldPool
 
     started = time.perf_counter()
     max_ranks = max(max(s.topology.world_size, s.resume_topology.world_size) for s in scenarios)
-    print(table_header(), flush=True)
+    width = max(len(s.name) for s in scenarios)
+    print(table_header(width), flush=True)
     with WorldPool(max_ranks=max_ranks) as pool:
-        results = run_scenarios(
-            pool, scenarios, args.workdir, on_result=lambda r: print(format_row(r), flush=True)
-        )
+        results = []
+        for index, scenario in enumerate(scenarios, 1):  # progress on stderr; the table stays on stdout
+            print(f"[{index}/{len(scenarios)}] {scenario.name}: {scenario.trainer} "
+                  f"{scenario.describe_world()} ...", file=sys.stderr, flush=True)
+            results += run_scenarios(
+                pool, [scenario], args.workdir, on_result=lambda r: print(format_row(r, width), flush=True)
+            )
     elapsed = time.perf_counter() - started
     problems = format_problems(results)
     if problems:

@@ -10,8 +10,10 @@ For the five built-in patterns this is an independent, hand-written reading of
 the design of record (``DESIGN.md`` sections 1 and 3) that imports none of
 distckpt's partition code (``patterns``, ``topology``, ``layout``):
 
-- ranks are numbered node by node in a scenario: rank ``r`` lives on node
-  ``r // procs_per_node``; nodes are ordered by their lowest rank;
+- ranks are numbered node by node in a scenario: node ``n`` holds the
+  ``procs_per_node[n]`` ranks after those of the nodes before it (with equal
+  sizes, rank ``r`` lives on node ``r // procs_per_node``); nodes are ordered
+  by their lowest rank;
 - a mesh is row-major: the last dimension varies fastest over consecutive ranks,
   and the group of dimension ``d`` holding rank ``r`` is every rank whose
   coordinates equal ``r``'s except along ``d``;
@@ -114,9 +116,20 @@ class World:
         return {name: [list(s) for s in part] for name, part in self.groups}
 
 
-def node_blocks(nodes: int, procs_per_node: int) -> Partition:
-    """The ranks of each node when ranks are numbered node by node."""
-    return tuple(tuple(range(n * procs_per_node, (n + 1) * procs_per_node)) for n in range(nodes))
+def node_blocks(nodes: int, procs_per_node: int | Sequence[int]) -> Partition:
+    """The ranks of each node when ranks are numbered node by node.
+
+    ``procs_per_node`` is every node's size, or a sequence with each node's size
+    (nodes of different sizes, as torchrun numbers the workers of uneven agents).
+    """
+    sizes = [procs_per_node] * nodes if isinstance(procs_per_node, int) else list(procs_per_node)
+    if len(sizes) != nodes:
+        raise ValueError(f"{nodes} nodes but {len(sizes)} node sizes {sizes}")
+    blocks, first = [], 0
+    for size in sizes:
+        blocks.append(tuple(range(first, first + size)))
+        first += size
+    return tuple(blocks)
 
 
 def mesh_partition(mesh: Sequence[tuple[str, int]], dim: str) -> Partition:

@@ -23,16 +23,19 @@ _COLUMNS = (
 )
 
 
-def _line(cells: Sequence[str]) -> str:
+def _line(cells: Sequence[str], name_width: int) -> str:
+    """One row; a cell wider than its column widens it (nothing is ever cut)."""
+    widths = [max(name_width, _COLUMNS[0][1]), *(w for _, w, _ in _COLUMNS[1:])]
     parts = [
-        f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)
+        f"{cell:{align}{width}}"
+        for cell, width, (_, _, align) in zip(cells, widths, _COLUMNS, strict=True)
     ]
     return "  ".join(parts).rstrip()
 
 
-def table_header() -> str:
-    """The column titles and a rule."""
-    titles = _line([name for name, _, _ in _COLUMNS])
+def table_header(name_width: int = 0) -> str:
+    """The column titles and a rule; ``name_width``: the longest scenario name to come."""
+    titles = _line([name for name, _, _ in _COLUMNS], name_width)
     return f"{titles}\n{'-' * len(titles)}"
 
 
@@ -44,22 +47,23 @@ def _yes(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "NO")
 
 
-def format_row(r: ScenarioResult) -> str:
-    """One scenario's row."""
+def format_row(r: ScenarioResult, name_width: int = 0) -> str:
+    """One scenario's row, its name in full (``name_width`` as given to :func:`table_header`)."""
     return _line(
         [
-            r.name[:30],
+            r.name,
             r.trainer,
-            r.world[:16],
+            r.world,
             str(r.components),
             _num(r.files, "d"),
             _num(r.bytes, ",d"),
             _num(r.save_s, ".3f"),
             _num(r.load_s, ".3f"),
             _yes(r.bit_exact),
-            r.expectation[:32],
+            r.expectation,
             _yes(r.met),
-        ]
+        ],
+        name_width,
     )
 
 

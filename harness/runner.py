@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distckpt.testing.pool import RankOutcome, WorldPool, WorldSpec, WorldTimeout
 from harness import oracle, session
+from harness.exactness import compare_elastic, compare_runs, record_exactness
 from harness.scenario import Scenario, Topology
-from harness.world import RankOutcome, WorldPool, WorldSpec, WorldTimeout
 
 __all__ = [
     "Failed",
@@ -39,7 +40,6 @@ __all__ = [
     "run_scenarios",
 ]
 
-_MAX_DIFFS = 6
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
             pool.run(_spec(s.topology), session.handoff_start, s, timeout=timeout),
             "reference (to the save step)",
         )
-        handed = {c.key: first[0].state for c in s.components}
+        handed = {key: first[0].state for key in s.expected_loaded()}
         states = {k: v[k] for k, v in handed.items() if v is not None}
         ref_tail = _values(
             pool.run(_spec(s.resume_topology), session.handoff_finish, s, states, timeout=timeout),
@@ -189,13 +189,14 @@ def _run_positive(pool: WorldPool, s: Scenario, out: Path, result: ScenarioResul
         "resume",
     )
     check_resumed(s, resumed, result)
+    fresh = set(s.expected_skipped())  # skipped at load: they start fresh, as a new trainer's
     if s.elastic:
-        diffs = _compare_elastic(first, ref_tail, saved, resumed)
+        diffs = compare_elastic(first, ref_tail, saved, resumed, fresh)
     else:
         reference = _values(
             pool.run(_spec(s.topology), session.reference, s, timeout=timeout), "reference"
         )
-        diffs = compare_runs(reference, saved, resumed)
+        diffs = compare_runs(reference, saved, resumed, fresh)
     record_exactness(s, diffs, result)
 
 
@@ -223,20 +224,17 @@ def check_saved(
 
 
 def check_resumed(s: Scenario, resumed: list[session.RankRun], result: ScenarioResult) -> None:
-    """Judge a successful load: no error, every declared component loaded on every rank."""
+    """Judge a successful load: no error, on every rank every component declared in both
+    worlds loaded, and exactly the ones the resuming world adds or drops skipped."""
     _no_library_errors(resumed, "resume")
     result.load_s = max(r.seconds for r in resumed)
-    declared = sorted(c.key for c in s.components)
+    declared = s.expected_loaded()
+    skipped = s.expected_skipped()
     for r in resumed:
         if sorted(r.loaded) != declared:
-            result.problems.append(f"rank {r.rank} loaded {sorted(r.loaded)}, declared {declared}")
-
-
-def record_exactness(s: Scenario, diffs: list[str], result: ScenarioResult) -> None:
-    """Record whether the resumed run was bit-exact (a problem unless the scenario waives it)."""
-    result.bit_exact = not diffs
-    if diffs and s.expect.bit_exact:
-        result.problems.append("resume is not bit-exact:\n  " + "\n  ".join(diffs[:_MAX_DIFFS]))
+            result.problems.append(f"rank {r.rank} loaded {sorted(r.loaded)}, expected {declared}")
+        if dict(r.skipped) != skipped:
+            result.problems.append(f"rank {r.rank} skipped {dict(r.skipped)}, expected {skipped}")
 
 
 def _manifest_totals(path: str, result: ScenarioResult) -> tuple[int | None, int | None]:
@@ -250,62 +248,6 @@ def _manifest_totals(path: str, result: ScenarioResult) -> tuple[int | None, int
         return None, None
     entries = [f for c in manifest.components.values() for f in c.files]
     return len(entries), sum(f.size_bytes for f in entries)
-
-
-def compare_runs(
-    reference: list[session.RankRun], saved: list[session.RankRun], resumed: list[session.RankRun]
-) -> list[str]:
-    diffs: list[str] = []
-    for ref, first, last in zip(reference, saved, resumed, strict=True):
-        joined = first.losses + last.losses
-        if ref.losses != joined:
-            diffs.append(
-                f"rank {ref.rank} losses differ: reference {_losses(ref.losses)}, "
-                f"saved+resumed {_losses(joined)}"
-            )
-        diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint))
-    return diffs
-
-
-def _compare_elastic(
-    first: list[session.RankRun],
-    tail: list[session.RankRun],
-    saved: list[session.RankRun],
-    resumed: list[session.RankRun],
-) -> list[str]:
-    diffs: list[str] = []
-    for a, b in zip(first, saved, strict=True):
-        if a.losses != b.losses:
-            diffs.append(
-                f"rank {a.rank} losses before the save differ: "
-                f"{_losses(a.losses)} vs {_losses(b.losses)}"
-            )
-    for ref, last in zip(tail, resumed, strict=True):
-        if ref.losses != last.losses:
-            diffs.append(
-                f"rank {ref.rank} losses after the resume differ: reference "
-                f"{_losses(ref.losses)}, resumed {_losses(last.losses)}"
-            )
-        diffs.extend(_fingerprint_diff(ref.rank, ref.fingerprint, last.fingerprint))
-    return diffs
-
-
-def _fingerprint_diff(
-    rank: int, want: dict[str, dict[str, str]], got: dict[str, dict[str, str]]
-) -> list[str]:
-    out: list[str] = []
-    for key in sorted(set(want) | set(got)):
-        a, b = want.get(key, {}), got.get(key, {})
-        if a == b:
-            continue
-        leaves = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        shown = ", ".join(leaves[:4]) + (f" (+{len(leaves) - 4} more)" if len(leaves) > 4 else "")
-        out.append(f"rank {rank} {key} differs at {shown}")
-    return out
-
-
-def _losses(values: list[float]) -> str:
-    return "[" + ", ".join(f"{v:.9g}" for v in values) + "]"
 
 
 # ---------------------------------------------------------------- negative

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from distckpt import CheckpointCoordinator, CheckpointError, StateComponent
+from distckpt import CheckpointCoordinator, CheckpointError
+from distckpt.testing.pool import RankContext
 from harness.patterns import load_imports
-from harness.scenario import FaultSpec, Scenario, Topology
+from harness.scenario import ComponentSpec, FaultSpec, Scenario, Topology
 from harness.trainers import Trainer, trainer_class
-from harness.world import RankContext
 
 __all__ = [
     "LibraryError",
@@ -72,6 +72,7 @@ class RankRun:
     path: str | None = None
     seconds: float = 0.0
     loaded: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
     error: LibraryError | None = None
     state: dict[str, Any] | None = None
 
@@ -109,24 +110,16 @@ def coordinator(
     scenario: Scenario,
     trainer: Trainer,
     hook: Callable[[str, int], None] | None = None,
+    declarations: tuple[ComponentSpec, ...] | None = None,
 ) -> CheckpointCoordinator:
-    """A coordinator over the scenario's declared components, writing under ``ctx.workdir``.
+    """A coordinator over ``declarations`` (default: the saving world's), writing under ``ctx.workdir``.
 
     Imports the scenario's pattern modules first (a rank process does not inherit the
     parent's imports), then declares every component with its pattern object."""
     load_imports(scenario.imports)
     available = trainer.components()
-    components = [
-        StateComponent(
-            key=c.key,
-            stateful=available[c.key],
-            sharing_pattern=c.pattern_object(),
-            required=c.required,
-            validate_replication=c.validate,
-            validation_level=c.level,
-        )
-        for c in scenario.components
-    ]
+    declared = scenario.components if declarations is None else declarations
+    components = [c.component(available[c.key]) for c in declared]
     options: dict[str, Any] = {}
     if scenario.run.min_part_bytes is not None:
         options["min_part_bytes"] = scenario.run.min_part_bytes
@@ -193,12 +186,15 @@ def save(ctx: RankContext, scenario: Scenario) -> RankRun:
 
 
 def resume(ctx: RankContext, scenario: Scenario, topology: Topology) -> RankRun:
-    """Fresh trainer in ``topology``, load the latest checkpoint, train to ``steps``."""
+    """Fresh trainer in ``topology``, load the latest checkpoint, train to ``steps``.
+
+    The resuming world declares ``scenario.resuming`` and loads with ``strict=scenario.resume_strict``.
+    """
     trainer = build_trainer(ctx, scenario, topology, fresh=True)
-    coord = coordinator(ctx, scenario, trainer)
+    coord = coordinator(ctx, scenario, trainer, declarations=scenario.resuming)
     started = time.perf_counter()
     try:
-        report = coord.load_checkpoint()
+        report = coord.load_checkpoint(strict=scenario.resume_strict)
     except CheckpointError as exc:
         return RankRun(ctx.rank, seconds=time.perf_counter() - started, error=LibraryError.of(exc))
     seconds = time.perf_counter() - started
@@ -210,6 +206,7 @@ def resume(ctx: RankContext, scenario: Scenario, topology: Topology) -> RankRun:
         path=report.path,
         seconds=seconds,
         loaded=tuple(report.loaded),
+        skipped=dict(report.skipped),
     )
 
 

@@ -28,6 +28,7 @@ import dataclasses
 import os
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -97,8 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"SKIP {scenario.name}: {reason}")
         return 0
     world = int(os.environ["WORLD_SIZE"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    nodes = int(os.environ.get("GROUP_WORLD_SIZE", str(max(1, world // local_world))))
     if world != scenario.topology.world_size:
         if rank == 0:
             print(
@@ -107,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 2
-    topology = Topology(nodes=nodes, procs_per_node=local_world, mesh=scenario.topology.mesh)
     backend = _choose_backend(args.backend)
     if backend == "nccl":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -121,9 +119,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=scenario.run.world_timeout))
     try:
+        try:
+            sizes = _launch_node_sizes()
+            topology = Topology(nodes=len(sizes), procs_per_node=sizes, mesh=scenario.topology.mesh)
+        except LaunchLayoutError as exc:
+            if rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return 2
         return _run(scenario, topology, backend, Path(args.workdir), args.json_path)
     finally:
         dist.destroy_process_group()
+
+
+class LaunchLayoutError(RuntimeError):
+    """The launcher's ranks are not numbered node by node (the same on every rank)."""
+
+
+def _launch_node_sizes() -> tuple[int, ...]:
+    """The size of every node of this launch, from every rank's launcher variables; collective.
+
+    torchrun numbers workers agent by agent, also when agents run different
+    numbers of workers (``--nproc-per-node`` differing between nodes): node
+    ``GROUP_RANK`` holds the ``LOCAL_WORLD_SIZE`` consecutive ranks after those of
+    the nodes before it. Raises :class:`LaunchLayoutError` on every rank when the
+    variables say otherwise.
+    """
+    import torch.distributed as dist
+
+    mine = (
+        int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0"))),
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
+    )
+    places: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(places, mine)
+    sizes: list[int] = []
+    first = 0  # the first rank of the current node
+    for rank, (node, local, size) in enumerate(places):
+        if local == 0 and node == len(sizes):
+            first = rank
+            sizes.append(size)
+        if node != len(sizes) - 1 or local != rank - first or size != sizes[-1] or local >= size:
+            raise LaunchLayoutError(
+                "the launcher's ranks are not numbered node by node: (GROUP_RANK, LOCAL_RANK, "
+                f"LOCAL_WORLD_SIZE) by rank: {places}"
+            )
+    if list(Counter(p[0] for p in places).values()) != sizes:
+        raise LaunchLayoutError(f"a node has fewer ranks than its LOCAL_WORLD_SIZE: {places}")
+    return tuple(sizes)
 
 
 def _run(scenario: Any, topology: Any, backend: str, workdir: Path, json_path: str | None) -> int:
@@ -131,9 +174,9 @@ def _run(scenario: Any, topology: Any, backend: str, workdir: Path, json_path: s
 
     import torch.distributed as dist
 
+    from distckpt.testing.worldspec import RankContext, place_of
     from harness import runner, session
     from harness.report import format_problems, format_row, table_header
-    from harness.world import RankContext
 
     rank = dist.get_rank()
     s = dataclasses.replace(scenario, topology=topology, resume_topology=topology)
@@ -152,14 +195,14 @@ def _run(scenario: Any, topology: Any, backend: str, workdir: Path, json_path: s
             shutil.rmtree(out)
         out.mkdir(parents=True)
     _barrier()
-    local_world = topology.procs_per_node
+    node, local = place_of(topology.node_sizes, rank)
     ctx = RankContext(
         rank=rank,
         world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", rank % local_world)),
-        node_rank=int(os.environ.get("GROUP_RANK", rank // local_world)),
+        local_rank=local,
+        node_rank=node,
         nodes=topology.nodes,
-        procs_per_node=local_world,
+        procs_per_node=topology.procs_per_node,
         workdir=str(out),
         backend=backend,
         timeout=s.run.world_timeout,
@@ -182,7 +225,8 @@ def _run(scenario: Any, topology: Any, backend: str, workdir: Path, json_path: s
         _barrier()
         resumed = _gather(session.resume(ctx, s, topology))
         judge(runner.check_resumed, s, resumed, result)
-        runner.record_exactness(s, runner.compare_runs(reference, saved, resumed), result)
+        diffs = runner.compare_runs(reference, saved, resumed, set(s.expected_skipped()))
+        runner.record_exactness(s, diffs, result)
     else:
         saved = _gather(session.save(ctx, s))
         result.save_s = max(r.seconds for r in saved)
@@ -199,8 +243,8 @@ def _run(scenario: Any, topology: Any, backend: str, workdir: Path, json_path: s
     dist.broadcast_object_list(verdict, src=0)
     if rank == 0:
         print(f"backend {backend}, {topology.describe()} (nodes x procs per node)")
-        print(table_header())
-        print(format_row(result))
+        print(table_header(len(result.name)))
+        print(format_row(result, len(result.name)))
         if result.problems:
             print(format_problems([result]))
         if json_path:

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def world_pool() -> Iterator[object]:
     """One pool of warm rank processes for the whole session (torch imported once)."""
-    from harness.world import WorldPool
+    from distckpt.testing.pool import WorldPool
 
-    with WorldPool(max_ranks=8) as p:
+    with WorldPool(max_ranks=32) as p:  # processes start lazily, as a world needs them
         yield p

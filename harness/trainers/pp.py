@@ -1,9 +1,11 @@
 """``pp`` and ``dp_pp``: pipeline parallelism over point-to-point sends (GPipe schedule).
 
-Each rank holds one stage. The first stage of a pipeline draws the batch, sends
-the targets to the last stage and streams micro-batch activations forward;
-gradients flow back the same way. ``dp_pp`` runs ``dp`` such pipelines on
-different data and averages every stage's gradients across its ``dp`` group.
+Each rank holds one stage. Every stage of a pipeline steps the pipeline's data
+loader (so all stages hold the same data position, as the guide's DP x PP
+declaration says); the first stage feeds the inputs, the last takes the targets,
+and micro-batch activations stream forward; gradients flow back the same way.
+``dp_pp`` runs ``dp`` such pipelines on different data and averages every
+stage's gradients across its ``dp`` group.
 Ranks are laid out row-major over (dp, pp): a pipeline is contiguous ranks.
 """
 
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.models import OUT_DIM, pipeline_stage
+from harness.models import pipeline_stage
 from harness.trainers.base import Trainer
 
 __all__ = ["DPPipelineTrainer", "PipelineTrainer"]
@@ -45,8 +47,9 @@ class PipelineTrainer(Trainer):
         self.model = pipeline_stage(self.stage, self.stages, self.hidden, self.dropout).to(
             self.device
         )
+        # One loader per pipeline, stepped by every stage (docs/guide.md, DP x PP): all stages
+        # of a pipeline hold the same position, so PER_GROUP("pp") validates and any stage resumes it.
         self.loader = self.dataset(shard=self.replica, batch_size=batch)
-        self.data_owner = self.stage == 0
         self.pipeline_group: Any = None
         self.build_groups()
 
@@ -62,20 +65,13 @@ class PipelineTrainer(Trainer):
         return self.stage == self.stages - 1
 
     def forward_backward(self) -> float:
-        batch = self.scenario.run.batch_size
-        mb = batch // self.microbatches
+        mb = self.scenario.run.batch_size // self.microbatches
         xs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
+        x, y = self.to_device(*self.loader.next_batch())  # every stage: same batch, same position
         if self.is_first:
-            x, y = self.to_device(*self.loader.next_batch())
             xs = list(x.chunk(self.microbatches))
-            if self.is_last:
-                ys = list(y.chunk(self.microbatches))
-            else:
-                dist.send(y.contiguous(), dst=self.last_rank)
-        elif self.is_last:
-            y = torch.empty(batch, OUT_DIM, device=self.device)
-            dist.recv(y, src=self.first_rank)
+        if self.is_last:
             ys = list(y.chunk(self.microbatches))
         inputs: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []

@@ -20,7 +20,14 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from .errors import ArgumentMismatchError, CheckpointError, CrossRankError, error_class_by_name
+from .errors import (
+    ArgumentMismatchError,
+    CheckpointError,
+    CrossRankError,
+    error_class_by_name,
+    group_ranks,
+    rank_span,
+)
 from .hashing import checksum_of
 from .torchcomm import TorchComm
 
@@ -122,8 +129,9 @@ def describe_exception(exc: BaseException) -> str:
     """One line for ``failures``: the class and message (errno included for OSError)."""
     if isinstance(exc, CheckpointError):
         text = exc.message
-        if exc.failures:
-            text += " (" + "; ".join(f"rank {r}: {m}" for r, m in exc.failures.items()) + ")"
+        groups = group_ranks(exc.failures)
+        if groups and not (len(groups) == 1 and groups[0][1] in text):
+            text += " (" + "; ".join(f"{rank_span(r)}: {m}" for r, m in groups) + ")"
         return f"{type(exc).__name__}: {text}"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -269,10 +277,11 @@ def merged_error(phase: str, failures: Mapping[int, str], class_names: set[str],
     cls: type[CheckpointError] = CrossRankError
     if len(class_names) == 1:
         cls = error_class_by_name(next(iter(class_names))) or CrossRankError
-    ranks = sorted(failures)
-    first = failures[ranks[0]]
-    summary = first if len(ranks) == 1 else f"{first} (and {len(ranks) - 1} more rank(s))"
-    message = f"checkpoint {phase} failed on rank(s) {ranks}: {summary}"
+    groups = group_ranks(failures)
+    if len(groups) == 1:
+        message = f"checkpoint {phase} failed on {rank_span(failures)}: {groups[0][1]}"
+    else:
+        message = f"checkpoint {phase} failed on {rank_span(failures)} ({len(groups)} different errors):"
     if notes:
-        message += "".join(f"\n  rank {r} {notes[r]}" for r in sorted(notes))
+        message += "".join(f"\n  {rank_span(ranks)} {note}" for ranks, note in group_ranks(notes))
     return cls(message, failures=failures, phase=phase)

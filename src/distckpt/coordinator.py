@@ -29,17 +29,20 @@ import datetime as _dt
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 from . import loading, saving, series, storage, validation
 from .asyncsave import AsyncSaves
+from .codec import state_nbytes
 from .collectives import Comm, default_comm
 from .components import StateComponent
 from .handle import SaveHandle
 from .loading import LOAD_STRATEGIES
+from .logs import note
 from .names import check_name
 from .planning import Produce, SavePlan, local_report, validated_components
+from .progress import Progress
 from .report import LoadReport
 from .snapshots import DEFAULT_SNAPSHOT_BYTES
 
@@ -153,13 +156,13 @@ class CheckpointCoordinator:
     @overload
     def save_checkpoint(
         self, checkpoint_path: str | os.PathLike[str] | None = ..., checkpoint_id: str | int | None = ...,
-        validate: bool = ..., *, overwrite: bool = ..., async_save: Literal[False] = ...,
+        validate: bool = ..., *, overwrite: bool = ..., async_save: Literal[False] = ..., progress: bool = ...,
     ) -> str: ...
 
     @overload
     def save_checkpoint(
         self, checkpoint_path: str | os.PathLike[str] | None = ..., checkpoint_id: str | int | None = ...,
-        validate: bool = ..., *, overwrite: bool = ..., async_save: Literal[True],
+        validate: bool = ..., *, overwrite: bool = ..., async_save: Literal[True], progress: bool = ...,
     ) -> SaveHandle: ...
 
     def save_checkpoint(
@@ -170,6 +173,7 @@ class CheckpointCoordinator:
         *,
         overwrite: bool = False,
         async_save: bool = False,
+        progress: bool = False,
     ) -> str | SaveHandle:
         """Collective: save every component and return the committed path (same on every rank).
 
@@ -190,6 +194,10 @@ class CheckpointCoordinator:
         becomes visible, and earlier checkpoints are untouched. Every rank must
         pass the same arguments: they travel in the first collective, and any
         difference raises :class:`~distckpt.errors.ArgumentMismatchError`.
+
+        ``progress=True`` shows a progress bar on rank 0 (tqdm if installed,
+        else log lines); writes that take more than a few seconds are logged
+        either way (:mod:`distckpt.progress`).
         """
         self.wait()
         started = time.perf_counter()
@@ -205,16 +213,19 @@ class CheckpointCoordinator:
         try:
             validation.validate(self._comm, plan, validated_components(self.components, validate), states,
                                 self._hook)
+            meter = Progress("write", self.rank, lambda: _share(self.rank, self.components, plan, states),
+                             bar=progress)
             if async_save:
                 return self._async.start(
                     self._comm, plan,
                     lambda buffers: saving.encoder(self.rank, self.components, plan, states, buffers,
                                                    self.async_snapshot_bytes),
-                    lambda comm, produce: self._write_and_commit(comm, plan, produce, validate, overwrite, started),
+                    lambda comm, produce: self._write_and_commit(comm, plan, produce, validate, overwrite, started,
+                                                                 meter),
                     started,
                 )
             self._write_and_commit(self._comm, plan, saving.encoder(self.rank, self.components, plan, states),
-                                   validate, overwrite, started)
+                                   validate, overwrite, started, meter)
         except BaseException:
             if self.rank == 0:
                 storage.discard_staging(plan.staging)
@@ -232,7 +243,8 @@ class CheckpointCoordinator:
         return self._async.wait()
 
     def load_checkpoint(
-        self, checkpoint_path: str | os.PathLike[str] | None = None, strict: bool = True
+        self, checkpoint_path: str | os.PathLike[str] | None = None, strict: bool = True, *,
+        missing_ok: bool = False, progress: bool = False,
     ) -> LoadReport:
         """Collective: restore every declared component from a checkpoint.
 
@@ -244,25 +256,39 @@ class CheckpointCoordinator:
         if the read phase failed, its message names each rank and the
         components whose live state it had already changed. Arguments that
         differ across ranks raise :class:`~distckpt.errors.ArgumentMismatchError`.
+
+        Before any byte is read, every saved tensor's shape (and with
+        ``strict``, its dtype and each mapping's tensor keys) is compared with
+        the live ``state_dict()``; a difference raises
+        :class:`~distckpt.errors.StateMismatchError` on every rank.
+        ``missing_ok=True``: when there is no checkpoint to load (none
+        committed, or no directory at ``checkpoint_path``), every rank returns
+        a report whose ``loaded`` is empty instead of raising (the resume
+        idiom). ``progress=True``: as for :meth:`save_checkpoint`.
         """
         self.wait()
         started = time.perf_counter()
-        args = _call_args(checkpoint_path=checkpoint_path, strict=strict)
+        args = _call_args(checkpoint_path=checkpoint_path, strict=strict, missing_ok=missing_ok)
         path, manifest, topology, unlisted = loading.resolve(
             self._comm, self._local_report,
-            lambda: loading.find(checkpoint_path, self.checkpoints_dir, self.latest_checkpoint),
+            lambda: loading.find(checkpoint_path, self.checkpoints_dir, self.latest_checkpoint, missing_ok),
             strict, self._hook, args,
         )
+        if not path:
+            note(self.rank, "resolve", "no checkpoint to load under %s; starting fresh",
+                 checkpoint_path if checkpoint_path is not None else self.checkpoints_dir)
+            return LoadReport(path="", checkpoint_id="", loaded=())
         if manifest is None:
             report = loading.read_legacy(self._comm, path, topology, self.components, strict, self._hook)
         else:
             actions, skipped = loading.compatible_everywhere(self._comm, path, manifest, topology,
                                                              self.components, strict)
             report = loading.read(self._comm, path, manifest, actions, skipped, self._by_key,
-                                  in_place=self.load_in_place, strategy=self.load_strategy, hook=self._hook)
+                                  in_place=self.load_in_place, strategy=self.load_strategy, hook=self._hook,
+                                  bar=progress)
             report = dataclasses.replace(report, unlisted=tuple(unlisted))
-        log.info("distckpt: loaded %s (%d components, %d skipped) in %.3f s", path,
-                 len(report.loaded), len(report.skipped), time.perf_counter() - started)
+        note(self.rank, "read", "loaded %s (%d components, %d skipped) in %.3f s", path,
+             len(report.loaded), len(report.skipped), time.perf_counter() - started)
         return report
 
     # ------------------------------------------------------------ the phases' inputs
@@ -276,13 +302,20 @@ class CheckpointCoordinator:
         return local_report(self._comm.node_id(), groups, self.components, full)
 
     def _write_and_commit(self, comm: Comm, plan: SavePlan, produce: Produce, validate: bool, overwrite: bool,
-                          started: float) -> None:
+                          started: float, meter: Progress | None = None) -> None:
         validated = {c.key: c.validation_level.value for c in validated_components(self.components, validate)}
         saving.write_and_commit(
             comm, plan, produce, self.components, validated, overwrite=overwrite, wait_s=self.timeout / 2,
             hook=self._hook, retain=lambda path: series.retain(self.checkpoints_dir, path, self.keep_last),
-            started=started,
+            started=started, meter=meter,
         )
+
+
+def _share(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: saving.States) -> int:
+    """About how many bytes this rank writes in a save (its progress total): tensor bytes per file.
+    Asked by the progress meter inside the write phase, where the states are asked for anyway."""
+    return sum(state_nbytes(states(c.key)) // f.parts for c in components
+               for f in plan.components[c.key].files if f.writer == rank)
 
 
 def _checked_components(state_components: Iterable[StateComponent]) -> list[StateComponent]:

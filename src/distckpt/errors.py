@@ -11,7 +11,7 @@ raises the same class with the same ``failures`` so that no rank is left waiting
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 __all__ = [
     "ArgumentMismatchError",
@@ -28,6 +28,9 @@ __all__ = [
     "SerializationError",
     "TopologyMismatchError",
     "error_class_by_name",
+    "group_ranks",
+    "on_every_rank",
+    "rank_span",
 ]
 
 
@@ -55,14 +58,56 @@ class CheckpointError(Exception):
     def __str__(self) -> str:
         if not self.failures:
             return self.message
+        groups = group_ranks(self.failures)
+        if len(groups) == 1 and groups[0][1] in self.message:  # the message already says it
+            span = rank_span(groups[0][0])
+            return self.message if span in self.message else f"{self.message}\n  ({span})"
         lines = [self.message]
-        for rank, msg in self.failures.items():
-            lines.append(f"  rank {rank}: {msg}")
+        for ranks, msg in groups:
+            lines.append(f"  {rank_span(ranks)}: " + msg.replace("\n", "\n    "))
         return "\n".join(lines)
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keep keyword-only state through pickling (rank processes send errors home).
         return (_rebuild, (type(self), self.message, self.failures, self.phase))
+
+
+def rank_span(ranks: Iterable[int]) -> str:
+    """``"rank 3"``, ``"ranks 0-3"`` or ``"ranks 0-2, 5, 7-9"``: ranks as runs. Pure."""
+    ordered = sorted(set(ranks))
+    runs: list[list[int]] = []
+    for rank in ordered:
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return f"rank {text}" if len(ordered) == 1 else f"ranks {text}"
+
+
+def group_ranks(by_rank: Mapping[int, str]) -> list[tuple[tuple[int, ...], str]]:
+    """Ranks grouped by identical message, in the order of each message's lowest rank. Pure.
+
+    Used wherever a cross-rank error is written out, so that one message shared by
+    many ranks appears once ("ranks 0-3: ...") instead of once per rank.
+    """
+    grouped: dict[str, list[int]] = {}
+    for rank in sorted(by_rank):
+        grouped.setdefault(by_rank[rank], []).append(rank)
+    return [(tuple(ranks), msg) for msg, ranks in grouped.items()]
+
+
+def on_every_rank(exc: CheckpointError, phase: str, world_size: int) -> CheckpointError:
+    """``exc`` as raised by a collective step: ``phase`` set, and ``failures`` naming every
+    rank when it named none (a check every rank ran on the same gathered data). Pure.
+
+    Called by the coordinator around the deterministic checks it runs after an all-gather;
+    an error that already carries both is returned unchanged.
+    """
+    if exc.failures and exc.phase is not None:
+        return exc
+    failures = exc.failures or {rank: exc.message for rank in range(world_size)}
+    return type(exc)(exc.message, failures=failures, phase=exc.phase or phase)
 
 
 def _rebuild(

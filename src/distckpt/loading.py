@@ -42,8 +42,10 @@ from .legacy import is_legacy_checkpoint, load_legacy
 from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest
 from .patterns import Pattern, pattern_from_record
 from .planning import agree
-from .reading import decode_files, read_component, read_files
+from .progress import Progress
+from .reading import decode_files, read_component, read_files, read_layouts
 from .report import LoadReport
+from .statecheck import check_live_state
 from .topology import Topology
 
 __all__ = [
@@ -74,10 +76,13 @@ def resolve(
         hook("resolve")
         return report()
 
-    topology = agree(exchange(comm, "resolve", work, agree=args), lambda: exchange(comm, "resolve", lambda: report(True)))
+    topology = agree(exchange(comm, "resolve", work, agree=args),
+                     lambda: exchange(comm, "resolve", lambda: report(True)), phase="resolve")
 
     def look() -> tuple[str, dict[str, Any] | None, list[str]]:  # rank 0 only
         path = locate()
+        if not path:  # nothing to load, and the caller said that is fine (missing_ok)
+            return path, None, []
         manifest_file = os.path.join(path, MANIFEST_NAME)
         if not os.path.lexists(manifest_file) and is_legacy_checkpoint(path):
             return path, None, []
@@ -92,18 +97,24 @@ def resolve(
         return path, manifest.to_dict(), unlisted
 
     path, raw, unlisted = announce(comm, "resolve", look)
+    if not path:
+        return path, None, topology, []
     manifest = None if raw is None else CheckpointManifest.from_dict(raw, where=os.path.join(path, MANIFEST_NAME))
     return path, manifest, topology, unlisted
 
 
-def find(checkpoint_path: Any, checkpoints_dir: str, latest: Callable[[], str | None]) -> str:
+def find(checkpoint_path: Any, checkpoints_dir: str, latest: Callable[[], str | None],
+         missing_ok: bool = False) -> str:
     """Rank 0: the checkpoint directory to load; ``None`` means ``latest()`` under ``checkpoints_dir``.
 
     Raises :class:`CheckpointNotFoundError` when there is none, or the path
-    is a symlink or not a directory.
+    is a symlink or not a directory; with ``missing_ok``, returns ``""`` when
+    there is none or no directory at the path (a symlink is still refused).
     """
     if checkpoint_path is None:
         newest = latest()
+        if newest is None and missing_ok:
+            return ""
         if newest is None:
             raise CheckpointNotFoundError(
                 f"{checkpoints_dir}: no committed checkpoint to load (incomplete or corrupt "
@@ -114,6 +125,8 @@ def find(checkpoint_path: Any, checkpoints_dir: str, latest: Callable[[], str | 
     if os.path.islink(path):
         raise CheckpointNotFoundError(f"{path}: checkpoint directory is a symlink; refusing to follow it")
     if not os.path.isdir(path):
+        if missing_ok:
+            return ""
         raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
     return path
 
@@ -128,7 +141,13 @@ def compatible_everywhere(
     data is read (not a peer waiting out the timeout in the read phase).
     """
     checked: list[tuple[dict[str, ComponentManifest], dict[str, str]]] = []
-    exchange(comm, "resolve", lambda: checked.append(check_compatible(path, manifest, topology, components, strict)))
+
+    def work() -> None:
+        checked.append(check_compatible(path, manifest, topology, components, strict))
+        check_live_state(path, checked[0][0], components, comm.rank, strict,  # shapes, dtypes, keys
+                         lambda entries: read_layouts(path, entries))
+
+    exchange(comm, "resolve", work)
     return checked[0]
 
 
@@ -191,15 +210,19 @@ def check_compatible(
 def read(
     comm: Comm, path: str, manifest: CheckpointManifest, actions: Mapping[str, ComponentManifest],
     skipped: Mapping[str, str], components: Mapping[str, StateComponent], *, in_place: bool, strategy: str,
-    hook: Callable[[str], None],
+    hook: Callable[[str], None], bar: bool = False,
 ) -> LoadReport:
     """Phase 2 of load, collective: read, verify and restore this rank's file of every component.
 
     ``in_place``: read into the live ``state_dict()`` tensors where they
-    match. ``strategy``: one of :data:`LOAD_STRATEGIES`.
+    match. ``strategy``: one of :data:`LOAD_STRATEGIES`. ``bar``: a progress
+    bar on rank 0 (:mod:`distckpt.progress`; long reads are logged either way).
     """
     files: dict[str, str] = {}
     touched: list[str] = []
+    meter = Progress("read", comm.rank, sum(e.size_bytes for key, saved in actions.items()
+                                            for e in saved.files_for_rank(comm.rank, components[key].pattern.elastic)),
+                     bar=bar)
 
     def work() -> None:
         hook("read")
@@ -209,16 +232,19 @@ def read(
             live = stateful.state_dict() if in_place else None
             if live is not None:
                 touched.append(key)  # read_component writes into these tensors
-            state = read_component(path, entries, live)
+            state = read_component(path, entries, live, meter.add)
             if live is None:
                 touched.append(key)
             stateful.load_state_dict(state)
             files[key] = entries[0].path
 
-    if strategy == "read_and_broadcast" and comm.world_size > 1:
-        _read_and_broadcast(comm, path, actions, components, files, touched, hook)
-    else:
-        exchange(comm, "read", work, note=lambda: _modified(touched))
+    try:
+        if strategy == "read_and_broadcast" and comm.world_size > 1:
+            _read_and_broadcast(comm, path, actions, components, files, touched, hook)
+        else:
+            exchange(comm, "read", work, note=lambda: _modified(touched))
+    finally:
+        meter.close()
     return LoadReport(path=path, checkpoint_id=manifest.checkpoint_id, loaded=tuple(actions),
                       skipped=dict(skipped), files=files)
 

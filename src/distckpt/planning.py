@@ -28,7 +28,13 @@ import torch
 
 from .codec import EncodedState
 from .components import StateComponent, ValidationLevel
-from .errors import ComponentMismatchError, ReplicationMismatchError, TopologyMismatchError
+from .errors import (
+    CheckpointError,
+    ComponentMismatchError,
+    ReplicationMismatchError,
+    TopologyMismatchError,
+    on_every_rank,
+)
 from .hashing import checksum_of
 from .layout import ComponentPlan, plan_component
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
@@ -97,16 +103,26 @@ def local_report(node: str, groups: Mapping[str, tuple[int, ...]],
 
 
 def agree(reports: Sequence[Mapping[str, Any]],
-          full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None = None) -> Topology:
+          full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None = None, phase: str = "plan") -> Topology:
     """Every rank: check declarations agree, then build the topology. Deterministic.
 
     Raises :class:`ComponentMismatchError` naming the ranks that declared
     otherwise than rank 0, or :class:`TopologyMismatchError` (from
     :meth:`Topology.from_compact` or :meth:`Topology.from_reports`) for groups
-    that are not partitions. With compact reports (:func:`local_report`) whose
-    declaration digests differ, ``full_reports()`` (a collective every rank
-    calls, as every rank sees the same digests) fetches the full ones.
+    that are not partitions; either with ``phase`` set and ``failures`` naming
+    every rank when none is singled out. With compact reports
+    (:func:`local_report`) whose declaration digests differ, ``full_reports()``
+    (a collective every rank calls, as every rank sees the same digests)
+    fetches the full ones to name the differences.
     """
+    try:
+        return _agree(reports, full_reports)
+    except CheckpointError as exc:
+        raise on_every_rank(exc, phase, len(reports)) from None
+
+
+def _agree(reports: Sequence[Mapping[str, Any]],
+           full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None) -> Topology:
     compact = bool(reports) and type(reports[0]["declarations"]) is int
     if compact and any(r["declarations"] != reports[0]["declarations"] for r in reports):
         if full_reports is None:

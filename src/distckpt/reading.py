@@ -16,7 +16,7 @@ every rank, and the trainer must load again (or restart) before training on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,15 +25,19 @@ from . import codec, storage
 from .errors import IntegrityError
 from .manifest import FileEntry
 
-__all__ = ["decode_files", "read_component", "read_files"]
+__all__ = ["decode_files", "read_component", "read_files", "read_layouts"]
+
+_PROGRESS_STEP = 64 * 1024 * 1024
 
 
-def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) -> Any:
+def read_component(root: str, entries: Sequence[FileEntry], live: Any = None,
+                   progress: Callable[[int], None] | None = None) -> Any:
     """Read, verify and decode ``entries`` (one file or the parts of one replica set) under ``root``.
 
     ``live``: the component's current state dict to read into, or ``None``
     to decode into fresh memory. Returns the decoded state dict, whose
-    matching tensors *are* the live ones.
+    matching tensors *are* the live ones. ``progress``: called with the
+    number of bytes read so far each time a stretch of at most 64 MiB has been read.
     """
     if not entries:
         raise IntegrityError(f"{root}: no file to read")
@@ -41,7 +45,7 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
     overrides: dict[str, torch.Tensor] = {}
     try:
         with codec.gc_paused():  # thousands of small objects: a GC pass over a large state each time
-            _read_parts(root, entries, live, parts, overrides)
+            _read_parts(root, entries, live, parts, overrides, progress)
     except IntegrityError as exc:
         if not overrides:
             raise
@@ -55,7 +59,8 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None) ->
 
 
 def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
-                parts: list[tuple[codec.FileLayout, memoryview]], overrides: dict[str, torch.Tensor]) -> None:
+                parts: list[tuple[codec.FileLayout, memoryview]], overrides: dict[str, torch.Tensor],
+                progress: Callable[[int], None] | None = None) -> None:
     """Read every file of ``entries`` in order, filling ``parts`` and ``overrides`` as it goes.
 
     Live targets (matched by entry index, :func:`~distckpt.codec.live_targets`)
@@ -90,8 +95,38 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                         views.append(codec.tensor_bytes(view))
                         overrides[name] = tensor
                         position = end
-            reader.read_into(views)  # one readv per 512 buffers, not one per tensor
+            if progress is None:
+                reader.read_into(views)  # one readv per 512 buffers, not one per tensor
+                parts.append((layout, reader.finish()))
+                continue
+            _read_reporting(reader, views, progress)
+            before = reader.position
             parts.append((layout, reader.finish()))
+            progress(entry.size_bytes - before)
+
+
+def _read_reporting(reader: storage.VerifiedReader, views: list[memoryview],
+                    progress: Callable[[int], None]) -> None:
+    """As ``reader.read_into(views)`` then up to the end of the file, in stretches of at most
+    :data:`_PROGRESS_STEP` bytes, calling ``progress(bytes)`` after each (the caller's finish()
+    verifies; the bytes before the first stretch, the header, are counted with the first)."""
+    counted = 0
+    batch: list[memoryview] = []
+    size = 0
+    for view in (v[i:i + _PROGRESS_STEP] for v in views for i in range(0, len(v), _PROGRESS_STEP)):
+        batch.append(view)
+        size += len(view)
+        if size >= _PROGRESS_STEP:
+            reader.read_into(batch)
+            progress(reader.position - counted)
+            counted, batch, size = reader.position, [], 0
+    if batch:
+        reader.read_into(batch)
+    while reader.position + _PROGRESS_STEP < reader.size:
+        reader.read_to(reader.position + _PROGRESS_STEP)
+        progress(reader.position - counted)
+        counted = reader.position
+    progress(reader.position - counted)
 
 
 def _disjoint(layout: codec.FileLayout) -> bool:
@@ -122,3 +157,25 @@ def decode_files(root: str, entries: Sequence[FileEntry], buffers: Sequence[memo
         _check_part(layout, index, len(entries), full)
         parts.append((layout, buffer))
     return codec.assemble(parts, where=storage.safe_join(root, entries[0].path))
+
+
+def read_layouts(root: str, entries: Sequence[FileEntry]) -> list[codec.FileLayout] | None:
+    """The parsed headers of ``entries`` (one file, or the parts in order), nothing else read.
+
+    Called by the load path's state check on every rank, before the read phase;
+    not collective. The headers are not yet verified (the checksum covers the
+    whole file), so a header that cannot be read or parsed gives ``None``: the
+    read phase then reports the file properly (missing, damaged, malformed).
+    """
+    layouts = []
+    try:
+        for entry in entries:
+            full = storage.safe_join(root, entry.path)
+            start = codec.header_length(storage.read_prefix(full, 0, 8), entry.size_bytes, full)
+            header = storage.read_prefix(full, 0, start)
+            if len(header) != start:
+                return None
+            layouts.append(codec.parse_header(header, entry.size_bytes, full))
+    except (IntegrityError, OSError, ValueError):
+        return None
+    return layouts

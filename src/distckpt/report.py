@@ -18,6 +18,8 @@ class LoadReport:
     rank read; ``legacy`` is true for a checkpoint of the original format;
     ``unlisted`` names files in the checkpoint directory that its manifest does
     not list (only possible under ``strict=False``; strict loads refuse them).
+    A ``load_checkpoint(missing_ok=True)`` that found nothing to load returns
+    ``path == ""``, ``checkpoint_id == ""`` and ``loaded == ()`` on every rank.
     """
 
     path: str

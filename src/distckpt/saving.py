@@ -37,6 +37,7 @@ from .collectives import Comm, announce, exchange
 from .components import StateComponent
 from .hashing import checksum_of, checksum_of_chunks
 from .layout import ComponentPlan
+from .logs import note
 from .manifest import MANIFEST_NAME, CheckpointManifest
 from .planning import (
     Job,
@@ -50,6 +51,7 @@ from .planning import (
     plan_components,
     plan_digest,
 )
+from .progress import Progress
 from .series import Allocation
 from .snapshots import SnapshotBudget, streamed
 
@@ -181,25 +183,38 @@ def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, sta
     return lambda: iter(snapshot)
 
 
-def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], None]) -> dict[str, dict[str, Record]]:
+def _counted(runs: Iterator[Any], meter: Progress) -> Iterator[Any]:
+    """``runs`` (:meth:`~distckpt.codec.EncodedState.runs`) unchanged, adding each one's bytes to ``meter``."""
+    for item, flag in runs:
+        yield item, flag
+        meter.add(flag if isinstance(item, list) else len(item))
+
+
+def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], None],
+          meter: Progress | None = None) -> dict[str, dict[str, Record]]:
     """Phase 3, collective: each writer writes its sets' files into staging; all-gather the records.
 
     Every rank then checks that the parts of each balanced write come from
     one state: the same structure, and each part's checksum equal to the
     one the part-0 writer predicts from its own replica (else the parts
-    would assemble into a state no rank holds).
+    would assemble into a state no rank holds). ``meter`` counts the bytes written.
     """
     def work() -> list[tuple[str, str, int, str, str, dict[str, str]]]:
         hook("write")
         written = []
         for key, path, encoded, structure, siblings in produce():
             storage.make_component_dir(plan.staging, key)
-            size, checksum = storage.write_runs(os.path.join(plan.staging, path), encoded.runs())
+            runs = encoded.runs() if meter is None else _counted(encoded.runs(), meter)
+            size, checksum = storage.write_runs(os.path.join(plan.staging, path), runs)
             predicted = {p: checksum_of_chunks(piece.chunks()) for p, piece in siblings}
             written.append((key, path, size, checksum, structure, predicted))
         return written
 
-    gathered = exchange(comm, "write", work)
+    try:
+        gathered = exchange(comm, "write", work)
+    finally:
+        if meter is not None:
+            meter.close()
     records: dict[str, dict[str, Record]] = {}
     predictions: dict[str, dict[str, str]] = {}
     for rank, items in enumerate(gathered):
@@ -233,12 +248,13 @@ def commit(comm: Comm, plan: SavePlan, manifest: CheckpointManifest, *, overwrit
 
 def write_and_commit(comm: Comm, plan: SavePlan, produce: Produce, components: Sequence[StateComponent],
                      validated: Mapping[str, str], *, overwrite: bool, wait_s: float,
-                     hook: Callable[[str], None], retain: Callable[[str], None], started: float) -> None:
+                     hook: Callable[[str], None], retain: Callable[[str], None], started: float,
+                     meter: Progress | None = None) -> None:
     """Phases 3 and 4, collective; logs the committed save. ``validated``: key -> level used."""
-    records = write(comm, plan, produce, hook)
+    records = write(comm, plan, produce, hook, meter)
     manifest = build_manifest(plan, components, records, validated)
     commit(comm, plan, manifest, overwrite=overwrite, wait_s=wait_s, hook=hook, retain=retain)
     total = sum(c.size_bytes for c in manifest.components.values())
-    log.info("distckpt: saved %s (%d components, %d files, %d bytes) in %.3f s", plan.path,
-             len(manifest.components), sum(len(c.files) for c in manifest.components.values()),
-             total, time.perf_counter() - started)
+    note(comm.rank, "commit", "saved %s (%d components, %d files, %d bytes) in %.3f s", plan.path,
+         len(manifest.components), sum(len(c.files) for c in manifest.components.values()),
+         total, time.perf_counter() - started)

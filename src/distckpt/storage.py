@@ -24,9 +24,7 @@ import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import locks
 from .errors import IntegrityError, ManifestError
@@ -39,6 +37,9 @@ from .hashing import (
 )
 from .layout import check_relpath
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointManifest
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -63,6 +64,7 @@ __all__ = [
     "open_regular_file",
     "prepare_folder",
     "read_manifest_bytes",
+    "read_prefix",
     "read_verified",
     "remove_checkpoint",
     "require_real_dir",
@@ -123,6 +125,7 @@ class _Bounce:
 
     def buffer(self, index: int) -> memoryview:
         while len(self.buffers) <= index:
+            import torch  # here, not at the top: `distckpt ls/inspect/verify` never load torch
             tensor = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8)  # never zero-filled
             array: Any = tensor.numpy()
             self.tensors.append(tensor)
@@ -179,6 +182,8 @@ class _RunWriter:
             self._flush()
         self.ring.buffer(self.index)
         target = self.ring.tensors[self.index][self.fill:self.fill + nbytes].view(dtype)
+        import torch  # loaded by then: the caller's tensors are torch's
+
         torch.cat([t if t.dim() == 1 else t.view(-1) for t in tensors], out=target)
         self.fill += nbytes
         self.size += nbytes
@@ -317,7 +322,7 @@ def _as_bytes_view(chunk: memoryview | bytes) -> memoryview:
 
 #: One item of :func:`write_runs`: ``(bytes, owned)``, or ``(tensors, nbytes)`` for a run of small
 #: contiguous CPU tensors of one dtype, at most 4 MiB together, copied into the file back to back.
-Run = tuple[memoryview, bool] | tuple[list[torch.Tensor], int]
+Run = tuple[memoryview, bool] | tuple[list[Any], int]
 
 
 def write_runs(path: str, runs: Iterable[Run]) -> tuple[int, str]:
@@ -373,6 +378,20 @@ def _open_regular(path: str, what: str) -> int:
         raise
 
 
+def read_prefix(path: str, offset: int, length: int) -> bytes:
+    """Up to ``length`` bytes of a regular file from ``offset``, unverified (a file's header,
+    read by the load path's state check before the file itself). Not collective.
+
+    Raises :class:`IntegrityError` naming ``path`` when it is missing, a symlink
+    or not a regular file; other ``OSError`` propagate.
+    """
+    fd = _open_regular(path, "checkpoint file")
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
 def open_regular_file(path: str) -> int:
     """A blocking read descriptor of ``path`` if it is a regular file (the CLI's verify).
 
@@ -410,6 +429,7 @@ class VerifiedReader:
             actual = os.fstat(self._fd).st_size
             if actual != size:
                 raise IntegrityError(f"{path}: size is {actual} bytes, the manifest says {size}")
+            import torch  # here, not at the top: `distckpt ls/inspect/verify` never load torch
             array: Any = torch.empty(size, dtype=torch.uint8).numpy()
             self.buffer: memoryview = memoryview(array).cast("B")
         except BaseException:
@@ -651,3 +671,213 @@ from .series import (  # noqa: E402
     prepare_folder,
     restore_stranded,
 )
+
+# ============================================================================
+# Looking at checkpoints from outside a job: the CLI, verify_checkpoint,
+# diff_checkpoints and legacy conversion (added for issue 13 item 5).
+#
+# Every file-system call of those callers lives here, so that they stay free of
+# os.* calls and of torch (``distckpt ls`` / ``inspect`` / ``verify`` start
+# without importing it). Opening refuses symlinks and never blocks on a FIFO
+# (locks.open_regular_fd, the reader's policy); hashing uses this module's
+# new_hasher. Nothing here is collective.
+# ============================================================================
+
+_CHECK_CHUNK = 8 * 1024 * 1024  # bytes per read while verifying a file: memory stays flat
+
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import BinaryIO  # noqa: E402
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """What is at a path, in the terms of ``os.path``: ``exists`` does not follow a
+    symlink (``lexists``), ``dir``, ``file`` and ``size`` do (``isdir``, ``isfile``,
+    ``getsize``; ``size`` is 0 unless ``file``)."""
+
+    exists: bool
+    link: bool
+    dir: bool
+    file: bool
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 0 or (self.size and not self.file):
+            raise ValueError(f"PathInfo: size {self.size} for a path that is not a regular file")
+
+
+def path_info(path: str) -> PathInfo:
+    """Describe ``path`` without opening it. Called by the CLI and the legacy reader; never raises."""
+    try:
+        lst = os.lstat(path)
+    except (OSError, ValueError):
+        return PathInfo(False, False, False, False, 0)
+    st: os.stat_result | None = lst
+    if stat.S_ISLNK(lst.st_mode):
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            st = None
+    is_file = st is not None and stat.S_ISREG(st.st_mode)
+    return PathInfo(
+        exists=True,
+        link=stat.S_ISLNK(lst.st_mode),
+        dir=st is not None and stat.S_ISDIR(st.st_mode),
+        file=is_file,
+        size=st.st_size if st is not None and is_file else 0,
+    )
+
+
+def list_names(path: str) -> list[str]:
+    """Sorted names in directory ``path``; ``[]`` when it cannot be listed. Called by the CLI."""
+    try:
+        return sorted(os.listdir(path))
+    except (OSError, ValueError):
+        return []
+
+
+def list_regular_files(path: str) -> list[str]:
+    """Sorted names of the regular files directly in ``path`` (symlinks skipped).
+
+    Called by the legacy reader to take its inventory. Raises ``OSError`` when
+    ``path`` cannot be listed.
+    """
+    out = []
+    for name in sorted(os.listdir(path)):
+        info = path_info(os.path.join(path, name))
+        if info.file and not info.link:
+            out.append(name)
+    return out
+
+
+@dataclass(frozen=True)
+class FileFault:
+    """Why a checkpoint file does not match its manifest entry: ``kind`` is ``"missing"``
+    (no such file) or ``"bad"`` (anything else); ``message`` says what, without the path."""
+
+    kind: str
+    message: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("missing", "bad"):
+            raise ValueError(f"FileFault: kind must be 'missing' or 'bad', not {self.kind!r}")
+
+
+def check_file(
+    path: str, size: int, checksum: str, on_bytes: Callable[[int], None] | None = None
+) -> FileFault | None:
+    """Stream ``path`` through its hash and compare size and checksum with the manifest's.
+
+    Called by :func:`distckpt.verify_checkpoint` and :func:`distckpt.diff_checkpoints`
+    (not collective). Reads in chunks of a few MiB, so memory stays flat however
+    large the file. ``on_bytes(n)`` is told of every ``n`` bytes accounted for
+    (a file of the wrong size counts as its listed size, unread). Returns
+    ``None`` when the file matches, else a :class:`FileFault`; never raises for
+    a file that is missing, a symlink, not regular, unreadable or damaged.
+    """
+    algorithm = checksum.partition(":")[0]
+    try:
+        hasher = new_hasher(algorithm)
+    except IntegrityError:
+        return FileFault("bad", f"unknown checksum algorithm in manifest ({checksum!r})")
+    try:
+        fd = open_regular_file(path)  # a FIFO is refused, never waited on
+    except FileNotFoundError:
+        return FileFault("missing", "listed in the manifest but not on disk")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path_info(path).link:
+            return FileFault("bad", "is a symlink (never followed)")
+        if exc.errno == errno.EINVAL and exc.strerror == "not a regular file":
+            return FileFault("bad", "not a regular file")
+        return FileFault("bad", f"cannot be read ({exc.strerror or exc})")
+    try:
+        actual_size = os.fstat(fd).st_size
+        if actual_size != size:
+            if on_bytes is not None:
+                on_bytes(size)
+            return FileFault("bad", f"size is {actual_size} bytes, the manifest says {size}")
+        while chunk := os.read(fd, _CHECK_CHUNK):
+            hasher.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    except OSError as exc:
+        return FileFault("bad", f"cannot be read ({exc.strerror or exc})")
+    finally:
+        os.close(fd)
+    actual = f"{algorithm}:{hasher.hexdigest()}"
+    if actual != checksum:
+        return FileFault("bad", f"checksum mismatch (manifest {checksum}, file {actual}): corrupt or modified")
+    return None
+
+
+def read_small_file(path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (the original format's JSON manifest).
+
+    Called by legacy conversion. Raises ``OSError`` when ``path`` is missing,
+    a symlink, not a regular file or unreadable (a FIFO never blocks), and
+    ``ValueError`` when it is larger than ``limit``.
+    """
+    fd = open_regular_file(path)
+    try:
+        if os.fstat(fd).st_size > limit:
+            raise ValueError(f"larger than {limit} bytes")
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # grew while being read
+                raise ValueError(f"larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def open_regular_stream(path: str) -> BinaryIO:
+    """A binary file object for reading ``path``, only if it is a regular file and not a symlink.
+
+    Called by the legacy reader (``torch.load`` reads from it). Raises
+    ``OSError``: ``ENOENT`` missing, ``ELOOP`` symlink, ``EINVAL`` not a
+    regular file (a FIFO never blocks the caller). The caller closes it.
+    """
+    fd = open_regular_file(path)
+    try:
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_through_temp(path: str, fill: Callable[[BinaryIO], None]) -> None:
+    """Create or replace ``path`` with what ``fill(file)`` writes, all or nothing.
+
+    Called by ``distckpt convert --to-torch``. The bytes go to a hidden
+    temporary file beside ``path``, are fsynced, and replace ``path`` by a
+    rename. On any failure the temporary file is removed, ``path`` is left as
+    it was, and the exception propagates.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        fsync_dir(parent)
+
+
+def discard_stdout() -> None:
+    """Point file descriptor 1 at the null device (the CLI, after a broken pipe); never raises."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -23,7 +23,7 @@ from .errors import TopologyMismatchError
 from .hashing import checksum_of
 from .names import check_name
 
-__all__ = ["Partition", "Topology", "check_partition", "group_key", "join_partitions"]
+__all__ = ["Partition", "Topology", "check_partition", "group_key", "join_partitions", "rank_text"]
 
 #: A partition of ranks: sorted tuples, ordered by their lowest rank.
 Partition = tuple[tuple[int, ...], ...]
@@ -277,3 +277,23 @@ class Topology:
             "nodes": [list(s) for s in self.nodes],
             "groups": {name: [list(s) for s in part] for name, part in self.groups.items()},
         }
+
+
+def rank_text(ranks: Iterable[int]) -> str:
+    """Compact rank list for messages: ``0-3``, ``0,4``, ``0-2,5`` (runs of three or more as ranges).
+
+    Pure. Called by the CLI's tables and legacy conversion's errors.
+    """
+    ordered = sorted(ranks)
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{ordered[i]}-{ordered[j]}")
+        else:
+            parts.extend(str(r) for r in ordered[i:j + 1])
+        i = j + 1
+    return ",".join(parts)

@@ -32,6 +32,7 @@ from datetime import timedelta
 from typing import Any
 
 from .errors import CollectiveTimeoutError
+from .waiting import watch
 
 __all__ = ["TorchComm"]
 
@@ -216,12 +217,13 @@ class TorchComm:
         outcome = ""
         arrived = False
         try:
-            if self._broken:
-                self._rebuild(seq)
-            if everyone_first:
-                self._ledger.await_arrivals(seq, deadline)
-                arrived = True
-            run()
+            with watch(phase, self.rank, self.world_size, lambda: self._ledger.absent(seq), self.timeout):
+                if self._broken:
+                    self._rebuild(seq)
+                if everyone_first:
+                    self._ledger.await_arrivals(seq, deadline)
+                    arrived = True
+                run()
         except Exception as exc:
             outcome = f"'{phase}' collective failed: {type(exc).__name__}: {exc}"
             if not everyone_first:
@@ -265,6 +267,10 @@ class _Ledger:
             return bool(self.store.check([self.key(seq, "verdict")]))
         except Exception:  # a store that fails shows up in the collective itself
             return False
+
+    def absent(self, seq: int) -> list[int]:
+        """Ranks with no arrival key at ``seq`` yet: one look, no waiting (for the wait warnings)."""
+        return [r for r in range(self.world_size) if not self.store.check([self.key(seq, r)])]
 
     def await_arrivals(self, seq: int, deadline: float) -> None:
         """Block until every rank arrived at ``seq``; raises once ``deadline`` passed."""

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from distckpt import CheckpointCoordinator, CheckpointManifest, SharingPattern, StateComponent, cli
-from distckpt.cli import main
+from distckpt import CheckpointCoordinator, CheckpointManifest, SharingPattern, StateComponent
+from distckpt.cli import formatting, main
 from distckpt.testing import ThreadComm
 from tests.helpers import Box, all_ok, mesh_groups, threads
 
@@ -200,7 +200,7 @@ def test_verify_catches_a_manifest_that_contradicts_itself(capsys: pytest.Captur
 
 def test_verify_draws_progress_on_stderr_only_when_it_is_a_terminal(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, two_saves: tuple[Path, str, str]) -> None:
-    monkeypatch.setattr(cli, "_PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setattr(formatting, "_PROGRESS_MIN_BYTES", 0)
     code, _, stderr = run(capsys, "verify", two_saves[1])
     assert code == 0 and stderr == ""  # captured stderr is not a terminal
 

@@ -29,7 +29,7 @@ from distckpt import (
 )
 from distckpt.cli import main as cli_main
 from distckpt.storage import checksum_of
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.faults import ranks, scenario
 from tests.faults.ranks import Fault
 from tests.helpers import Box

@@ -16,6 +16,7 @@ import pytest
 from distckpt import IntegrityError
 from tests.faults import scenario
 from tests.property import worlds
+from tests.property.strategies import decl_files, decl_set_index
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,7 +32,7 @@ def _saved(tmp_path: Path) -> str:
 
 def _target(path: str, key: str, rank: int) -> tuple[str, tuple[int, ...]]:
     """The damaged file (relative path) and the ranks that read it, from the oracle."""
-    rel, members, _ = EX.decl(key).files(EX.topo)[EX.decl(key).set_index(EX.topo, rank)]
+    rel, members, _ = decl_files(EX.decl(key), EX.topo)[decl_set_index(EX.decl(key), EX.topo, rank)]
     return rel, members
 
 

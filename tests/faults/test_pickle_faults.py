@@ -7,6 +7,7 @@ the payload is live: plain unpickling does create the marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -20,7 +21,7 @@ import xxhash
 from distckpt import IntegrityError
 from tests.faults import scenario
 from tests.property import worlds
-from tests.property.strategies import Decl, Example
+from tests.property.strategies import Decl, Example, decl_files
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,7 +86,12 @@ def test_a_malicious_pickle_in_place_of_a_legacy_file_fails_the_load_and_never_r
         (legacy / "checkpoint_manifest.json").write_text(json.dumps({"checkpoint_id": "500"}))
     ex = scenario.example()
     ex = Example(ex.topo, (Decl("model", pattern, group="dp" if pattern == "per_group" else None),), {})
-    results = worlds.load(ex, str(tmp_path), path=str(legacy))
+    # torch's weights_only unpickler warns about the raw pickle's protocol before refusing it:
+    # expected, and part of what this test provokes.
+    expected = (pytest.warns(UserWarning, match="pickle protocol") if fmt == "raw-pickle"
+                else contextlib.nullcontext())
+    with expected:
+        results = worlds.load(ex, str(tmp_path), path=str(legacy))
     assert all(type(r) is IntegrityError for r in results), results
     assert set(results[0].failures) == {0, 1, 2, 3}
     assert all("weights_only=True" in m and ".pt" in m for m in results[0].failures.values()), results[0].failures
@@ -97,7 +103,7 @@ def test_a_pickle_smuggled_in_as_a_component_file_with_a_matching_manifest_entry
 ) -> None:
     ex = scenario.example()
     path = Path(worlds.ok(worlds.save(ex, str(tmp_path), async_save=False))[0])
-    rel = ex.decl("trainer").files(ex.topo)[0][0]
+    rel = decl_files(ex.decl("trainer"), ex.topo)[0][0]
     _write_payload(path / rel, "raw-pickle")
     data = (path / rel).read_bytes()
     manifest = json.loads((path / "manifest.json").read_bytes())

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.faults import ranks, scenario
 from tests.faults.ranks import TIMEOUT, Fault
 

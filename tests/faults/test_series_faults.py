@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from distckpt import CheckpointExistsError, CheckpointManifest
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.faults import ranks, scenario
 from tests.faults.ranks import CALM_TIMEOUT, Fault
 from tests.property import worlds

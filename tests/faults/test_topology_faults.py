@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from distckpt import TopologyMismatchError
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.faults import ranks, scenario
 from tests.property import worlds
 from tests.property.strategies import Decl, Example, Topo

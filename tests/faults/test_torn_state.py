@@ -21,7 +21,7 @@ import torch
 from distckpt import CheckpointCoordinator, ReplicationMismatchError, StateComponent
 from distckpt.cli import main as cli_main
 from distckpt.testing import ThreadComm
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.helpers import Box, all_ok, threads
 
 pytestmark = pytest.mark.timeout(120)

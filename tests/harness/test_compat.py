@@ -1,11 +1,11 @@
-"""Each torch-version shim of harness._compat does its job on the torch running the suite."""
+"""Each torch-version shim of distckpt.testing._compat does its job on the torch running the suite."""
 
 from __future__ import annotations
 
 import pytest
 
-from harness import _compat, probes
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing import _compat, probes
+from distckpt.testing.pool import WorldPool, WorldSpec
 
 
 @pytest.mark.parametrize(

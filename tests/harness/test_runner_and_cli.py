@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from distckpt.testing.pool import WorldPool
 from harness.__main__ import main
 from harness.runner import run_scenario
 from harness.scenario import Scenario, load_scenario
-from harness.world import WorldPool
 
 REPO = Path(__file__).resolve().parents[2]
 SINGLE = """

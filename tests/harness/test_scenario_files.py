@@ -51,9 +51,26 @@ def test_the_promised_negative_scenarios_exist() -> None:
     )
 
 
-def test_scenarios_stay_within_eight_ranks() -> None:
-    for s in load_scenarios([SCENARIO_DIR]):
-        assert s.topology.world_size <= 8 and s.resume_topology.world_size <= 8, s.name
+def test_scenarios_stay_within_thirty_two_ranks_and_one_runs_sixteen_on_four_nodes() -> None:
+    scenarios = load_scenarios([SCENARIO_DIR])
+    for s in scenarios:
+        assert s.topology.world_size <= 32 and s.resume_topology.world_size <= 32, s.name
+    assert any(
+        s.expect.succeeds and s.topology.world_size == 16 and s.topology.nodes == 4
+        and s.trainer == "dp_tp" for s in scenarios
+    )
+
+
+def test_uneven_nodes_and_a_component_added_at_resume_are_run_by_the_main_job() -> None:
+    scenarios = load_scenarios([SCENARIO_DIR])
+    assert any(
+        s.expect.succeeds and s.topology.node_sizes == (3, 2, 1)
+        and any(c.pattern == "per_node" for c in s.components) for s in scenarios
+    )
+    added = [s for s in scenarios if s.expect.succeeds and s.expected_skipped()]
+    assert any(
+        all(not c.required for c in s.resuming if c.key in s.expected_skipped()) for s in added
+    )
 
 
 def test_a_user_pattern_and_a_join_of_groups_are_run_by_the_main_job() -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from distckpt.testing.pool import WorldPool
 from harness.report import format_problems
 from harness.runner import run_scenario
 from harness.scenario import load_scenario
-from harness.world import WorldPool
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 SCENARIO_FILES = sorted(SCENARIO_DIR.glob("*.toml"))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import probes
-from harness.world import RankContext, WorldPool, WorldSpec, WorldTimeout
+from distckpt.testing import probes
+from distckpt.testing.pool import RankContext, WorldPool, WorldSpec, WorldTimeout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,6 +51,33 @@ def test_every_rank_sees_the_environment_torchrun_would_give_it(world_pool: Worl
 
 
 @pytest.mark.timeout(120)
+def test_ranks_on_nodes_of_uneven_sizes_see_what_torchrun_gives_uneven_agents(
+    world_pool: WorldPool,
+) -> None:
+    # torchrun numbers the workers agent by agent; LOCAL_WORLD_SIZE is the agent's own size.
+    spec = WorldSpec(procs_per_node=(3, 2, 1))
+    envs = world_pool.run_ok(spec, probes.environment)
+    places = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]
+    for rank, (env, (node, local)) in enumerate(zip(envs, places, strict=True)):
+        assert env["RANK"] == str(rank) == env["ROLE_RANK"]
+        assert (env["LOCAL_RANK"], env["GROUP_RANK"]) == (str(local), str(node))
+        assert env["LOCAL_WORLD_SIZE"] == str((3, 2, 1)[node])
+        assert (env["WORLD_SIZE"], env["GROUP_WORLD_SIZE"], env["ROLE_WORLD_SIZE"]) == ("6", "3", "6")
+        ctx: RankContext = env["ctx"]
+        assert (ctx.node_rank, ctx.local_rank, ctx.local_world_size) == (node, local, (3, 2, 1)[node])
+        assert (ctx.nodes, ctx.procs_per_node) == (3, (3, 2, 1))
+
+
+def test_a_world_spec_of_equal_node_sizes_is_the_same_as_one_size() -> None:
+    assert WorldSpec(procs_per_node=(2, 2)) == WorldSpec(nodes=2, procs_per_node=2)
+    assert WorldSpec(procs_per_node=[3, 1]).node_sizes == (3, 1)
+    with pytest.raises(ValueError, match="lists 2 node sizes"):
+        WorldSpec(nodes=3, procs_per_node=(3, 1))
+    with pytest.raises(ValueError, match="positive ints"):
+        WorldSpec(procs_per_node=(3, 0))
+
+
+@pytest.mark.timeout(120)
 def test_environment_changes_made_by_a_rank_are_undone_after_the_world(
     world_pool: WorldPool,
 ) -> None:
@@ -80,7 +107,7 @@ def test_a_warm_eight_rank_world_starts_in_under_a_second(world_pool: WorldPool)
 
 @pytest.mark.timeout(120)
 def test_worlds_of_different_sizes_reuse_the_same_warm_processes() -> None:
-    # A fresh pool: on torches where ranks retire every few worlds (harness._compat),
+    # A fresh pool: on torches where ranks retire every few worlds (distckpt.testing._compat),
     # the shared pool's processes may be at the end of their run.
     with WorldPool(max_ranks=8) as pool:
         big = pool.run_ok(WorldSpec(nodes=2, procs_per_node=4), probes.environment)
@@ -201,7 +228,7 @@ def test_an_unpicklable_function_is_refused_in_the_parent(world_pool: WorldPool)
 
 def test_a_world_larger_than_the_pool_is_refused(world_pool: WorldPool) -> None:
     with pytest.raises(ValueError, match="max_ranks"):
-        world_pool.run(WorldSpec(nodes=3, procs_per_node=3), probes.all_reduce_rank)
+        world_pool.run(WorldSpec(nodes=11, procs_per_node=3), probes.all_reduce_rank)
 
 
 def test_a_world_spec_rejects_non_positive_sizes() -> None:
@@ -228,8 +255,8 @@ def test_rank_processes_exit_when_the_pool_process_dies() -> None:
     script = textwrap.dedent(
         """
         import os, signal, sys
-        from harness import probes
-        from harness.world import WorldPool, WorldSpec
+        from distckpt.testing import probes
+        from distckpt.testing.pool import WorldPool, WorldSpec
         pool = WorldPool(max_ranks=2)
         pool.run_ok(WorldSpec(nodes=1, procs_per_node=2), probes.all_reduce_rank)
         print(" ".join(map(str, pool.pids)), flush=True)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from harness import probes
-from harness._channel import CLOSED, Channel
-from harness.world import WorldPool, WorldSpec, WorldTimeout
+from distckpt.testing import probes
+from distckpt.testing._channel import CLOSED, Channel
+from distckpt.testing.pool import WorldPool, WorldSpec, WorldTimeout
 
 # Far larger than a socket pair's buffers: a send of it blocks until the peer reads.
 BIG = b"x" * (4 << 20)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.world import WorldPool
+from distckpt.testing.pool import WorldPool
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from distckpt import CollectiveTimeoutError, CrossRankError, ReplicationMismatchError
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 from tests.multirank import ranks
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(180)]

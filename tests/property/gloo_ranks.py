@@ -16,7 +16,7 @@ from distckpt import CheckpointCoordinator, CheckpointError
 from harness import oracle
 from tests.helpers import Box
 from tests.property import exact
-from tests.property.strategies import Example, unship
+from tests.property.strategies import Example, decl_files, unship
 from tests.property.worlds import component
 
 TIMEOUT = 30.0
@@ -53,7 +53,7 @@ def _save(c: CheckpointCoordinator, ex: Example) -> str:
 def _check_files(ex: Example, path: str) -> list[str]:
     """Rank 0: properties 1 and 2 against the oracle."""
     problems = []
-    expected = {"manifest.json"} | {f for d in ex.decls for f, _, _ in d.files(ex.topo)}
+    expected = {"manifest.json"} | {f for d in ex.decls for f, _, _ in decl_files(d, ex.topo)}
     if oracle.checkpoint_files(path) != expected:
         problems.append(f"files {sorted(oracle.checkpoint_files(path) ^ expected)} differ from the oracle")
     with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
@@ -62,7 +62,7 @@ def _check_files(ex: Example, path: str) -> list[str]:
         problems.append(f"nodes {m['topology']['nodes']}")
     for d in ex.decls:
         c = m["components"][d.key]
-        files = d.files(ex.topo)
+        files = decl_files(d, ex.topo)
         if [(f["path"], f["ranks"], f["writer"]) for f in c["files"]] != [(p, list(s), w) for p, s, w in files]:
             problems.append(f"{d.key}: files {c['files']} != oracle {files}")
         for f in c["files"]:

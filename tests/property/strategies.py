@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
+from distckpt.testing.declare import Declaration
 from harness import oracle
 
 warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
@@ -143,54 +144,35 @@ def topologies(draw: st.DrawFn, max_nodes: int = 4, max_procs: int = 4, min_worl
 
 # -------------------------------------------------------------- declarations
 
-@dataclass(frozen=True)
-class Decl:
-    """One declared component, as plain data (picklable, shippable to ranks)."""
+#: The tests' declarations are the testing package's (one dataclass for harness and tests).
+Decl = Declaration
 
-    key: str
-    pattern: str
-    group: str | None = None
-    validate: bool = False
-    level: str = "tensor"
-    required: bool = True
 
-    @property
-    def can_validate(self) -> bool:
-        return self.pattern in ("replicated", "per_node", "per_group")
+def decl_sets(decl: Declaration, topo: Topo) -> tuple[tuple[int, ...], ...]:
+    """Replica sets of ``decl`` in ``topo``, from ``harness.oracle``."""
+    return oracle.replica_sets(topo.world, decl.pattern, decl.params)
 
-    def validated(self, save_validate: bool) -> bool:
-        """Whether the save compares this component's replicas."""
-        return self.can_validate and self.level != "none" and (self.validate or save_validate)
 
-    @property
-    def params(self) -> dict[str, Any]:
-        """The pattern's params as the manifest records them."""
-        return {"groups": [self.group]} if self.group is not None else {}
+def decl_set_index(decl: Declaration, topo: Topo, rank: int) -> int:
+    """The index of ``rank``'s replica set."""
+    return oracle.set_index_of(decl_sets(decl, topo), rank)
 
-    @property
-    def record(self) -> dict[str, Any]:
-        """The manifest's ``pattern`` object."""
-        return {"kind": self.pattern, "params": self.params}
 
-    def sets(self, topo: Topo) -> tuple[tuple[int, ...], ...]:
-        """Replica sets in ``topo``, from ``harness.oracle``."""
-        return oracle.replica_sets(topo.world, self.pattern, self.params)
+def decl_writer(decl: Declaration, topo: Topo, rank: int) -> int:
+    """The rank that writes ``rank``'s replica set (its lowest)."""
+    return min(decl_sets(decl, topo)[decl_set_index(decl, topo, rank)])
 
-    def set_index(self, topo: Topo, rank: int) -> int:
-        return oracle.set_index_of(self.sets(topo), rank)
 
-    def writer(self, topo: Topo, rank: int) -> int:
-        return min(self.sets(topo)[self.set_index(topo, rank)])
+def decl_files(decl: Declaration, topo: Topo) -> list[tuple[str, tuple[int, ...], int]]:
+    """(relative path, replica set, writer) of every file, by lowest rank, from ``harness.oracle``."""
+    comp = oracle.expected_component(topo.world, decl.key, decl.pattern, decl.params)
+    return [(f.path, f.ranks, f.writer) for f in comp.files]
 
-    def files(self, topo: Topo) -> list[tuple[str, tuple[int, ...], int]]:
-        """(relative path, replica set, writer) of every file, by lowest rank, from ``harness.oracle``."""
-        comp = oracle.expected_component(topo.world, self.key, self.pattern, self.params)
-        return [(f.path, f.ranks, f.writer) for f in comp.files]
 
-    def variant(self, topo: Topo, rank: int) -> int:
-        """Which content a rank holds: equal within a replica set, different across sets.
-        GLOBAL: every rank holds its own (only rank 0's is authoritative)."""
-        return rank if self.pattern == "global" else self.set_index(topo, rank)
+def decl_variant(decl: Declaration, topo: Topo, rank: int) -> int:
+    """Which content a rank holds: equal within a replica set, different across sets.
+    GLOBAL: every rank holds its own (only rank 0's is authoritative)."""
+    return rank if decl.pattern == "global" else decl_set_index(decl, topo, rank)
 
 
 @st.composite
@@ -432,12 +414,12 @@ class Example:
 
     def state(self, key: str, rank: int, generation: int = 0) -> dict[Any, Any]:
         """Rank ``rank``'s state of ``key`` for save number ``generation``."""
-        return component_state(self.bases[key], key, self.decl(key).variant(self.topo, rank)
+        return component_state(self.bases[key], key, decl_variant(self.decl(key), self.topo, rank)
                                + 1000 * generation)
 
     def expected_after_load(self, key: str, rank: int, generation: int = 0) -> dict[Any, Any]:
         """What ``rank`` must hold after loading: the state of its set's writer."""
-        writer = self.decl(key).writer(self.topo, rank)
+        writer = decl_writer(self.decl(key), self.topo, rank)
         return self.state(key, writer, generation)
 
     def with_decl(self, decl: Decl) -> Example:

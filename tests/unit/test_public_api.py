@@ -4,6 +4,7 @@ import inspect
 import random
 
 import numpy as np
+import pytest
 import torch
 
 import distckpt
@@ -11,13 +12,28 @@ from distckpt import CheckpointError, RNGState
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    public = {n for n in vars(distckpt) if not n.startswith("_") and not inspect.ismodule(getattr(distckpt, n))}
+    # dir(), not vars(): the names whose modules import torch are loaded on first use (PEP 562).
+    public = {n for n in dir(distckpt) if not n.startswith("_") and not inspect.ismodule(getattr(distckpt, n))}
     public.discard("annotations")
     assert set(distckpt.__all__) == public | {"__version__"}
     for name in ["SharingPattern", "ValidationLevel", "StateComponent", "CheckpointCoordinator", "ComponentManifest",
                  "CheckpointManifest", "RNGState", "LoadReport", "CheckpointError", "ManifestError", "IntegrityError",
-                 "ReplicationMismatchError", "TopologyMismatchError", "ComponentMismatchError", "CrossRankError"]:
+                 "ReplicationMismatchError", "TopologyMismatchError", "ComponentMismatchError", "CrossRankError",
+                 "verify_checkpoint", "VerificationReport", "VerificationProblem", "diff_checkpoints", "DiffReport"]:
         assert name in distckpt.__all__
+        assert getattr(distckpt, name) is not None
+
+
+def test_the_lazily_loaded_names_are_the_classes_of_their_modules() -> None:
+    from distckpt.comparison import DiffReport, diff_checkpoints
+    from distckpt.coordinator import CheckpointCoordinator
+    from distckpt.rng import RNGState as RNGStateClass
+
+    assert distckpt.CheckpointCoordinator is CheckpointCoordinator
+    assert distckpt.RNGState is RNGStateClass
+    assert distckpt.diff_checkpoints is diff_checkpoints and distckpt.DiffReport is DiffReport
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        distckpt.NoSuchName  # noqa: B018
 
 
 def test_every_error_is_a_checkpoint_error_and_a_builtin() -> None:

@@ -1,6 +1,6 @@
-"""Small rank functions for exercising :mod:`harness.world` (and for quick manual checks).
+"""Small rank functions for exercising :class:`distckpt.testing.pool.WorldPool` (and for quick manual checks).
 
-Each takes a :class:`~harness.world.RankContext` first, as every rank function does.
+Each takes a :class:`~distckpt.testing.worldspec.RankContext` first, as every rank function does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from harness.world import RankContext
+from .worldspec import RankContext
 
 #: Variables torchrun sets for every worker; :func:`environment` reports them.
 TORCHRUN_VARS: tuple[str, ...] = (

@@ -1,8 +1,8 @@
-"""Every torch-version-dependent code path of the harness, in one place.
+"""Every torch-version-dependent code path of the warm world pool, in one place.
 
 Each shim names the torch releases it serves and why; tests/harness/test_compat.py
 tests each of them on whichever torch runs the suite. Who calls this module: the
-rank processes of :mod:`harness.world` (through :mod:`harness._rank`). Nothing here
+rank processes of :mod:`distckpt.testing.pool` (through :mod:`distckpt.testing._pool_rank`). Nothing here
 is collective.
 
 Releases: the floor declared in pyproject.toml is the oldest release the whole

@@ -1,11 +1,11 @@
-"""The rank-process side of :mod:`harness.world` (imported warm by the fork server).
+"""The rank-process side of :mod:`distckpt.testing.pool` (imported warm by the fork server).
 
 A rank process serves one world at a time over its control pipe: it sets the
 torchrun environment, initialises ``torch.distributed``, runs the function,
 destroys the process group, restores ``os.environ`` and reports the outcome.
 It exits when the pool's process dies (``PR_SET_PDEATHSIG`` on Linux and a
 watchdog thread), and dumps every thread's stack to its dump file on ``SIGUSR1``.
-Where tearing a world down is unsafe on this torch (:mod:`harness._compat`), it
+Where tearing a world down is unsafe on this torch (:mod:`distckpt.testing._compat`), it
 keeps the world's process groups alive and, after a few worlds, says in its
 report that it retires, then exits without running their destructors.
 """
@@ -29,8 +29,8 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
-from harness import _compat
-from harness.world import RankContext
+from . import _compat
+from .worldspec import RankContext, place_of, sizes_of
 
 _PR_SET_PDEATHSIG = 1
 _dump_file: TextIO | None = None
@@ -85,13 +85,16 @@ def _execute(info: dict[str, Any], payload: bytes) -> dict[str, Any]:
             if entry not in sys.path:
                 sys.path.insert(0, entry)
         fn, args, kwargs = pickle.loads(payload)
+        ppn = info["procs_per_node"]
+        ppn = tuple(ppn) if isinstance(ppn, list) else ppn
+        node, local = place_of(sizes_of(info["nodes"], ppn), rank)
         ctx = RankContext(
             rank=rank,
             world_size=info["world_size"],
-            local_rank=rank % info["procs_per_node"],
-            node_rank=rank // info["procs_per_node"],
+            local_rank=local,
+            node_rank=node,
             nodes=info["nodes"],
-            procs_per_node=info["procs_per_node"],
+            procs_per_node=ppn,
             workdir=info["workdir"],
             backend=info["backend"],
             timeout=info["timeout"],
@@ -176,7 +179,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
     if not _alive(parent_pid):
         os._exit(1)
-    threading.Thread(target=watch, name="harness-parent-watchdog", daemon=True).start()
+    threading.Thread(target=watch, name="pool-parent-watchdog", daemon=True).start()
 
 
 def _alive(pid: int) -> bool:

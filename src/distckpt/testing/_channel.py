@@ -1,6 +1,6 @@
 """The parent's end of one rank process's control pipe, with no unbounded wait.
 
-Who uses it: :class:`harness.world.WorldPool` only (parent side; never collective).
+Who uses it: :class:`distckpt.testing.pool.WorldPool` only (parent side; never collective).
 
 A ``multiprocessing`` duplex pipe is a socket pair, and its ``send``/``recv``
 block without a deadline: a rank process that stops reading (frozen, stuck in
@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 #: What the reader thread posts when the rank's end of the pipe is gone.
-CLOSED = "harness.channel.closed"
+CLOSED = "distckpt.testing.channel.closed"
 
 _JOIN_S = 2.0
 
@@ -37,7 +37,7 @@ class Channel:
         self._inbox = inbox
         self._sender: threading.Thread | None = None
         self._send_error: BaseException | None = None
-        self._reader = threading.Thread(target=self._read, name=f"harness-read-{key}", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"pool-read-{key}", daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
@@ -61,7 +61,7 @@ class Channel:
             raise RuntimeError(f"channel {self.key}: the previous send has not finished")
         self._send_error = None
         self._sender = threading.Thread(
-            target=self._send, args=(message,), name=f"harness-send-{self.key}", daemon=True
+            target=self._send, args=(message,), name=f"pool-send-{self.key}", daemon=True
         )
         self._sender.start()
 
