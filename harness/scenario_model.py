@@ -76,6 +76,10 @@ TRAINERS: Mapping[str, TrainerInfo] = MappingProxyType(
         "dp_pp": TrainerInfo(("dp", "pp"), _BASE, min_world=4),
         "dp_tp": TrainerInfo(("dp", "tp"), _BASE, min_world=4),
         "per_node": TrainerInfo((), _BASE | {"cache"}, min_world=2, min_nodes=2),
+        "tp": TrainerInfo(("dp", "tp"), _BASE),
+        "fsdp": TrainerInfo(("dp",), _BASE),
+        "hsdp": TrainerInfo(("dp", "shard"), _BASE),
+        "dp_pp_tp": TrainerInfo(("dp", "pp", "tp"), _BASE),
     }
 )
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from harness.trainers.base import Trainer
 from harness.trainers.ddp import DDPTrainer, IndependentDDPTrainer
+from harness.trainers.dp_pp_tp import DPPipelineTPTrainer
 from harness.trainers.dp_tp import TensorParallelTrainer
+from harness.trainers.fsdp import FSDPTrainer
+from harness.trainers.hsdp import HSDPTrainer
 from harness.trainers.per_node import PerNodeTrainer
 from harness.trainers.pp import DPPipelineTrainer, PipelineTrainer
 from harness.trainers.single import SingleTrainer
+from harness.trainers.tp import DTensorTPTrainer
 
 __all__ = ["TRAINER_CLASSES", "Trainer", "trainer_class"]
 
@@ -21,6 +25,10 @@ TRAINER_CLASSES: dict[str, type[Trainer]] = {
         DPPipelineTrainer,
         TensorParallelTrainer,
         PerNodeTrainer,
+        DTensorTPTrainer,
+        FSDPTrainer,
+        HSDPTrainer,
+        DPPipelineTPTrainer,
     )
 }
 

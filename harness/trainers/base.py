@@ -178,7 +178,8 @@ def digest_leaves(state: Any, prefix: str) -> dict[str, str]:
     for path, leaf in _leaves(state, prefix):
         h = hashlib.blake2b(digest_size=12)
         if isinstance(leaf, torch.Tensor):
-            t = leaf.detach().cpu().contiguous().reshape(-1)
+            shard = leaf.to_local() if hasattr(leaf, "to_local") else leaf  # a DTensor: this rank's shard
+            t = shard.detach().cpu().contiguous().reshape(-1)
             h.update(f"{t.dtype}{tuple(leaf.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(leaf, np.ndarray):

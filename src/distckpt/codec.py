@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import boundedjson
+from . import dtensor as _dtensor
 from .errors import IntegrityError, SerializationError
 
 __all__ = [
@@ -143,8 +144,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def _check_tensor(t: torch.Tensor, path: str) -> None:
     """Refuse tensors the format cannot hold, naming their path."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
-        hint = " (DTensor: save t.to_local() or t.full_tensor())" if type(t).__name__ == "DTensor" else ""
-        raise SerializationError(f"{path}: tensor subclass {type(t).__qualname__} is not serializable{hint}")
+        raise SerializationError(f"{path}: tensor subclass {type(t).__qualname__} is not serializable")
     if t.layout is not torch.strided:
         raise SerializationError(f"{path}: {t.layout} tensors are not serializable; convert to dense")
     if t.is_quantized:
@@ -426,6 +426,8 @@ class _Encoder:
                     fast = {"$tensor": self._add(t, st, _itemsize(t.dtype))}
                     self._by_ptr[ptr] = (t, fast)
                     return fast
+        if kind is not torch.Tensor and kind is not torch.nn.Parameter and _dtensor.is_dtensor(t):
+            return _dtensor.encode(t, path, self.tensor)  # the local shard, plus its layout
         data = self._snapshot(t, path) if self.reuse is not None else _plain_cpu(t, path, self.copy)
         alias = None
         if t.numel() > 0 and t.layout is torch.strided:
@@ -469,7 +471,8 @@ class _Encoder:
 def state_nbytes(state: Any) -> int:
     """Bytes of tensor data in a state dict (nested dicts, lists and tuples), without encoding it. Pure."""
     if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
+        shard = _dtensor.local_or_self(state)  # a DTensor stores its shard only
+        return shard.numel() * shard.element_size()
     if isinstance(state, dict):
         return sum(state_nbytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):
@@ -857,6 +860,8 @@ def _pair_tensors(node: Any, obj: Any, found: list[tuple[str, dict[str, Any], to
                             _pair_tensors(v, obj[k], found)
     elif tag == "$tuple":
         _pair_tensors(body, obj, found)
+    elif tag == _dtensor.TAG:
+        _pair_tensors(body, _dtensor.live_local(node, obj), found)
 
 
 @functools.cache
@@ -941,6 +946,8 @@ class _Decoder:
         raise ValueError(f"unexpected skeleton node {node!r}"[:200])
 
     def tagged(self, tag: str, body: Any, node: dict[str, Any]) -> Any:
+        if tag == _dtensor.TAG:
+            return _dtensor.decode(node, self.value)
         if tag == "$odict":
             out: OrderedDict[Any, Any] = OrderedDict((k, self.value(v)) for k, v in _pairs(body))
             if "meta" in node:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import xxhash
 
+from . import dtensor
 from .codec import encode_leaf, tensor_bytes
 from .components import ValidationLevel
 
@@ -67,6 +68,8 @@ def iter_leaves(state: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
     """
     if isinstance(state, torch.Tensor):
         yield path, "tensor", state
+    elif isinstance(state, dtensor.SavedDTensor):  # a decoded DTensor (diff): compare its shard
+        yield path, "tensor", state.local
     elif type(state) in (dict, OrderedDict):
         names = [entry_name(k) for k in state]
         yield path, f"{type(state).__name__}{names}", None
@@ -145,7 +148,9 @@ def digest_state(state: Any, level: ValidationLevel | str) -> dict[str, str]:
     out: dict[str, str] = {}
     for path, kind, leaf in iter_leaves(state):
         if kind == "tensor":
-            structure.update(_record(path, "tensor", str(leaf.dtype), list(leaf.shape)))
+            layout = dtensor.layout_text(leaf)  # a DTensor: its local shard, and its layout in the structure
+            leaf = dtensor.local_or_self(leaf)
+            structure.update(_record(path, "tensor", str(leaf.dtype), list(leaf.shape), *([layout] if layout else [])))
             out[path] = _tensor_digest(leaf, level)
         elif kind == "leaf":
             structure.update(_record(path, "leaf", type(leaf).__name__))

@@ -31,6 +31,7 @@ from . import storage
 from .codec import tensor_bytes
 from .collectives import Comm, announce, exchange
 from .components import StateComponent
+from .dtensor import restore as restore_dtensors
 from .errors import (
     CheckpointNotFoundError,
     ComponentMismatchError,
@@ -233,6 +234,7 @@ def read(
             if live is not None:
                 touched.append(key)  # read_component writes into these tensors
             state = read_component(path, entries, live, meter.add)
+            state = restore_dtensors(state, stateful.state_dict if live is None else live, entries[0].path, live is not None)
             if live is None:
                 touched.append(key)
             stateful.load_state_dict(state)
@@ -240,7 +242,7 @@ def read(
 
     try:
         if strategy == "read_and_broadcast" and comm.world_size > 1:
-            _read_and_broadcast(comm, path, actions, components, files, touched, hook)
+            _read_and_broadcast(comm, path, actions, components, files, touched, hook, in_place)
         else:
             exchange(comm, "read", work, note=lambda: _modified(touched))
     finally:
@@ -251,7 +253,7 @@ def read(
 
 def _read_and_broadcast(comm: Comm, path: str, actions: Mapping[str, ComponentManifest],
                         components: Mapping[str, StateComponent], files: dict[str, str], touched: list[str],
-                        hook: Callable[[str], None]) -> None:
+                        hook: Callable[[str], None], in_place: bool = True) -> None:
     """Phase 2 of load, ``read_and_broadcast``: the lowest rank of each set reads and verifies
     its files, every rank hears whether all reads succeeded, the bytes go out within each set
     (a gloo group per set), and every rank decodes and restores."""
@@ -278,7 +280,8 @@ def _read_and_broadcast(comm: Comm, path: str, actions: Mapping[str, ComponentMa
             entries = saved.files_for_rank(comm.rank, components[key].pattern.elastic)
             state = decode_files(path, entries, [tensor_bytes(t) for t in buffers[key]])
             touched.append(key)
-            components[key].stateful.load_state_dict(state)
+            stateful = components[key].stateful
+            stateful.load_state_dict(restore_dtensors(state, stateful.state_dict, entries[0].path, in_place))
             files[key] = entries[0].path
 
     exchange(comm, "read", fetch)

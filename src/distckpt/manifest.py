@@ -32,7 +32,7 @@ __all__ = [
 
 FORMAT_NAME = "distckpt"
 # 1.1: files may carry "part" (balanced writes); 1.2: components carry "pattern": {kind, params}
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_MANIFEST_DEPTH = 512  # JSON nesting levels (a manifest needs 6, plus what component metadata holds)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import codec, storage
+from . import codec, dtensor, storage
 from .errors import IntegrityError
 from .manifest import FileEntry
 
@@ -80,6 +80,8 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 raise
             if index == 0:
                 skeleton = layout.skeleton
+                if live is not None:  # before any byte lands in a live tensor
+                    dtensor.check_skeleton(skeleton, live, full)
             targets = {}
             if live is not None and _disjoint(layout):
                 targets = codec.live_targets(skeleton, layout, live)

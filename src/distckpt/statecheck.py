@@ -164,7 +164,7 @@ def _names(keys: list[Any]) -> str:
 
 
 def _is_tensor_node(node: Any) -> bool:
-    return isinstance(node, dict) and len(node) > 0 and next(iter(node)) == "$tensor"
+    return isinstance(node, dict) and len(node) > 0 and next(iter(node)) in ("$tensor", "$dtensor")
 
 
 def _plain(value: Any) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 from .collectives import Comm, exchange
 from .components import StateComponent, ValidationLevel
 from .digests import Mismatch, compare_replicas, describe_difference, digest_state, iter_leaves
+from .dtensor import local_or_self
 from .errors import ReplicationMismatchError
 from .hashing import checksum_of
 from .planning import SavePlan
@@ -92,6 +93,7 @@ def _measure_differences(comm: Comm, mismatches: list[Mismatch], full: set[str],
             leaves = {p: leaf for p, kind, leaf in iter_leaves(state_of(m.component)) if kind == "tensor"}
             for entry in m.entries:
                 t = leaves.get(entry)
+                t = None if t is None else local_or_self(t)  # a DTensor: compare the shards
                 if t is not None and t.numel() * t.element_size() <= budget:
                     budget -= t.numel() * t.element_size()
                     mine.setdefault(m.component, {})[entry] = t.detach().cpu()

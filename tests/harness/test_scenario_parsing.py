@@ -55,7 +55,7 @@ def test_patterns_and_levels_are_case_insensitive() -> None:
 @pytest.mark.parametrize(
     ("change", "field", "text"),
     [
-        ({"trainer": "fsdp"}, "trainer", "expected one of"),
+        ({"trainer": "no_such_trainer"}, "trainer", "expected one of"),
         ({"topology": {"nodes": 1}}, "topology.procs_per_node", "is required"),
         ({"topology": {"nodes": 0, "procs_per_node": 4}}, "topology.nodes", ">= 1"),
         (

@@ -84,7 +84,7 @@ def test_a_large_replicated_state_on_two_nodes_is_written_in_parts_by_each_nodes
     ]
     assert sorted(os.listdir(Path(path) / "model")) == [os.path.basename(f.path) for f in files]
     raw = json.loads((Path(path) / "manifest.json").read_text())
-    assert raw["format_version"] == "1.2" and raw["components"]["model"]["files"][1]["part"] == [1, 2]
+    assert raw["format_version"] == "1.3" and raw["components"]["model"]["files"][1]["part"] == [1, 2]
 
     def load(comm: ThreadComm) -> dict[str, Any]:
         box = Box({k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()})

@@ -160,7 +160,7 @@ def test_manifest_1_2_records_the_pattern_kind_and_params_and_a_custom_pattern_r
     path, states = save_and_load(tmp_path, EveryKth(2))
     raw = json.loads((Path(path) / "manifest.json").read_text())
     comp = raw["components"]["x"]
-    assert raw["format_version"] == "1.2"
+    assert raw["format_version"] == "1.3"
     assert comp["pattern"] == {"kind": "test_every_kth", "params": {"k": 2}} and comp["sharing_pattern"] == "test_every_kth"
     assert comp["replicated_across"] == [[0, 2], [1, 3]]
     assert sorted(p.name for p in (Path(path) / "x").iterdir()) == ["test_every_kth-000.safetensors",

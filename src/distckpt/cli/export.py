@@ -24,8 +24,12 @@ def _clone_tree(obj: Any, found_numpy: list[bool]) -> Any:
     import numpy as np
     import torch
 
+    from ..dtensor import SavedDTensor
+
     if isinstance(obj, torch.Tensor):
         return obj.clone()
+    if isinstance(obj, SavedDTensor):  # a DTensor: this rank's view is its shard
+        return obj.local.clone()
     if isinstance(obj, (np.ndarray, np.generic)):
         found_numpy[0] = True
         return obj
