@@ -17,7 +17,7 @@ from .workloads import WORKLOADS, effective_scale, fmt_bytes
 
 BASE_METHODS = ["physical", "distckpt", "distckpt-nohash", "distckpt-quick", "distckpt-tensor", "distckpt-full",
                 "torch.save-all", "torch.save-writers", "dcp"]
-VARIANT_METHODS = ["distckpt-copyload", "distckpt-bcast", "distckpt-balanced", "distckpt-whole"]
+VARIANT_METHODS = ["distckpt-copyload", "distckpt-bcast", "distckpt-balanced", "distckpt-whole", "distckpt-async-budget"]
 
 
 def has_async_save() -> bool:
@@ -123,9 +123,13 @@ def rerender(args: argparse.Namespace) -> int:
     if data.get("paper"):
         print(report.paper_table(data["paper"]))
     gs = report.goals(cases)
+    g15 = report.goals15(cases)
+    loads = [c["load_avg"] for c in cases if c.get("load_avg") is not None]
+    print(report.goals_table(g15, "goals of issue 15 (ratios repetition by repetition)", loads or None))
     print(report.goals_table(gs))
     if args.json_path:
         data["goals"] = gs
+        data["goals15"] = g15
         with open(args.json_path, "w") as f:
             json.dump(data, f, indent=1, default=str)
     if args.png_path and report.chart(cases, args.png_path):
@@ -205,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_paper:
         from . import paper as paper_mod
 
-        paper = paper_mod.run((1024,) if args.smoke else (1024, 16384))
+        paper = paper_mod.run((1024,) if args.smoke else (1024, 16384, 65536))
         print(report.paper_table(paper))
+    g15 = report.goals15(cases)
+    print(report.goals_table(g15, "goals of issue 15 (ratios repetition by repetition)",
+                             [c["load_avg"] for c in cases]))
     print(report.goals_table(gs))
     profiles = []
     if args.profile:
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items()}, "environment": env, "cases": cases,
-                       "goals": gs, "paper": paper, "profiles": profiles}, f, indent=1, default=str)
+                       "goals": gs, "goals15": g15, "paper": paper, "profiles": profiles}, f, indent=1, default=str)
         print(f"wrote {args.json_path}")
     if args.png_path:
         if report.chart(cases, args.png_path):

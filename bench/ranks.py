@@ -34,6 +34,8 @@ Methods (``kind``):
   node); ``--nodes`` changes which members write first.
 - ``distckpt-whole``: save and load with ``min_part_bytes=None``: every set
   one file, whatever the nodes (the baseline for balanced writes).
+- ``distckpt-async-budget``: the same with ``async_snapshot_bytes`` a quarter of the
+  rank's state, so the snapshot streams (the call waits for the writer).
 - ``distckpt-async``: ``save_checkpoint(..., async_save=True)`` when the library
   has it; ``blocking_s`` is the time until it returns, the row's time until
   ``handle.result()``. ``proto-async`` is the bench's own stand-in for library
@@ -66,13 +68,16 @@ from .workloads import (
     tensor_leaves,
 )
 
-SAVE_ONLY = {"distckpt-quick", "distckpt-tensor", "distckpt-full", "distckpt-async", "proto-async"}
+SAVE_ONLY = {"distckpt-quick", "distckpt-tensor", "distckpt-full", "distckpt-async", "proto-async",
+             "distckpt-async-budget"}
 #: Rows that are a :class:`distckpt.CheckpointCoordinator` with these options.
 VARIANTS: dict[str, dict[str, Any]] = {
     "distckpt-copyload": {"load_in_place": False},
     "distckpt-bcast": {"load_strategy": "read_and_broadcast"},
     "distckpt-balanced": {"min_part_bytes": 1 << 20},
     "distckpt-whole": {"min_part_bytes": None},
+    # async_save with a snapshot budget of a quarter of the rank's state (set per rank below)
+    "distckpt-async-budget": {"async_snapshot_bytes": "quarter"},
 }
 LOAD_ONLY = {"distckpt-copyload", "distckpt-bcast"}
 LOAD_FROM = {m: "distckpt" for m in LOAD_ONLY}
@@ -136,14 +141,21 @@ class _NullHasher:
 @contextlib.contextmanager
 def no_checksum() -> Iterator[None]:
     """Bypass distckpt's checksums (save and load) by swapping its hasher factory."""
+    import importlib
+
     from distckpt import storage
 
-    original = storage.new_hasher
-    storage.new_hasher = lambda algorithm="xxh3-128": _NullHasher()  # type: ignore[assignment]
+    modules = [storage]
+    with contextlib.suppress(ImportError):  # where the hasher lives since issue 13
+        modules.append(importlib.import_module("distckpt.hashing"))
+    originals = [m.new_hasher for m in modules]
+    for m in modules:
+        m.new_hasher = lambda algorithm="xxh3-128": _NullHasher()  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        storage.new_hasher = original  # type: ignore[assignment]
+        for m, original in zip(modules, originals, strict=True):
+            m.new_hasher = original  # type: ignore[attr-defined]
 
 
 def _tsave(obj: Any, path: str) -> None:
@@ -239,9 +251,11 @@ class RankBench:
                 wanted[name] = ("none", options)
         if "proto-async" in self.methods:
             wanted["proto-async"] = ("none", {})
+        quarter = max(1, sum(state_bytes(c.holder.state_dict()) for c in self.comps) // 4)
         for name, (level, options) in wanted.items():
             if level != "none" and not all(c.validatable for c in self.comps):
                 continue
+            options = {k: quarter if v == "quarter" else v for k, v in options.items()}
             comps = []
             for c in self.comps:
                 holder = c.holder
@@ -300,9 +314,10 @@ class RankBench:
             with no_checksum():
                 self.coords["distckpt"].save_checkpoint(checkpoint_path=d)
             return None
-        if method == "distckpt-async":
+        if method in ("distckpt-async", "distckpt-async-budget"):
             t0 = time.perf_counter()
-            handle = self.coords["distckpt"].save_checkpoint(checkpoint_path=d, async_save=True)
+            coord = self.coords["distckpt" if method == "distckpt-async" else method]
+            handle = coord.save_checkpoint(checkpoint_path=d, async_save=True)
             blocking = time.perf_counter() - t0
             handle.result()
             return {"blocking_s": blocking}

@@ -23,9 +23,11 @@ LABELS = {
     "distckpt-balanced": "distckpt, balanced writes",
     "distckpt-whole": "distckpt, whole files",
     "distckpt-async": "distckpt async_save",
+    "distckpt-async-budget": "distckpt async, 1/4 budget",
     "proto-async": "proto: async save",
 }
-PATTERNS = {"big": "REPLICATED", "small": "REPLICATED", "hybrid": 'PER_GROUP("dp")', "rng": "PER_RANK"}
+PATTERNS = {"big": "REPLICATED", "small": "REPLICATED", "hybrid": 'PER_GROUP("dp")', "rng": "PER_RANK",
+            "huge": "REPLICATED"}
 
 
 def _median(xs: list[float]) -> float:
@@ -60,8 +62,9 @@ def aggregate(workload: str, world: int, nodes: int, scale: float, warmup: int,
             row.update(save_s=_median(reps), save_reps=reps, written=r0["written"].get(m), files=r0["files"].get(m),
                        save_peak_rss=max(x["peak"] for p in per for x in p[warmup:]),
                        save_rss_delta=max(x["peak"] - x["base"] for p in per for x in p[warmup:]))
-            if m in ("proto-async", "distckpt-async"):
-                row["blocking_s"] = _median(_slowest(per, warmup, "blocking_s"))
+            if m in ("proto-async", "distckpt-async", "distckpt-async-budget"):
+                row["blocking_reps"] = _slowest(per, warmup, "blocking_s")
+                row["blocking_s"] = _median(row["blocking_reps"])
             row["save_phases"] = _phases(per, warmup)
         if m in r0["loads"]:
             per = [r["loads"][m] for r in ranks]
@@ -160,6 +163,84 @@ def layout(c: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------- goals
+
+def _reps(c: dict[str, Any], m: str, what: str) -> list[float]:
+    return list(c["methods"].get(m, {}).get(f"{what}_reps") or [])
+
+
+def _rep_ratios(c: dict[str, Any], num: str, den: str, what: str) -> list[float]:
+    """Repetition by repetition (the methods run interleaved): ``num`` time / ``den`` time."""
+    return [a / b for a, b in zip(_reps(c, num, what), _reps(c, den, what), strict=False) if b > 0]
+
+
+def _stats(xs: list[float]) -> tuple[float, float, float] | None:
+    return (min(xs), statistics.median(xs), max(xs)) if xs else None
+
+
+def goals15(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The goals of issue 15, each judged on the median of its cases' repetitions (worst case
+    shown), with min / median / max over every repetition of every case it covers."""
+    out: list[dict[str, Any]] = []
+
+    def goal(name: str, target: str, per_case: list[tuple[str, list[float]]], limit: float,
+             higher_is_better: bool = False, min_floor: float | None = None, note: str = "") -> None:
+        per_case = [(n, xs) for n, xs in per_case if xs]
+        if not per_case:
+            out.append({"goal": name, "target": target, "met": None, "worst": None, "case": None,
+                        "stats": None, "note": note or "not measured"})
+            return
+        medians = [(statistics.median(xs), n) for n, xs in per_case]
+        v, case = (min if higher_is_better else max)(medians)
+        met = v >= limit if higher_is_better else v <= limit
+        every = [x for _, xs in per_case for x in xs]
+        if min_floor is not None and min(every) < min_floor:
+            met = False
+        out.append({"goal": name, "target": target, "met": met, "worst": v, "case": case,
+                    "stats": _stats(every), "note": note})
+
+    def us_per_tensor(c: dict[str, Any], what: str) -> list[float]:
+        return [1e6 * t / c["rank_tensors"] for t in _reps(c, "distckpt", what)]
+
+    small1 = [c for c in cases if c["workload"] == "small" and c["world"] == 1]
+    small = [c for c in cases if c["workload"] == "small"]
+    big1 = [c for c in cases if c["workload"] == "big" and c["world"] == 1]
+    big124 = [c for c in cases if c["workload"] == "big" and c["world"] in (1, 2, 4)]
+    huge = [c for c in cases if c["workload"] == "huge"]
+    goal("small w1: save <= 12 us per tensor", "<= 12 us",
+         [(case_name(c), us_per_tensor(c, "save")) for c in small1], 12.0)
+    goal("small w1: save <= 1.5x raw write of the same bytes", "<= 1.5",
+         [(case_name(c), _rep_ratios(c, "distckpt", "physical", "save")) for c in small1], 1.5)
+    goal("small w1: load <= 4 us per tensor", "<= 4 us",
+         [(case_name(c), us_per_tensor(c, "load")) for c in small1], 4.0)
+    goal("small w1: load <= 3x raw read of the same bytes", "<= 3",
+         [(case_name(c), _rep_ratios(c, "distckpt", "physical", "load")) for c in small1], 3.0)
+    goal("small: >= 10x faster than DCP, save (every world)", ">= 10",
+         [(case_name(c), _rep_ratios(c, "dcp", "distckpt", "save")) for c in small], 10.0, True)
+    goal("small: >= 10x faster than DCP, load (every world)", ">= 10",
+         [(case_name(c), _rep_ratios(c, "dcp", "distckpt", "load")) for c in small], 10.0, True)
+    goal("big w1: save <= 1.1x fsync'd single-writer limit", "<= 1.1",
+         [(case_name(c), _rep_ratios(c, "distckpt", "physical", "save")) for c in big1], 1.1)
+    goal("big w1: load <= 1.25x raw read into torch buffers", "<= 1.25",
+         [(case_name(c), _rep_ratios(c, "distckpt", "physical", "load")) for c in big1], 1.25)
+    goal("big w1,2,4: save >= 1.2x faster than DCP (median), no rep < 1.0", ">= 1.2",
+         [(case_name(c), _rep_ratios(c, "dcp", "distckpt", "save")) for c in big124], 1.2, True, min_floor=1.0)
+    for alt in ("dcp", "torch.save-writers"):
+        for what in ("save", "load"):
+            goal(f"huge: faster than {LABELS[alt]}, {what}", "> 1",
+                 [(case_name(c), _rep_ratios(c, alt, "distckpt", what)) for c in huge], 1.0, True)
+    async_cases = [c for c in cases if c["workload"] != "rng"]
+    goal("async: blocking <= 25% of a sync save, every world", "<= 0.25",
+         [(case_name(c), _async_ratios(c)) for c in async_cases], 0.25)
+    return out
+
+
+def _async_ratios(c: dict[str, Any]) -> list[float]:
+    """Per repetition: the async save's blocking time / the sync save's time."""
+    m = "distckpt-async" if "distckpt-async" in c["methods"] else "proto-async"
+    blocking = c["methods"].get(m, {}).get("blocking_reps") or []
+    return [b / s for b, s in zip(blocking, _reps(c, "distckpt", "save"), strict=False) if s > 0]
+
+
 
 def goals(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
@@ -320,24 +401,31 @@ def _variants_table(cases: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def goals_table(gs: list[dict[str, Any]]) -> str:
-    lines = ["", "== goals of issue 5", f"{'goal':<66}{'target':>15}{'worst':>9}  {'case':<18}met"]
+def goals_table(gs: list[dict[str, Any]], title: str = "goals of issue 5", loads: list[float] | None = None) -> str:
+    lines = ["", f"== {title}" + (f" (load average over the cases: min {min(loads):.2f}, median "
+                                  f"{statistics.median(loads):.2f}, max {max(loads):.2f})" if loads else ""),
+             f"{'goal':<66}{'target':>15}{'measured':>10}  {'min / median / max':<26}{'case':<18}met"]
     for g in gs:
         met = {True: "MET", False: "NOT MET", None: "n/a"}[g["met"]]
-        lines.append(f"{g['goal']:<66}{g['target']:>15}{_f(g['worst'], '{:.3f}'):>9}  {g['case'] or '-'!s:<18}{met}"
-                     + (f"  ({g['note']})" if g.get("note") else ""))
+        st = g.get("stats")
+        spread = " / ".join(_f(x, "{:.2f}") for x in st) if st else "-"
+        lines.append(f"{g['goal']:<66}{g['target']:>15}{_f(g['worst'], '{:.3f}'):>10}  {spread:<26}"
+                     f"{g['case'] or '-'!s:<18}{met}" + (f"  ({g['note']})" if g.get("note") else ""))
     return "\n".join(lines)
 
 
 def paper_table(p: dict[str, Any]) -> str:
     lines = ["", "== scale on paper (in-process; DP x PP x TP mesh, 8 ranks/node, 6 components)",
              f"{'ranks':>7}{'mesh':>14}{'files':>7}{'topology':>10}{'plan':>9}{'manifest':>10}{'to_json':>9}"
-             f"{'from_json':>10}{'manifest':>11}{'plan gather rx/rank':>21}{'resolve gather rx/rank':>24}"]
+             f"{'from_json':>10}{'all 5':>9}{'manifest':>11}{'plan gather rx/rank':>21}{'(before)':>11}"
+             f"{'resolve gather rx/rank':>24}"]
     for r in p["plans"]:
         mesh = "{dp}x{pp}x{tp}".format(**r["mesh"])
         lines.append(f"{r['world']:>7}{mesh:>14}{r['files']:>7}{r['topology_s'] * 1e3:>8.1f}ms{r['plan_s'] * 1e3:>7.1f}ms"
                      f"{r['manifest_build_s'] * 1e3:>8.1f}ms{r['to_json_s'] * 1e3:>7.1f}ms{r['from_json_s'] * 1e3:>8.1f}ms"
+                     f"{r.get('topology_plan_manifest_s', float('nan')) * 1e3:>7.0f}ms"
                      f"{fmt_bytes(r['manifest_bytes']):>11}{fmt_bytes(r['plan_gather_received_per_rank']):>21}"
+                     f"{fmt_bytes(r.get('plan_gather_received_per_rank_before', 0)):>11}"
                      f"{fmt_bytes(r['resolve_gather_received_per_rank']):>24}")
     col = p["collectives"]
     lines.append(f"collectives per rank (world {col['world']}): "

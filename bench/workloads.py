@@ -19,6 +19,8 @@ Sizes at ``scale=1`` are the issue's:
   state ``PER_GROUP("tp")`` (one per replica).
 - ``rng``: :class:`distckpt.RNGState` and a data-loader state (epoch, position,
   a sampler permutation of 1M*scale int64) ``PER_RANK``.
+- ``huge``: 8 fp32 tensors of 128 MiB each (1 GiB), REPLICATED: few, very large
+  tensors (scaling shrinks each tensor, never their number).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ BIG_PARAMS = 33
 SMALL_PARAMS = 2_500
 SMALL_FLOATS = 3_333
 RNG_PERM = 1_000_000
-WORKLOADS = ("big", "small", "hybrid", "rng")
+HUGE_TENSORS = 8
+HUGE_TENSOR_BYTES = 128 * 2**20
+WORKLOADS = ("big", "small", "hybrid", "rng", "huge")
 
 
 def mesh_shape(world: int) -> tuple[int, int]:
@@ -50,6 +54,8 @@ def full_bytes_per_rank(workload: str, world: int) -> int:
         return SMALL_PARAMS * SMALL_FLOATS * 4 * 3
     if workload == "hybrid":
         return BIG_BYTES // mesh_shape(world)[1]
+    if workload == "huge":
+        return HUGE_TENSORS * HUGE_TENSOR_BYTES
     return RNG_PERM * 8
 
 
@@ -113,7 +119,13 @@ class RNGHolder:
 
 
 def copy_into(live: Any, new: Any) -> Any:
-    """Copy ``new`` into ``live`` in place where shapes allow; return the result."""
+    """Copy ``new`` into ``live`` in place where shapes allow; return the result.
+
+    A tensor that already *is* the live one (an in-place load) is kept as is,
+    which is what ``live.copy_(live)`` amounts to, without the Python checks.
+    """
+    if live is new:
+        return live
     if isinstance(live, torch.Tensor) and isinstance(new, torch.Tensor) and live.shape == new.shape \
             and live.dtype == new.dtype:
         live.copy_(new)
@@ -174,6 +186,11 @@ def build(workload: str, scale: float, rank: int, world: int) -> list[Comp]:
         optim = _adamw(model, seed=2)
         return [Comp("model", "replicated", None, everyone, 0, Holder(model)),
                 Comp("optimizer", "replicated", None, everyone, 0, Holder(optim))]
+    if workload == "huge":
+        g = _gen(3)
+        floats = max(1024, int(HUGE_TENSOR_BYTES * scale) // 4)
+        model = {f"experts.{i}.weight": torch.rand(floats // 1024, 1024, generator=g) for i in range(HUGE_TENSORS)}
+        return [Comp("model", "replicated", None, everyone, 0, Holder(model))]
     if workload == "hybrid":
         _dp, tp = mesh_shape(world)
         d, t = divmod(rank, tp)

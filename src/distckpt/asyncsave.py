@@ -66,6 +66,7 @@ class AsyncSaves:
         """
         background = self.channel(comm)
         produce = snapshot(self.snapshots)
+        pump = getattr(produce, "pump", None)  # snapshots beyond the memory budget stream (distckpt.snapshots)
         handle = SaveHandle(plan.path)
         log.debug("distckpt: %s snapshotted in %.3f s; writing in the background", plan.path,
                   time.perf_counter() - started)
@@ -82,6 +83,8 @@ class AsyncSaves:
 
         self.pending = handle
         threading.Thread(target=run, name=f"distckpt-save-{plan.checkpoint_id}", daemon=False).start()
+        if pump is not None:
+            pump()  # returns once every file is copied; the thread writes them meanwhile
         return handle
 
     def wait(self) -> str | None:

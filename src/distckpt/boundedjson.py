@@ -13,14 +13,12 @@ into :class:`~distckpt.errors.ManifestError` or
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import numpy as np
 
 __all__ = ["loads", "nesting_depth"]
 
-_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and the byte it escapes
 _NOT_SYNTAX = bytes(b for b in range(256) if b not in b'"[]{}')
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[list(b"[{")] = 1
@@ -40,7 +38,10 @@ def nesting_depth(text: str | bytes) -> int:
     """
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     if b"\\" in data:
-        data = _ESCAPE.sub(b"", data)
+        # Valid JSON escapes only \\ and \" matter here: drop escaped backslashes (pairs, left to
+        # right), then escaped quotes; any other escape (invalid JSON) is left in place, which can
+        # only over-count the depth. Much faster than a regular expression over a large header.
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     syntax = data.translate(None, _NOT_SYNTAX)  # only quotes and brackets are left
     deepest = level = 0
     quoted = False

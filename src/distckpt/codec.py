@@ -21,6 +21,7 @@ import functools
 import gc
 import json
 import math
+import operator
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -71,6 +72,9 @@ _FROM_ST: dict[str, torch.dtype] = {
     st: getattr(torch, name) for st, name in _ST_NAMES.items() if hasattr(torch, name)
 }
 _TO_ST: dict[torch.dtype, str] = {dt: st for st, dt in _FROM_ST.items()}
+#: dtype -> (safetensors name, element size, complex?) for the encoder's fast path
+_FAST_DTYPES: dict[torch.dtype, tuple[str, int, bool]] = {
+    dt: (st, torch.empty(0, dtype=dt).element_size(), dt.is_complex) for dt, st in _TO_ST.items()}
 _NP_KINDS = set("biufcUSMm")
 _NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
                            torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128})
@@ -131,7 +135,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     if t.dtype in _NUMPY_DTYPES and t.numel() > 1 and t.is_contiguous():
-        array: Any = t.detach().reshape(-1).numpy()  # the common case, about 2x cheaper than the general one
+        array: Any = t.detach().numpy()  # the common case, several times cheaper than the general one
     else:
         array = flat_bytes(t).numpy()
     return memoryview(array).cast("B")
@@ -169,6 +173,14 @@ def _plain_cpu(t: torch.Tensor, path: str, copy: bool = False) -> torch.Tensor:
     return out
 
 
+#: Tensors smaller than this are packed into runs when written (see :meth:`EncodedState.runs`).
+PACK_BELOW = 1024 * 1024
+#: Largest packed run: a few MiB, copied, hashed and written while still in cache.
+RUN_BYTES = 4 * 1024 * 1024
+_PACKABLE = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                       torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128})
+
+
 @dataclass(frozen=True)
 class EncodedState:
     """A state dict ready to stream: the safetensors header and the tensors in file order.
@@ -185,18 +197,63 @@ class EncodedState:
     dtypes: tuple[str, ...] = ()
     skeleton: str = ""
     private: bool = False
+    #: bytes of each tensor (computed when not given)
+    sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.sizes:
+            object.__setattr__(self, "sizes", tuple(t.numel() * t.element_size() for t in self.tensors))
+        elif len(self.sizes) != len(self.tensors):
+            raise ValueError(f"sizes: {len(self.sizes)} for {len(self.tensors)} tensors")
 
     @property
     def total_size(self) -> int:
         """Exact size in bytes of the file these chunks make."""
-        return len(self.header) + sum(t.numel() * t.element_size() for t in self.tensors)
+        return len(self.header) + sum(self.sizes)
 
     def chunks(self) -> Iterator[memoryview]:
         """The file's bytes, header first, without copying tensor data."""
         yield memoryview(self.header)
-        for t in self.tensors:
-            if t.numel():
+        for t, size in zip(self.tensors, self.sizes, strict=True):
+            if size:
                 yield tensor_bytes(t)
+
+    def runs(self) -> Iterator[tuple[memoryview, bool] | tuple[list[torch.Tensor], int]]:
+        """The file's bytes for :func:`distckpt.storage.write_runs`, in order.
+
+        ``(view, True)``: a private copy nothing else changes (the header, a
+        private encoding's snapshots); ``(view, False)``: a large tensor's bytes,
+        which the writer copies before hashing; ``(tensors, nbytes)``: a run of
+        small tensors of one dtype, at most :data:`RUN_BYTES` together, which the
+        writer copies back to back with one call (one copy, hash and write per
+        run instead of per tensor).
+        """
+        yield memoryview(self.header), True
+        if self.private:
+            for t, size in zip(self.tensors, self.sizes, strict=True):
+                if size:
+                    yield tensor_bytes(t), True
+            return
+        run: list[torch.Tensor] = []
+        run_bytes = 0
+        run_dtype: torch.dtype | None = None
+        for t, size in zip(self.tensors, self.sizes, strict=True):
+            if not size:
+                continue
+            if size >= PACK_BELOW or t.dtype not in _PACKABLE:
+                if run:
+                    yield run, run_bytes
+                    run, run_bytes = [], 0
+                yield tensor_bytes(t), False
+                continue
+            if run and (t.dtype is not run_dtype or run_bytes + size > RUN_BYTES):
+                yield run, run_bytes
+                run, run_bytes = [], 0
+            run.append(t)
+            run_bytes += size
+            run_dtype = t.dtype
+        if run:
+            yield run, run_bytes
 
     def to_bytes(self) -> bytes:
         """The whole file in memory (tests and small states)."""
@@ -214,7 +271,7 @@ class EncodedState:
             raise ValueError(f"parts: expected a positive int, got {parts}")
         if parts == 1:
             return (self,)
-        sizes = [t.numel() * t.element_size() for t in self.tensors]
+        sizes = self.sizes
         total = sum(sizes)
         groups: list[list[int]] = [[] for _ in range(parts)]
         before = 0
@@ -229,21 +286,35 @@ class EncodedState:
             tensors = [self.tensors[i] for i in members]
             names = [self.names[i] for i in members]
             dtypes = [self.dtypes[i] for i in members]
-            out.append(EncodedState(header=_header(meta, names, dtypes, tensors), tensors=tuple(tensors),
+            part_sizes = [self.sizes[i] for i in members]
+            out.append(EncodedState(header=_header(meta, names, dtypes, tensors, part_sizes), tensors=tuple(tensors),
                                     names=tuple(names), dtypes=tuple(dtypes),
-                                    skeleton=self.skeleton if index == 0 else "", private=self.private))
+                                    skeleton=self.skeleton if index == 0 else "", private=self.private,
+                                    sizes=tuple(part_sizes)))
         return tuple(out)
 
 
-def _header(meta: dict[str, str], names: list[str], dtypes: list[str], tensors: list[torch.Tensor]) -> bytes:
-    """Length prefix plus JSON header, padded so that tensor data starts 16-aligned."""
-    entries: dict[str, Any] = {"__metadata__": meta}
+def _header(meta: dict[str, str], names: Sequence[str], dtypes: Sequence[str], tensors: Sequence[torch.Tensor],
+            sizes: Sequence[int] | None = None) -> bytes:
+    """Length prefix plus JSON header, padded so that tensor data starts 16-aligned.
+
+    The text is exactly ``json.dumps({"__metadata__": meta, name: {"dtype", "shape",
+    "data_offsets"}, ...}, separators=(",", ":"))``, built without a dict per tensor
+    (names are ``t<k>``, dtypes safetensors names: nothing to escape).
+    """
+    pieces = ['{"__metadata__":', json.dumps(meta, separators=(",", ":"))]
+    append = pieces.append
     offset = 0
-    for name, st, data in zip(names, dtypes, tensors, strict=True):
-        size = data.numel() * data.element_size()
-        entries[name] = {"dtype": st, "shape": list(data.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    if sizes is None:
+        sizes = [t.numel() * t.element_size() for t in tensors]
+    for name, st, data, size in zip(names, dtypes, tensors, sizes, strict=True):
+        shape = data.shape
+        dims = str(shape[0]) if len(shape) == 1 else ",".join(map(str, shape))
+        end = offset + size
+        append(f',"{name}":{{"dtype":"{st}","shape":[{dims}],"data_offsets":[{offset},{end}]}}')
+        offset = end
+    append("}")
+    header = "".join(pieces).encode("utf-8")
     header += b" " * (-(8 + len(header)) % 16)
     return struct.pack("<Q", len(header)) + header
 
@@ -257,6 +328,7 @@ class _Encoder:
         self.tensors: list[tuple[str, torch.Tensor, str, int]] = []
         self.extra: dict[str, dict[str, Any]] = {}
         self._alias: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._by_ptr: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
 
     def value(self, obj: Any, path: str) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -284,6 +356,49 @@ class _Encoder:
             leaf["$ndarray"] = name
         return leaf
 
+    def fast(self, obj: Any) -> Any:
+        """:meth:`value` without building paths (they only serve error messages): the common
+        containers, leaves and plain CPU tensors inline, anything else through :meth:`value`.
+        A :class:`SerializationError` here means: encode again with :meth:`value` for its path."""
+        kind = type(obj)
+        if kind is dict:
+            items = [[k, self.fast(v)] for k, v in obj.items()]
+            for k in obj:
+                if type(k) is not str and type(k) is not int:
+                    raise SerializationError("bad key")
+            return {"$dict": items}
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            # A plain contiguous CPU tensor of a dtype safetensors has (never quantized), not a
+            # lazily conjugated or negated view, seen for the first time: referenced as is.
+            fast = _FAST_DTYPES.get(obj.dtype)
+            if (fast is not None and obj.is_cpu and obj.layout is torch.strided and obj.is_contiguous()
+                    and obj.numel() > 0 and not obj.is_neg() and not (fast[2] and obj.is_conj())):
+                ptr = obj.data_ptr()
+                if ptr not in self._by_ptr:
+                    tensors = self.tensors
+                    name = f"t{len(tensors)}"
+                    tensors.append((name, obj, fast[0], fast[1]))
+                    leaf: dict[str, Any] = {"$tensor": name}
+                    self._by_ptr[ptr] = (obj, leaf)
+                    return leaf
+            return self.tensor(obj, "")
+        if obj is None or kind is str or kind is int or kind is bool or (kind is float and math.isfinite(obj)):
+            return obj
+        if kind is list:
+            return [self.fast(v) for v in obj]
+        if kind is tuple:
+            return {"$tuple": [self.fast(v) for v in obj]}
+        if kind is OrderedDict:
+            node: dict[str, Any] = {"$odict": [[k, self.fast(v)] for k, v in obj.items()]}
+            for k in obj:
+                if type(k) is not str and type(k) is not int:
+                    raise SerializationError("bad key")
+            meta = getattr(obj, "_metadata", None)
+            if meta is not None:
+                node["meta"] = self.fast(meta)
+            return node
+        return self.value(obj, "")
+
     def key(self, k: Any, path: str) -> Any:
         if type(k) is str or type(k) is int:
             return k
@@ -294,18 +409,23 @@ class _Encoder:
     def tensor(self, t: torch.Tensor, path: str) -> Any:
         kind = type(t)
         if ((kind is torch.Tensor or kind is torch.nn.Parameter) and not self.copy and t.is_cpu
-                and t.layout is torch.strided and t.numel() > 0 and t.is_contiguous()
+                and t.layout is torch.strided and t.is_contiguous() and t.numel() > 0
                 and not (t.is_conj() or t.is_neg() or t.is_quantized)):
             # Fast path, the common case: a plain contiguous CPU tensor, referenced as is.
-            key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
-            seen = self._alias.get(key)
+            # Keyed by its data pointer alone (no tuple per tensor); a second tensor at the
+            # same address is an alias only with the same shape, strides and dtype.
+            ptr = t.data_ptr()
+            seen = self._by_ptr.get(ptr)
             if seen is not None:
-                return dict(seen)
-            st = _TO_ST.get(t.dtype)
-            if st is not None:
-                fast: dict[str, Any] = {"$tensor": self._add(t, st, _itemsize(t.dtype))}
-                self._alias[key] = fast
-                return dict(fast)
+                first, node = seen
+                if first.shape == t.shape and first.stride() == t.stride() and first.dtype == t.dtype:
+                    return dict(node)
+            else:
+                st = _TO_ST.get(t.dtype)
+                if st is not None:
+                    fast = {"$tensor": self._add(t, st, _itemsize(t.dtype))}
+                    self._by_ptr[ptr] = (t, fast)
+                    return fast
         if kind is not torch.Tensor and kind is not torch.nn.Parameter and _dtensor.is_dtensor(t):
             return _dtensor.encode(t, path, self.tensor)  # the local shard, plus its layout
         data = self._snapshot(t, path) if self.reuse is not None else _plain_cpu(t, path, self.copy)
@@ -419,27 +539,36 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     must be done with the previous result before reusing its buffers.
     """
     enc = _Encoder(copy or reuse is not None, reuse)
-    try:
-        with gc_paused():
-            skeleton = enc.value(state, "")
-    except RecursionError:
-        raise SerializationError(_TOO_DEEP) from None
-    # Largest elements first (by the real dtype, also for raw-stored ones), and
-    # data starting 16-aligned: every tensor starts aligned to its element size.
-    order = sorted(enc.tensors, key=lambda item: -item[3])
-    names = [item[0] for item in order]
-    dtypes = [item[2] for item in order]
-    tensors = [item[1] for item in order]
-    with gc_paused():
+    with gc_paused():  # one pause; the temporaries below are freed before it ends
         try:
+            if enc.copy:
+                skeleton = enc.value(state, "")
+            else:
+                try:
+                    skeleton = enc.fast(state)
+                except SerializationError:  # again, slowly, for the message naming the path
+                    enc = _Encoder()
+                    skeleton = enc.value(state, "")
             text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
         except RecursionError:
             raise SerializationError(_TOO_DEEP) from None
+        del skeleton
         if boundedjson.nesting_depth(text) > SKELETON_DEPTH:
             raise SerializationError(_TOO_DEEP)
-        header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors)
-    return EncodedState(header=header, tensors=tuple(tensors), names=tuple(names), dtypes=tuple(dtypes),
-                        skeleton=text, private=enc.copy)
+        # Largest elements first (by the real dtype, also for raw-stored ones), and
+        # data starting 16-aligned: every tensor starts aligned to its element size.
+        # (A stable sort: equal sizes keep their traversal order.)
+        order = enc.tensors
+        if any(item[3] != order[0][3] for item in order):
+            order = sorted(order, key=operator.itemgetter(3), reverse=True)
+        names = tuple([item[0] for item in order])
+        dtypes = tuple([item[2] for item in order])
+        tensors = tuple([item[1] for item in order])
+        sizes = tuple([t.numel() * t.element_size() for t in tensors])
+        del order, enc
+        header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors, sizes)
+    return EncodedState(header=header, tensors=tensors, names=names, dtypes=dtypes,
+                        skeleton=text, private=copy or reuse is not None, sizes=sizes)
 
 
 @dataclass(frozen=True)
@@ -455,13 +584,28 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class FileLayout:
-    """A parsed safetensors header: where the data starts, the tensors in file order,
-    the distckpt skeleton (``None`` for a plain safetensors file) and the part label."""
+    """A parsed safetensors header: where the data starts, the tensors in file order (as
+    columns: ``names``, ``dtypes``, ``shapes``, absolute ``begins`` and ``ends``), the
+    distckpt skeleton (``None`` for a plain safetensors file) and the part label."""
 
     data_start: int
-    entries: tuple[TensorEntry, ...]
+    names: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    begins: tuple[int, ...]
+    ends: tuple[int, ...]
     skeleton: Any
     part: str | None = None
+
+    def __post_init__(self) -> None:
+        count = len(self.names)
+        if not len(self.dtypes) == len(self.shapes) == len(self.begins) == len(self.ends) == count:
+            raise ValueError("FileLayout: its columns differ in length")
+
+    @property
+    def entries(self) -> tuple[TensorEntry, ...]:
+        """The tensors in file order, one :class:`TensorEntry` each (built on demand)."""
+        return tuple(map(TensorEntry, self.names, self.dtypes, self.shapes, self.begins, self.ends))
 
 
 def header_length(prefix: bytes | memoryview, file_size: int, where: str = "<buffer>") -> int:
@@ -481,44 +625,74 @@ def parse_header(header: bytes | memoryview, file_size: int, where: str = "<buff
     """Parse the length prefix and JSON header of a file of ``file_size`` bytes. Pure.
 
     Every tensor's byte range is checked against its dtype, shape and the file
-    size; raises :class:`IntegrityError` naming ``where`` otherwise.
+    size; raises :class:`IntegrityError` naming ``where`` otherwise. Builds
+    columns, not an object per tensor, and frees the parsed JSON before it
+    returns (with the collector paused: nothing left for it to walk later).
     """
     start = header_length(header, file_size, where)
     try:
         with gc_paused():
-            raw = boundedjson.loads(bytes(header[8:start]).decode("utf-8"), _HEADER_DEPTH)
-        if not isinstance(raw, dict):
-            raise ValueError("header is not a JSON object")
-        meta = raw.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise ValueError("__metadata__ is not a JSON object")
-        entries = []
-        for name, info in raw.items():
-            dtype = _FROM_ST.get(info["dtype"]) if type(info.get("dtype")) is str else None
-            if dtype is None:
-                raise IntegrityError(f"unsupported safetensors dtype {info.get('dtype')!r}"[:200])
-            shape = _shape(info["shape"])
-            offsets = info["data_offsets"]
-            if type(offsets) is not list or len(offsets) != 2:
-                raise IntegrityError(f"data_offsets must be [begin, end], got {offsets!r}"[:200])
-            begin, stop = (_count(x, "data offset") for x in offsets)
-            if stop < begin or start + stop > file_size or stop - begin != math.prod(shape) * _itemsize(dtype):
-                raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {list(shape)} or the file")
-            entries.append(TensorEntry(name, dtype, shape, start + begin, start + stop))
-        text = meta.get(SKELETON_KEY)
-        if text is not None and type(text) is not str:
-            raise ValueError("the skeleton is not a string")
-        with gc_paused():
-            skeleton = None if text is None else boundedjson.loads(text, SKELETON_DEPTH)
-        part = meta.get(PART_KEY)
-        if part is not None and type(part) is not str:
-            raise ValueError("the part label is not a string")
+            layout = _parse_entries(bytes(header[8:start]).decode("utf-8"), start, file_size)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RuntimeError) as exc:
         raise IntegrityError(f"{where}: malformed safetensors header ({exc})"[:400]) from None
-    entries.sort(key=lambda e: e.begin)
-    return FileLayout(data_start=start, entries=tuple(entries), skeleton=skeleton, part=part)
+    return layout
+
+
+def _parse_entries(text: str, start: int, file_size: int) -> FileLayout:
+    raw = boundedjson.loads(text, _HEADER_DEPTH)
+    if not isinstance(raw, dict):
+        raise ValueError("header is not a JSON object")
+    meta = raw.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not a JSON object")
+    names: list[str] = []
+    dtypes: list[torch.dtype] = []
+    shapes: list[tuple[int, ...]] = []
+    begins: list[int] = []
+    ends: list[int] = []
+    limit = file_size - start
+    for name, info in raw.items():
+        st = info["dtype"]
+        dtype = _FROM_ST.get(st) if type(st) is str else None
+        if dtype is None:
+            raise IntegrityError(f"unsupported safetensors dtype {st!r}"[:200])
+        dims = info["shape"]
+        if type(dims) is not list:
+            raise IntegrityError(f"shape must be a list, got {dims!r}"[:200])
+        for d in dims:
+            if type(d) is not int or not 0 <= d < 2**63:
+                raise IntegrityError(f"shape entry must be an integer in [0, 2**63), got {d!r}"[:200])
+        offsets = info["data_offsets"]
+        if type(offsets) is not list or len(offsets) != 2:
+            raise IntegrityError(f"data_offsets must be [begin, end], got {offsets!r}"[:200])
+        begin, stop = offsets
+        if type(begin) is not int or type(stop) is not int or not 0 <= begin <= stop <= limit:
+            if not all(type(x) is int and 0 <= x < 2**63 for x in offsets):
+                raise IntegrityError(f"data offset must be an integer in [0, 2**63), got {offsets!r}"[:200])
+            raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {dims} or the file")
+        if stop - begin != math.prod(dims) * _itemsize(dtype):
+            raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {dims} or the file")
+        names.append(name)
+        dtypes.append(dtype)
+        shapes.append(tuple(dims))
+        begins.append(start + begin)
+        ends.append(start + stop)
+    del raw
+    text_skeleton = meta.get(SKELETON_KEY)
+    if text_skeleton is not None and type(text_skeleton) is not str:
+        raise ValueError("the skeleton is not a string")
+    skeleton = None if text_skeleton is None else boundedjson.loads(text_skeleton, SKELETON_DEPTH)
+    part = meta.get(PART_KEY)
+    if part is not None and type(part) is not str:
+        raise ValueError("the part label is not a string")
+    if any(b > a for a, b in zip(begins[1:], begins[:-1], strict=True)):  # not in file order yet: sort the columns
+        order = sorted(range(len(begins)), key=begins.__getitem__)
+        names, dtypes, shapes = [names[i] for i in order], [dtypes[i] for i in order], [shapes[i] for i in order]
+        begins, ends = [begins[i] for i in order], [ends[i] for i in order]
+    return FileLayout(data_start=start, names=tuple(names), dtypes=tuple(dtypes), shapes=tuple(shapes),
+                      begins=tuple(begins), ends=tuple(ends), skeleton=skeleton, part=part)
 
 
 def decode(buffer: bytearray | memoryview, where: str = "<buffer>") -> Any:
@@ -547,10 +721,7 @@ def assemble(parts: Sequence[tuple[FileLayout, bytearray | memoryview]],
         with gc_paused():
             tensors: dict[str, torch.Tensor] = {}
             for layout, buffer in parts:
-                for e in layout.entries:
-                    if e.name in tensors:
-                        raise IntegrityError(f"tensor {e.name!r} appears twice")
-                    tensors[e.name] = overrides[e.name] if e.name in overrides else _tensor_at(buffer, e)
+                _tensors_of(layout, buffer, overrides, tensors)
             skeleton = parts[0][0].skeleton
             if skeleton is None:
                 return tensors
@@ -561,67 +732,136 @@ def assemble(parts: Sequence[tuple[FileLayout, bytearray | memoryview]],
         raise IntegrityError(f"{where}: malformed safetensors content ({exc})"[:400]) from None
 
 
-def live_targets(skeleton: Any, entries: Iterable[TensorEntry], live: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _tensors_of(layout: FileLayout, buffer: bytearray | memoryview, overrides: dict[str, torch.Tensor],
+                out: dict[str, torch.Tensor]) -> None:
+    """Add ``layout``'s tensors to ``out``: the override where there is one, else a view of
+    ``buffer`` (aligned to its element size, copied where the buffer is not). Consecutive
+    entries of one dtype are cut from one view of the buffer (one call per run, not per tensor)."""
+    names, dtypes, shapes, begins, ends = layout.names, layout.dtypes, layout.shapes, layout.begins, layout.ends
+    count = len(names)
+    i = 0
+    while i < count:
+        name = names[i]
+        if name in out:
+            raise IntegrityError(f"tensor {name!r} appears twice")
+        if name in overrides:
+            out[name] = overrides[name]
+            i += 1
+            continue
+        dtype = dtypes[i]
+        j = i + 1  # a run: same dtype, back to back, no override, not empty
+        while (j < count and dtypes[j] is dtype and begins[j] == ends[j - 1] and ends[j] > begins[j]
+               and ends[i] > begins[i] and names[j] not in overrides):
+            j += 1
+        if j - i == 1:
+            out[name] = _aligned(_tensor_at(buffer, TensorEntry(name, dtype, shapes[i], begins[i], ends[i])))
+            i += 1
+            continue
+        size = _itemsize(dtype)
+        base = torch.frombuffer(buffer, dtype=dtype, count=(ends[j - 1] - begins[i]) // size, offset=begins[i])
+        if base.data_ptr() % min(size, 16):
+            base = base.clone()  # a fresh allocation is aligned
+        pieces = torch.split(base, [(ends[k] - begins[k]) // size for k in range(i, j)])
+        for k in range(i, j):
+            if names[k] in out:
+                raise IntegrityError(f"tensor {names[k]!r} appears twice")
+            piece = pieces[k - i]
+            shape = shapes[k]
+            out[names[k]] = piece if len(shape) == 1 else piece.view(shape)
+        i = j
+
+
+def live_targets(skeleton: Any, entries: FileLayout | Iterable[TensorEntry],
+                 live: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Tensors of ``live`` (a component's current state dict) that can receive ``entries`` in place.
 
     Walks ``skeleton`` (the file's, or part 0's for a balanced write) and
-    ``live`` together; an entry qualifies when the live
-    tensor at the same path is a plain, contiguous, non-empty CPU tensor of the
-    same dtype and shape, and no other entry already targets its storage.
-    Returns ``{entry name: (the live tensor whose bytes receive the entry, the
-    tensor to use for that entry in :func:`assemble`)}``. Pure.
+    ``live`` together, into containers only; an entry (of a layout, matched by
+    its index) qualifies when the live tensor at the same path is a plain,
+    contiguous, non-empty CPU tensor of the same dtype and shape, and no other
+    entry already targets its storage. Returns ``{entry name: (the live tensor
+    whose bytes receive the entry, the tensor to use for that entry in
+    :func:`assemble`)}``. Pure.
     """
     if skeleton is None:
         return {}
-    by_name = {e.name: e for e in entries}
-    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if isinstance(entries, FileLayout):
+        names, dtypes, shapes = entries.names, entries.dtypes, entries.shapes
+        sizes = [end - begin for begin, end in zip(entries.begins, entries.ends, strict=True)]
+    else:
+        listed = list(entries)
+        names = tuple(e.name for e in listed)
+        dtypes = tuple(e.dtype for e in listed)
+        shapes = tuple(e.shape for e in listed)
+        sizes = [e.end - e.begin for e in listed]
+    index = dict(zip(names, range(len(names)), strict=True))
+    found: list[tuple[str, dict[str, Any], torch.Tensor]] = []
+    _pair_tensors(skeleton, live, found)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     storages: set[int] = set()
-
-    def visit(node: Any, obj: Any) -> None:
-        if isinstance(node, list):
-            if isinstance(obj, (list, tuple)) and len(obj) == len(node):
-                for n, o in zip(node, obj, strict=True):
-                    visit(n, o)
-            return
-        if not isinstance(node, dict) or not node:
-            return
-        tag = next(iter(node))
-        if tag in ("$dict", "$odict") and isinstance(obj, dict) and isinstance(node[tag], list):
-            for pair in node[tag]:  # malformed pairs are skipped here and refused by assemble()
-                if isinstance(pair, list) and len(pair) == 2 and type(pair[0]) in (str, int) and pair[0] in obj:
-                    visit(pair[1], obj[pair[0]])
-        elif tag == "$tuple":
-            visit(node[tag], obj)
-        elif tag == _dtensor.TAG:
-            visit(node[tag], _dtensor.live_local(node, obj))
-        elif tag == "$tensor" and type(node[tag]) is str and isinstance(obj, torch.Tensor):
-            target = _target(node, by_name.get(node[tag]), obj)
-            if target is not None and node[tag] not in found:
-                storage = obj.untyped_storage().data_ptr()
-                if storage not in storages:
-                    storages.add(storage)
-                    found[node[tag]] = target
-
-    visit(skeleton, live)
-    return found
+    for name, node, t in found:
+        i = index.get(name)
+        kind = type(t)
+        if i is None or name in out or not (kind is torch.Tensor or kind is torch.nn.Parameter):
+            continue
+        if (not t.is_cpu or t.layout is not torch.strided or t.is_quantized or t.is_conj() or t.is_neg()
+                or not t.is_contiguous() or t.numel() == 0):
+            continue
+        if "dtype" not in node:  # stored natively: the same dtype and shape, hence the same bytes
+            if t.dtype != dtypes[i] or t.shape != shapes[i]:
+                continue
+            target = (t, t)
+        else:  # a dtype safetensors lacks: a U8 entry of the tensor's bytes, the real dtype in the skeleton
+            if _dtype_name(t.dtype) != node["dtype"] or list(t.shape) != node.get("shape"):
+                continue
+            flat = flat_bytes(t)
+            if flat.numel() != sizes[i]:
+                continue
+            target = (flat, flat)
+        storage = t.untyped_storage().data_ptr()
+        if storage not in storages:
+            storages.add(storage)
+            out[name] = target
+    return out
 
 
-def _target(node: dict[str, Any], entry: TensorEntry | None,
-            t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    kind = type(t)
-    if entry is None or not (kind is torch.Tensor or kind is torch.nn.Parameter):
-        return None
-    if not t.is_cpu or t.layout is not torch.strided or t.is_quantized or t.is_conj() or t.is_neg():
-        return None
-    if t.numel() == 0 or not t.is_contiguous():
-        return None
-    if "dtype" not in node:  # stored natively: the same dtype and shape, hence the same bytes
-        return (t, t) if t.dtype == entry.dtype and t.shape == entry.shape else None
-    # A dtype safetensors lacks: a U8 entry of the tensor's bytes, the real dtype in the skeleton.
-    if _dtype_name(t.dtype) != node["dtype"] or list(t.shape) != node.get("shape"):
-        return None
-    flat = flat_bytes(t)
-    return (flat, flat) if flat.numel() == entry.end - entry.begin else None
+_MISSING = object()
+
+
+def _pair_tensors(node: Any, obj: Any, found: list[tuple[str, dict[str, Any], torch.Tensor]]) -> None:
+    """Collect ``(entry name, skeleton node, live tensor)`` for every ``$tensor`` node whose path
+    exists in ``obj``; malformed nodes are skipped here (and refused by :func:`assemble`)."""
+    kind = type(node)
+    if kind is list:
+        if isinstance(obj, (list, tuple)) and len(obj) == len(node):
+            for n, o in zip(node, obj, strict=True):
+                if type(n) is dict or type(n) is list:
+                    _pair_tensors(n, o, found)
+        return
+    if kind is not dict or not node:
+        return
+    tag = next(iter(node))
+    body = node[tag]
+    if tag == "$tensor":
+        if type(body) is str and isinstance(obj, torch.Tensor):
+            found.append((body, node, obj))
+    elif tag == "$dict" or tag == "$odict":
+        if isinstance(obj, dict) and type(body) is list:
+            for pair in body:
+                if type(pair) is list and len(pair) == 2:
+                    k, v = pair
+                    if (type(v) is dict or type(v) is list) and (type(k) is str or type(k) is int) and k in obj:
+                        name = v.get("$tensor") if type(v) is dict else None
+                        if type(name) is str and type(v) is dict:  # a tensor node, inline
+                            o = obj[k]
+                            if isinstance(o, torch.Tensor):
+                                found.append((name, v, o))
+                        else:
+                            _pair_tensors(v, obj[k], found)
+    elif tag == "$tuple":
+        _pair_tensors(body, obj, found)
+    elif tag == _dtensor.TAG:
+        _pair_tensors(body, _dtensor.live_local(node, obj), found)
 
 
 @functools.cache
@@ -665,26 +905,49 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_ATOMS = (str, int, float, bool)
+
+
 class _Decoder:
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
         self._raw: dict[str, torch.Tensor] = {}
 
     def value(self, node: Any) -> Any:
-        if node is None or isinstance(node, (bool, int, float, str)):
+        kind = type(node)
+        if kind is dict and node:
+            tag = next(iter(node))
+            body = node[tag]
+            if tag == "$dict":
+                if type(body) is not list:
+                    raise ValueError(f"a dict body must be a list of pairs, got {type(body).__name__}")
+                out_dict: dict[Any, Any] = {}
+                for pair in body:
+                    if type(pair) is not list or len(pair) != 2 or (type(pair[0]) is not str and type(pair[0]) is not int):
+                        raise ValueError(f"a dict entry must be [str or int key, value], got {pair!r}"[:200])
+                    v = pair[1]
+                    if v is None or type(v) in _ATOMS:
+                        out_dict[pair[0]] = v
+                    elif type(v) is dict and len(v) == 1 and type(v.get("$tensor")) is str:
+                        out_dict[pair[0]] = self.tensors[v["$tensor"]]  # a natively stored tensor, inline
+                    else:
+                        out_dict[pair[0]] = self.value(v)
+                return out_dict
+            if tag == "$tensor":
+                name = body
+                if "dtype" not in node and type(name) is str:
+                    return self.tensors[name]
+                return self.tensor(node)
+            return self.tagged(tag, body, node)
+        if node is None or kind in _ATOMS:
             return node
-        if isinstance(node, list):
+        if kind is list:
             return [self.value(v) for v in node]
-        if not isinstance(node, dict) or not node:
-            raise ValueError(f"unexpected skeleton node {node!r}")
-        tag = next(iter(node))
-        body = node[tag]
-        if tag == "$tensor":
-            return self.tensor(node)
+        raise ValueError(f"unexpected skeleton node {node!r}"[:200])
+
+    def tagged(self, tag: str, body: Any, node: dict[str, Any]) -> Any:
         if tag == _dtensor.TAG:
             return _dtensor.decode(node, self.value)
-        if tag == "$dict":
-            return {k: self.value(v) for k, v in _pairs(body)}
         if tag == "$odict":
             out: OrderedDict[Any, Any] = OrderedDict((k, self.value(v)) for k, v in _pairs(body))
             if "meta" in node:
@@ -722,9 +985,7 @@ class _Decoder:
     def tensor(self, node: dict[str, Any]) -> torch.Tensor:
         name = node["$tensor"]
         if "dtype" not in node:
-            if name not in self._raw:
-                self._raw[name] = _aligned(self.tensors[name])
-            return self._raw[name]
+            return self.tensors[name]
         if name not in self._raw:
             dtype = _dtype_from_name(node["dtype"])
             raw = self.tensors[name]

@@ -35,6 +35,7 @@ from .errors import (
     group_ranks,
     rank_span,
 )
+from .hashing import checksum_of
 from .transport import (
     Comm,
     ForkingComm,
@@ -110,15 +111,19 @@ def exchange(
         status = ("error", type(exc).__name__, describe_exception(exc), _formatted(exc))
         if not isinstance(exc, Exception):
             interrupted = exc
-    extra = (dict(agree) if agree is not None else None, _noted(note))
+    # The arguments travel as a digest (a few bytes per rank, whatever their size); only when
+    # the digests differ does a second round carry the arguments themselves, to name them.
+    extra = (_args_digest(agree) if agree is not None else None, _noted(note))
     try:
         gathered = comm.all_gather((*status, extra), phase)
     finally:
         if interrupted is not None:
             raise interrupted
-    mismatch = argument_mismatch(phase, {r: s[-1][0] for r, s in enumerate(gathered) if s[-1][0] is not None})
-    if mismatch is not None:
-        raise mismatch
+    if len({s[-1][0] for s in gathered if s[-1][0] is not None}) > 1:
+        full = comm.all_gather(dict(agree) if agree is not None else None, phase)
+        mismatch = argument_mismatch(phase, {r: a for r, a in enumerate(full) if a is not None})
+        if mismatch is not None:
+            raise mismatch
     failures = {r: s[2] for r, s in enumerate(gathered) if s[0] == "error"}
     if failures:
         notes = {r: s[-1][1] for r, s in enumerate(gathered) if s[-1][1]}
@@ -150,6 +155,12 @@ def _noted(note: Callable[[], str] | None) -> str:
         return note()
     except Exception as exc:  # a note never hides the error it annotates
         return f"(note failed: {type(exc).__name__}: {exc})"
+
+
+def _args_digest(args: Mapping[str, Any]) -> int:
+    """A 64-bit digest of a call's arguments (their ``repr``, sorted by name)."""
+    text = repr(sorted(args.items())).encode("utf-8", "backslashreplace")
+    return int(checksum_of(text, "xxh3-64").partition(":")[2], 16)
 
 
 def announce(comm: Comm, phase: str, work: Callable[[], T]) -> T:

@@ -43,6 +43,7 @@ from .names import check_name
 from .planning import Produce, SavePlan, local_report, validated_components
 from .progress import Progress
 from .report import LoadReport
+from .snapshots import DEFAULT_SNAPSHOT_BYTES
 from .transport import Comm, ForkingComm, SetBroadcastComm, check_comm, default_comm
 
 __all__ = ["DEFAULT_MIN_PART_BYTES", "LOAD_STRATEGIES", "CheckpointCoordinator", "PhaseHook"]
@@ -90,6 +91,14 @@ class CheckpointCoordinator:
             rank of each set reads and verifies, then broadcasts the bytes
             within the set over gloo: fewer reads of a shared file, e.g. a
             cold parallel file system). Both give the same state.
+        async_snapshot_bytes: host memory this rank's ``async_save``
+            snapshot may hold. A snapshot within it is copied whole before
+            the call returns and its buffers are kept for the next save; a
+            larger one streams: the call copies file after file while the
+            background thread writes them, waiting for the disk whenever the
+            copies not yet written would exceed the budget (a single larger
+            file is copied alone). ``None``: no bound. Default 8 GiB
+            (:data:`distckpt.snapshots.DEFAULT_SNAPSHOT_BYTES`).
     """
 
     def __init__(
@@ -105,7 +114,11 @@ class CheckpointCoordinator:
         min_part_bytes: int | None = DEFAULT_MIN_PART_BYTES,
         load_in_place: bool = True,
         load_strategy: str = "every_member_reads",
+        async_snapshot_bytes: int | None = DEFAULT_SNAPSHOT_BYTES,
     ) -> None:
+        if async_snapshot_bytes is not None and (type(async_snapshot_bytes) is not int or async_snapshot_bytes < 1):
+            raise ValueError(f"async_snapshot_bytes: expected a positive int or None, got {async_snapshot_bytes!r}")
+        self.async_snapshot_bytes = async_snapshot_bytes
         components = _checked_components(state_components)
         seconds = _checked_settings(keep_last, min_part_bytes, load_strategy, timeout)
         self.components: tuple[StateComponent, ...] = tuple(sorted(components, key=lambda c: c.key))
@@ -209,7 +222,8 @@ class CheckpointCoordinator:
             if async_save:
                 return self._async.start(
                     self._comm, plan,
-                    lambda buffers: saving.encoder(self.rank, self.components, plan, states, buffers),
+                    lambda buffers: saving.encoder(self.rank, self.components, plan, states, buffers,
+                                                   self.async_snapshot_bytes),
                     lambda comm, produce: self._write_and_commit(comm, plan, produce, validate, overwrite, started,
                                                                  meter),
                     started,
@@ -287,9 +301,9 @@ class CheckpointCoordinator:
         if self.phase_hook is not None:
             self.phase_hook(phase, self.rank)
 
-    def _local_report(self) -> dict[str, Any]:
+    def _local_report(self, full: bool = False) -> dict[str, Any]:
         groups = {name: self._comm.group_members(pg) for name, pg in self._groups.items()}
-        return local_report(self._comm.node_id(), groups, self.components)
+        return local_report(self._comm.node_id(), groups, self.components, full)
 
     def _write_and_commit(self, comm: Comm, plan: SavePlan, produce: Produce, validate: bool, overwrite: bool,
                           started: float, meter: Progress | None = None) -> None:

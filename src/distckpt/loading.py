@@ -64,7 +64,7 @@ LOAD_STRATEGIES = ("every_member_reads", "read_and_broadcast")
 
 
 def resolve(
-    comm: Comm, report: Callable[[], dict[str, Any]], locate: Callable[[], str], strict: bool,
+    comm: Comm, report: Callable[..., dict[str, Any]], locate: Callable[[], str], strict: bool,
     hook: Callable[[str], None], args: Mapping[str, Any],
 ) -> tuple[str, CheckpointManifest | None, Topology, list[str]]:
     """Phase 1 of load, collective: all agree on the call and the world; rank 0 finds the
@@ -78,7 +78,8 @@ def resolve(
         hook("resolve")
         return report()
 
-    topology = agree(exchange(comm, "resolve", work, agree=args), phase="resolve")
+    topology = agree(exchange(comm, "resolve", work, agree=args),
+                     lambda: exchange(comm, "resolve", lambda: report(True)), phase="resolve")
 
     def look() -> tuple[str, dict[str, Any] | None, list[str]]:  # rank 0 only
         path = locate()

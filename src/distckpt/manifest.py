@@ -420,17 +420,21 @@ def _check_parts(files: tuple[FileEntry, ...], where: str) -> None:
             )
 
 
+#: One encoder for every scalar and flat list (``json.dumps`` with options builds one per call).
+_FLAT = json.JSONEncoder(allow_nan=False, separators=(", ", ": "))
+
+
 def _dumps(value: Any, level: int) -> str:
     pad = "  " * (level + 1)
     if isinstance(value, dict) and value:
-        items = [f"{pad}{json.dumps(k)}: {_dumps(v, level + 1)}" for k, v in value.items()]
+        items = [f"{pad}{_FLAT.encode(k)}: {_dumps(v, level + 1)}" for k, v in value.items()]
         return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
     if isinstance(value, list) and any(isinstance(v, (dict, list)) and v for v in value):
         if all(isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v) for v in value):
-            return json.dumps(value, allow_nan=False, separators=(", ", ": "))
+            return _FLAT.encode(value)
         items = [pad + _dumps(v, level + 1) for v in value]
         return "[\n" + ",\n".join(items) + "\n" + "  " * level + "]"
-    return json.dumps(value, allow_nan=False, separators=(", ", ": "))
+    return _FLAT.encode(value)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

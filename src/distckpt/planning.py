@@ -38,7 +38,7 @@ from .errors import (
 from .hashing import checksum_of
 from .layout import ComponentPlan, plan_component
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
-from .topology import Topology
+from .topology import Topology, group_key
 from .version import __version__
 
 __all__ = [
@@ -85,30 +85,56 @@ def declaration(c: StateComponent) -> tuple[Any, ...]:
 
 
 def local_report(node: str, groups: Mapping[str, tuple[int, ...]],
-                 components: Sequence[StateComponent]) -> dict[str, Any]:
-    """This rank's part of the first collective of a save or load: node, groups, declarations."""
-    return {
-        "node": node,
-        "groups": dict(groups),
-        "declarations": [declaration(c) for c in components],
-    }
+                 components: Sequence[StateComponent], full: bool = False) -> dict[str, Any]:
+    """This rank's part of the first collective of a save or load: node, groups, declarations.
+
+    Compact (the default): each group as :func:`~distckpt.topology.group_key`
+    and the declarations as one digest, a few bytes whatever the world and
+    group sizes, so what every rank receives grows linearly with the world.
+    ``full=True``: member lists and declarations themselves (the second round
+    :func:`agree` asks for when declarations differ, to name the differences).
+    """
+    declared = [declaration(c) for c in components]
+    if full:
+        return {"node": node, "groups": dict(groups), "declarations": declared}
+    digest = checksum_of(repr(declared).encode(), "xxh3-64").partition(":")[2]
+    return {"node": node, "groups": {name: group_key(m) for name, m in groups.items()},
+            "declarations": int(digest, 16)}
 
 
-def agree(reports: Sequence[Mapping[str, Any]], phase: str = "plan") -> Topology:
+def agree(reports: Sequence[Mapping[str, Any]],
+          full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None = None, phase: str = "plan") -> Topology:
     """Every rank: check declarations agree, then build the topology. Deterministic.
 
     Raises :class:`ComponentMismatchError` naming the ranks that declared
     otherwise than rank 0, or :class:`TopologyMismatchError` (from
-    :meth:`Topology.from_reports`) for groups that are not partitions; either
-    with ``phase`` set and ``failures`` naming every rank when none is singled out.
+    :meth:`Topology.from_compact` or :meth:`Topology.from_reports`) for groups
+    that are not partitions; either with ``phase`` set and ``failures`` naming
+    every rank when none is singled out. With compact reports
+    (:func:`local_report`) whose declaration digests differ, ``full_reports()``
+    (a collective every rank calls, as every rank sees the same digests)
+    fetches the full ones to name the differences.
     """
     try:
-        return _agree(reports)
+        return _agree(reports, full_reports)
     except CheckpointError as exc:
         raise on_every_rank(exc, phase, len(reports)) from None
 
 
-def _agree(reports: Sequence[Mapping[str, Any]]) -> Topology:
+def _agree(reports: Sequence[Mapping[str, Any]],
+           full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None) -> Topology:
+    compact = bool(reports) and type(reports[0]["declarations"]) is int
+    if compact and any(r["declarations"] != reports[0]["declarations"] for r in reports):
+        if full_reports is None:
+            raise ComponentMismatchError(
+                "ranks declared different components; every rank must declare the same keys, "
+                "patterns, groups and validation",
+                failures={rank: "declares otherwise than rank 0" for rank, r in enumerate(reports)
+                          if r["declarations"] != reports[0]["declarations"]})
+        reports = full_reports()
+        compact = False
+    if compact:
+        return Topology.from_compact([r["node"] for r in reports], [r["groups"] for r in reports])
     declared = [tuple(r["declarations"]) for r in reports]
     if any(d != declared[0] for d in declared):
         raise ComponentMismatchError(
@@ -129,10 +155,17 @@ def plan_components(topology: Topology, components: Sequence[StateComponent],
     :func:`plan_digest` across ranks.
     """
     plans: dict[str, ComponentPlan] = {}
-    for c in components:
-        sizes = {r: rep.get("sizes", {}).get(c.key, 0) for r, rep in enumerate(reports)}
+    for index, c in enumerate(components):
+        sizes = {r: _size(rep.get("sizes"), index, c.key) for r, rep in enumerate(reports)}
         plans[c.key] = plan_component(topology, c.key, c.pattern, sizes=sizes, min_part_bytes=min_part_bytes)
     return plans
+
+
+def _size(sizes: Any, index: int, key: str) -> int:
+    """A rank's reported bytes of a component: ``sizes`` by component position (compact) or key."""
+    if isinstance(sizes, tuple):
+        return int(sizes[index]) if index < len(sizes) else 0
+    return int((sizes or {}).get(key, 0))
 
 
 def plan_digest(plans: Mapping[str, ComponentPlan]) -> str:

@@ -16,7 +16,6 @@ every rank, and the trainer must load again (or restart) before training on.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,7 +61,12 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None,
 def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 parts: list[tuple[codec.FileLayout, memoryview]], overrides: dict[str, torch.Tensor],
                 progress: Callable[[int], None] | None = None) -> None:
-    """Read every file of ``entries`` in order, filling ``parts`` and ``overrides`` as it goes."""
+    """Read every file of ``entries`` in order, filling ``parts`` and ``overrides`` as it goes.
+
+    Live targets (matched by entry index, :func:`~distckpt.codec.live_targets`)
+    are read straight into, 512 buffers per ``readv``; the gaps between them
+    go to the scratch buffer.
+    """
     skeleton: Any = None
     for index, entry in enumerate(entries):
         full = storage.safe_join(root, entry.path)
@@ -79,18 +83,20 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 if live is not None:  # before any byte lands in a live tensor
                     dtensor.check_skeleton(skeleton, live, full)
             targets = {}
-            if live is not None and _disjoint(layout.entries):
-                targets = codec.live_targets(skeleton, layout.entries, live)
+            if live is not None and _disjoint(layout):
+                targets = codec.live_targets(skeleton, layout, live)
             views: list[memoryview] = []  # file order: scratch-buffer gaps and live tensors
             position = reader.position
-            for e in layout.entries:
-                if e.name in targets:
-                    if e.begin > position:
-                        views.append(reader.buffer[position:e.begin])
-                    view, tensor = targets[e.name]
-                    views.append(codec.tensor_bytes(view))
-                    overrides[e.name] = tensor
-                    position = e.end
+            if targets:
+                for name, begin, end in zip(layout.names, layout.begins, layout.ends, strict=True):
+                    target = targets.get(name)
+                    if target is not None:
+                        if begin > position:
+                            views.append(reader.buffer[position:begin])
+                        view, tensor = target
+                        views.append(codec.tensor_bytes(view))
+                        overrides[name] = tensor
+                        position = end
             if progress is None:
                 reader.read_into(views)  # one readv per 512 buffers, not one per tensor
                 parts.append((layout, reader.finish()))
@@ -125,9 +131,9 @@ def _read_reporting(reader: storage.VerifiedReader, views: list[memoryview],
     progress(reader.position - counted)
 
 
-def _disjoint(entries: Sequence[codec.TensorEntry]) -> bool:
+def _disjoint(layout: codec.FileLayout) -> bool:
     """Entries are sorted by offset; in-place reading needs them not to overlap."""
-    return all(a.end <= b.begin for a, b in itertools.pairwise(entries))
+    return all(end <= begin for end, begin in zip(layout.ends[:-1], layout.begins[1:], strict=True))
 
 
 def _check_part(layout: codec.FileLayout, index: int, count: int, where: str) -> None:

@@ -53,6 +53,7 @@ from .planning import (
 )
 from .progress import Progress
 from .series import Allocation
+from .snapshots import SnapshotBudget, streamed
 
 __all__ = ["States", "commit", "encoder", "plan", "write", "write_and_commit"]
 
@@ -76,7 +77,7 @@ class States:
         return self._states[key]
 
 
-def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[[], dict[str, Any]],
+def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[..., dict[str, Any]],
          states: States, *, allocate: Callable[[], Allocation], min_part_bytes: int | None,
          hook: Callable[[str], None], args: Mapping[str, Any]) -> SavePlan:
     """Phase 1, collective: agree on the call, the world and the files; rank 0 allocates the target.
@@ -92,16 +93,21 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[[], 
     def work() -> dict[str, Any]:
         hook("plan")
         out = report()
-        if min_part_bytes is not None and comm.world_size > 1:  # sizes decide balanced writes
-            out["sizes"] = {c.key: state_nbytes(states(c.key)) for c in components if c.pattern.identical_replicas}
-        if comm.rank == 0:
-            out["decision"] = mine["decision"] = allocate()
+        if min_part_bytes is not None and comm.world_size > 1:  # sizes decide balanced writes (by position)
+            out["sizes"] = tuple(state_nbytes(states(c.key)) if c.pattern.identical_replicas else 0
+                                 for c in components)
         return out
+
+    def decide() -> dict[str, Any]:  # rank 0, once the world agrees; broadcast, not gathered
+        if "decision" not in mine:
+            mine["decision"] = allocate()
+        decided: dict[str, Any] = mine["decision"]
+        return decided
 
     try:
         reports = exchange(comm, "plan", work, agree=args)
-        decision = reports[0]["decision"]
-        topology = agree(reports)
+        topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)))
+        decision = announce(comm, "plan", decide)
         plans = _plan_files(comm, components, topology, reports, min_part_bytes)
     except BaseException:
         if "decision" in mine:
@@ -126,20 +132,26 @@ def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
 
 
 def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: States,
-            snapshots: dict[str, dict[int, torch.Tensor]] | None = None) -> Produce:
+            snapshots: dict[str, dict[int, torch.Tensor]] | None = None,
+            budget: int | None = None) -> Produce:
     """This rank's files to write: encoded lazily (``snapshots`` is None, a synchronous save) or
     copied to host memory now, reusing the buffers in ``snapshots`` (an asynchronous save).
 
     Local. An error while snapshotting is not raised here: the returned
-    producer raises it inside the write phase, so every rank hears it.
+    producer raises it inside the write phase, so every rank hears it. With a
+    ``budget`` (bytes) that this rank's files exceed, the copies stream
+    instead (:mod:`distckpt.snapshots`): the returned producer has a ``pump``
+    attribute, which the caller runs once the writing thread is started.
     """
     copy = snapshots is not None
 
-    def jobs() -> Iterator[Job]:
+    def jobs(reserve: Callable[[int], None] | None = None) -> Iterator[Job]:
         for c in components:
             for f in plan.components[c.key].files:
                 if f.writer == rank:
-                    reuse = snapshots.setdefault(c.key, {}) if snapshots is not None else None
+                    if reserve is not None:
+                        reserve(state_nbytes(states(c.key)))
+                    reuse = snapshots.setdefault(c.key, {}) if snapshots is not None and reserve is None else None
                     encoded = encode(states(c.key), copy=copy, reuse=reuse)
                     if f.parts == 1:  # a whole file: nothing to fit together
                         yield c.key, f.path, encoded, "", ()
@@ -152,6 +164,14 @@ def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, sta
 
     if not copy:
         return jobs
+    if budget is not None and snapshots is not None:
+        mine = sum(state_nbytes(states(c.key)) for c in components
+                   if any(f.writer == rank for f in plan.components[c.key].files))
+        if mine > budget:
+            snapshots.clear()  # buffers kept from an earlier save would count against the budget
+            produce, pump = streamed(jobs, SnapshotBudget(budget))
+            produce.pump = pump  # type: ignore[attr-defined]
+            return produce
     try:
         snapshot = list(jobs())
     except Exception as exc:  # reported through the write phase, so every rank hears it
@@ -161,6 +181,13 @@ def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, sta
             raise error
         return failed
     return lambda: iter(snapshot)
+
+
+def _counted(runs: Iterator[Any], meter: Progress) -> Iterator[Any]:
+    """``runs`` (:meth:`~distckpt.codec.EncodedState.runs`) unchanged, adding each one's bytes to ``meter``."""
+    for item, flag in runs:
+        yield item, flag
+        meter.add(flag if isinstance(item, list) else len(item))
 
 
 def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], None],
@@ -177,9 +204,8 @@ def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], No
         written = []
         for key, path, encoded, structure, siblings in produce():
             storage.make_component_dir(plan.staging, key)
-            chunks = encoded.chunks() if meter is None else meter.track(encoded.chunks())
-            size, checksum = storage.write_file(os.path.join(plan.staging, path), chunks,
-                                                private=encoded.private)
+            runs = encoded.runs() if meter is None else _counted(encoded.runs(), meter)
+            size, checksum = storage.write_runs(os.path.join(plan.staging, path), runs)
             predicted = {p: checksum_of_chunks(piece.chunks()) for p, piece in siblings}
             written.append((key, path, size, checksum, structure, predicted))
         return written

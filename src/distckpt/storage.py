@@ -35,7 +35,7 @@ import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import manifest as _manifest
 from .errors import IntegrityError, ManifestError
@@ -49,11 +49,15 @@ from .hashing import (
 from .layout import check_relpath
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "CHECKSUM_ALGORITHM",
     "FileFault",
     "PathInfo",
     "PipelinedHasher",
+    "Run",
     "VerifiedReader",
     "atomic_write_bytes",
     "check_file",
@@ -100,6 +104,7 @@ __all__ = [
     "write_all",
     "write_file",
     "write_manifest_file",
+    "write_runs",
     "write_through_temp",
 ]
 
@@ -147,12 +152,15 @@ class _Bounce:
 
     def __init__(self) -> None:
         self.buffers: list[memoryview] = []
+        self.tensors: list[torch.Tensor] = []  # the same memory, for torch.cat(..., out=)
         self.free: list[threading.Event] = []
 
     def buffer(self, index: int) -> memoryview:
         while len(self.buffers) <= index:
             import torch  # here, not at the top: `distckpt ls/inspect/verify` never load torch
-            array: Any = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8).numpy()  # never zero-filled
+            tensor = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8)  # never zero-filled
+            array: Any = tensor.numpy()
+            self.tensors.append(tensor)
             self.buffers.append(memoryview(array).cast("B"))
             event = threading.Event()
             event.set()
@@ -170,10 +178,17 @@ def _bounce() -> _Bounce:
     return ring
 
 
-class _BounceWriter:
-    """Copies a file's chunks into the thread's bounce buffers and hashes each full buffer
-    while it is still in cache; a worker thread writes it to ``fd`` meanwhile (a file of one
-    buffer is written here, without a thread). A write error is raised by the next call."""
+class _RunWriter:
+    """Writes one file from ``(view, owned)`` runs, in order: hashes in the caller's thread,
+    ``writev`` in a worker thread meanwhile (a file of one buffer is written here, without a thread).
+
+    A view that is not ``owned`` is first copied into the thread's bounce buffers
+    and that copy is hashed and written (the checksum is of the very bytes handed to
+    the kernel even if another thread changes the tensor meanwhile). An ``owned``
+    view is a private copy nothing else changes: hashed and written as it is, many
+    in one ``writev``. At most a few hand-overs are in flight (memory stays bounded).
+    A write error is raised by the next call.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -182,11 +197,58 @@ class _BounceWriter:
         self.index = 0
         self.fill = 0
         self.size = 0
-        self._queue: queue.SimpleQueue[tuple[int, int] | None] | None = None
+        self._owned: list[memoryview] = []
+        self._owned_bytes = 0
+        self._queue: queue.Queue[tuple[int, int] | list[memoryview] | None] | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def add(self, view: memoryview) -> None:
+    def add_run(self, tensors: list[torch.Tensor], nbytes: int) -> None:
+        """Copy small contiguous tensors of one dtype (``nbytes`` together, at most one buffer)
+        back to back into the bounce buffer with one ``torch.cat``: one copy for the run."""
+        dtype = tensors[0].dtype
+        itemsize = tensors[0].element_size()
+        if self._owned:
+            self._release_owned()
+        if self.fill + nbytes > _BOUNCE_BYTES or self.fill % itemsize:
+            self._flush()
+        self.ring.buffer(self.index)
+        target = self.ring.tensors[self.index][self.fill:self.fill + nbytes].view(dtype)
+        import torch  # loaded by then: the caller's tensors are torch's
+
+        torch.cat([t if t.dim() == 1 else t.view(-1) for t in tensors], out=target)
+        self.fill += nbytes
+        self.size += nbytes
+        if self.fill == _BOUNCE_BYTES:
+            self._flush()
+
+    def _release_owned(self) -> None:
+        """Before bounce-buffered bytes: owned views waiting for their hand-over go first."""
+        if self._queue is None and self._owned_bytes + self.fill <= _BOUNCE_BYTES:
+            # a small file so far (a header): into the bounce buffer, no thread yet
+            pending, self._owned, self._owned_bytes = self._owned, [], 0
+            for piece in pending:
+                self._copy(piece)
+        else:
+            self._submit_owned()
+
+    def add(self, view: memoryview, owned: bool) -> None:
+        if owned:
+            if self.fill:
+                self._flush()
+            for start in range(0, len(view), _BOUNCE_BYTES):
+                piece = view[start:start + _BOUNCE_BYTES] if len(view) > _BOUNCE_BYTES else view
+                self._owned.append(piece)
+                self._owned_bytes += len(piece)
+                if len(self._owned) >= _IOV_BATCH or self._owned_bytes >= _BOUNCE_BYTES:
+                    self._submit_owned()
+        else:
+            if self._owned:
+                self._release_owned()
+            self._copy(view)
+        self.size += len(view)
+
+    def _copy(self, view: memoryview) -> None:
         start = 0
         while start < len(view):
             target = self.ring.buffer(self.index)
@@ -196,19 +258,30 @@ class _BounceWriter:
             start += n
             if self.fill == _BOUNCE_BYTES:
                 self._flush()
-        self.size += len(view)
+
+    def _submit_owned(self) -> None:
+        batch, self._owned, self._owned_bytes = self._owned, [], 0
+        for piece in batch:
+            self.hasher.update(piece)
+        self._submit(batch)
+
+    def _submit(self, job: tuple[int, int] | list[memoryview]) -> None:
+        if self._queue is None:
+            self._queue = queue.Queue(maxsize=_BOUNCE_COUNT + 1)
+            self._thread = threading.Thread(target=self._work, name="distckpt-write", daemon=True)
+            self._thread.start()
+        self._queue.put(job)
+        if self._error is not None:
+            raise self._error
 
     def _flush(self) -> None:
+        """Hash the filled bounce buffer and hand it to the worker; wait until the next one is free."""
         if not self.fill:
             return
         index, length = self.index, self.fill
         self.hasher.update(self.ring.buffer(index)[:length])
-        if self._queue is None:
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._work, name="distckpt-write", daemon=True)
-            self._thread.start()
         self.ring.free[index].clear()
-        self._queue.put((index, length))
+        self._submit((index, length))
         self.index = (index + 1) % _BOUNCE_COUNT
         self.fill = 0
         self.ring.buffer(self.index)
@@ -219,24 +292,31 @@ class _BounceWriter:
     def _work(self) -> None:
         assert self._queue is not None
         while (job := self._queue.get()) is not None:
-            index, length = job
             try:
                 if self._error is None:
-                    _writev_all(self.fd, [self.ring.buffers[index][:length]])
-            except BaseException as exc:  # raised by the caller's next flush or finish
+                    if isinstance(job, tuple):
+                        _writev_all(self.fd, [self.ring.buffers[job[0]][:job[1]]])
+                    else:
+                        _writev_all(self.fd, job)
+            except BaseException as exc:  # raised by the caller's next call or finish
                 self._error = exc
             finally:
-                self.ring.free[index].set()
+                if isinstance(job, tuple):
+                    self.ring.free[job[0]].set()
 
     def finish(self) -> str:
         """Write what is left, wait for the writer; ``"<algorithm>:<hex>"`` of every byte written."""
-        if self._queue is None:  # the whole file fits one buffer: hash and write it here
-            data = self.ring.buffer(0)[:self.fill]
-            self.hasher.update(data)
-            _writev_all(self.fd, [data])
-            self.fill = 0
+        if self._queue is None:  # everything fits one hand-over: write it here, no thread
+            data = [self.ring.buffer(self.index)[:self.fill]] if self.fill else self._owned
+            for piece in data:
+                self.hasher.update(piece)
+            _writev_all(self.fd, data)
+            self.fill, self._owned = 0, []
         else:
-            self._flush()
+            if self.fill:
+                self._flush()
+            if self._owned:
+                self._submit_owned()
             self.close()
         if self._error is not None:
             raise self._error
@@ -250,57 +330,55 @@ class _BounceWriter:
             self._thread = None
 
 
-class _InPlaceWriter:
-    """Hashes (in a worker thread) and writes (``writev``, 512 buffers a call) the caller's own
-    views, no copy: only for memory nothing else changes until :meth:`finish` returns."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.hasher = PipelinedHasher()
-        self.size = 0
-        self._batch: list[memoryview] = []
-        self._bytes = 0
-
-    def add(self, view: memoryview) -> None:
-        for start in range(0, len(view), _BOUNCE_BYTES):
-            piece = view[start:start + _BOUNCE_BYTES]
-            self.hasher.update(piece)
-            self._batch.append(piece)
-            self._bytes += len(piece)
-            if len(self._batch) >= _IOV_BATCH or self._bytes >= _BOUNCE_BYTES:
-                _writev_all(self.fd, self._batch)
-                self._batch, self._bytes = [], 0
-        self.size += len(view)
-
-    def finish(self) -> str:
-        _writev_all(self.fd, self._batch)
-        self._batch = []
-        return f"{CHECKSUM_ALGORITHM}:{self.hasher.hexdigest()}"
-
-    def close(self) -> None:
-        self.hasher.close()
-
-
 def write_file(path: str, chunks: Iterable[memoryview | bytes], *, private: bool = False) -> tuple[int, str]:
     """Create ``path`` (never overwriting, never following a symlink), write, hash, fsync.
 
-    Called by the save path (writers only) and the CLI; not collective. Every
+    Called by the CLI and :func:`atomic_write_bytes`; not collective. Every
     byte is first copied into a small private buffer of this thread (a few
     MiB, reused), and that copy is both hashed and written: the checksum is
     exactly that of the bytes handed to the kernel, even when another thread
     changes a tensor during the save. ``private=True`` skips the copy, for
-    chunks nothing else can change until this returns (an asynchronous save's
-    own snapshots, ``bytes``). Returns ``(size, "<algorithm>:<hex>")``. On
-    failure the partial file is removed and the ``OSError`` propagates.
+    chunks nothing else can change until this returns (``bytes``, snapshots).
+    Returns ``(size, "<algorithm>:<hex>")``. On failure the partial file is
+    removed and the ``OSError`` propagates.
+    """
+    return write_runs(path, ((_as_bytes_view(chunk), private) for chunk in chunks))
+
+
+def _as_bytes_view(chunk: memoryview | bytes) -> memoryview:
+    view = memoryview(chunk)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+#: One item of :func:`write_runs`: ``(bytes, owned)``, or ``(tensors, nbytes)`` for a run of small
+#: contiguous CPU tensors of one dtype, at most 4 MiB together, copied into the file back to back.
+Run = tuple[memoryview, bool] | tuple[list[Any], int]
+
+
+def write_runs(path: str, runs: Iterable[Run]) -> tuple[int, str]:
+    """:func:`write_file` for the runs of :meth:`distckpt.codec.EncodedState.runs`.
+
+    Called by the save path (writers only); not collective. ``(view, True)``
+    is a private copy, hashed and written as it is; ``(view, False)`` is
+    copied into this thread's buffers first (see :func:`write_file`), and so
+    is ``(tensors, nbytes)``, with one ``torch.cat`` for the whole run: one
+    copy, one hash and one write per few MiB, not per tensor. Returns
+    ``(size, "<algorithm>:<hex>")``; on failure the partial file is removed
+    and the ``OSError`` propagates.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-    writer: _BounceWriter | _InPlaceWriter = _InPlaceWriter(fd) if private else _BounceWriter(fd)
+    writer = _RunWriter(fd)
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
+        for item, flag in runs:
+            if isinstance(item, list):
+                writer.add_run(item, int(flag))
+                continue
+            view = item
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
-            writer.add(view)
+            writer.add(view, bool(flag))
         checksum = writer.finish()
         os.fsync(fd)
     except BaseException:

@@ -14,14 +14,16 @@ says whether a list of rank sets partitions a world.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .errors import TopologyMismatchError
+from .hashing import checksum_of
 from .names import check_name
 
-__all__ = ["Partition", "Topology", "check_partition", "join_partitions", "rank_text"]
+__all__ = ["Partition", "Topology", "check_partition", "group_key", "join_partitions", "rank_text"]
 
 #: A partition of ranks: sorted tuples, ordered by their lowest rank.
 Partition = tuple[tuple[int, ...], ...]
@@ -93,6 +95,19 @@ def join_partitions(world_size: int, partitions: Sequence[Partition]) -> Partiti
     for rank in range(world_size):
         sets.setdefault(root(rank), []).append(rank)
     return _normalise(sets.values())
+
+
+def group_key(members: Iterable[int]) -> int:
+    """What a rank says about one of its groups in the first collective: the xxh3-64 digest of
+    the group's sorted members, as an int (a few bytes, whatever the group's size). Pure.
+
+    :meth:`Topology.from_compact` groups the ranks by it and checks it against
+    the ranks that reported it, so every member must report the same members.
+    """
+    ordered = sorted(members)
+    if any(r < 0 for r in ordered[:1]):
+        return -1  # never the digest of a real group: refused by from_compact
+    return int(checksum_of(array("q", ordered).tobytes(), "xxh3-64").partition(":")[2], 16)
 
 
 @dataclass(frozen=True, init=False)
@@ -169,22 +184,64 @@ class Topology:
                 raise TopologyMismatchError(
                     f"process group {name!r}: ranks {without} did not pass a group of that name"
                 )
+            raw: dict[tuple[int, ...], list[int]] = {}
+            for rank, report in enumerate(group_members):  # sort each distinct report once, not per rank
+                raw.setdefault(tuple(report[name]), []).append(rank)
             claimed: dict[tuple[int, ...], list[int]] = {}
-            for rank, report in enumerate(group_members):
-                members = tuple(sorted(report[name]))
-                if rank not in members:
-                    raise TopologyMismatchError(
-                        f"process group {name!r}: rank {rank} reported members {list(members)} "
-                        "that do not include itself"
-                    )
-                claimed.setdefault(members, []).append(rank)
+            for listed, ranks in raw.items():
+                members = tuple(sorted(listed))
+                member_set = set(members)
+                for rank in ranks:
+                    if rank not in member_set:
+                        raise TopologyMismatchError(
+                            f"process group {name!r}: rank {rank} reported members {list(members)} "
+                            "that do not include itself"
+                        )
+                claimed.setdefault(members, []).extend(ranks)
             for members, reporters in claimed.items():
-                if sorted(reporters) != list(members):
+                reporters.sort()
+                if reporters != list(members):
                     raise TopologyMismatchError(
                         f"process group {name!r}: group {list(members)} was reported by ranks "
                         f"{sorted(reporters)}; every member must report the same members"
                     )
             groups[name] = tuple(claimed)
+        return cls(world, list(by_node.values()), groups)
+
+    @classmethod
+    def from_compact(cls, node_ids: Sequence[str], group_keys: Sequence[Mapping[str, int]]) -> Topology:
+        """:meth:`from_reports` for compact reports: ``group_keys[r][name]`` is :func:`group_key`
+        of the members rank ``r`` passed for the group ``name``.
+
+        Called on every rank after the first collective of a save or load.
+        Linear in the world size: ranks are grouped by the key they reported,
+        and each group's key must be the digest of exactly the ranks that
+        reported it (so every member reported the same members, itself
+        included). Raises :class:`TopologyMismatchError` otherwise, or when a
+        name is not passed by every rank.
+        """
+        world = len(node_ids)
+        by_node: dict[str, list[int]] = {}
+        for rank, node in enumerate(node_ids):
+            by_node.setdefault(node, []).append(rank)
+        names = {name for report in group_keys for name in report}
+        groups: dict[str, list[list[int]]] = {}
+        for name in sorted(names):
+            without = [r for r, report in enumerate(group_keys) if name not in report]
+            if without:
+                raise TopologyMismatchError(
+                    f"process group {name!r}: ranks {without[:20]} did not pass a group of that name"
+                )
+            claimed: dict[int, list[int]] = {}
+            for rank, report in enumerate(group_keys):
+                claimed.setdefault(report[name], []).append(rank)
+            for key, reporters in claimed.items():
+                if group_key(reporters) != key:
+                    raise TopologyMismatchError(
+                        f"process group {name!r}: ranks {reporters[:20]} reported one group but passed "
+                        "different members (every member must pass the same members, itself included)"
+                    )
+            groups[name] = list(claimed.values())
         return cls(world, list(by_node.values()), groups)
 
     def node_of(self, rank: int) -> int:

@@ -119,3 +119,62 @@ def test_consecutive_async_saves_reuse_snapshot_buffers_without_mixing_checkpoin
         CheckpointCoordinator([StateComponent("model", restored, "global")], output_dir=tmp_path).load_checkpoint(
             tmp_path / "checkpoints" / f"checkpoint-{step}")
         assert torch.equal(restored.weight, expected[step])
+
+
+def _three_components(seed: int) -> dict[str, Box]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: Box({"w": torch.randn(64 * 1024, generator=gen), "n": i}) for i, k in enumerate("abc")}
+
+
+def test_an_async_save_beyond_the_memory_budget_waits_for_the_writer_and_saves_the_same_state(tmp_path: Path) -> None:
+    boxes = _three_components(0)
+    expected = {k: b.state["w"].clone() for k, b in boxes.items()}
+    events: list[str] = []
+    gate = threading.Event()
+
+    def hook(phase: str, rank: int) -> None:
+        if phase == "write":
+            gate.wait(10)
+
+    def open_gate() -> None:
+        events.append("gate opened")
+        gate.set()
+
+    # 256 KiB per component; a budget of 300 KiB holds one file's copy at a time
+    coord = CheckpointCoordinator([StateComponent(k, b, "global") for k, b in boxes.items()], output_dir=tmp_path,
+                                  phase_hook=hook, async_snapshot_bytes=300 * 1024)
+    timer = threading.Timer(0.5, open_gate)
+    timer.start()
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True)
+    events.append("returned")
+    timer.join()
+    assert events == ["gate opened", "returned"]  # the snapshot waited for the writer to free memory
+    for b in boxes.values():
+        b.state["w"].add_(1.0)  # training goes on; the checkpoint keeps the values at save time
+    assert handle.result(30)
+    assert coord._async.snapshots == {}  # nothing kept beyond the budget for the next save
+    restored = _three_components(1)
+    CheckpointCoordinator([StateComponent(k, b, "global") for k, b in restored.items()],
+                          output_dir=tmp_path).load_checkpoint()
+    assert all(torch.equal(restored[k].state["w"], v) for k, v in expected.items())
+
+
+def test_an_async_save_within_the_memory_budget_returns_before_the_writer_runs(tmp_path: Path) -> None:
+    boxes = _three_components(0)
+    gate = threading.Event()
+    coord = CheckpointCoordinator([StateComponent(k, b, "global") for k, b in boxes.items()], output_dir=tmp_path,
+                                  phase_hook=lambda phase, rank: gate.wait(10) if phase == "write" else None,
+                                  async_snapshot_bytes=1024 * 1024)
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True)
+    assert not handle.done()  # returned with the writer still held at its gate
+    gate.set()
+    assert handle.result(30)
+    assert set(coord._async.snapshots) == set(boxes)  # the copies are kept for the next save
+
+
+def test_a_memory_budget_must_be_a_positive_int_or_none(tmp_path: Path) -> None:
+    import pytest
+
+    for bad in (0, -1, 1.5, "1"):
+        with pytest.raises(ValueError, match="async_snapshot_bytes"):
+            CheckpointCoordinator([], output_dir=tmp_path, async_snapshot_bytes=bad)  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 }
 #: Placed ahead of the work merging in the same round (issues 12, 14, 15); drop a name from this set
 #: once its module is on main.
-MERGING = {"distckpt.snapshots"}
+MERGING: set[str] = set()
 #: Above everything: the package's public face, the test kit, the command line. These may import
 #: any module below them (and, within each prefix, each other without cycles).
 TOP = ("distckpt", "distckpt.__main__")

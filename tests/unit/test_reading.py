@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,14 @@ def test_modules_and_optimizers_load_in_place_bit_exact(tmp_path: Path) -> None:
 
 
 def test_a_flipped_byte_in_the_data_is_a_checksum_error_naming_the_file(tmp_path: Path) -> None:
-    path = _save(tmp_path, {"w": torch.randn(1000)})
+    n = codec.PACK_BELOW // 4  # large enough to be read straight into the live tensor
+    path = _save(tmp_path, {"w": torch.randn(n)})
     entry, _ = _file(path, tmp_path)
     full = Path(path) / entry.path
     data = bytearray(full.read_bytes())
     data[-10] ^= 0x40
     full.write_bytes(bytes(data))
-    live = {"w": torch.zeros(1000)}
+    live = {"w": torch.zeros(n)}
     with pytest.raises(IntegrityError, match=r"global\.safetensors: checksum mismatch.*now hold partial data"):
         read_component(path, [entry], live)
     with pytest.raises(IntegrityError, match=r"checksum mismatch \(file is corrupt or was modified\)$"):
@@ -172,3 +174,28 @@ def test_the_verified_reader_places_bytes_in_order_and_checks_the_checksum(tmp_p
     with storage.VerifiedReader(str(tmp_path / "f"), size, checksum.replace(checksum[-4:], "0000")) as reader, \
             pytest.raises(IntegrityError, match="checksum mismatch"):
         reader.finish()
+
+
+def test_many_small_tensors_of_mixed_dtypes_load_in_place_bit_exact(tmp_path: Path) -> None:
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
+              torch.uint8, torch.bool, torch.complex64, torch.uint16, torch.float8_e4m3fn]
+    shapes = [(), (1,), (5,), (3, 4), (2, 1, 3), (0,)]
+    gen = torch.Generator().manual_seed(0)
+    saved: dict[str, Any] = {}
+    for i in range(600):
+        dtype, shape = dtypes[i % len(dtypes)], shapes[i % len(shapes)]
+        raw = torch.randint(0, 256, (max(1, math.prod(shape)) * torch.empty(0, dtype=dtype).element_size(),),
+                            dtype=torch.uint8, generator=gen)
+        saved[f"t{i}"] = raw.view(dtype)[: math.prod(shape)].reshape(shape).clone()
+    saved["big"] = torch.randn(codec.PACK_BELOW // 4 + 3, generator=gen)
+    path = _save(tmp_path, saved)
+    entry, _ = _file(path, tmp_path)
+    live = {k: torch.zeros_like(v) for k, v in saved.items()}
+    pointers = {k: v.data_ptr() for k, v in live.items() if v.numel()}
+    out = read_component(path, [entry], live)
+    for k, v in saved.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape
+        assert bytes(codec.tensor_bytes(out[k])) == bytes(codec.tensor_bytes(v)), k
+        if k in pointers:
+            assert out[k].data_ptr() == pointers[k], k  # the live tensor itself, now holding the data
+            assert bytes(codec.tensor_bytes(live[k])) == bytes(codec.tensor_bytes(v)), k

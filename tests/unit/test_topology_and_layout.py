@@ -82,3 +82,41 @@ def test_per_group_with_an_unknown_group_says_which_groups_exist() -> None:
 def test_manifest_paths_that_could_escape_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="unsafe"):
         check_relpath(bad)
+
+
+def _mesh_groups(world: int, tp: int) -> list[dict[str, tuple[int, ...]]]:
+    return [{"dp": tuple(range(r % tp, world, tp)), "tp": tuple(range(r - r % tp, r - r % tp + tp))}
+            for r in range(world)]
+
+
+def test_compact_reports_give_the_same_topology_as_member_lists() -> None:
+    from distckpt.topology import group_key
+
+    groups = _mesh_groups(16, 4)
+    nodes = [f"n{r // 8}" for r in range(16)]
+    keys = [{name: group_key(members) for name, members in g.items()} for g in groups]
+    assert Topology.from_compact(nodes, keys) == Topology.from_reports(nodes, groups)
+
+
+def test_a_rank_passing_other_members_is_refused_with_compact_reports() -> None:
+    from distckpt.topology import group_key
+
+    groups = _mesh_groups(8, 2)
+    groups[3] = {**groups[3], "dp": (1, 3, 5)}  # rank 3 forgets rank 7
+    keys = [{name: group_key(members) for name, members in g.items()} for g in groups]
+    with pytest.raises(TopologyMismatchError, match="process group 'dp'"):
+        Topology.from_compact([f"n{r}" for r in range(8)], keys)
+
+
+def test_what_a_rank_reports_in_the_plan_phase_does_not_grow_with_its_groups() -> None:
+    import pickle
+
+    from distckpt import StateComponent
+    from distckpt.planning import local_report
+    from tests.helpers import Box
+
+    comps = [StateComponent(k, Box({}), "per_group", process_group_name="dp") for k in ("model", "optim")]
+    small = local_report("host-1", {"dp": tuple(range(4)), "tp": (0, 1)}, comps)
+    large = local_report("host-1", {"dp": tuple(range(0, 65536, 8)), "tp": tuple(range(8))}, comps)
+    assert len(pickle.dumps(small)) == len(pickle.dumps(large)) < 128
+    assert local_report("host-1", {"dp": (0, 1)}, comps, full=True)["groups"] == {"dp": (0, 1)}
