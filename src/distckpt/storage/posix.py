@@ -1,0 +1,214 @@
+"""POSIX primitives: the one place in distckpt that knows flags, ``flock``, ``renameat2`` and errno values.
+
+Every other part of the library (the folder's staging and commit, the locks,
+the series, the load phases, the manifest's load and save, and the rest of
+:mod:`distckpt.storage`) reaches the disk through these functions: the seam a
+second storage backend would plug into. Callers: :mod:`distckpt.folder`,
+:mod:`distckpt.locks`, :mod:`distckpt.series` (through the package
+:mod:`distckpt.storage`) and the sibling modules :mod:`.writer`,
+:mod:`.reader`, :mod:`.directories` and :mod:`.inspection`. Nothing here is
+collective; none of it is on the hot path of writing or reading checkpoint
+data. Failures raise ``OSError`` unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import stat
+from typing import Any
+
+_IOV_BATCH = 512  # buffers per readv/writev (IOV_MAX is 1024 on Linux)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+#: errno values meaning "this file system cannot do this" (flock, renameat2), not "someone holds it".
+_UNSUPPORTED = {errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)}
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
+def open_regular_fd(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """Open ``path`` without following a symlink and without blocking, and only if it is a regular file.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once (instead of waiting for
+    a writer forever); the ``fstat`` then refuses it. Raises ``OSError``:
+    ``ELOOP`` for a symlink, ``ENOENT`` when missing, ``EINVAL`` for anything
+    that is not a regular file (FIFO, socket, device, directory). The returned
+    descriptor is blocking again. Callers: every read of a checkpoint file, the locks.
+    """
+    fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_lock_file(path: str, create: bool = False) -> int:
+    """Open a lock file for reading and writing (``flock`` needs that on NFS); regular files only,
+    never through a symlink, never blocking (see :func:`open_regular_fd`)."""
+    return open_regular_fd(path, os.O_RDWR | (os.O_CREAT if create else 0))
+
+
+def create_exclusive_fd(path: str) -> int:
+    """Create ``path`` (never an existing one, never through a symlink) open for reading and writing."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+
+
+def open_dir_fd(path: str) -> int:
+    """A read-only descriptor of the directory ``path`` (never through a symlink), e.g. to flock it."""
+    return os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+
+
+def close_fd(fd: int) -> None:
+    os.close(fd)
+
+
+def read_at(fd: int, size: int, offset: int = 0) -> bytes:
+    """Up to ``size`` bytes of ``fd`` from ``offset`` (the file position is unchanged)."""
+    return os.pread(fd, size, offset)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at ``fd``'s position."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def try_flock(fd: int) -> bool | None:
+    """Exclusive ``flock`` without waiting: True locked; False someone else holds it; None this
+    file system cannot lock it (NFS directories, some FUSE mounts). Other errors raise ``OSError``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            return None
+        raise
+    return True
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    """``(device, inode)`` of ``path`` itself (a symlink is not followed)."""
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def regular_file_size(path: str) -> int | None:
+    """The size of ``path`` if it is a regular file (not through a symlink), else ``None``.
+    A missing file raises ``FileNotFoundError``."""
+    st = os.lstat(path)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def list_dir(path: str) -> list[str]:
+    """The names in directory ``path``, sorted. Raises ``OSError`` (missing, unreadable, not a
+    directory); :func:`list_names` answers ``[]`` instead."""
+    return sorted(os.listdir(path))
+
+
+def make_dir(path: str) -> None:
+    """Create one directory (its parent must exist); an existing one raises ``FileExistsError``."""
+    os.mkdir(path, 0o755)
+
+
+def make_dirs(path: str) -> None:
+    """Create a directory and its parents; an existing directory is fine."""
+    os.makedirs(path, exist_ok=True)
+
+
+def rename(old: str, new: str) -> None:
+    """``rename(2)``: atomic within one file system; replaces an existing file or empty directory."""
+    os.rename(old, new)
+
+
+def remove_file(path: str, missing_ok: bool = False) -> None:
+    """Unlink a file or symlink."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def remove_tree(path: str, ignore_errors: bool = False) -> None:
+    """Delete a directory tree (symlinks inside are removed, never followed)."""
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def remove_entry(path: str) -> None:
+    """Delete a file, link or tree; one that is already gone (another cleaner) is fine."""
+    try:
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2_fn: Any = None
+_renameat2_loaded = False
+
+
+def _load_renameat2() -> Any:
+    global _renameat2_fn, _renameat2_loaded
+    if not _renameat2_loaded:
+        _renameat2_loaded = True
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)  # the running process's symbols, libc's included
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2_fn = fn
+        except (OSError, AttributeError):  # not Linux, or a libc older than glibc 2.28
+            _renameat2_fn = None
+    return _renameat2_fn
+
+
+def _renameat2(old: str, new: str, flags: int) -> bool:
+    """``renameat2(old, new, flags)``: True when done; False when the OS or file system lacks it.
+
+    Any other failure raises ``OSError`` (``EEXIST`` for a taken name with ``RENAME_NOREPLACE``).
+    """
+    fn = _load_renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL) or err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), old, None, new)
+
+
+def rename_exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one step (Linux ``RENAME_EXCHANGE``); False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_noreplace(old: str, new: str) -> bool:
+    """Rename only if ``new`` does not exist (``RENAME_NOREPLACE``); False where unsupported."""
+    return _renameat2(old, new, _RENAME_NOREPLACE)
