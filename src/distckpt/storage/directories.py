@@ -3,10 +3,11 @@
 Joining manifest paths safely under a checkpoint directory, creating
 component directories in a staging directory, listing what a manifest does
 not, retiring a committed checkpoint, and the manifest file's read and
-atomic write. Callers: :mod:`distckpt.saving` and :mod:`distckpt.folder`
-(staging, component directories), :mod:`distckpt.loading`,
-:mod:`distckpt.reading` and :mod:`distckpt.verification` (:func:`safe_join`,
-:func:`unlisted_files`), :mod:`distckpt.series` (:func:`remove_checkpoint`),
+atomic write. Callers: :mod:`distckpt.saving` and the CLI's convert
+(:func:`make_component_dir`), :mod:`distckpt.folder` (:func:`staging_prefix`,
+:func:`safe_join`), :mod:`distckpt.reading`, :mod:`distckpt.verification` and
+:mod:`distckpt.comparison` (:func:`safe_join`), :mod:`distckpt.loading`
+(:func:`unlisted_files`), :mod:`distckpt.series` (:func:`remove_checkpoint`),
 and :class:`~distckpt.manifest.CheckpointManifest`, whose ``load`` and
 ``save`` are bound to :func:`read_manifest_file` and :func:`write_manifest_file`
 when this module is imported (importing :mod:`distckpt.storage` does). Not

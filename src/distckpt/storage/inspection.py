@@ -2,10 +2,12 @@
 
 Callers: the CLI (``ls``, ``inspect``, ``verify``, ``convert``),
 :func:`distckpt.verify_checkpoint`, :func:`distckpt.diff_checkpoints` and
-legacy conversion (:mod:`distckpt.legacy`). Every file-system call of those
-callers lives here, so that they stay free of ``os`` calls and of torch
-(``distckpt ls``/``inspect``/``verify`` start without importing it).
-Opening refuses symlinks and never blocks on a FIFO (:func:`.posix.open_regular_fd`).
+legacy conversion (:mod:`distckpt.legacy`); :func:`path_info` and
+:func:`list_names` also serve :mod:`distckpt.folder`, :mod:`distckpt.series`
+and :mod:`distckpt.loading`. Every file-system call of the offline callers
+lives here, so that they stay free of ``os`` calls and of torch (``distckpt
+ls``/``inspect``/``verify`` start without importing it). Opening refuses
+symlinks and never blocks on a FIFO (:func:`.posix.open_regular_fd`).
 Nothing here is collective; each function says what it raises.
 """
 

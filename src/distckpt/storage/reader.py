@@ -3,12 +3,12 @@
 Opening refuses symlinks and anything but a regular file (a FIFO never
 blocks); :class:`VerifiedReader` checks the size on opening and hashes the
 bytes while they are still in cache, raising :class:`IntegrityError` naming
-the file when the checksum differs. Callers: :mod:`distckpt.loading` and
-:mod:`distckpt.reading` (:class:`VerifiedReader`, :func:`read_verified`),
-:mod:`distckpt.statecheck` through the load phases (:func:`read_prefix`), the
-CLI's verify and :mod:`.inspection` (:func:`open_regular_file`),
-:mod:`.directories` (``_open_regular`` for manifests). Not collective. torch
-is imported only to allocate a read buffer.
+the file when the checksum differs. Callers: the load path,
+:mod:`distckpt.reading` (:class:`VerifiedReader`, :func:`read_verified`, and
+:func:`read_prefix` for the headers the state check reads first);
+:mod:`.inspection` (:func:`open_regular_file`) and :mod:`.directories`
+(``_open_regular``, for manifests). Not collective. torch is imported only to
+allocate a read buffer.
 """
 
 from __future__ import annotations
