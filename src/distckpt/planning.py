@@ -39,7 +39,7 @@ from .errors import (
 from .hashing import checksum_of
 from .layout import ComponentPlan, plan_component
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
-from .topology import Topology, group_key
+from .topology import Topology, group_key, groups_digest
 from .version import __version__
 
 __all__ = [
@@ -88,17 +88,17 @@ def declaration(c: StateComponent) -> tuple[Any, ...]:
     return (c.key, c.pattern.describe(), c.required, c.validate_replication, c.validation_level.value)
 
 
-#: A compact report: declarations digest (groups' names included), node digest, one key per group in
-#: name order (8 bytes each, unsigned little-endian), then a varint per component (balanced writes only).
-_HEAD = struct.Struct("<QQ")
-_MASK = (1 << 64) - 1
+#: A compact report: declarations digest (groups' names included), node digest and
+#: :func:`~distckpt.topology.groups_digest` (8 bytes each), then varints: each group's lowest member
+#: in name order, then per component how many ``min_part_bytes`` its state holds (balanced writes only).
+_HEAD = struct.Struct("<QQQ")
 
 
 def local_report(node: str, groups: Mapping[str, tuple[int, ...]],
                  components: Sequence[StateComponent], full: bool = False) -> Any:
     """This rank's part of the first collective of a save or load: node, groups, declarations.
 
-    Compact (the default): ``bytes`` of 16 + 8 per group, whatever the world,
+    Compact (the default): ``bytes``, 24 plus a few per group, whatever the
     group and host-name sizes, so what every rank receives grows linearly
     with the world; decoded by :func:`decode_reports` with the group names
     (every rank declares the same ones: they are in the declarations digest).
@@ -109,19 +109,22 @@ def local_report(node: str, groups: Mapping[str, tuple[int, ...]],
     if full:
         return {"node": node, "groups": dict(groups), "declarations": declared}
     names = sorted(groups)
-    head = _HEAD.pack(_digest(repr((declared, names))), _digest(node))
-    return head + struct.pack(f"<{len(names)}Q", *(group_key(groups[n]) & _MASK for n in names))
+    head = _HEAD.pack(_digest(repr((declared, names))), _digest(node),
+                      groups_digest([group_key(groups[n]) for n in names]))
+    return with_parts(head, [min(groups[n], default=0) for n in names])
 
 
 def with_parts(report: bytes, parts: Sequence[int]) -> bytes:
-    """A compact report with, per component, how many ``min_part_bytes`` its state holds (varints).
+    """``report`` followed by ``parts`` as varints (non-negative ints, 7 bits a byte).
 
-    Called by the save's plan phase for balanced writes: only ``size //
-    min_part_bytes``, capped at the world size, decides the parts
-    (:func:`distckpt.layout.part_writers`), so that is all a rank sends.
+    Called by :func:`local_report` (group labels) and the save's plan phase for
+    balanced writes: per component only ``size // min_part_bytes``, capped at
+    the world size, decides the parts (:func:`distckpt.layout.part_writers`),
+    so that is all a rank sends (:func:`part_counts`).
     """
     out = bytearray(report)
     for value in parts:
+        value = max(0, value)
         while value > 0x7F:
             out.append(value & 0x7F | 0x80)
             value >>= 7
@@ -130,16 +133,18 @@ def with_parts(report: bytes, parts: Sequence[int]) -> bytes:
 
 
 def decode_reports(reports: Sequence[bytes], names: Sequence[str]) -> tuple[
-        list[int], list[dict[str, int]], list[tuple[int, ...]]]:
-    """Compact reports (alike in shape, see :func:`agree`) -> node digests, group keys by name, parts."""
-    fixed = _HEAD.size + 8 * len(names)
-    keys_of = struct.Struct(f"<{len(names)}Q")
-    nodes, keys, parts = [], [], []
+        list[int], list[tuple[int, ...]], list[int], list[tuple[int, ...]]]:
+    """Compact reports -> node digests, group labels (``names`` order), groups digests, part counts."""
+    nodes, labels, digests, parts = [], [], [], []
+    g = len(names)
     for rep in reports:
-        nodes.append(_HEAD.unpack_from(rep)[1])
-        keys.append(dict(zip(names, keys_of.unpack_from(rep, _HEAD.size), strict=True)))
-        parts.append(_varints(rep, fixed))
-    return nodes, keys, parts
+        _, node, digest = _HEAD.unpack_from(rep)
+        values = _varints(rep, _HEAD.size)
+        nodes.append(node)
+        digests.append(digest)
+        labels.append(values[:g])
+        parts.append(values[g:])
+    return nodes, labels, digests, parts
 
 
 def _varints(data: bytes, start: int) -> tuple[int, ...]:
@@ -164,12 +169,12 @@ def agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[st
 
     Raises :class:`ComponentMismatchError` naming the ranks that declared
     otherwise than rank 0, or :class:`TopologyMismatchError` (from
-    :meth:`Topology.from_compact` or :meth:`Topology.from_reports`) for groups
+    :meth:`Topology.from_leaders` or :meth:`Topology.from_reports`) for groups
     that are not partitions; either with ``phase`` set and ``failures`` naming
     every rank when none is singled out. Compact reports (:func:`local_report`)
     are decoded with this rank's sorted group ``names``; when their
-    declaration digests (or shapes) differ, ``full_reports()`` (a collective
-    every rank calls, as every rank sees the same digests) fetches the full
+    declaration digests or groups disagree, ``full_reports()`` (a collective
+    every rank calls, as every rank sees the same reports) fetches the full
     ones to name the differences.
     """
     try:
@@ -181,16 +186,21 @@ def agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[st
 def _agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None,
            names: Sequence[str]) -> Topology:
     if reports and all(type(r) is bytes for r in reports):
-        fixed = _HEAD.size + 8 * len(names)
-        odd = sorted(r for r, rep in enumerate(reports) if len(rep) < fixed or rep[:8] != reports[0][:8])
-        if not odd and len(reports[0]) >= fixed:
-            nodes, keys, _ = decode_reports(reports, names)
-            return Topology.from_compact([str(n) for n in nodes], keys)
-        if full_reports is None:
+        short = _HEAD.size + len(names)
+        odd = sorted(r for r, rep in enumerate(reports) if len(rep) < short or rep[:8] != reports[0][:8])
+        if not odd and len(reports[0]) >= short:
+            nodes, labels, digests, _ = decode_reports(reports, names)
+            try:
+                return Topology.from_leaders([str(n) for n in nodes], names, labels, digests)
+            except TopologyMismatchError:
+                if full_reports is None:
+                    raise
+        elif full_reports is None:
             raise ComponentMismatchError(
                 "ranks declared different components or process group names; every rank must declare "
                 "the same keys, patterns, groups and validation",
                 failures=dict.fromkeys(odd or range(len(reports)), "declares otherwise than rank 0"))
+        assert full_reports is not None
         reports = full_reports()
     declared = [tuple(r["declarations"]) for r in reports]
     if any(d != declared[0] for d in declared):

@@ -114,7 +114,7 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
         reports = exchange(comm, "plan", work, agree=args)
         topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)), names=names)
         decision = announce(comm, "plan", decide)
-        plans = _plan_files(comm, components, topology, decode_reports(reports, names)[2], min_part_bytes)
+        plans = _plan_files(comm, components, topology, decode_reports(reports, names)[3], min_part_bytes)
     except BaseException:
         if "decision" in mine:
             folder.discard_staging(mine["decision"]["staging"])
