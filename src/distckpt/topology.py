@@ -14,10 +14,13 @@ says whether a list of rank sets partitions a world.
 
 from __future__ import annotations
 
+import struct
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+import xxhash
 
 from .errors import TopologyMismatchError
 from .hashing import checksum_of
@@ -110,21 +113,17 @@ def group_key(members: Iterable[int]) -> int:
     return int(checksum_of(array("q", ordered).tobytes(), "xxh3-64").partition(":")[2], 16)
 
 
-#: Odd 64-bit multipliers of :func:`groups_digest`, one per group position.
-_MIX = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
-
-
 def groups_digest(keys: Sequence[int]) -> int:
-    """One 64-bit digest of a rank's :func:`group_key` values, in group-name order. Pure.
+    """One 64-bit digest (xxh3) of a rank's :func:`group_key` values, in group-name order. Pure.
 
     A rank sends it with its groups' labels (:meth:`Topology.from_leaders`); a
     rank whose groups differ from what the labels imply gets another value
-    unless two random 64-bit keys collide.
+    unless two 64-bit digests collide.
     """
-    total = len(keys)
-    for i, key in enumerate(keys):
-        total = (total * _MIX[i % 4] + (key & 0xFFFFFFFFFFFFFFFF) + i) & 0xFFFFFFFFFFFFFFFF
-    return total
+    return int(xxhash.xxh3_64_intdigest(struct.pack(f"<{len(keys)}Q", *(k & _MASK64 for k in keys))))
+
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True, init=False)
