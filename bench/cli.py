@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from distckpt.testing.pool import WorldPool, WorldSpec
     except ImportError as exc:
-        print(f"bench needs the project's harness package (harness/world.py): {exc}", file=sys.stderr)
+        print(f"bench needs distckpt's testing package (distckpt.testing.pool): {exc}", file=sys.stderr)
         return 2
     from .ranks import LOAD_FROM, drop_caches, run_case
 

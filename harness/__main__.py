@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from harness.report import format_problems, format_row, format_summary, table_header
 from harness.scenario import check_paths
@@ -64,12 +65,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table_header(width), flush=True)
     with WorldPool(max_ranks=max_ranks) as pool:
         results = []
-        for index, scenario in enumerate(scenarios, 1):  # progress on stderr; the table stays on stdout
-            print(f"[{index}/{len(scenarios)}] {scenario.name}: {scenario.trainer} "
-                  f"{scenario.describe_world()} ...", file=sys.stderr, flush=True)
-            results += run_scenarios(
-                pool, [scenario], args.workdir, on_result=lambda r: print(format_row(r, width), flush=True)
-            )
+        # Progress goes to stderr and the table to stdout. On a terminal the progress line is
+        # transient (rewritten in place, erased before each row) so the table stays readable.
+        transient = sys.stderr.isatty() and sys.stdout.isatty()
+
+        def show_row(result: Any) -> None:
+            if transient:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+            print(format_row(result, width), flush=True)
+
+        for index, scenario in enumerate(scenarios, 1):
+            line = f"[{index}/{len(scenarios)}] {scenario.name}: {scenario.trainer} {scenario.describe_world()} ..."
+            sys.stderr.write(line if transient else line + "\n")
+            sys.stderr.flush()
+            results += run_scenarios(pool, [scenario], args.workdir, on_result=show_row)
     elapsed = time.perf_counter() - started
     problems = format_problems(results)
     if problems:

@@ -8,7 +8,7 @@ import pytest
 
 from distckpt import LayoutMismatchError, ReplicationMismatchError
 from distckpt.dtensor import dtensor_type
-from harness.world import WorldPool, WorldSpec
+from distckpt.testing.pool import WorldPool, WorldSpec
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(240),
               pytest.mark.skipif(dtensor_type() is None, reason="this torch has no DTensor")]
