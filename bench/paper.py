@@ -16,7 +16,9 @@ world runs real saves and loads with 1 and with 50 components while every
 
 from __future__ import annotations
 
+import gc
 import pickle
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -57,30 +59,47 @@ def _reports(world: int, dims: tuple[int, int, int]) -> tuple[list[str], list[di
     return nodes, groups
 
 
+def _stats(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"min": ordered[0], "median": statistics.median(ordered), "max": ordered[-1]}
+
+
 def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
-    from distckpt import CheckpointManifest, ComponentManifest, FileEntry, SharingPattern
+    from distckpt import (
+        CheckpointManifest,
+        ComponentManifest,
+        FileEntry,
+        SharingPattern,
+        StateComponent,
+    )
+    from distckpt.coordinator import DEFAULT_MIN_PART_BYTES
     from distckpt.layout import plan_component
-    from distckpt.topology import Topology, group_key
+    from distckpt.planning import agree, local_report, part_counts, plan_digest, with_parts
+
+    from .workloads import Holder
 
     dims = MESHES[world]
     nodes, groups = _reports(world, dims)
-    # What each rank sends in the plan phase since issue 15: a key per group (each rank
-    # computes its own; computed once per distinct group here), not the member lists.
-    keys_of: dict[tuple[int, ...], int] = {}
-    compact = [{name: keys_of[m] if m in keys_of else keys_of.setdefault(m, group_key(m))
-                for name, m in g.items()} for g in groups]
     comps = _components()
-    best: dict[str, float] = {}
+    declared = [StateComponent(key, Holder({}), pat, process_group_name=group) for key, pat, group in comps]
+    names = sorted(groups[0])
+    # What each rank sends in the plan phase: its compact report (digests, its groups' lowest
+    # members, and for balanced writes how many DEFAULT_MIN_PART_BYTES each component holds).
+    parts = [part_counts(123_456_789_000, DEFAULT_MIN_PART_BYTES, world) if key != "rng" else 0
+             for key, _, _ in comps]
+    reports = [with_parts(local_report(nodes[r], groups[r], declared), parts) for r in range(world)]
+    times: dict[str, list[float]] = {}
 
     def clock(name: str, t0: float) -> float:
         now = time.perf_counter()
-        best[name] = min(best.get(name, float("inf")), now - t0)
+        times.setdefault(name, []).append(now - t0)
         return now
 
     manifest_json = ""
     for _ in range(repeats):
+        gc.collect()
         t0 = time.perf_counter()
-        topo = Topology.from_compact(nodes, compact)
+        topo = agree(reports, names=names)
         t0 = clock("topology_s", t0)
         plans = {key: plan_component(topo, key, SharingPattern(pat), group) for key, pat, group in comps}
         t0 = clock("plan_s", t0)
@@ -104,28 +123,33 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
         for key, _, _ in comps:
             parsed.components[key].file_for_rank(world - 1)
         clock("find_file_last_rank_s", t0)
-    # What the plan and resolve all-gathers carry (pickled, as all_gather_object sends it, in
-    # exchange()'s envelope): the compact report, the balanced-write sizes by component
-    # position, and the call arguments' digest; rank 0's decision is broadcast, not gathered.
-    report = {"node": nodes[-1], "groups": compact[-1], "declarations": 2**64 - 1,
-              "sizes": tuple(123_456_789_000 for _ in comps)}
-    report_bytes = len(pickle.dumps(("ok", report, (2**64 - 1, None))))
+        times.setdefault("topology_plan_manifest_s", []).append(
+            sum(times[k][-1] for k in ("topology_s", "plan_s", "manifest_build_s", "to_json_s", "from_json_s")))
+    # What the plan phase's collectives carry per rank (pickled, in exchange()'s envelope): the
+    # report all-gather (with the call arguments' digest) and the plan-digest all-gather; rank 0's
+    # decision is one broadcast.
+    report_bytes = max(len(pickle.dumps(("ok", rep, (2**64 - 1, "")))) for rep in (reports[0], reports[-1]))
+    digest_bytes = len(pickle.dumps(("ok", plan_digest(plans), (None, ""))))
+    decision_bytes = len(pickle.dumps(("ok", {"path": "/ckpt/step-0000001000", "staging": "/ckpt/.staging-1000",
+                                              "checkpoint_id": "1000", "sequence": 1,
+                                              "timestamp": "2025-01-01T00:00:00Z"})))
     legacy = {"node": nodes[-1], "groups": groups[-1],
               "declarations": [(k, p, g, True, False, "tensor") for k, p, g in comps]}
     legacy_bytes = len(pickle.dumps(legacy))
     manifest_dict_bytes = len(pickle.dumps(parsed.to_dict()))
     n_files = sum(len(plans[k].files) for k, _, _ in comps)
+    best = {k: min(v) for k, v in times.items()}
     return {
         "world": world, "mesh": {"dp": dims[0], "pp": dims[1], "tp": dims[2]},
-        "components": len(comps), "files": n_files,
+        "components": len(comps), "files": n_files, "repeats": repeats,
         **best,
+        "stats": {k: _stats(v) for k, v in times.items()},
         "plan_total_s": best["topology_s"] + best["plan_s"],
         "manifest_bytes": len(manifest_json.encode()),
         "plan_gather_bytes_per_rank": report_bytes,
         "plan_gather_received_per_rank": report_bytes * world,
+        "plan_phase_received_per_rank": (report_bytes + digest_bytes) * world + decision_bytes,
         "plan_gather_received_per_rank_before": legacy_bytes * world,
-        "topology_plan_manifest_s": best["topology_s"] + best["plan_s"] + best["manifest_build_s"]
-        + best["to_json_s"] + best["from_json_s"],
         "resolve_gather_received_per_rank": (manifest_dict_bytes + report_bytes) * world,
         "manifest_pickled_bytes": manifest_dict_bytes,
     }

@@ -427,6 +427,13 @@ def paper_table(p: dict[str, Any]) -> str:
                      f"{fmt_bytes(r['manifest_bytes']):>11}{fmt_bytes(r['plan_gather_received_per_rank']):>21}"
                      f"{fmt_bytes(r.get('plan_gather_received_per_rank_before', 0)):>11}"
                      f"{fmt_bytes(r['resolve_gather_received_per_rank']):>24}")
+    for r in p["plans"]:
+        if "plan_phase_received_per_rank" in r:
+            lines.append(f"{r['world']:>7} ranks: plan phase received per rank (report + plan digest all-gathers, "
+                         f"decision broadcast) {fmt_bytes(r['plan_phase_received_per_rank'])}")
+        for name, st in r.get("stats", {}).items():
+            lines.append(f"{'':>9}{name:<26} min {st['min'] * 1e3:8.1f} ms  median {st['median'] * 1e3:8.1f} ms  "
+                         f"max {st['max'] * 1e3:8.1f} ms  ({r.get('repeats', '?')} repetitions)")
     col = p["collectives"]
     lines.append(f"collectives per rank (world {col['world']}): "
                  + "; ".join(f"{n} components: " + ", ".join(f"{k}={v}" for k, v in row.items())

@@ -301,7 +301,7 @@ class CheckpointCoordinator:
         if self.phase_hook is not None:
             self.phase_hook(phase, self.rank)
 
-    def _local_report(self, full: bool = False) -> dict[str, Any]:
+    def _local_report(self, full: bool = False) -> Any:
         groups = {name: self._comm.group_members(pg) for name, pg in self._groups.items()}
         return local_report(self._comm.node_id(), groups, self.components, full)
 

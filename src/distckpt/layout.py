@@ -29,6 +29,8 @@ __all__ = [
 
 FILE_SUFFIX = ".safetensors"
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+#: ``<segment>/<segment>``; a segment starts with a letter or digit, so "." and ".." never match.
+_RELPATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}/[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,6 @@ def check_relpath(relpath: str) -> str:
     Used on every path read from a manifest before it is joined to a directory,
     so that no manifest can point outside its checkpoint.
     """
-    parts = relpath.split("/")
-    if len(parts) != 2 or any(p in (".", "..") or _SEGMENT.fullmatch(p) is None for p in parts):
+    if not isinstance(relpath, str) or _RELPATH.fullmatch(relpath) is None:
         raise ValueError(f"unsafe file path {relpath!r} in manifest; expected '<key>/<file>'")
     return relpath

@@ -64,7 +64,7 @@ LOAD_STRATEGIES = ("every_member_reads", "read_and_broadcast")
 
 
 def resolve(
-    comm: Comm, report: Callable[..., dict[str, Any]], locate: Callable[[], str], strict: bool,
+    comm: Comm, report: Callable[..., Any], locate: Callable[[], str], strict: bool,
     hook: Callable[[str], None], args: Mapping[str, Any],
 ) -> tuple[str, CheckpointManifest | None, Topology, list[str]]:
     """Phase 1 of load, collective: all agree on the call and the world; rank 0 finds the
@@ -74,12 +74,16 @@ def resolve(
     unlisted files)``. With ``strict``, files in the checkpoint that its
     manifest does not list raise :class:`IntegrityError` on every rank.
     """
-    def work() -> dict[str, Any]:
+    names: list[str] = []  # this rank's group names, to decode the compact reports
+
+    def work() -> bytes:
         hook("resolve")
-        return report()
+        names[:] = sorted(report(True)["groups"])
+        out: bytes = report()
+        return out
 
     topology = agree(exchange(comm, "resolve", work, agree=args),
-                     lambda: exchange(comm, "resolve", lambda: report(True)), phase="resolve")
+                     lambda: exchange(comm, "resolve", lambda: report(True)), phase="resolve", names=names)
 
     def look() -> tuple[str, dict[str, Any] | None, list[str]]:  # rank 0 only
         path = locate()

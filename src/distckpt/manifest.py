@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import boundedjson
+from . import boundedjson, jsontext
 from .errors import ManifestError
 from .layout import check_relpath
 from .patterns import BUILTIN_KINDS, KIND_PATTERN, SharingPattern, describe_record
@@ -92,7 +92,8 @@ def _need(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where:
 
 
 def _rank_list(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in value):
+    if not isinstance(value, list) or not (jsontext.plain_ints(value) or all(
+            isinstance(r, int) and not isinstance(r, bool) for r in value)):
         raise ManifestError(f"{where}: expected a list of ranks, got {value!r}")
     return tuple(value)
 
@@ -130,8 +131,26 @@ class FileEntry:
             out["part"] = [self.part, self.parts]
         return {**out, **self.extra}
 
+    def _row(self) -> jsontext.FileRow:
+        """This entry for :class:`jsontext.FileRows` (its fields, and whether they are plain)."""
+        plain = (not self.extra and type(self.writer) is int and type(self.size_bytes) is int
+                 and type(self.path) is str and type(self.checksum) is str
+                 and type(self.part) is int and type(self.parts) is int)
+        return (self.path, self.ranks, self.writer, self.size_bytes, self.checksum,
+                (self.part, self.parts) if self.parts > 1 else None, plain, self.to_dict)
+
     @classmethod
     def from_dict(cls, d: Any, where: str) -> FileEntry:
+        if type(d) is dict and len(d) == 5:  # the common entry, checked in one pass; else the full checks
+            path, ranks, writer, size = d.get("path"), d.get("ranks"), d.get("writer"), d.get("size_bytes")
+            checksum = d.get("checksum")
+            if (type(path) is str and type(ranks) is list and type(writer) is int and type(size) is int
+                    and size >= 0 and type(checksum) is str and jsontext.plain_ints(ranks)):
+                try:
+                    check_relpath(path)
+                except ValueError as exc:
+                    raise ManifestError(f"{where}: {exc}") from None
+                return cls(path=path, ranks=tuple(ranks), writer=writer, size_bytes=size, checksum=checksum)
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected an object")
         path = _need(d, "path", str, where)
@@ -220,6 +239,10 @@ class ComponentManifest:
         return tuple(sorted((e for e in found if e.ranks == first), key=lambda e: e.part))
 
     def to_dict(self) -> dict[str, Any]:
+        return self._fields([f.to_dict() for f in self.files])
+
+    def _fields(self, files: Any) -> dict[str, Any]:
+        """The JSON object, with ``files`` as given (dicts, or :class:`jsontext.FileRows` to write)."""
         return {
             "key": self.key,
             "sharing_pattern": self.kind,
@@ -231,7 +254,7 @@ class ComponentManifest:
             "validation": self.validation,
             "size_bytes": self.size_bytes,
             "checksum": self.checksum,
-            "files": [f.to_dict() for f in self.files],
+            "files": files,
             "metadata": dict(self.metadata),
             **self.extra,
         }
@@ -302,6 +325,9 @@ class CheckpointManifest:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        return self._fields({k: c.to_dict() for k, c in self.components.items()})
+
+    def _fields(self, components: dict[str, Any]) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -312,7 +338,7 @@ class CheckpointManifest:
             "library_version": self.library_version,
             "pytorch_version": self.pytorch_version,
             "topology": dict(self.topology),
-            "components": {k: c.to_dict() for k, c in self.components.items()},
+            "components": components,
             **self.extra,
         }
 
@@ -322,7 +348,8 @@ class CheckpointManifest:
         Raises :class:`ManifestError` when it would nest deeper than
         ``MAX_MANIFEST_DEPTH`` (deep component metadata): never write what cannot be read back.
         """
-        text = _dumps(self.to_dict(), 0) + "\n"
+        rows = {k: c._fields(jsontext.FileRows([f._row() for f in c.files])) for k, c in self.components.items()}
+        text = jsontext.dumps(self._fields(rows), 0) + "\n"
         if boundedjson.nesting_depth(text) > MAX_MANIFEST_DEPTH:
             raise ManifestError(f"checkpoint {self.checkpoint_id!r}: the manifest would nest deeper than "
                                 f"{MAX_MANIFEST_DEPTH} levels (component metadata too deeply nested)")
@@ -381,8 +408,8 @@ class CheckpointManifest:
         except UnicodeDecodeError as exc:
             raise ManifestError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         try:
-            raw = boundedjson.loads(text, MAX_MANIFEST_DEPTH, object_pairs_hook=_no_duplicates,
-                                    parse_constant=_no_constants)
+            raw = boundedjson.loads(text, MAX_MANIFEST_DEPTH, object_pairs_hook=jsontext.unique_object,
+                                    parse_constant=jsontext.no_constants)
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         except ValueError as exc:
@@ -408,6 +435,8 @@ class CheckpointManifest:
 
 def _check_parts(files: tuple[FileEntry, ...], where: str) -> None:
     """Files of one replica set are one whole file or parts 0..n-1 of n, each once."""
+    if all(f.parts == 1 for f in files) and len({f.ranks for f in files}) == len(files):
+        return  # whole files, one per replica set
     by_set: dict[tuple[int, ...], list[FileEntry]] = {}
     for f in files:
         by_set.setdefault(f.ranks, []).append(f)
@@ -418,33 +447,3 @@ def _check_parts(files: tuple[FileEntry, ...], where: str) -> None:
                 f"{where}: replica set {list(ranks)} has files {[f.path for f in group]} with parts {labels}; "
                 "expected one file, or parts 0..n-1 of n"
             )
-
-
-#: One encoder for every scalar and flat list (``json.dumps`` with options builds one per call).
-_FLAT = json.JSONEncoder(allow_nan=False, separators=(", ", ": "))
-
-
-def _dumps(value: Any, level: int) -> str:
-    pad = "  " * (level + 1)
-    if isinstance(value, dict) and value:
-        items = [f"{pad}{_FLAT.encode(k)}: {_dumps(v, level + 1)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
-    if isinstance(value, list) and any(isinstance(v, (dict, list)) and v for v in value):
-        if all(isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v) for v in value):
-            return _FLAT.encode(value)
-        items = [pad + _dumps(v, level + 1) for v in value]
-        return "[\n" + ",\n".join(items) + "\n" + "  " * level + "]"
-    return _FLAT.encode(value)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")

@@ -20,6 +20,7 @@ turns into the same error on every rank.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ from .errors import (
 from .hashing import checksum_of
 from .layout import ComponentPlan, plan_component
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
-from .topology import Topology, group_key
+from .topology import Topology, group_key, groups_digest
 from .version import __version__
 
 __all__ = [
@@ -51,10 +52,13 @@ __all__ = [
     "check_parts_agree",
     "check_same_plan",
     "declaration",
+    "decode_reports",
     "local_report",
+    "part_counts",
     "plan_components",
     "plan_digest",
     "validated_components",
+    "with_parts",
 ]
 
 #: key, relative path, encoded file, structure digest (parts only), and for the writer of a
@@ -84,57 +88,120 @@ def declaration(c: StateComponent) -> tuple[Any, ...]:
     return (c.key, c.pattern.describe(), c.required, c.validate_replication, c.validation_level.value)
 
 
+#: A compact report: declarations digest (groups' names included), node digest and
+#: :func:`~distckpt.topology.groups_digest` (8 bytes each), then varints: each group's lowest member
+#: in name order, then per component how many ``min_part_bytes`` its state holds (balanced writes only).
+_HEAD = struct.Struct("<QQQ")
+
+
 def local_report(node: str, groups: Mapping[str, tuple[int, ...]],
-                 components: Sequence[StateComponent], full: bool = False) -> dict[str, Any]:
+                 components: Sequence[StateComponent], full: bool = False) -> Any:
     """This rank's part of the first collective of a save or load: node, groups, declarations.
 
-    Compact (the default): each group as :func:`~distckpt.topology.group_key`
-    and the declarations as one digest, a few bytes whatever the world and
-    group sizes, so what every rank receives grows linearly with the world.
-    ``full=True``: member lists and declarations themselves (the second round
-    :func:`agree` asks for when declarations differ, to name the differences).
+    Compact (the default): ``bytes``, 24 plus a few per group, whatever the
+    group and host-name sizes, so what every rank receives grows linearly
+    with the world; decoded by :func:`decode_reports` with the group names
+    (every rank declares the same ones: they are in the declarations digest).
+    ``full=True``: a dict of the member lists and declarations themselves (the
+    second round :func:`agree` asks for when digests differ, to name the differences).
     """
     declared = [declaration(c) for c in components]
     if full:
         return {"node": node, "groups": dict(groups), "declarations": declared}
-    digest = checksum_of(repr(declared).encode(), "xxh3-64").partition(":")[2]
-    return {"node": node, "groups": {name: group_key(m) for name, m in groups.items()},
-            "declarations": int(digest, 16)}
+    names = sorted(groups)
+    head = _HEAD.pack(_digest(repr((declared, names))), _digest(node),
+                      groups_digest([group_key(groups[n]) for n in names]))
+    return with_parts(head, [min(groups[n], default=0) for n in names])
 
 
-def agree(reports: Sequence[Mapping[str, Any]],
-          full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None = None, phase: str = "plan") -> Topology:
+def with_parts(report: bytes, parts: Sequence[int]) -> bytes:
+    """``report`` followed by ``parts`` as varints (non-negative ints, 7 bits a byte).
+
+    Called by :func:`local_report` (group labels) and the save's plan phase for
+    balanced writes: per component only ``size // min_part_bytes``, capped at
+    the world size, decides the parts (:func:`distckpt.layout.part_writers`),
+    so that is all a rank sends (:func:`part_counts`).
+    """
+    out = bytearray(report)
+    for value in parts:
+        value = max(0, value)
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def decode_reports(reports: Sequence[bytes], names: Sequence[str]) -> tuple[
+        list[int], list[tuple[int, ...]], list[int], list[tuple[int, ...]]]:
+    """Compact reports -> node digests, group labels (``names`` order), groups digests, part counts."""
+    nodes, labels, digests, parts = [], [], [], []
+    g = len(names)
+    for rep in reports:
+        _, node, digest = _HEAD.unpack_from(rep)
+        values = _varints(rep, _HEAD.size)
+        nodes.append(node)
+        digests.append(digest)
+        labels.append(values[:g])
+        parts.append(values[g:])
+    return nodes, labels, digests, parts
+
+
+def _varints(data: bytes, start: int) -> tuple[int, ...]:
+    out: list[int] = []
+    value = shift = 0
+    for byte in data[start:]:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            out.append(value)
+            value = shift = 0
+    return tuple(out)
+
+
+def _digest(text: str) -> int:
+    return int(checksum_of(text.encode("utf-8", "backslashreplace"), "xxh3-64").partition(":")[2], 16)
+
+
+def agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
+          phase: str = "plan", names: Sequence[str] = ()) -> Topology:
     """Every rank: check declarations agree, then build the topology. Deterministic.
 
     Raises :class:`ComponentMismatchError` naming the ranks that declared
     otherwise than rank 0, or :class:`TopologyMismatchError` (from
-    :meth:`Topology.from_compact` or :meth:`Topology.from_reports`) for groups
+    :meth:`Topology.from_leaders` or :meth:`Topology.from_reports`) for groups
     that are not partitions; either with ``phase`` set and ``failures`` naming
-    every rank when none is singled out. With compact reports
-    (:func:`local_report`) whose declaration digests differ, ``full_reports()``
-    (a collective every rank calls, as every rank sees the same digests)
-    fetches the full ones to name the differences.
+    every rank when none is singled out. Compact reports (:func:`local_report`)
+    are decoded with this rank's sorted group ``names``; when their
+    declaration digests or groups disagree, ``full_reports()`` (a collective
+    every rank calls, as every rank sees the same reports) fetches the full
+    ones to name the differences.
     """
     try:
-        return _agree(reports, full_reports)
+        return _agree(reports, full_reports, names)
     except CheckpointError as exc:
         raise on_every_rank(exc, phase, len(reports)) from None
 
 
-def _agree(reports: Sequence[Mapping[str, Any]],
-           full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None) -> Topology:
-    compact = bool(reports) and type(reports[0]["declarations"]) is int
-    if compact and any(r["declarations"] != reports[0]["declarations"] for r in reports):
-        if full_reports is None:
+def _agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None,
+           names: Sequence[str]) -> Topology:
+    if reports and all(type(r) is bytes for r in reports):
+        short = _HEAD.size + len(names)
+        odd = sorted(r for r, rep in enumerate(reports) if len(rep) < short or rep[:8] != reports[0][:8])
+        if not odd and len(reports[0]) >= short:
+            nodes, labels, digests, _ = decode_reports(reports, names)
+            try:
+                return Topology.from_leaders([str(n) for n in nodes], names, labels, digests)
+            except TopologyMismatchError:
+                if full_reports is None:
+                    raise
+        elif full_reports is None:
             raise ComponentMismatchError(
-                "ranks declared different components; every rank must declare the same keys, "
-                "patterns, groups and validation",
-                failures={rank: "declares otherwise than rank 0" for rank, r in enumerate(reports)
-                          if r["declarations"] != reports[0]["declarations"]})
+                "ranks declared different components or process group names; every rank must declare "
+                "the same keys, patterns, groups and validation",
+                failures=dict.fromkeys(odd or range(len(reports)), "declares otherwise than rank 0"))
+        assert full_reports is not None
         reports = full_reports()
-        compact = False
-    if compact:
-        return Topology.from_compact([r["node"] for r in reports], [r["groups"] for r in reports])
     declared = [tuple(r["declarations"]) for r in reports]
     if any(d != declared[0] for d in declared):
         raise ComponentMismatchError(
@@ -147,34 +214,35 @@ def _agree(reports: Sequence[Mapping[str, Any]],
 
 
 def plan_components(topology: Topology, components: Sequence[StateComponent],
-                    reports: Sequence[Mapping[str, Any]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
-    """Each component's files from its pattern; the ``sizes`` of the reports decide balanced writes.
+                    parts: Sequence[Sequence[int]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
+    """Each component's files from its pattern; ``parts[rank][i]`` (:func:`with_parts`: how many
+    ``min_part_bytes`` rank's state of component ``i`` holds) decides balanced writes.
 
     Runs the patterns' own code, which may raise or answer differently on
     some rank: the save phase runs it inside a collective and compares
     :func:`plan_digest` across ranks.
     """
     plans: dict[str, ComponentPlan] = {}
+    unit = min_part_bytes or 0
     for index, c in enumerate(components):
-        sizes = {r: _size(rep.get("sizes"), index, c.key) for r, rep in enumerate(reports)}
+        sizes = {r: mine[index] * unit for r, mine in enumerate(parts) if index < len(mine)}
         plans[c.key] = plan_component(topology, c.key, c.pattern, sizes=sizes, min_part_bytes=min_part_bytes)
     return plans
 
 
-def _size(sizes: Any, index: int, key: str) -> int:
-    """A rank's reported bytes of a component: ``sizes`` by component position (compact) or key."""
-    if isinstance(sizes, tuple):
-        return int(sizes[index]) if index < len(sizes) else 0
-    return int((sizes or {}).get(key, 0))
+def part_counts(nbytes: int, min_part_bytes: int, world_size: int) -> int:
+    """What :func:`with_parts` sends for a state of ``nbytes``: ``nbytes // min_part_bytes``, at most
+    the world size (a replica set never has more members), so the parts come out the same."""
+    return min(nbytes // min_part_bytes, world_size) if min_part_bytes > 0 else 0
 
 
-def plan_digest(plans: Mapping[str, ComponentPlan]) -> str:
-    """A short digest of every component's files, compared across ranks by :func:`check_same_plan`."""
+def plan_digest(plans: Mapping[str, ComponentPlan]) -> int:
+    """A 64-bit digest of every component's files, compared across ranks by :func:`check_same_plan`."""
     text = repr(sorted((key, [(f.path, f.ranks, f.writer) for f in p.files]) for key, p in plans.items()))
-    return checksum_of(text.encode(), "xxh3-64")
+    return _digest(text)
 
 
-def check_same_plan(digests: Sequence[str], components: Sequence[StateComponent]) -> None:
+def check_same_plan(digests: Sequence[int], components: Sequence[StateComponent]) -> None:
     """Every rank: the patterns gave every rank the same files, or every rank raises."""
     differ = {rank: "planned different files than rank 0" for rank, d in enumerate(digests) if d != digests[0]}
     if differ:

@@ -48,8 +48,11 @@ from .planning import (
     build_manifest,
     check_parts_agree,
     check_same_plan,
+    decode_reports,
+    part_counts,
     plan_components,
     plan_digest,
+    with_parts,
 )
 from .progress import Progress
 from .series import Allocation
@@ -77,7 +80,7 @@ class States:
         return self._states[key]
 
 
-def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[..., dict[str, Any]],
+def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[..., Any],
          states: States, *, allocate: Callable[[], Allocation], min_part_bytes: int | None,
          hook: Callable[[str], None], args: Mapping[str, Any]) -> SavePlan:
     """Phase 1, collective: agree on the call, the world and the files; rank 0 allocates the target.
@@ -90,12 +93,15 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     """
     mine: dict[str, Any] = {}
 
-    def work() -> dict[str, Any]:
+    names: list[str] = []  # this rank's group names, to decode the compact reports
+
+    def work() -> bytes:
         hook("plan")
-        out = report()
+        names[:] = sorted(report(True)["groups"])
+        out: bytes = report()
         if min_part_bytes is not None and comm.world_size > 1:  # sizes decide balanced writes (by position)
-            out["sizes"] = tuple(state_nbytes(states(c.key)) if c.pattern.identical_replicas else 0
-                                 for c in components)
+            out = with_parts(out, [part_counts(state_nbytes(states(c.key)), min_part_bytes, comm.world_size)
+                                   if c.pattern.identical_replicas else 0 for c in components])
         return out
 
     def decide() -> dict[str, Any]:  # rank 0, once the world agrees; broadcast, not gathered
@@ -106,9 +112,9 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
 
     try:
         reports = exchange(comm, "plan", work, agree=args)
-        topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)))
+        topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)), names=names)
         decision = announce(comm, "plan", decide)
-        plans = _plan_files(comm, components, topology, reports, min_part_bytes)
+        plans = _plan_files(comm, components, topology, decode_reports(reports, names)[3], min_part_bytes)
     except BaseException:
         if "decision" in mine:
             folder.discard_staging(mine["decision"]["staging"])
@@ -117,13 +123,13 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
 
 
 def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
-                reports: Sequence[Mapping[str, Any]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
+                parts: Sequence[Sequence[int]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
     """Every rank: each component's files from its pattern, inside a collective so that a
     pattern that raises, or answers differently on some rank, fails every rank."""
     plans: dict[str, ComponentPlan] = {}
 
-    def work() -> str:
-        plans.update(plan_components(topology, components, reports, min_part_bytes))
+    def work() -> int:
+        plans.update(plan_components(topology, components, parts, min_part_bytes))
         return plan_digest(plans)
 
     digests = exchange(comm, "plan", work)

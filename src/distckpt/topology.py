@@ -14,16 +14,19 @@ says whether a list of rank sets partitions a world.
 
 from __future__ import annotations
 
+import struct
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import xxhash
+
 from .errors import TopologyMismatchError
 from .hashing import checksum_of
 from .names import check_name
 
-__all__ = ["Partition", "Topology", "check_partition", "group_key", "join_partitions", "rank_text"]
+__all__ = ["Partition", "Topology", "check_partition", "group_key", "groups_digest", "join_partitions", "rank_text"]
 
 #: A partition of ranks: sorted tuples, ordered by their lowest rank.
 Partition = tuple[tuple[int, ...], ...]
@@ -108,6 +111,19 @@ def group_key(members: Iterable[int]) -> int:
     if any(r < 0 for r in ordered[:1]):
         return -1  # never the digest of a real group: refused by from_compact
     return int(checksum_of(array("q", ordered).tobytes(), "xxh3-64").partition(":")[2], 16)
+
+
+def groups_digest(keys: Sequence[int]) -> int:
+    """One 64-bit digest (xxh3) of a rank's :func:`group_key` values, in group-name order. Pure.
+
+    A rank sends it with its groups' labels (:meth:`Topology.from_leaders`); a
+    rank whose groups differ from what the labels imply gets another value
+    unless two 64-bit digests collide.
+    """
+    return int(xxhash.xxh3_64_intdigest(struct.pack(f"<{len(keys)}Q", *(k & _MASK64 for k in keys))))
+
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True, init=False)
@@ -242,6 +258,41 @@ class Topology:
                         "different members (every member must pass the same members, itself included)"
                     )
             groups[name] = list(claimed.values())
+        return cls(world, list(by_node.values()), groups)
+
+    @classmethod
+    def from_leaders(cls, node_ids: Sequence[str], names: Sequence[str], leaders: Sequence[Sequence[int]],
+                     digests: Sequence[int]) -> Topology:
+        """:meth:`from_reports` for the smallest reports: ``leaders[r][i]`` labels rank ``r``'s
+        group ``names[i]`` (its lowest member), ``digests[r]`` is :func:`groups_digest` of the
+        :func:`group_key` of each of rank ``r``'s groups, in ``names`` order.
+
+        Called on every rank after the first collective of a save or load. The
+        ranks are grouped by label; a rank whose digest differs from that of
+        the groups so formed passed other members than its peers, and
+        :class:`TopologyMismatchError` names those ranks (the caller may then
+        fetch the member lists to say more). Linear in the world size.
+        """
+        world = len(node_ids)
+        by_node: dict[str, list[int]] = {}
+        for rank, node in enumerate(node_ids):
+            by_node.setdefault(node, []).append(rank)
+        groups: dict[str, list[list[int]]] = {}
+        keys: list[list[int]] = [[] for _ in range(world)]
+        for i, name in enumerate(names):
+            claimed: dict[int, list[int]] = {}
+            for rank, labels in enumerate(leaders):
+                claimed.setdefault(labels[i], []).append(rank)
+            for members in claimed.values():
+                key = group_key(members)
+                for rank in members:
+                    keys[rank].append(key)
+            groups[name] = list(claimed.values())
+        odd = [r for r in range(world) if groups_digest(keys[r]) != digests[r]]
+        if odd:
+            raise TopologyMismatchError(
+                f"process groups: ranks {odd[:20]}{' ...' if len(odd) > 20 else ''} passed other members "
+                "than their peers (every member must pass the same members, itself included)")
         return cls(world, list(by_node.values()), groups)
 
     def node_of(self, rank: int) -> int:
