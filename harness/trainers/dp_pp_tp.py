@@ -14,15 +14,12 @@ the last stage the targets), so the loader is identical along ``pp`` and
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from harness.models import IN_DIM, OUT_DIM
-from harness.trainers.base import Trainer
-from harness.trainers.dtensor_state import ModelState, OptimizerState, average_gradients
+from harness.trainers.dtensor_state import MeshTrainer, average_gradients
 
 __all__ = ["DPPipelineTPTrainer"]
 
@@ -40,7 +37,7 @@ def _stage(stage: int, stages: int, hidden: int, dropout: float, seed: int) -> n
     return module
 
 
-class DPPipelineTPTrainer(Trainer):
+class DPPipelineTPTrainer(MeshTrainer):
     """One TP-parallel pipeline stage per rank; the 3-D mesh goes to the coordinator."""
 
     name = "dp_pp_tp"
@@ -63,13 +60,6 @@ class DPPipelineTPTrainer(Trainer):
         self.loader = self.dataset(shard=self.mesh.get_local_rank("dp"), batch_size=self.scenario.run.batch_size)
         self.previous = self.rank - tp  # the same tp coordinate one stage back / forward
         self.next = self.rank + tp
-
-    def process_groups(self) -> Any:
-        return self.mesh
-
-    def components(self) -> dict[str, Any]:
-        return {**super().components(), "model": ModelState(self.model),
-                "optimizer": OptimizerState(self.model, self.optimizer)}
 
     def forward_backward(self) -> float:
         x, y = self.to_device(*self.loader.next_batch())  # every rank of a replica draws the batch

@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ModelState", "OptimizerState", "average_gradients", "local"]
+from harness.trainers.base import Trainer
+
+__all__ = ["MeshTrainer", "ModelState", "OptimizerState", "average_gradients", "local"]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,20 @@ class OptimizerState:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+class MeshTrainer(Trainer):
+    """A trainer whose ``build`` sets ``self.mesh`` (a ``DeviceMesh``, handed to the coordinator as
+    its process groups) and whose model and optimizer go through DCP's state-dict functions."""
+
+    mesh: Any
+
+    def process_groups(self) -> Any:
+        return self.mesh
+
+    def components(self) -> dict[str, Any]:
+        return {**super().components(), "model": ModelState(self.model),
+                "optimizer": OptimizerState(self.model, self.optimizer)}
 
 
 def average_gradients(model: nn.Module, group: Any, size: int) -> None:

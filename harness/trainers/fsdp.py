@@ -8,18 +8,17 @@ FSDP2 averages gradients itself (reduce-scatter).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
 from harness.models import mlp
-from harness.trainers.base import Trainer
-from harness.trainers.dtensor_state import ModelState, OptimizerState
+from harness.trainers.dtensor_state import MeshTrainer
 
 __all__ = ["FSDPTrainer"]
 
 
-class FSDPTrainer(Trainer):
+class FSDPTrainer(MeshTrainer):
     """FSDP2 over the mesh named by ``mesh_dims``; the mesh goes to the coordinator."""
 
     name = "fsdp"
@@ -42,13 +41,6 @@ class FSDPTrainer(Trainer):
                 fully_shard(layer, mesh=self.mesh)
         fully_shard(self.model, mesh=self.mesh)
         self.loader = self.dataset(shard=self.rank, batch_size=self.scenario.run.batch_size)
-
-    def process_groups(self) -> Any:
-        return self.mesh
-
-    def components(self) -> dict[str, Any]:
-        return {**super().components(), "model": ModelState(self.model),
-                "optimizer": OptimizerState(self.model, self.optimizer)}
 
     def forward_backward(self) -> float:
         x, y = self.to_device(*self.loader.next_batch())

@@ -10,18 +10,15 @@ Gradients' local shards are averaged over ``dp``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from harness.models import mlp
-from harness.trainers.base import Trainer
-from harness.trainers.dtensor_state import ModelState, OptimizerState, average_gradients
+from harness.trainers.dtensor_state import MeshTrainer, average_gradients
 
 __all__ = ["DTensorTPTrainer"]
 
 
-class DTensorTPTrainer(Trainer):
+class DTensorTPTrainer(MeshTrainer):
     """DP x TP with ``torch.distributed.tensor.parallel``; the mesh goes to the coordinator."""
 
     name = "tp"
@@ -41,13 +38,6 @@ class DTensorTPTrainer(Trainer):
         # Linear -> GELU -> Dropout -> Linear -> GELU -> Linear: 0 column-, 3 row-parallel, 5 replicated
         self.model = parallelize_module(model, self.mesh["tp"], {"0": ColwiseParallel(), "3": RowwiseParallel()})
         self.loader = self.dataset(shard=self.mesh.get_local_rank("dp"), batch_size=self.scenario.run.batch_size)
-
-    def process_groups(self) -> Any:
-        return self.mesh
-
-    def components(self) -> dict[str, Any]:
-        return {**super().components(), "model": ModelState(self.model),
-                "optimizer": OptimizerState(self.model, self.optimizer)}
 
     def forward_backward(self) -> float:
         x, y = self.to_device(*self.loader.next_batch())
