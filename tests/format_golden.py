@@ -26,23 +26,13 @@ import torch
 from distckpt import CheckpointCoordinator, SharingPattern, StateComponent, ValidationLevel
 from distckpt.patterns import PerGroup
 from distckpt.testing import ThreadComm, ThreadWorld, run_threads
+from tests.helpers import Box
 
 CHECKPOINT_ID = "golden"
 WORLD_SIZE = 4
 NODES = (0, 0, 1, 1)
 #: Manifest fields that differ between two identical saves (or two environments).
 VOLATILE = ("timestamp", "pytorch_version", "library_version")
-
-
-class _Box:
-    def __init__(self, state: Any) -> None:
-        self.state = state
-
-    def state_dict(self) -> Any:
-        return self.state
-
-    def load_state_dict(self, state: Any) -> None:
-        self.state = state
 
 
 def _ramp(n: int, dtype: torch.dtype, start: float) -> torch.Tensor:
@@ -76,14 +66,14 @@ def states(rank: int) -> dict[str, Any]:
 def _components(rank: int) -> list[StateComponent]:
     s = states(rank)
     return [
-        StateComponent("model", _Box(s["model"]), SharingPattern.REPLICATED, validate_replication=True,
+        StateComponent("model", Box(s["model"]), SharingPattern.REPLICATED, validate_replication=True,
                        validation_level=ValidationLevel.FULL, metadata={"arch": "tiny", "layers": 1}),
-        StateComponent("optimizer", _Box(s["optimizer"]), SharingPattern.REPLICATED),
-        StateComponent("rng", _Box(s["rng"]), SharingPattern.PER_RANK),
-        StateComponent("dataloader", _Box(s["dataloader"]), SharingPattern.PER_RANK, required=False),
-        StateComponent("cache", _Box(s["cache"]), SharingPattern.PER_NODE),
-        StateComponent("shard", _Box(s["shard"]), PerGroup("dp")),
-        StateComponent("counters", _Box(s["counters"]), SharingPattern.GLOBAL),
+        StateComponent("optimizer", Box(s["optimizer"]), SharingPattern.REPLICATED),
+        StateComponent("rng", Box(s["rng"]), SharingPattern.PER_RANK),
+        StateComponent("dataloader", Box(s["dataloader"]), SharingPattern.PER_RANK, required=False),
+        StateComponent("cache", Box(s["cache"]), SharingPattern.PER_NODE),
+        StateComponent("shard", Box(s["shard"]), PerGroup("dp")),
+        StateComponent("counters", Box(s["counters"]), SharingPattern.GLOBAL),
     ]
 
 

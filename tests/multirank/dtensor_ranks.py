@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distckpt import CheckpointCoordinator, CheckpointManifest, StateComponent
+from harness.trainers.dtensor_state import ModelState, OptimizerState
 
 _OPTIONS: dict[str, Any] = {"timeout": 30}
 
@@ -42,36 +43,6 @@ def _sharded_mlp(seed: int, mesh: Any) -> tuple[nn.Module, torch.optim.Optimizer
     opt.step()
     opt.zero_grad()
     return model, opt
-
-
-class _DCPModel:
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(self.model, state)
-
-
-class _DCPOptimizer:
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        self.model, self.opt = model, opt
-
-    def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.opt)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model, self.opt, state)
 
 
 def _shards(state: Any) -> list[tuple[str, torch.Tensor, str]]:
@@ -108,8 +79,8 @@ def fsdp2_round_trip(ctx: Any, dcp_api: bool, load_options: dict[str, Any]) -> d
 
     def comps(model: nn.Module, opt: torch.optim.Optimizer) -> list[StateComponent]:
         if dcp_api:
-            return [StateComponent("model", _DCPModel(model), "per_rank"),
-                    StateComponent("optimizer", _DCPOptimizer(model, opt), "per_rank")]
+            return [StateComponent("model", ModelState(model), "per_rank"),
+                    StateComponent("optimizer", OptimizerState(model, opt), "per_rank")]
         return [StateComponent("model", model, "per_rank"), StateComponent("optimizer", opt, "per_rank")]
 
     model, opt = _sharded_mlp(0, mesh)
@@ -147,7 +118,7 @@ def misdeclared(ctx: Any, mesh_shape: tuple[int, ...], dims: tuple[str, ...], gr
     """An FSDP2 / HSDP model declared PER_GROUP(``group``) with validation; the save must fail."""
     mesh = _mesh(tuple(mesh_shape), tuple(dims))
     model, _ = _sharded_mlp(0, mesh)
-    CheckpointCoordinator([StateComponent("model", _DCPModel(model), "per_group", process_group_name=group,
+    CheckpointCoordinator([StateComponent("model", ModelState(model), "per_group", process_group_name=group,
                                           validate_replication=True, validation_level="full")],
                           process_groups=mesh, output_dir=ctx.workdir, **_OPTIONS).save_checkpoint(checkpoint_id="bad")
     return "saved"
@@ -175,8 +146,8 @@ def tp_round_trip(ctx: Any) -> dict[str, Any]:
         return model, opt
 
     def comps(model: nn.Module, opt: torch.optim.Optimizer) -> list[StateComponent]:
-        return [StateComponent("model", _DCPModel(model), "per_group", process_group_name="dp", validate_replication=True),
-                StateComponent("optimizer", _DCPOptimizer(model, opt), "per_group", process_group_name="dp",
+        return [StateComponent("model", ModelState(model), "per_group", process_group_name="dp", validate_replication=True),
+                StateComponent("optimizer", OptimizerState(model, opt), "per_group", process_group_name="dp",
                                validate_replication=True)]
 
     model, opt = build(0)
@@ -198,8 +169,8 @@ def hsdp_round_trip(ctx: Any, save_options: dict[str, Any]) -> dict[str, Any]:
     mesh = _mesh((2, 2), ("dp", "shard"))
 
     def comps(model: nn.Module, opt: torch.optim.Optimizer) -> list[StateComponent]:
-        return [StateComponent("model", _DCPModel(model), "per_group", process_group_name="dp", validate_replication=True),
-                StateComponent("optimizer", _DCPOptimizer(model, opt), "per_group", process_group_name="dp",
+        return [StateComponent("model", ModelState(model), "per_group", process_group_name="dp", validate_replication=True),
+                StateComponent("optimizer", OptimizerState(model, opt), "per_group", process_group_name="dp",
                                validate_replication=True)]
 
     model, opt = _sharded_mlp(0, mesh)

@@ -27,7 +27,7 @@ from .. import manifest as _manifest
 from ..errors import IntegrityError, ManifestError
 from ..layout import check_relpath
 from ..manifest import MANIFEST_NAME
-from .posix import fsync_dir
+from .posix import TooLarge, fsync_dir, read_bounded
 from .reader import _open_regular
 from .writer import atomic_write_bytes
 
@@ -42,17 +42,10 @@ def read_manifest_bytes(path: str) -> bytes:
         raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
     try:
         limit = _manifest.MAX_MANIFEST_BYTES  # looked up here: tests lower it on the manifest module
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise ManifestError(f"{path}: {size} bytes is larger than the {limit}-byte limit")
-        chunks = []
-        total = 0
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:  # grew while being read
-                raise ManifestError(f"{path}: larger than the {limit}-byte limit")
-        return b"".join(chunks)
+        return read_bounded(fd, limit)
+    except TooLarge as exc:
+        held = "" if exc.size is None else f"{exc.size} bytes is "  # None: grew while being read
+        raise ManifestError(f"{path}: {held}larger than the {limit}-byte limit") from None
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
     finally:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from .. import hashing
 from ..errors import IntegrityError
-from .posix import _O_CLOEXEC, _O_NOFOLLOW, fsync_dir
+from .posix import _O_CLOEXEC, _O_NOFOLLOW, fsync_dir, read_bounded
 from .reader import open_regular_file
 
 _CHECK_CHUNK = 8 * 1024 * 1024  # bytes per read while verifying a file: memory stays flat
@@ -161,16 +161,7 @@ def read_small_file(path: str, limit: int) -> bytes:
     """
     fd = open_regular_file(path)
     try:
-        if os.fstat(fd).st_size > limit:
-            raise ValueError(f"larger than {limit} bytes")
-        chunks: list[bytes] = []
-        total = 0
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:  # grew while being read
-                raise ValueError(f"larger than {limit} bytes")
-        return b"".join(chunks)
+        return read_bounded(fd, limit)  # TooLarge is a ValueError
     finally:
         os.close(fd)
 

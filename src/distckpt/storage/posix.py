@@ -86,6 +86,31 @@ def read_at(fd: int, size: int, offset: int = 0) -> bytes:
     return os.pread(fd, size, offset)
 
 
+class TooLarge(ValueError):
+    """Raised by :func:`read_bounded`: ``size`` is the file's size when it was over the
+    limit from the start, ``None`` when it grew past the limit while being read."""
+
+    def __init__(self, limit: int, size: int | None) -> None:
+        super().__init__(f"larger than {limit} bytes")
+        self.limit, self.size = limit, size
+
+
+def read_bounded(fd: int, limit: int) -> bytes:
+    """All of ``fd`` from its position, refusing more than ``limit`` bytes (:class:`TooLarge`),
+    even when the file grows while being read. Called by the manifest and small-file reads."""
+    size = os.fstat(fd).st_size
+    if size > limit:
+        raise TooLarge(limit, size)
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(limit, None)
+    return b"".join(chunks)
+
+
 def write_all(fd: int, data: bytes) -> None:
     """Write all of ``data`` at ``fd``'s position."""
     view = memoryview(data)
