@@ -23,7 +23,6 @@ removes it on rank 0.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -60,7 +59,6 @@ from .snapshots import SnapshotBudget, streamed
 
 __all__ = ["States", "commit", "encoder", "plan", "write", "write_and_commit"]
 
-log = logging.getLogger("distckpt")
 
 
 class States:
