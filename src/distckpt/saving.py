@@ -60,7 +60,6 @@ from .snapshots import SnapshotBudget, streamed
 __all__ = ["States", "commit", "encoder", "plan", "write", "write_and_commit"]
 
 
-
 class States:
     """This rank's state of each component in one save, asked of its ``Stateful`` at most once.
 
