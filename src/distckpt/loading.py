@@ -21,6 +21,7 @@ The number of collectives does not depend on the number of components.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -238,8 +239,9 @@ def read(
             live = stateful.state_dict() if in_place else None
             if live is not None:
                 touched.append(key)  # read_component writes into these tensors
-            state = read_component(path, entries, live, meter.add)
-            state = restore_dtensors(state, stateful.state_dict if live is None else live, entries[0].path, live is not None)
+            restore = functools.partial(_restore, source=stateful.state_dict if live is None else live,
+                                        where=entries[0].path, in_place=live is not None)
+            state = read_component(path, entries, live, meter.add, restore)
             if live is None:
                 touched.append(key)
             stateful.load_state_dict(state)
@@ -305,6 +307,11 @@ def read_legacy(comm: Comm, path: str, topology: Topology, components: Sequence[
     exchange(comm, "read", work)
     report: LoadReport = outcome["report"]
     return report
+
+
+def _restore(state: Any, source: Any, where: str, in_place: bool) -> Any:
+    """The DTensors of a decoded ``state`` put back into the live layout (:func:`distckpt.dtensor.restore`)."""
+    return restore_dtensors(state, source, where, in_place)
 
 
 def _modified(touched: Sequence[str]) -> str:

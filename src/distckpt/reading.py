@@ -31,13 +31,16 @@ _PROGRESS_STEP = 64 * 1024 * 1024
 
 
 def read_component(root: str, entries: Sequence[FileEntry], live: Any = None,
-                   progress: Callable[[int], None] | None = None) -> Any:
+                   progress: Callable[[int], None] | None = None,
+                   restore: Callable[[Any], Any] | None = None) -> Any:
     """Read, verify and decode ``entries`` (one file or the parts of one replica set) under ``root``.
 
     ``live``: the component's current state dict to read into, or ``None``
     to decode into fresh memory. Returns the decoded state dict, whose
     matching tensors *are* the live ones. ``progress``: called with the
     number of bytes read so far each time a stretch of at most 64 MiB has been read.
+    ``restore``: applied to the decoded state when the skeleton may hold a DTensor
+    (:func:`distckpt.dtensor.restore`, say); skipped, with its walk of the state, when surely none.
     """
     if not entries:
         raise IntegrityError(f"{root}: no file to read")
@@ -55,7 +58,8 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None,
             "keeps them intact when a load fails)"
         ) from None
     where = storage.safe_join(root, entries[0].path)
-    return codec.assemble(parts, overrides, where=where)
+    state = codec.assemble(parts, overrides, where=where)
+    return restore(state) if restore is not None and parts[0][0].dtensors else state
 
 
 def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
@@ -63,7 +67,7 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 progress: Callable[[int], None] | None = None) -> None:
     """Read every file of ``entries`` in order, filling ``parts`` and ``overrides`` as it goes.
 
-    Live targets (matched by entry index, :func:`~distckpt.codec.live_targets`)
+    Live targets (matched by entry index, :func:`~distckpt.codec.in_place`)
     are read straight into, 512 buffers per ``readv``; the gaps between them
     go to the scratch buffer.
     """
@@ -80,23 +84,22 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 raise
             if index == 0:
                 skeleton = layout.skeleton
-                if live is not None:  # before any byte lands in a live tensor
-                    dtensor.check_skeleton(skeleton, live, full)
-            targets = {}
+            targets = None
             if live is not None and _disjoint(layout):
-                targets = codec.live_targets(skeleton, layout, live)
+                targets = codec.in_place(skeleton, layout, live)  # pure: nothing is read yet
+            if live is not None and index == 0 and (layout.dtensors or targets is None or targets.foreign):
+                dtensor.check_skeleton(skeleton, live, full)  # before any byte lands in a live tensor
             views: list[memoryview] = []  # file order: scratch-buffer gaps and live tensors
-            position = reader.position
-            if targets:
-                for name, begin, end in zip(layout.names, layout.begins, layout.ends, strict=True):
-                    target = targets.get(name)
-                    if target is not None:
-                        if begin > position:
-                            views.append(reader.buffer[position:begin])
-                        view, tensor = target
-                        views.append(codec.tensor_bytes(view))
-                        overrides[name] = tensor
-                        position = end
+            if targets is not None and targets.indices:
+                position = reader.position
+                buffer, begins, ends = reader.buffer, layout.begins, layout.ends
+                for i, view in zip(targets.indices, targets.views, strict=True):
+                    begin = begins[i]
+                    if begin > position:
+                        views.append(buffer[position:begin])
+                    views.append(view)
+                    position = ends[i]
+                overrides.update(targets.tensors)
             if progress is None:
                 reader.read_into(views)  # one readv per 512 buffers, not one per tensor
                 parts.append((layout, reader.finish()))
@@ -115,13 +118,16 @@ def _read_reporting(reader: storage.VerifiedReader, views: list[memoryview],
     counted = 0
     batch: list[memoryview] = []
     size = 0
-    for view in (v[i:i + _PROGRESS_STEP] for v in views for i in range(0, len(v), _PROGRESS_STEP)):
-        batch.append(view)
-        size += len(view)
-        if size >= _PROGRESS_STEP:
-            reader.read_into(batch)
-            progress(reader.position - counted)
-            counted, batch, size = reader.position, [], 0
+    step = _PROGRESS_STEP
+    for whole in views:
+        length = len(whole)
+        for view in (whole,) if length <= step else (whole[i:i + step] for i in range(0, length, step)):
+            batch.append(view)
+            size += len(view)
+            if size >= step:
+                reader.read_into(batch)
+                progress(reader.position - counted)
+                counted, batch, size = reader.position, [], 0
     if batch:
         reader.read_into(batch)
     while reader.position + _PROGRESS_STEP < reader.size:

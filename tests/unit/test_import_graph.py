@@ -26,7 +26,8 @@ PACKAGE = SRC / "distckpt"
 LAYERS: dict[str, tuple[str, ...]] = {
     "pure": (
         "version", "errors", "logs", "names", "boundedjson", "hashing", "topology", "patterns", "layout",
-        "components", "dtensor", "codec.dtypes", "codec.encoded", "codec.encoder", "codec.header", "codec.decoder",
+        "components", "dtensor", "codec.dtypes", "codec.encoded", "codec.skeletontext",
+        "codec.encoder", "codec.header", "codec.decoder",
         "codec.targets", "codec", "digests", "jsontext", "manifest", "statecheck", "report", "rng", "progress",
         "planning",
     ),

@@ -20,7 +20,7 @@ One module per concept; callers use the names re-exported here
 - :mod:`.encoder`: :func:`encode` (with its path-free fast walk and the DTensor hooks);
 - :mod:`.header`: :func:`parse_header` into a columnar :class:`FileLayout`;
 - :mod:`.decoder`: :func:`decode` and :func:`assemble`;
-- :mod:`.targets`: :func:`live_targets`, the live tensors a load can fill in place.
+- :mod:`.targets`: :func:`in_place` (and the older :func:`live_targets`), the live tensors a load can fill in place.
 
 Called by the save path (:mod:`distckpt.saving`, :mod:`distckpt.planning`),
 the load path (:mod:`distckpt.reading`, :mod:`distckpt.loading`,
@@ -39,7 +39,7 @@ from .encoded import RUN_BYTES as RUN_BYTES
 from .encoded import EncodedState
 from .encoder import encode, encode_leaf, state_nbytes
 from .header import FileLayout, TensorEntry, header_length, parse_header
-from .targets import live_targets
+from .targets import InPlace, in_place, live_targets
 
 # SKELETON_DEPTH, PACK_BELOW and RUN_BYTES stay importable from here, outside __all__ as before the split.
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "SKELETON_KEY",
     "EncodedState",
     "FileLayout",
+    "InPlace",
     "TensorEntry",
     "assemble",
     "decode",
@@ -55,6 +56,7 @@ __all__ = [
     "flat_bytes",
     "gc_paused",
     "header_length",
+    "in_place",
     "live_targets",
     "parse_header",
     "state_nbytes",

@@ -176,7 +176,10 @@ class _Decoder:
         if node is None or kind in _ATOMS:
             return node
         if kind is list:
-            return [self.value(v) for v in node]
+            items = []  # a plain loop: one stack frame per nesting level (a comprehension takes two)
+            for v in node:
+                items.append(self.value(v))
+            return items
         raise ValueError(f"unexpected skeleton node {node!r}"[:200])
 
     def tagged(self, tag: str, body: Any, node: dict[str, Any]) -> Any:
@@ -190,7 +193,10 @@ class _Decoder:
         if tag == "$tuple":
             if type(body) is not list:
                 raise ValueError(f"a tuple body must be a list, got {type(body).__name__}")
-            return tuple(self.value(v) for v in body)
+            items = []
+            for v in body:
+                items.append(self.value(v))
+            return tuple(items)
         if tag == "$float":
             if type(body) is not str or len(body) != 16:
                 raise ValueError(f"$float must be 16 hex digits, got {body!r}"[:200])

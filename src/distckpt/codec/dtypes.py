@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-from collections.abc import Iterator
+import operator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import IntegrityError
@@ -105,6 +107,46 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     else:
         array = flat_bytes(t).numpy()
     return memoryview(array).cast("B")
+
+
+#: Largest address span :func:`writable_views` covers with one view (beyond it: a view per tensor).
+_SPAN_LIMIT = 1 << 46
+
+
+class _Memory:
+    """``size`` bytes at address ``start``, as NumPy's array interface describes them (no copy, no owner)."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, start: int, size: int) -> None:
+        self.__array_interface__ = {"data": (start, False), "shape": (size,), "typestr": "|u1", "version": 3}
+
+
+def _memory(start: int, size: int) -> memoryview:
+    array: Any = np.asarray(_Memory(start, size))
+    return memoryview(array)
+
+
+def span_views(starts: Sequence[int], sizes: Sequence[int]) -> list[memoryview]:
+    """Writable views of the memory at ``starts[k]``, ``sizes[k]`` bytes long, without copying.
+
+    Called by :func:`.targets.in_place` for the live tensors a load reads into,
+    thousands at a time, with each tensor's ``data_ptr()`` and size in bytes
+    (it has checked every one: plain, strided, contiguous, non-empty, on the CPU;
+    anything else here is a bug). :func:`tensor_bytes` builds a NumPy array per
+    tensor; here every view is a slice of one view spanning the addresses (a few
+    hundred nanoseconds each). The span is only a range of addresses: nothing
+    outside the given ranges is read or written through it. The views do not keep
+    the tensors alive: the caller must.
+    """
+    if not starts:
+        return []
+    low = min(starts)
+    high = max(map(operator.add, starts, sizes))
+    if high - low > _SPAN_LIMIT:  # spread over the address space: one view each
+        return [_memory(p, n) for p, n in zip(starts, sizes, strict=True)]
+    span = _memory(low, high - low)
+    return [span[p - low:p - low + n] for p, n in zip(starts, sizes, strict=True)]
 
 
 @functools.cache

@@ -4,7 +4,7 @@ Pure: no I/O, no collectives. :func:`encode` is called by the save path
 (:mod:`distckpt.saving`, with ``copy``/``reuse`` for async saves) and the
 CLI's convert; :func:`encode_leaf` by :mod:`distckpt.digests`;
 :func:`state_nbytes` by :mod:`distckpt.coordinator` and the save path. The
-common case takes a path-free fast walk (:meth:`_Encoder.fast`); anything it
+common case takes a path-free fast walk (:mod:`.skeletontext`); anything it
 cannot take is encoded again by the walk that builds paths, so that a
 :class:`SerializationError` names the bad object (``optimizer.state.3.foo``).
 DTensors go through :mod:`distckpt.dtensor`'s hooks (their local shard plus
@@ -28,7 +28,6 @@ from .. import boundedjson
 from .. import dtensor as _dtensor
 from ..errors import SerializationError
 from .dtypes import (
-    _FAST_DTYPES,
     _NP_KINDS,
     _TO_ST,
     SKELETON_DEPTH,
@@ -39,6 +38,7 @@ from .dtypes import (
     gc_paused,
 )
 from .encoded import EncodedState, _header
+from .skeletontext import TooDeep, skeleton_text
 
 
 def _check_tensor(t: torch.Tensor, path: str) -> None:
@@ -79,8 +79,8 @@ class _Encoder:
         self.copy = copy
         self.reuse = reuse
         self._ordinal = 0
-        # name, data, safetensors dtype, element size of the real dtype (for alignment)
-        self.tensors: list[tuple[str, torch.Tensor, str, int]] = []
+        # name, data, safetensors dtype, element size of the real dtype (for alignment), bytes
+        self.tensors: list[tuple[str, torch.Tensor, str, int, int]] = []
         self.extra: dict[str, dict[str, Any]] = {}
         self._alias: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._by_ptr: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
@@ -90,9 +90,15 @@ class _Encoder:
             return self.tensor(obj, path)
         kind = type(obj)
         if kind is list:
-            return [self.value(v, f"{path}.{i}") for i, v in enumerate(obj)]
+            items = []  # a plain loop: one stack frame per nesting level, as the decoder takes it back
+            for i, v in enumerate(obj):
+                items.append(self.value(v, f"{path}.{i}"))
+            return items
         if kind is tuple:
-            return {"$tuple": [self.value(v, f"{path}.{i}") for i, v in enumerate(obj)]}
+            items = []
+            for i, v in enumerate(obj):
+                items.append(self.value(v, f"{path}.{i}"))
+            return {"$tuple": items}
         if kind is dict or kind is OrderedDict:
             items = [[self.key(k, path), self.value(v, _join(path, k))] for k, v in obj.items()]
             if kind is dict:
@@ -110,49 +116,6 @@ class _Encoder:
             name = self._add(data, "U8", obj.dtype.itemsize)
             leaf["$ndarray"] = name
         return leaf
-
-    def fast(self, obj: Any) -> Any:
-        """:meth:`value` without building paths (they only serve error messages): the common
-        containers, leaves and plain CPU tensors inline, anything else through :meth:`value`.
-        A :class:`SerializationError` here means: encode again with :meth:`value` for its path."""
-        kind = type(obj)
-        if kind is dict:
-            items = [[k, self.fast(v)] for k, v in obj.items()]
-            for k in obj:
-                if type(k) is not str and type(k) is not int:
-                    raise SerializationError("bad key")
-            return {"$dict": items}
-        if kind is torch.Tensor or kind is torch.nn.Parameter:
-            # A plain contiguous CPU tensor of a dtype safetensors has (never quantized), not a
-            # lazily conjugated or negated view, seen for the first time: referenced as is.
-            fast = _FAST_DTYPES.get(obj.dtype)
-            if (fast is not None and obj.is_cpu and obj.layout is torch.strided and obj.is_contiguous()
-                    and obj.numel() > 0 and not obj.is_neg() and not (fast[2] and obj.is_conj())):
-                ptr = obj.data_ptr()
-                if ptr not in self._by_ptr:
-                    tensors = self.tensors
-                    name = f"t{len(tensors)}"
-                    tensors.append((name, obj, fast[0], fast[1]))
-                    leaf: dict[str, Any] = {"$tensor": name}
-                    self._by_ptr[ptr] = (obj, leaf)
-                    return leaf
-            return self.tensor(obj, "")
-        if obj is None or kind is str or kind is int or kind is bool or (kind is float and math.isfinite(obj)):
-            return obj
-        if kind is list:
-            return [self.fast(v) for v in obj]
-        if kind is tuple:
-            return {"$tuple": [self.fast(v) for v in obj]}
-        if kind is OrderedDict:
-            node: dict[str, Any] = {"$odict": [[k, self.fast(v)] for k, v in obj.items()]}
-            for k in obj:
-                if type(k) is not str and type(k) is not int:
-                    raise SerializationError("bad key")
-            meta = getattr(obj, "_metadata", None)
-            if meta is not None:
-                node["meta"] = self.fast(meta)
-            return node
-        return self.value(obj, "")
 
     def key(self, k: Any, path: str) -> Any:
         if type(k) is str or type(k) is int:
@@ -219,7 +182,7 @@ class _Encoder:
 
     def _add(self, data: torch.Tensor, st: str, align: int = 1) -> str:
         name = f"t{len(self.tensors)}"
-        self.tensors.append((name, data, st, align))
+        self.tensors.append((name, data, st, align, data.numel() * data.element_size()))
         return name
 
 
@@ -296,20 +259,20 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
     enc = _Encoder(copy or reuse is not None, reuse)
     with gc_paused():  # one pause; the temporaries below are freed before it ends
         try:
-            if enc.copy:
-                skeleton = enc.value(state, "")
-            else:
+            text = None
+            if not enc.copy:
                 try:
-                    skeleton = enc.fast(state)
+                    text = skeleton_text(enc, state)  # the text itself, depth checked on the way
+                except TooDeep:
+                    raise SerializationError(_TOO_DEEP) from None
                 except SerializationError:  # again, slowly, for the message naming the path
                     enc = _Encoder()
-                    skeleton = enc.value(state, "")
-            text = json.dumps(skeleton, separators=(",", ":"), allow_nan=False)
+            if text is None:
+                text = json.dumps(enc.value(state, ""), separators=(",", ":"), allow_nan=False)
+                if boundedjson.nesting_depth(text) > SKELETON_DEPTH:
+                    raise SerializationError(_TOO_DEEP)
         except RecursionError:
             raise SerializationError(_TOO_DEEP) from None
-        del skeleton
-        if boundedjson.nesting_depth(text) > SKELETON_DEPTH:
-            raise SerializationError(_TOO_DEEP)
         # Largest elements first (by the real dtype, also for raw-stored ones), and
         # data starting 16-aligned: every tensor starts aligned to its element size.
         # (A stable sort: equal sizes keep their traversal order.)
@@ -319,7 +282,7 @@ def encode(state: Any, copy: bool = False, reuse: dict[int, torch.Tensor] | None
         names = tuple([item[0] for item in order])
         dtypes = tuple([item[2] for item in order])
         tensors = tuple([item[1] for item in order])
-        sizes = tuple([t.numel() * t.element_size() for t in tensors])
+        sizes = tuple([item[4] for item in order])
         del order, enc
         header = _header({"format": "pt", SKELETON_KEY: text}, names, dtypes, tensors, sizes)
     return EncodedState(header=header, tensors=tensors, names=names, dtypes=dtypes,

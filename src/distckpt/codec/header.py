@@ -11,6 +11,7 @@ recursing or allocating without bound (:mod:`distckpt.boundedjson`).
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import boundedjson
+from .. import dtensor as _dtensor
 from ..errors import IntegrityError
 from .dtypes import (
     _FROM_ST,
@@ -56,6 +58,9 @@ class FileLayout:
     ends: tuple[int, ...]
     skeleton: Any
     part: str | None = None
+    #: whether the skeleton may hold a DTensor node (its text has a ``"$dtensor"`` string);
+    #: ``False`` means surely none, so the load path skips its DTensor walks
+    dtensors: bool = True
 
     def __post_init__(self) -> None:
         count = len(self.names)
@@ -107,12 +112,36 @@ def _parse_entries(text: str, start: int, file_size: int) -> FileLayout:
     meta = raw.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise ValueError("__metadata__ is not a JSON object")
+    limit = file_size - start
+    names, dtypes, shapes, begins, ends = _checked_columns(raw, start, limit)
+    del raw
+    text_skeleton = meta.get(SKELETON_KEY)
+    if text_skeleton is not None and type(text_skeleton) is not str:
+        raise ValueError("the skeleton is not a string")
+    skeleton = None if text_skeleton is None else boundedjson.loads(text_skeleton, SKELETON_DEPTH)
+    part = meta.get(PART_KEY)
+    if part is not None and type(part) is not str:
+        raise ValueError("the part label is not a string")
+    if any(map(operator.gt, begins[:-1], begins[1:])):  # not in file order yet: sort the columns
+        order = sorted(range(len(begins)), key=begins.__getitem__)
+        names, dtypes, shapes = [names[i] for i in order], [dtypes[i] for i in order], [shapes[i] for i in order]
+        begins, ends = [begins[i] for i in order], [ends[i] for i in order]
+    return FileLayout(data_start=start, names=tuple(names), dtypes=tuple(dtypes), shapes=tuple(shapes),
+                      begins=tuple(begins), ends=tuple(ends), skeleton=skeleton, part=part,
+                      dtensors=text_skeleton is not None and _DTENSOR_MARK in text_skeleton)
+
+
+_Columns = tuple[list[str], list[torch.dtype], list[tuple[int, ...]], list[int], list[int]]
+_DTENSOR_MARK = '"' + _dtensor.TAG + '"'
+
+
+def _checked_columns(raw: dict[str, Any], start: int, limit: int) -> _Columns:
+    """The header's columns, entry by entry; raises :class:`IntegrityError` naming the first bad entry."""
     names: list[str] = []
     dtypes: list[torch.dtype] = []
     shapes: list[tuple[int, ...]] = []
     begins: list[int] = []
     ends: list[int] = []
-    limit = file_size - start
     for name, info in raw.items():
         st = info["dtype"]
         dtype = _FROM_ST.get(st) if type(st) is str else None
@@ -139,18 +168,5 @@ def _parse_entries(text: str, start: int, file_size: int) -> FileLayout:
         shapes.append(tuple(dims))
         begins.append(start + begin)
         ends.append(start + stop)
-    del raw
-    text_skeleton = meta.get(SKELETON_KEY)
-    if text_skeleton is not None and type(text_skeleton) is not str:
-        raise ValueError("the skeleton is not a string")
-    skeleton = None if text_skeleton is None else boundedjson.loads(text_skeleton, SKELETON_DEPTH)
-    part = meta.get(PART_KEY)
-    if part is not None and type(part) is not str:
-        raise ValueError("the part label is not a string")
-    if any(b > a for a, b in zip(begins[1:], begins[:-1], strict=True)):  # not in file order yet: sort the columns
-        order = sorted(range(len(begins)), key=begins.__getitem__)
-        names, dtypes, shapes = [names[i] for i in order], [dtypes[i] for i in order], [shapes[i] for i in order]
-        begins, ends = [begins[i] for i in order], [ends[i] for i in order]
-    return FileLayout(data_start=start, names=tuple(names), dtypes=tuple(dtypes), shapes=tuple(shapes),
-                      begins=tuple(begins), ends=tuple(ends), skeleton=skeleton, part=part)
+    return names, dtypes, shapes, begins, ends
 
