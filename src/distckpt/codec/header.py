@@ -136,23 +136,26 @@ _DTENSOR_MARK = '"' + _dtensor.TAG + '"'
 
 
 def _checked_columns(raw: dict[str, Any], start: int, limit: int) -> _Columns:
-    """The header's columns, entry by entry; raises :class:`IntegrityError` naming the first bad entry."""
+    """The header's columns, entry by entry; raises :class:`IntegrityError` naming the first bad entry.
+
+    A dtype and shape seen before are not checked again (thousands of tensors share a few).
+    """
     names: list[str] = []
     dtypes: list[torch.dtype] = []
     shapes: list[tuple[int, ...]] = []
     begins: list[int] = []
     ends: list[int] = []
+    kinds: dict[tuple[Any, Any], tuple[torch.dtype, tuple[int, ...], int]] = {}
     for name, info in raw.items():
         st = info["dtype"]
-        dtype = _FROM_ST.get(st) if type(st) is str else None
-        if dtype is None:
-            raise IntegrityError(f"unsupported safetensors dtype {st!r}"[:200])
         dims = info["shape"]
-        if type(dims) is not list:
-            raise IntegrityError(f"shape must be a list, got {dims!r}"[:200])
-        for d in dims:
-            if type(d) is not int or not 0 <= d < 2**63:
-                raise IntegrityError(f"shape entry must be an integer in [0, 2**63), got {d!r}"[:200])
+        key = (st, tuple(dims) if type(dims) is list else None)
+        try:
+            kind = kinds.get(key)
+        except TypeError:  # unhashable: refused by _kind below
+            kind = None
+        if kind is None:
+            kind = kinds[key] = _kind(st, dims)
         offsets = info["data_offsets"]
         if type(offsets) is not list or len(offsets) != 2:
             raise IntegrityError(f"data_offsets must be [begin, end], got {offsets!r}"[:200])
@@ -161,12 +164,24 @@ def _checked_columns(raw: dict[str, Any], start: int, limit: int) -> _Columns:
             if not all(type(x) is int and 0 <= x < 2**63 for x in offsets):
                 raise IntegrityError(f"data offset must be an integer in [0, 2**63), got {offsets!r}"[:200])
             raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {dims} or the file")
-        if stop - begin != math.prod(dims) * _itemsize(dtype):
+        if stop - begin != kind[2]:
             raise IntegrityError(f"tensor bounds {begin}..{stop} do not fit its shape {dims} or the file")
         names.append(name)
-        dtypes.append(dtype)
-        shapes.append(tuple(dims))
+        dtypes.append(kind[0])
+        shapes.append(kind[1])
         begins.append(start + begin)
         ends.append(start + stop)
     return names, dtypes, shapes, begins, ends
 
+
+def _kind(st: Any, dims: Any) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """An entry's dtype, shape and size in bytes; :class:`IntegrityError` when either is malformed."""
+    dtype = _FROM_ST.get(st) if type(st) is str else None
+    if dtype is None:
+        raise IntegrityError(f"unsupported safetensors dtype {st!r}"[:200])
+    if type(dims) is not list:
+        raise IntegrityError(f"shape must be a list, got {dims!r}"[:200])
+    for d in dims:
+        if type(d) is not int or not 0 <= d < 2**63:
+            raise IntegrityError(f"shape entry must be an integer in [0, 2**63), got {d!r}"[:200])
+    return dtype, tuple(dims), math.prod(dims) * _itemsize(dtype)
