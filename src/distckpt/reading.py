@@ -44,11 +44,21 @@ def read_component(root: str, entries: Sequence[FileEntry], live: Any = None,
     """
     if not entries:
         raise IntegrityError(f"{root}: no file to read")
+    # One collector pause for the whole read: thousands of small objects (the parsed header and
+    # skeleton, a view per tensor) are made and, all but the decoded state, freed before it ends,
+    # so that no collection walks them (a pause per step would leave them to the next one).
+    with codec.gc_paused():
+        state = _read_and_decode(root, entries, live, progress, restore)
+    return state
+
+
+def _read_and_decode(root: str, entries: Sequence[FileEntry], live: Any,
+                     progress: Callable[[int], None] | None, restore: Callable[[Any], Any] | None) -> Any:
+    """:func:`read_component`'s work; its temporaries are freed when it returns."""
     parts: list[tuple[codec.FileLayout, memoryview]] = []
     overrides: dict[str, torch.Tensor] = {}
     try:
-        with codec.gc_paused():  # thousands of small objects: a GC pass over a large state each time
-            _read_parts(root, entries, live, parts, overrides, progress)
+        _read_parts(root, entries, live, parts, overrides, progress)
     except IntegrityError as exc:
         if not overrides:
             raise

@@ -20,12 +20,12 @@ can put a ``[4, 8]`` tensor into a ``[8, 8]`` one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .codec import FileLayout
+from .codec import FileLayout, gc_paused
 from .components import StateComponent
 from .digests import entry_name
 from .errors import StateMismatchError
@@ -50,8 +50,14 @@ def check_state(key: str, layouts: Sequence[FileLayout], live: Any, *, strict: b
     """
     if not layouts or layouts[0].skeleton is None:
         return []
-    saved = {e.name: (_dtype_name(e.dtype), tuple(e.shape)) for layout in layouts for e in layout.entries}
-    return [f"component {key!r}, {line}" for line in _walk(layouts[0].skeleton, live, "", saved, strict)]
+    saved: dict[str, _Saved] = {}
+    for layout in layouts:  # by columns: no object per entry
+        text = {dtype: _dtype_name(dtype) for dtype in set(layout.dtypes)}
+        saved.update(zip(layout.names, zip(map(text.__getitem__, layout.dtypes), layout.shapes, strict=True),
+                         strict=True))
+    walk = _Walk(saved, strict)
+    walk.walk(layouts[0].skeleton, live)
+    return [f"component {key!r}, {line}" for line in walk.lines]
 
 
 #: The statefuls whose state is checked: their ``load_state_dict`` copies into tensors that already
@@ -72,6 +78,16 @@ def check_live_state(path: str, actions: Mapping[str, ComponentManifest], compon
     :class:`StateMismatchError` listing every difference (up to
     :data:`MAX_PROBLEMS` per component).
     """
+    with gc_paused():  # the parsed headers are freed before the collector runs again (see reading)
+        problems = _problems(actions, components, rank, strict, layouts_of)
+    if problems:
+        raise StateMismatchError(f"{path}: the saved state does not fit the live state dict (nothing was read "
+                                 "into it): " + "; ".join(problems))
+
+
+def _problems(actions: Mapping[str, ComponentManifest], components: Sequence[StateComponent], rank: int,
+              strict: bool, layouts_of: Callable[[Sequence[FileEntry]], Sequence[FileLayout] | None]) -> list[str]:
+    """:func:`check_live_state`'s lines, one per component that does not fit."""
     by_key = {c.key: c for c in components}
     problems: list[str] = []
     for key, saved in actions.items():
@@ -83,9 +99,7 @@ def check_live_state(path: str, actions: Mapping[str, ComponentManifest], compon
         found = check_state(key, layouts, live, strict=strict) if layouts else []
         if found:
             problems.append(describe_problems(found))
-    if problems:
-        raise StateMismatchError(f"{path}: the saved state does not fit the live state dict (nothing was read "
-                                 "into it): " + "; ".join(problems))
+    return problems
 
 
 def describe_problems(problems: Sequence[str]) -> str:
@@ -97,55 +111,89 @@ def describe_problems(problems: Sequence[str]) -> str:
     return "; ".join(shown)
 
 
-def _walk(node: Any, live: Any, path: str, saved: Mapping[str, _Saved], strict: bool) -> Iterator[str]:
-    if isinstance(node, list):
-        if isinstance(live, (list, tuple)) and len(live) == len(node):
-            for index, (n, item) in enumerate(zip(node, live, strict=True)):
-                yield from _walk(n, item, _join(path, index), saved, strict)
-        return
-    if not isinstance(node, dict) or len(node) == 0:
-        return
-    tag = next(iter(node))
-    body = node[tag]
-    if tag in ("$dict", "$odict") and isinstance(live, Mapping) and isinstance(body, list):
-        yield from _mapping(body, live, path, saved, strict)
-    elif tag == "$tuple":
-        yield from _walk(body, live, path, saved, strict)
-    elif tag == "$tensor" and _plain(live):
-        yield from _tensor(node, live, path, saved, strict)
+class _Walk:
+    """The skeleton and the live state walked together, a line per difference (in walk order).
 
+    Paths serve only the lines, so they are built only for a line: the walk keeps the keys
+    that lead to the current node (thousands of tensors, a handful of differences at most).
+    """
 
-def _mapping(body: list[Any], live: Mapping[Any, Any], path: str, saved: Mapping[str, _Saved],
-             strict: bool) -> Iterator[str]:
-    pairs = [(p[0], p[1]) for p in body if isinstance(p, list) and len(p) == 2 and type(p[0]) in (str, int)]
-    if strict and live:
-        saved_tensors = {k for k, v in pairs if _is_tensor_node(v)}
-        live_tensors = {k for k, v in live.items() if isinstance(v, torch.Tensor)}
-        if saved_tensors and live_tensors and saved_tensors != live_tensors:
-            yield _key_sets(path, sorted(live_tensors - saved_tensors, key=repr),
-                            sorted(saved_tensors - live_tensors, key=repr))
-    for k, v in pairs:
-        if k in live:
-            yield from _walk(v, live[k], _join(path, k), saved, strict)
+    def __init__(self, saved: Mapping[str, _Saved], strict: bool) -> None:
+        self.saved = saved
+        self.strict = strict
+        self.keys: list[Any] = []
+        self.lines: list[str] = []
+        self.dtype_names: dict[torch.dtype, str] = {}
 
+    def path(self) -> str:
+        path = ""
+        for key in self.keys:
+            path = _join(path, key)
+        return path
 
-def _tensor(node: dict[str, Any], live: torch.Tensor, path: str, saved: Mapping[str, _Saved],
-            strict: bool) -> Iterator[str]:
-    found = saved.get(node["$tensor"]) if type(node["$tensor"]) is str else None
-    if found is None:
-        return
-    dtype, shape = found
-    if "dtype" in node:  # a dtype safetensors lacks: stored as bytes, the real one in the skeleton
-        raw_shape = node.get("shape")
-        if type(node["dtype"]) is not str or not isinstance(raw_shape, list):
+    def walk(self, node: Any, live: Any) -> None:
+        keys = self.keys
+        if isinstance(node, list):
+            if isinstance(live, (list, tuple)) and len(live) == len(node):
+                for index, (n, item) in enumerate(zip(node, live, strict=True)):
+                    keys.append(index)
+                    self.walk(n, item)
+                    keys.pop()
             return
-        dtype, shape = node["dtype"], tuple(raw_shape)
-    live_dtype, live_shape = _dtype_name(live.dtype), tuple(live.shape)
-    if shape != live_shape:
-        yield (f"entry {path or '<root>'!r}: saved shape {list(shape)} ({dtype}), "
-               f"live shape {list(live_shape)} ({live_dtype})")
-    elif strict and dtype != live_dtype:
-        yield f"entry {path or '<root>'!r}: saved dtype {dtype}, live dtype {live_dtype} (shape {list(shape)})"
+        if not isinstance(node, dict) or len(node) == 0:
+            return
+        tag = next(iter(node))
+        body = node[tag]
+        if tag in ("$dict", "$odict") and isinstance(live, Mapping) and isinstance(body, list):
+            self.mapping(body, live)
+        elif tag == "$tuple":
+            self.walk(body, live)
+        elif tag == "$tensor" and _plain(live):
+            self.tensor(node, live)
+
+    def mapping(self, body: list[Any], live: Mapping[Any, Any]) -> None:
+        pairs = [(p[0], p[1]) for p in body if isinstance(p, list) and len(p) == 2 and type(p[0]) in (str, int)]
+        if self.strict and live:
+            saved_tensors = {k for k, v in pairs
+                             if type(v) is dict and v and next(iter(v)) in ("$tensor", "$dtensor")}
+            live_tensors = {k for k, v in live.items() if isinstance(v, torch.Tensor)}
+            if saved_tensors and live_tensors and saved_tensors != live_tensors:
+                self.lines.append(_key_sets(self.path(), sorted(live_tensors - saved_tensors, key=repr),
+                                            sorted(saved_tensors - live_tensors, key=repr)))
+        keys = self.keys
+        for k, v in pairs:
+            if k in live:
+                item = live[k]
+                if type(v) is dict and len(v) == 1 and (type(item) is torch.Tensor or type(item) is torch.nn.Parameter):
+                    if "$tensor" in v:  # a tensor stored natively, inline
+                        keys.append(k)
+                        self.tensor(v, item)
+                        keys.pop()
+                    continue
+                keys.append(k)
+                self.walk(v, item)
+                keys.pop()
+
+    def tensor(self, node: dict[str, Any], live: torch.Tensor) -> None:
+        found = self.saved.get(node["$tensor"]) if type(node["$tensor"]) is str else None
+        if found is None:
+            return
+        dtype, shape = found
+        if "dtype" in node:  # a dtype safetensors lacks: stored as bytes, the real one in the skeleton
+            raw_shape = node.get("shape")
+            if type(node["dtype"]) is not str or not isinstance(raw_shape, list):
+                return
+            dtype, shape = node["dtype"], tuple(raw_shape)
+        live_shape = live.shape
+        live_dtype = self.dtype_names.get(live.dtype)
+        if live_dtype is None:
+            live_dtype = self.dtype_names[live.dtype] = _dtype_name(live.dtype)
+        if shape != live_shape:
+            self.lines.append(f"entry {self.path() or '<root>'!r}: saved shape {list(shape)} ({dtype}), "
+                              f"live shape {list(live_shape)} ({live_dtype})")
+        elif self.strict and dtype != live_dtype:
+            self.lines.append(f"entry {self.path() or '<root>'!r}: saved dtype {dtype}, live dtype {live_dtype} "
+                              f"(shape {list(shape)})")
 
 
 def _key_sets(path: str, missing: list[Any], unexpected: list[Any]) -> str:
@@ -161,10 +209,6 @@ def _key_sets(path: str, missing: list[Any], unexpected: list[Any]) -> str:
 def _names(keys: list[Any]) -> str:
     shown = [entry_name(k) for k in keys[:6]]
     return "[" + ", ".join(shown) + (f", ... {len(keys) - 6} more" if len(keys) > 6 else "") + "]"
-
-
-def _is_tensor_node(node: Any) -> bool:
-    return isinstance(node, dict) and len(node) > 0 and next(iter(node)) in ("$tensor", "$dtensor")
 
 
 def _plain(value: Any) -> bool:
