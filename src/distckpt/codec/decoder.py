@@ -156,16 +156,22 @@ class _Decoder:
                 if type(body) is not list:
                     raise ValueError(f"a dict body must be a list of pairs, got {type(body).__name__}")
                 out_dict: dict[Any, Any] = {}
+                tensors = self.tensors
                 for pair in body:
-                    if type(pair) is not list or len(pair) != 2 or (type(pair[0]) is not str and type(pair[0]) is not int):
+                    if type(pair) is not list or len(pair) != 2:
                         raise ValueError(f"a dict entry must be [str or int key, value], got {pair!r}"[:200])
-                    v = pair[1]
-                    if v is None or type(v) in _ATOMS:
-                        out_dict[pair[0]] = v
-                    elif type(v) is dict and len(v) == 1 and type(v.get("$tensor")) is str:
-                        out_dict[pair[0]] = self.tensors[v["$tensor"]]  # a natively stored tensor, inline
+                    k, v = pair
+                    if type(k) is not str and type(k) is not int:
+                        raise ValueError(f"a dict entry must be [str or int key, value], got {pair!r}"[:200])
+                    kind = type(v)
+                    if kind is dict:
+                        name = v.get("$tensor") if len(v) == 1 else None
+                        # a natively stored tensor, inline
+                        out_dict[k] = tensors[name] if type(name) is str else self.value(v)
+                    elif v is None or kind in _ATOMS:
+                        out_dict[k] = v
                     else:
-                        out_dict[pair[0]] = self.value(v)
+                        out_dict[k] = self.value(v)
                 return out_dict
             if tag == "$tensor":
                 name = body
