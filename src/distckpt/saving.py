@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -166,7 +167,15 @@ def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, sta
                     yield c.key, f.path, pieces[f.part], structure, siblings
 
     if not copy:
-        return jobs
+        writes = [c for c in components if any(f.writer == rank for f in plan.components[c.key].files)]
+        if len(writes) < 2:
+            return jobs
+
+        def ahead() -> Iterator[Job]:  # called inside the write phase: an error here reaches every rank
+            for c in writes:
+                states(c.key)  # every state_dict() call in the caller's thread; only encoding in the helper's
+            return _ahead(jobs())
+        return ahead
     if budget is not None and snapshots is not None:
         mine = sum(state_nbytes(states(c.key)) for c in components
                    if any(f.writer == rank for f in plan.components[c.key].files))
@@ -184,6 +193,21 @@ def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, sta
             raise error
         return failed
     return lambda: iter(snapshot)
+
+
+def _ahead(jobs: Iterator[Job]) -> Iterator[Job]:
+    """``jobs``, each next one encoded in a helper thread while the caller writes the one before.
+
+    Encoding is Python work (the GIL); writing is mostly copies, hashing and system calls
+    that release it, so the two overlap. The helper only runs :func:`encode` on states the
+    caller has already asked for; an error there is raised here, in the caller's thread, when
+    its job is due. Stopped early (a failed write), it waits for the job in progress and drops it.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="distckpt-encode") as pool:
+        pending = pool.submit(next, jobs, None)
+        while (job := pending.result()) is not None:
+            pending = pool.submit(next, jobs, None)
+            yield job
 
 
 def _counted(runs: Iterator[Any], meter: Progress) -> Iterator[Any]:
