@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 import torch
 
-from distckpt import CheckpointCoordinator, CheckpointError, SerializationError, StateComponent, codec, storage
+from distckpt import (
+    CheckpointCoordinator,
+    CheckpointError,
+    SerializationError,
+    StateComponent,
+    codec,
+    storage,
+)
 from distckpt.manifest import CheckpointManifest
 
 
