@@ -131,7 +131,16 @@ def _read_reporting(reader: storage.VerifiedReader, views: list[memoryview],
     step = _PROGRESS_STEP
     for whole in views:
         length = len(whole)
-        for view in (whole,) if length <= step else (whole[i:i + step] for i in range(0, length, step)):
+        if length <= step:  # the common case: a tensor smaller than a stretch, as it is
+            batch.append(whole)
+            size += length
+            if size < step:
+                continue
+            reader.read_into(batch)
+            progress(reader.position - counted)
+            counted, batch, size = reader.position, [], 0
+            continue
+        for view in (whole[i:i + step] for i in range(0, length, step)):
             batch.append(view)
             size += len(view)
             if size >= step:
