@@ -182,3 +182,18 @@ def test_the_header_says_whether_a_skeleton_may_hold_a_dtensor() -> None:
     assert not plain.dtensors
     keyed, _ = _layout({"$dtensor": torch.ones(2)})  # a key of that name: conservatively "may"
     assert keyed.dtensors
+
+
+def test_a_read_with_progress_in_stretches_of_many_small_tensors_counts_every_byte(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    from distckpt import reading
+
+    saved = {f"t{i}": torch.full((250,), float(i)) for i in range(200)}  # 1,000 bytes each
+    saved["big"] = torch.arange(9_000, dtype=torch.float32)  # larger than a stretch: cut
+    root, entry = _write(tmp_path, saved)
+    monkeypatch.setattr(reading, "_PROGRESS_STEP", 10_000)
+    seen: list[int] = []
+    live = _zeros_like(saved)
+    state = read_component(root, [entry], live, progress=seen.append)
+    assert sum(seen) == entry.size_bytes and len(seen) > 20
+    assert _same(state, saved) and _same(live, saved)
