@@ -87,7 +87,7 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
         with storage.VerifiedReader(full, entry.size_bytes, entry.checksum) as reader:
             try:
                 start = codec.header_length(reader.read_to(min(8, entry.size_bytes)), entry.size_bytes, full)
-                layout = codec.parse_header(reader.read_to(start), entry.size_bytes, full)
+                layout = _parsed(full, reader.read_to(start), entry.size_bytes)
                 _check_part(layout, index, len(entries), full)
             except IntegrityError:
                 reader.finish()  # a damaged file is reported as such, not as a malformed header
@@ -202,7 +202,29 @@ def read_layouts(root: str, entries: Sequence[FileEntry]) -> list[codec.FileLayo
             header = storage.read_prefix(full, 0, start)
             if len(header) != start:
                 return None
-            layouts.append(codec.parse_header(header, entry.size_bytes, full))
+            layout = codec.parse_header(header, entry.size_bytes, full)
+            layouts.append(layout)
+            if len(_PARSED) >= _PARSED_LIMIT:
+                _PARSED.clear()
+            _PARSED[full] = (header, entry.size_bytes, layout)
     except (IntegrityError, OSError, ValueError):
         return None
     return layouts
+
+
+#: Headers the state check parsed, by file, for the read phase that follows: ``(header bytes, file
+#: size, layout)``. A layout is a function of the header's bytes and the file's size alone, so the read
+#: phase takes it only when the bytes it has just read (and is verifying) are the very same; each entry
+#: is taken once. Bounded: cleared when it holds :data:`_PARSED_LIMIT` files (a load that stopped
+#: between its two phases leaves its entries behind).
+_PARSED: dict[str, tuple[bytes, int, codec.FileLayout]] = {}
+_PARSED_LIMIT = 256
+
+
+def _parsed(full: str, header: memoryview, size: int) -> codec.FileLayout:
+    """The layout of ``header`` (a file's first bytes, through its JSON header), parsed by the state
+    check moments ago when its bytes are the same, else parsed now. Raises as :func:`codec.parse_header`."""
+    known = _PARSED.pop(full, None)
+    if known is not None and known[1] == size and len(known[0]) == len(header) and known[0] == header:
+        return known[2]
+    return codec.parse_header(header, size, full)
