@@ -18,16 +18,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from . import folder
+from . import folder, saving
+from .codec import encode
+from .components import StateComponent
 from .handle import SaveHandle
-from .planning import Produce, SavePlan
+from .hostcopy import StateCopy, Unsupported
+from .planning import Job, Produce, SavePlan
+from .snapshots import Snapshot, SnapshotBudget
 from .transport import Comm, ForkingComm, check_comm
 
-__all__ = ["AsyncSaves"]
+__all__ = ["AsyncSaves", "snapshot"]
 
 log = logging.getLogger("distckpt")
 
@@ -92,3 +97,75 @@ class AsyncSaves:
         raised by :meth:`SaveHandle.result`); raises its error otherwise."""
         handle, self.pending = self.pending, None
         return None if handle is None else handle._settle()
+
+
+class _Copied(saving.States):
+    """The states the background encoder reads: this rank's copies, once filled."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        super().__init__({})
+        self._snap = snap
+
+    def __call__(self, key: str) -> Any:
+        return self._snap.state(key)
+
+
+def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: saving.States,
+             buffers: dict[str, dict[int, torch.Tensor]], budget: int | None) -> Produce:
+    """This rank's files of an asynchronous save: the states it writes copied now, encoded later.
+
+    Called on the caller's thread by :meth:`AsyncSaves.start` (through the
+    coordinator). Copies every state this rank writes (:class:`StateCopy`:
+    one walk, one batched copy, into ``buffers`` kept from the last snapshot)
+    and returns the write phase's producer, which encodes the copies in the
+    background thread exactly as a synchronous save encodes the live state.
+    The writer of one part of a balanced write copies only that part. Beyond
+    ``budget`` bytes the copies stream (:class:`Snapshot`; the producer has a
+    ``pump``, run by :meth:`AsyncSaves.start`). A state the copy does not
+    know (a DTensor, say) takes the general path,
+    :func:`distckpt.saving.encoder`. Local; an error is not raised here but
+    by the producer, inside the write phase, so every rank hears it.
+    """
+    files: dict[str, list[Any]] = {}
+    for c in components:
+        mine = [f for f in plan.components[c.key].files if f.writer == rank]
+        if mine:
+            files[c.key] = mine
+    try:
+        try:
+            copies = {key: StateCopy(states(key), buffers.setdefault(key, {})) for key in files}
+        except Unsupported:
+            return saving.encoder(rank, components, plan, states, buffers, budget)
+        streams = budget is not None and sum(c.nbytes for c in copies.values()) > budget
+        if streams:
+            buffers.clear()  # buffers kept from an earlier save would count against the budget
+            for copy in copies.values():
+                copy.drop_buffers()
+        only = {key: _part_of(copies[key], fs) for key, fs in files.items()}
+        snap = Snapshot(copies, only, {key: len(fs) for key, fs in files.items()},
+                        SnapshotBudget(budget) if streams and budget is not None else None)
+        produce = snap.produce(saving.encoder(rank, components, plan, _Copied(snap)))
+        if streams:
+            produce.pump = snap.pump  # type: ignore[attr-defined]
+        else:
+            snap.pump()
+        return produce
+    except Exception as exc:  # reported through the write phase, so every rank hears it
+        error = exc
+
+        def failed() -> Iterator[Job]:
+            raise error
+        return failed
+
+
+def _part_of(copy: StateCopy, files: Sequence[Any]) -> set[int] | None:
+    """The ``data_ptr()`` of the copy's tensors in the parts this rank writes, or ``None`` for all
+    (a whole file, or part 0, whose writer also predicts the other parts' checksums)."""
+    if any(f.parts == 1 or f.part == 0 for f in files):
+        return None
+    copy.allocate()
+    encoded = encode(copy.state)  # shapes only: which tensors each part holds (the split is deterministic)
+    out: set[int] = set()
+    for f in files:
+        out.update(t.data_ptr() for t in encoded.split(f.parts)[f.part].tensors if t.numel())
+    return out

@@ -25,7 +25,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["DEFAULT_SNAPSHOT_BYTES", "SnapshotBudget", "streamed"]
+from .hostcopy import StateCopy
+
+__all__ = ["DEFAULT_SNAPSHOT_BYTES", "Snapshot", "SnapshotBudget", "streamed"]
 
 #: Default ``async_snapshot_bytes``: host memory one rank's asynchronous snapshot may hold (8 GiB).
 DEFAULT_SNAPSHOT_BYTES = 8 * 2**30
@@ -127,3 +129,97 @@ def streamed(jobs: Callable[[Callable[[int], None]], Iterator[Any]],
             budget.abort()  # done or failed: a waiting pump must not wait for this thread again
 
     return produce, pump
+
+
+class Snapshot:
+    """This rank's copied states in one asynchronous save (:class:`~distckpt.hostcopy.StateCopy`
+    by component key), filled on the caller's thread and read by the writing thread.
+
+    Called by :mod:`distckpt.asyncsave`. ``only[key]``: the ``data_ptr()`` of
+    the copy's tensors this rank writes (``None``: all of them; a member that
+    writes one part of a balanced write copies only its part). Without a
+    ``budget``, :meth:`pump` fills every copy at once and the copies are kept;
+    with one, it fills them one by one within the budget while the writer
+    encodes and writes them, and :meth:`produce` frees each once written.
+    :meth:`state` (the writer) waits for a copy to be filled and raises a
+    snapshot error. Not collective, no I/O.
+    """
+
+    def __init__(self, copies: dict[str, StateCopy], only: dict[str, set[int] | None], files: dict[str, int],
+                 budget: SnapshotBudget | None) -> None:
+        self._copies = copies
+        self._only = only
+        self._files = files  # files this rank writes, per key: a copy is freed after the last one
+        self._budget = budget
+        # bytes copied per key, and the tensors of a part writer's copy left unfilled (never to be written)
+        self._nbytes = {key: c.nbytes if (part := only[key]) is None else
+                        sum(t.nbytes for t in c.targets if t.data_ptr() in part) for key, c in copies.items()}
+        self._unfilled = {key: {t.data_ptr() for t in c.targets if t.numel()} - part
+                          for key, c in copies.items() if (part := only[key]) is not None}
+        self._filled: set[str] = set()
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this rank copies in all."""
+        return sum(self._nbytes.values())
+
+    def pump(self) -> None:
+        """Caller's thread: fill every copy (within the budget, waiting for the writer as needed).
+        Returns when all are filled or the writer gave up; a copy that fails ends the pump and its
+        error reaches the writer (:meth:`state`)."""
+        for key, copy in self._copies.items():
+            try:
+                if self._budget is not None:
+                    self._budget.acquire(self._nbytes[key])
+                copy.fill(self._only[key])
+            except _Aborted:
+                return
+            except Exception as exc:
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._filled.add(key)
+                self._cond.notify_all()
+
+    def state(self, key: str) -> Any:
+        """Writer's thread: the copy of ``key`` once filled; raises the snapshot's error."""
+        with self._cond:
+            while key not in self._filled and self._error is None:
+                self._cond.wait()
+            if key not in self._filled:
+                assert self._error is not None
+                raise self._error
+        return self._copies[key].state
+
+    def produce(self, jobs: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Any]]:
+        """The write phase's job iterator: ``jobs()`` (the encoder, reading :meth:`state`), each job
+        checked to hold only copied bytes, and with a budget each copy freed once written."""
+        def run() -> Iterator[Any]:
+            left = dict(self._files)
+            try:
+                for job in jobs():
+                    self._check(job)
+                    yield job
+                    key = job[0]
+                    left[key] -= 1
+                    if self._budget is not None and not left[key]:
+                        self._copies[key].free()
+                        self._budget.release(self._nbytes[key])
+            finally:
+                if self._budget is not None:
+                    self._budget.abort()  # done or failed: a waiting pump must not wait for this thread again
+        return run
+
+    def _check(self, job: Any) -> None:
+        """A part writer copied only its part: refuse a job that would write a byte it did not copy."""
+        unfilled = self._unfilled.get(job[0])
+        if not unfilled:
+            return
+        for piece in (job[2], *(p for _, p in job[4])):
+            if any(t.numel() and t.data_ptr() in unfilled for t in piece.tensors):
+                raise RuntimeError(f"distckpt: internal error: {job[1]} would be written from bytes this "
+                                   "rank's snapshot did not copy; nothing was committed")
