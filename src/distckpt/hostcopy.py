@@ -1,11 +1,11 @@
 """A private host copy of a state dict: the snapshot an asynchronous save writes from.
 
-Called by :mod:`distckpt.snapshots` on the caller's thread of
+Called by :func:`distckpt.asyncsave.snapshot` on the caller's thread of
 ``save_checkpoint(async_save=True)``. :class:`StateCopy` walks a state once,
 rebuilding its containers and replacing every tensor by a host tensor of the
 same dtype and shape (kept from the previous snapshot when they still match,
-else allocated); :meth:`StateCopy.fill` then copies the tensor data in one
-batched call. Encoding (the skeleton and the safetensors header) is left to the
+else allocated); :meth:`StateCopy.fill` then copies the tensor data (small
+tensors by ``memmove``, the rest in one batched ``copy_``). Encoding (the skeleton and the safetensors header) is left to the
 background thread, which encodes the copy exactly as a synchronous save
 encodes the live state: the copy holds the same tensors (contiguous, conjugate
 and negative bits resolved) under the same aliasing, so the files are the same.
@@ -30,6 +30,9 @@ from .codec.dtypes import gc_paused
 
 __all__ = ["StateCopy", "Unsupported"]
 
+#: Contiguous CPU tensors smaller than this are copied with one ``memmove`` each (a fraction of
+#: ``copy_``'s per-call cost); larger ones with ``copy_``, which uses torch's intra-op threads.
+_MOVE_BELOW = 1024 * 1024
 #: Leaves that nothing can change in place: shared between the live state and its copy.
 _IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device})
 
@@ -137,7 +140,8 @@ class StateCopy:
         seen[key] = target
         self.sources.append(t)
         targets.append(target)
-        self._plain.append(ptr if cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()) else 0)
+        plain = cpu and nbytes < _MOVE_BELOW and t.is_contiguous() and not (t.is_conj() or t.is_neg())
+        self._plain.append(ptr if plain else 0)
         self.nbytes += nbytes
         return target
 
@@ -156,14 +160,15 @@ class StateCopy:
         ``only``). Called on the caller's thread before the save returns; raises what torch raises.
         Lets go of the live tensors afterwards (once).
 
-        A contiguous CPU source is copied byte for byte (``memmove``, the sizes equal by
-        construction: same dtype and shape); any other goes through ``copy_``, which resolves
-        strides, lazy conjugation and device.
+        A small contiguous CPU source is copied byte for byte (``memmove``; the sizes are equal
+        by construction: same dtype and shape, and the source is held alive meanwhile); any other
+        goes through ``copy_`` (one batched call), which resolves strides, lazy conjugation and
+        device, and splits large copies over torch's threads.
         """
         self.allocate()
         move = ctypes.memmove
         rest: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        device = False
+        devices: set[torch.device] = set()
         with torch.no_grad():
             for dst, src, ptr in zip(self.targets, self.sources, self._plain, strict=True):
                 if only is not None and dst.data_ptr() not in only:
@@ -174,12 +179,12 @@ class StateCopy:
                     rest[0].append(dst)
                     rest[1].append(src)
                 else:
-                    dst.copy_(src, non_blocking=True)
-                    device = True
+                    dst.copy_(src, non_blocking=True)  # into pinned memory; waited for below
+                    devices.add(src.device)
             if rest[0]:
                 torch._foreach_copy_(rest[0], rest[1])  # copy_ semantics per pair
-            if device:
-                torch.cuda.synchronize()
+            for device in devices:
+                torch.cuda.synchronize(device)
         self.sources = []  # the live tensors are not ours to keep alive
         self._plain = []
 

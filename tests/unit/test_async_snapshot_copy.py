@@ -31,6 +31,7 @@ def _awkward_state() -> dict[str, Any]:
     param = torch.nn.Parameter(torch.randn(5, generator=gen), requires_grad=False)  # one that requires grad fails a sync save (reported)
     return {
         "f32": torch.randn(7, 3, generator=gen),
+        "large": torch.randn(300_000, generator=gen),  # over 1 MiB: copied by copy_, not memmove
         "f64": torch.randn(4, generator=gen, dtype=torch.float64),
         "bf16": torch.randn(9, generator=gen).to(torch.bfloat16),
         "f16": torch.randn(2, 2, generator=gen).half(),
@@ -79,7 +80,7 @@ def test_an_async_save_writes_the_same_files_as_a_synchronous_save_for_every_kin
 
 def _mutate(state: dict[str, Any]) -> None:
     with torch.no_grad():
-        for key in ("f32", "bool", "zero_d", "param", "u16"):
+        for key in ("f32", "large", "bool", "zero_d", "param", "u16"):
             state[key].copy_(torch.zeros_like(state[key]) if key != "bool" else ~state[key])
         state["transposed"].mul_(-1)  # also changes alias_a, alias_b and strided: one storage
         state["view_head"].add_(100)
