@@ -3,9 +3,12 @@
 Called by the coordinator's facade: :meth:`AsyncSaves.start` from
 ``save_checkpoint(async_save=True)`` after the plan and validation phases,
 :meth:`AsyncSaves.wait` at the start of every save and load and from
-``CheckpointCoordinator.wait()``. The snapshot to host memory happens on the
+``CheckpointCoordinator.wait()``; :func:`snapshot` from the facade (through
+:meth:`AsyncSaves.start`). The snapshot to host memory happens on the
 caller's thread, so the training loop may change its tensors as soon as
-:meth:`start` returns. The background thread runs the write and commit phases
+:meth:`start` returns; it is only a copy (one walk of each state this rank
+writes, one batched copy, :mod:`distckpt.hostcopy`): encoding the copy into
+files is left to the background thread. The background thread runs the write and commit phases
 (:mod:`distckpt.saving`) on a channel forked from the coordinator's
 (:meth:`~distckpt.transport.ForkingComm.fork`), so its collectives never interleave
 with a later synchronous call's. Its outcome travels in a

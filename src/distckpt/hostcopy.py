@@ -33,6 +33,7 @@ __all__ = ["StateCopy", "Unsupported"]
 #: Contiguous CPU tensors smaller than this are copied with one ``memmove`` each (a fraction of
 #: ``copy_``'s per-call cost); larger ones with ``copy_``, which uses torch's intra-op threads.
 _MOVE_BELOW = 1024 * 1024
+_STRIDED = torch.strided
 #: Leaves that nothing can change in place: shared between the live state and its copy.
 _IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device})
 
@@ -62,13 +63,15 @@ class StateCopy:
         # CPU tensor, no lazy conjugate or negative bit), else 0 (copied by torch)
         self._plain: list[int] = []
         self._reuse = reuse if reuse is not None else {}
-        self._seen: dict[tuple[Any, ...], torch.Tensor] = {}
+        # the views copied so far: the first at each address (source, target), then any others by full key
+        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._others: dict[tuple[Any, ...], torch.Tensor] = {}
         try:
             with gc_paused():
                 self.state = self._copy(state)
         except RecursionError:
             raise Unsupported("nested too deeply") from None
-        del self._seen
+        del self._seen, self._others
 
     # ------------------------------------------------------------------ the walk
 
@@ -114,7 +117,7 @@ class StateCopy:
         raise Unsupported(kind.__qualname__)
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
-        if t.layout is not torch.strided or t.is_quantized:
+        if t.layout is not _STRIDED or t.is_quantized:
             raise Unsupported("layout")
         cpu = t.is_cpu
         if not cpu and t.device.type != "cuda":
@@ -125,11 +128,16 @@ class StateCopy:
         if not nbytes:
             return torch.empty(shape, dtype=dtype)  # no bytes to copy; never an alias (as in the encoder)
         ptr = t.data_ptr()
-        key = (ptr, dtype, shape, t.stride()) if cpu else (ptr, dtype, shape, t.stride(), str(t.device))
-        seen = self._seen
-        target = seen.get(key)
-        if target is not None:
-            return target
+        first = self._seen.get(ptr)  # keyed by address alone: a second view there is rare
+        if first is not None:
+            source, found = first
+            if source.dtype is dtype and source.shape == shape and source.stride() == t.stride() \
+                    and source.device == t.device:
+                return found
+            key = (ptr, dtype, shape, t.stride(), str(t.device))
+            other = self._others.get(key)
+            if other is not None:
+                return other
         targets = self.targets
         index = len(targets)
         target = self._reuse.get(index)
@@ -137,7 +145,10 @@ class StateCopy:
             target = torch.empty(0, dtype=dtype)  # storage comes with allocate()
             self._reuse[index] = target
             self._fresh.append(index)
-        seen[key] = target
+        if first is None:
+            self._seen[ptr] = (t, target)
+        else:
+            self._others[key] = target
         self.sources.append(t)
         targets.append(target)
         plain = cpu and nbytes < _MOVE_BELOW and t.is_contiguous() and not (t.is_conj() or t.is_neg())

@@ -1,14 +1,17 @@
 """A bounded host-memory budget for the snapshots of an asynchronous save.
 
-Called by :func:`distckpt.saving.encoder` for ``save_checkpoint(async_save=True)``
-when this rank's files hold more bytes than the coordinator's
-``async_snapshot_bytes``. Without a budget, every file is copied to host memory
+:class:`Snapshot` is called by :func:`distckpt.asyncsave.snapshot` for
+``save_checkpoint(async_save=True)``; :func:`streamed` by
+:func:`distckpt.saving.encoder` for the states :mod:`distckpt.hostcopy` does
+not copy (DTensors, say); both apply the budget when this rank's files hold
+more bytes than the coordinator's ``async_snapshot_bytes``. Without a budget, every file is copied to host memory
 before the call returns and the copies are kept for the next save (the fastest
 return, but a second copy of the whole state, for good). With one, the copies
 *stream*: the caller snapshots file after file, each into fresh buffers, while
 the background thread writes them; before copying a file the caller waits
 until the copies not yet written plus this file fit the budget (a single file
-larger than the budget is copied alone, when nothing else is held). A written
+larger than the budget is copied alone, when nothing else is held; a member
+writing one part of a balanced write counts, and copies, its part only). A written
 file's buffers are freed at once. The call then returns later (it waits for
 the disk for the part of the state beyond the budget), and host memory stays
 bounded by the budget or the largest file, whichever is larger.

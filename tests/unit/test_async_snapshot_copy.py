@@ -153,7 +153,7 @@ def test_an_async_save_of_an_unsupported_state_fails_through_the_handle_naming_t
     coord = CheckpointCoordinator([StateComponent("s", Box({"ok": torch.ones(2), "bad": {"deep": object()}}),
                                                   "global")], output_dir=tmp_path)
     handle = coord.save_checkpoint(checkpoint_id="1", async_save=True)
-    with pytest.raises(SerializationError, match="bad.deep"):
+    with pytest.raises(SerializationError, match=r"bad\.deep"):
         handle.result(30)
     assert not os.path.exists(handle.path)
 
