@@ -27,10 +27,12 @@ from typing import Any
 import torch
 
 from . import folder, saving
-from .codec import encode
+from .codec import encode, tensor_bytes
 from .components import StateComponent
 from .handle import SaveHandle
+from .hashing import checksum_of_chunks
 from .hostcopy import StateCopy, Unsupported
+from .layout import FilePlan
 from .planning import Job, Produce, SavePlan
 from .snapshots import Snapshot, SnapshotBudget
 from .transport import Comm, ForkingComm, check_comm
@@ -122,7 +124,8 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
     one walk, one batched copy, into ``buffers`` kept from the last snapshot)
     and returns the write phase's producer, which encodes the copies in the
     background thread exactly as a synchronous save encodes the live state.
-    The writer of one part of a balanced write copies only that part. Beyond
+    The writer of one part of a balanced write copies only that part (part 0's
+    writer hashes the other parts now, for its prediction of their checksums). Beyond
     ``budget`` bytes the copies stream (:class:`Snapshot`; the producer has a
     ``pump``, run by :meth:`AsyncSaves.start`). A state the copy does not
     know (a DTensor, say) takes the general path,
@@ -144,9 +147,12 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
             buffers.clear()  # buffers kept from an earlier save would count against the budget
             for copy in copies.values():
                 copy.drop_buffers()
-        only = {key: _part_of(copies[key], fs) for key, fs in files.items()}
+        only: dict[str, set[int] | None] = {}
+        predicted: dict[str, dict[str, str]] = {}
+        for key, fs in files.items():
+            only[key], predicted[key] = _parts(copies[key], fs, plan.components[key].files)
         snap = Snapshot(copies, only, {key: len(fs) for key, fs in files.items()},
-                        SnapshotBudget(budget) if streams and budget is not None else None)
+                        SnapshotBudget(budget) if streams and budget is not None else None, predicted)
         produce = snap.produce(saving.encoder(rank, components, plan, _Copied(snap)))
         if streams:
             produce.pump = snap.pump  # type: ignore[attr-defined]
@@ -161,14 +167,34 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
         return failed
 
 
-def _part_of(copy: StateCopy, files: Sequence[Any]) -> set[int] | None:
-    """The ``data_ptr()`` of the copy's tensors in the parts this rank writes, or ``None`` for all
-    (a whole file, or part 0, whose writer also predicts the other parts' checksums)."""
-    if any(f.parts == 1 or f.part == 0 for f in files):
-        return None
+def _parts(copy: StateCopy, files: Sequence[FilePlan], plan_files: Sequence[FilePlan]) -> tuple[set[int] | None, dict[str, str]]:
+    """What this rank copies of a balanced write: the ``data_ptr()`` of the copy's tensors in its
+    own parts (``None``: all, for a whole file), and the checksums of the other members' parts it
+    predicts (part 0's writer), taken from the live bytes now instead of copying them.
+
+    Local, on the caller's thread before the save returns (the live state is still as it was
+    when the snapshot began). A part holding a tensor whose bytes are not laid out as written
+    (not contiguous, on a GPU, lazily conjugated) is copied instead and predicted in the background.
+    """
+    if any(f.parts == 1 for f in files):
+        return None, {}
     copy.allocate()
     encoded = encode(copy.state)  # shapes only: which tensors each part holds (the split is deterministic)
-    out: set[int] = set()
+    sources = {t.data_ptr(): s for t, s in zip(copy.targets, copy.sources, strict=True)}
+    own: set[int] = set()
+    predicted: dict[str, str] = {}
     for f in files:
-        out.update(t.data_ptr() for t in encoded.split(f.parts)[f.part].tensors if t.numel())
-    return out
+        pieces = encoded.split(f.parts)
+        own.update(t.data_ptr() for t in pieces[f.part].tensors if t.numel())
+        if f.part != 0:
+            continue
+        for sibling in plan_files:
+            if sibling.ranks != f.ranks or sibling.part == 0:
+                continue
+            piece = pieces[sibling.part]
+            live = [sources.get(t.data_ptr(), t) for t in piece.tensors if t.numel()]
+            if all(t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()) for t in live):
+                predicted[sibling.path] = checksum_of_chunks([memoryview(piece.header), *map(tensor_bytes, live)])
+            else:
+                own.update(t.data_ptr() for t in piece.tensors if t.numel())
+    return own, predicted

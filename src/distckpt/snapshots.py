@@ -26,11 +26,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from .codec import EncodedState
 from .hostcopy import StateCopy
 
-__all__ = ["DEFAULT_SNAPSHOT_BYTES", "Snapshot", "SnapshotBudget", "streamed"]
+__all__ = ["DEFAULT_SNAPSHOT_BYTES", "PredictedPart", "Snapshot", "SnapshotBudget", "streamed"]
 
 #: Default ``async_snapshot_bytes``: host memory one rank's asynchronous snapshot may hold (8 GiB).
 DEFAULT_SNAPSHOT_BYTES = 8 * 2**30
@@ -134,6 +136,16 @@ def streamed(jobs: Callable[[Callable[[int], None]], Iterator[Any]],
     return produce, pump
 
 
+@dataclass(frozen=True)
+class PredictedPart(EncodedState):
+    """Another member's part of a balanced write, reduced to the checksum its bytes had when the
+    snapshot was taken (:func:`distckpt.asyncsave.snapshot` hashed the live state instead of
+    copying it). The write phase reports ``checksum`` as its prediction
+    (:func:`distckpt.saving.write`); it holds no tensors."""
+
+    checksum: str = ""
+
+
 class Snapshot:
     """This rank's copied states in one asynchronous save (:class:`~distckpt.hostcopy.StateCopy`
     by component key), filled on the caller's thread and read by the writing thread.
@@ -149,9 +161,10 @@ class Snapshot:
     """
 
     def __init__(self, copies: dict[str, StateCopy], only: dict[str, set[int] | None], files: dict[str, int],
-                 budget: SnapshotBudget | None) -> None:
+                 budget: SnapshotBudget | None, predicted: dict[str, dict[str, str]] | None = None) -> None:
         self._copies = copies
         self._only = only
+        self._predicted = predicted or {}  # key -> another member's part path -> its checksum
         self._files = files  # files this rank writes, per key: a copy is freed after the last one
         self._budget = budget
         # bytes copied per key, and the tensors of a part writer's copy left unfilled (never to be written)
@@ -199,12 +212,14 @@ class Snapshot:
         return self._copies[key].state
 
     def produce(self, jobs: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Any]]:
-        """The write phase's job iterator: ``jobs()`` (the encoder, reading :meth:`state`), each job
+        """The write phase's job iterator: ``jobs()`` (the encoder, reading :meth:`state`), the
+        other members' parts hashed at snapshot time given as :class:`PredictedPart`, each job
         checked to hold only copied bytes, and with a budget each copy freed once written."""
         def run() -> Iterator[Any]:
             left = dict(self._files)
             try:
                 for job in jobs():
+                    job = self._predict(job)
                     self._check(job)
                     yield job
                     key = job[0]
@@ -216,6 +231,16 @@ class Snapshot:
                 if self._budget is not None:
                     self._budget.abort()  # done or failed: a waiting pump must not wait for this thread again
         return run
+
+    def _predict(self, job: Any) -> Any:
+        """``job`` with the other members' parts whose checksums were taken at snapshot time
+        replaced by :class:`PredictedPart` (their bytes were hashed, not copied)."""
+        predicted = self._predicted.get(job[0])
+        if not predicted or not job[4]:
+            return job
+        siblings = tuple((path, PredictedPart(header=piece.header, tensors=(), checksum=predicted[path]))
+                         if path in predicted else (path, piece) for path, piece in job[4])
+        return (*job[:4], siblings)
 
     def _check(self, job: Any) -> None:
         """A part writer copied only its part: refuse a job that would write a byte it did not copy."""

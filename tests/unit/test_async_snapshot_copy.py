@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from distckpt import CheckpointCoordinator, SerializationError, StateComponent
+from distckpt import CheckpointCoordinator, ReplicationMismatchError, SerializationError, StateComponent
 from distckpt.hostcopy import StateCopy, Unsupported
 from distckpt.snapshots import Snapshot, SnapshotBudget
 from distckpt.testing import ThreadComm
@@ -158,8 +158,9 @@ def test_an_async_save_of_an_unsupported_state_fails_through_the_handle_naming_t
     assert not os.path.exists(handle.path)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_a_balanced_async_save_copies_only_each_writers_part_and_keeps_the_state_at_save_time(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     held: dict[int, int] = {}
     init = Snapshot.__init__
 
@@ -170,11 +171,13 @@ def test_a_balanced_async_save_copies_only_each_writers_part_and_keeps_the_state
     monkeypatch.setattr(Snapshot, "__init__", spy)
     chunk = 64 * 1024  # bytes per tensor; 8 tensors, parts of at least 2 tensors
 
-    def state(rank: int) -> dict[str, torch.Tensor]:
-        return {f"t{i}": torch.full((chunk // 4,), float(i)) for i in range(8)}
+    def state() -> dict[str, torch.Tensor]:
+        if layout == "transposed":  # not laid out as written: part 0's writer copies, not hashes, the others
+            return {f"t{i}": torch.arange(chunk // 4, dtype=torch.float32).reshape(128, -1).t() + i for i in range(8)}
+        return {f"t{i}": torch.arange(chunk // 4, dtype=torch.float32) + i for i in range(8)}
 
     def fn(comm: ThreadComm) -> tuple[int, str]:
-        box = Box(state(comm.rank))
+        box = Box(state())
         gate = threading.Event()
         coord = CheckpointCoordinator([StateComponent("s", box, "replicated")], dist=comm, output_dir=tmp_path,
                                       min_part_bytes=2 * chunk,
@@ -187,12 +190,33 @@ def test_a_balanced_async_save_copies_only_each_writers_part_and_keeps_the_state
 
     results = all_ok(threads(4, fn))
     total = 8 * chunk
-    assert results[0][0] == total  # part 0's writer predicts the other parts' checksums: it copies all
-    assert all(0 < nbytes < total for nbytes, _ in results[1:])  # the others copy their part only
-    restored = Box({f"t{i}": torch.zeros(chunk // 4) for i in range(8)})
+    if layout == "contiguous":  # every writer copies its own part only (part 0's hashes the others)
+        assert all(0 < nbytes < total for nbytes, _ in results)
+    else:
+        assert results[0][0] == total and all(0 < nbytes < total for nbytes, _ in results[1:])
+    restored = Box({k: torch.zeros_like(v) for k, v in state().items()})
     CheckpointCoordinator([StateComponent("s", restored, "replicated")], output_dir=tmp_path,
                           min_part_bytes=2 * chunk).load_checkpoint(results[0][1])
-    assert all(torch.equal(restored.state[k], v) for k, v in state(0).items())
+    assert all(torch.equal(restored.state[k], v) for k, v in state().items())
+
+
+def test_replicas_that_differ_fail_a_balanced_async_save_on_every_rank(tmp_path: Path) -> None:
+    chunk = 64 * 1024
+
+    def fn(comm: ThreadComm) -> str:
+        state = {f"t{i}": torch.full((chunk // 4,), float(i + (comm.rank == 2))) for i in range(8)}
+        coord = CheckpointCoordinator([StateComponent("s", Box(state), "replicated")], dist=comm,
+                                      output_dir=tmp_path, min_part_bytes=2 * chunk)
+        handle = coord.save_checkpoint(checkpoint_id="1", async_save=True)
+        try:
+            handle.result(30)
+        except ReplicationMismatchError as exc:
+            return f"{sorted(exc.failures)}"
+        return "committed"
+
+    outcome = all_ok(threads(4, fn))
+    assert len(set(outcome)) == 1 and outcome[0] != "committed" and "2" in outcome[0]
+    assert not os.path.exists(tmp_path / "checkpoints" / "checkpoint-1")
 
 
 def test_a_part_writer_refuses_to_write_bytes_its_snapshot_did_not_copy() -> None:
