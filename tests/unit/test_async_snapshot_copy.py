@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from distckpt import CheckpointCoordinator, ReplicationMismatchError, SerializationError, StateComponent
+from distckpt import (
+    CheckpointCoordinator,
+    ReplicationMismatchError,
+    SerializationError,
+    StateComponent,
+)
 from distckpt.hostcopy import StateCopy, Unsupported
 from distckpt.snapshots import Snapshot, SnapshotBudget
 from distckpt.testing import ThreadComm
