@@ -19,6 +19,7 @@ old way (:func:`distckpt.saving.encoder`), which also names the bad path.
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections import OrderedDict
 from collections.abc import Collection, MutableMapping
 from typing import Any
@@ -31,8 +32,9 @@ from .codec.dtypes import gc_paused
 __all__ = ["StateCopy", "Unsupported"]
 
 #: Contiguous CPU tensors smaller than this are copied with one ``memmove`` each (a fraction of
-#: ``copy_``'s per-call cost); larger ones with ``copy_``, which uses torch's intra-op threads.
+#: ``copy_``'s per-call cost); larger ones in chunks of :data:`_CHUNK`, by two threads.
 _MOVE_BELOW = 1024 * 1024
+_CHUNK = 8 * 1024 * 1024
 _STRIDED = torch.strided
 #: Leaves that nothing can change in place: shared between the live state and its copy.
 _IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device})
@@ -151,7 +153,7 @@ class StateCopy:
             self._others[key] = target
         self.sources.append(t)
         targets.append(target)
-        plain = cpu and nbytes < _MOVE_BELOW and t.is_contiguous() and not (t.is_conj() or t.is_neg())
+        plain = cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg())
         self._plain.append(ptr if plain else 0)
         self.nbytes += nbytes
         return target
@@ -171,13 +173,16 @@ class StateCopy:
         ``only``). Called on the caller's thread before the save returns; raises what torch raises.
         Lets go of the live tensors afterwards (once).
 
-        A small contiguous CPU source is copied byte for byte (``memmove``; the sizes are equal
-        by construction: same dtype and shape, and the source is held alive meanwhile); any other
-        goes through ``copy_`` (one batched call), which resolves strides, lazy conjugation and
-        device, and splits large copies over torch's threads.
+        A contiguous CPU source is copied byte for byte (``memmove``; the sizes are equal by
+        construction: same dtype and shape, and the source is held alive meanwhile): small ones
+        one call each, large ones in chunks that this thread and one helper take in turn (so
+        a helper that the machine's load holds back delays nothing: measured steadier than
+        torch's own threads on a loaded machine). Any other goes through ``copy_`` (one batched
+        call), which resolves strides, lazy conjugation and device.
         """
         self.allocate()
         move = ctypes.memmove
+        chunks: list[tuple[int, int, int]] = []
         rest: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         devices: set[torch.device] = set()
         with torch.no_grad():
@@ -185,13 +190,21 @@ class StateCopy:
                 if only is not None and dst.data_ptr() not in only:
                     continue
                 if ptr:
-                    move(dst.data_ptr(), ptr, dst.nbytes)
+                    nbytes = dst.nbytes
+                    if nbytes < _MOVE_BELOW:
+                        move(dst.data_ptr(), ptr, nbytes)
+                    else:
+                        base = dst.data_ptr()
+                        chunks.extend((base + at, ptr + at, min(_CHUNK, nbytes - at))
+                                      for at in range(0, nbytes, _CHUNK))
                 elif src.is_cpu:
                     rest[0].append(dst)
                     rest[1].append(src)
                 else:
                     dst.copy_(src, non_blocking=True)  # into pinned memory; waited for below
                     devices.add(src.device)
+            if chunks:
+                _move_chunks(chunks)
             if rest[0]:
                 torch._foreach_copy_(rest[0], rest[1])  # copy_ semantics per pair
             for device in devices:
@@ -223,3 +236,23 @@ def _set(t: torch.Tensor, new: torch.Tensor | None = None) -> None:
         tensor.set_()
     else:
         tensor.set_(new)
+
+
+def _move_chunks(chunks: list[tuple[int, int, int]]) -> None:
+    """``memmove`` every ``(dst, src, nbytes)``, the calling thread and one helper taking the next
+    chunk in turn from one shared iterator (``memmove`` runs without the GIL). Returns when all
+    are copied."""
+    move = ctypes.memmove
+    pending = iter(chunks)  # a list iterator: each chunk goes to exactly one thread (the GIL)
+
+    def work() -> None:
+        for dst, src, nbytes in pending:
+            move(dst, src, nbytes)
+
+    helper = None
+    if len(chunks) > 1 and torch.get_num_threads() > 1:
+        helper = threading.Thread(target=work, name="distckpt-snapshot", daemon=True)
+        helper.start()
+    work()
+    if helper is not None:
+        helper.join()

@@ -289,3 +289,26 @@ def test_a_snapshot_error_reaches_every_rank_through_the_handle(tmp_path: Path,
 
     assert all_ok(threads(2, fn)) == ["CrossRankError: [1]"] * 2
     assert not os.path.exists(tmp_path / "checkpoints" / "checkpoint-1")
+
+
+def test_large_tensors_copied_in_chunks_by_two_threads_arrive_whole(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import distckpt.hostcopy as hostcopy
+
+    monkeypatch.setattr(hostcopy, "_MOVE_BELOW", 1024)
+    monkeypatch.setattr(hostcopy, "_CHUNK", 4096 + 8)  # chunks that end mid-element and mid-tensor
+    gen = torch.Generator().manual_seed(3)
+    state = {f"t{i}": torch.randn(1000 + 777 * i, generator=gen, dtype=torch.float64 if i % 2 else torch.float32)
+             for i in range(12)}
+    state["small"] = torch.arange(10)
+    copy = StateCopy(state)
+    copy.fill()
+    assert all(torch.equal(copy.state[k], v) and copy.state[k].data_ptr() != v.data_ptr() for k, v in state.items())
+    box = Box(state)
+    coord = CheckpointCoordinator([StateComponent("s", box, "global")], output_dir=tmp_path)
+    sync = coord.save_checkpoint(checkpoint_id="sync")
+    handle = coord.save_checkpoint(checkpoint_id="async", async_save=True)
+    for t in state.values():
+        t.add_(1)
+    handle.result(30)
+    assert _component_files(handle.path) == _component_files(sync)
