@@ -4,8 +4,8 @@ Called by :func:`distckpt.asyncsave.snapshot` on the caller's thread of
 ``save_checkpoint(async_save=True)``. :class:`StateCopy` walks a state once,
 rebuilding its containers and replacing every tensor by a host tensor of the
 same dtype and shape (kept from the previous snapshot when they still match,
-else allocated); :meth:`StateCopy.fill` then copies the tensor data (small
-tensors by ``memmove``, the rest in one batched ``copy_``). Encoding (the skeleton and the safetensors header) is left to the
+else allocated); :meth:`StateCopy.fill` then copies the tensor data (large
+contiguous tensors in chunks by two threads, the rest in one batched ``copy_``). Encoding (the skeleton and the safetensors header) is left to the
 background thread, which encodes the copy exactly as a synchronous save
 encodes the live state: the copy holds the same tensors (contiguous, conjugate
 and negative bits resolved) under the same aliasing, so the files are the same.
@@ -18,7 +18,6 @@ old way (:func:`distckpt.saving.encoder`), which also names the bad path.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, MutableMapping
@@ -27,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codec.dtypes import gc_paused
+from .codec.dtypes import flat_bytes, gc_paused
 
 __all__ = ["StateCopy", "Unsupported"]
 
-#: Contiguous CPU tensors smaller than this are copied with one ``memmove`` each (a fraction of
-#: ``copy_``'s per-call cost); larger ones in chunks of :data:`_CHUNK`, by two threads.
-_MOVE_BELOW = 1024 * 1024
+#: Contiguous CPU tensors of at least this many bytes are copied in chunks of :data:`_CHUNK` bytes
+#: by two threads; smaller ones (and any other) in one batched ``copy_``.
+_LARGE = 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
 _STRIDED = torch.strided
 #: Leaves that nothing can change in place: shared between the live state and its copy.
@@ -61,9 +60,9 @@ class StateCopy:
         self.targets: list[torch.Tensor] = []
         self.nbytes = 0
         self._fresh: list[int] = []  # indices of targets that still need storage
-        # per target: the source's address when its bytes can be copied as they lie (a contiguous
-        # CPU tensor, no lazy conjugate or negative bit), else 0 (copied by torch)
-        self._plain: list[int] = []
+        # per target: whether the source is large and its bytes can be copied as they lie (a
+        # contiguous CPU tensor, no lazy conjugate or negative bit): copied in chunks by two threads
+        self._plain: list[bool] = []
         self._reuse = reuse if reuse is not None else {}
         # the views copied so far: the first at each address (source, target), then any others by full key
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -153,8 +152,7 @@ class StateCopy:
             self._others[key] = target
         self.sources.append(t)
         targets.append(target)
-        plain = cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg())
-        self._plain.append(ptr if plain else 0)
+        self._plain.append(cpu and nbytes >= _LARGE and t.is_contiguous() and not (t.is_conj() or t.is_neg()))
         self.nbytes += nbytes
         return target
 
@@ -173,40 +171,33 @@ class StateCopy:
         ``only``). Called on the caller's thread before the save returns; raises what torch raises.
         Lets go of the live tensors afterwards (once).
 
-        A contiguous CPU source is copied byte for byte (``memmove``; the sizes are equal by
-        construction: same dtype and shape, and the source is held alive meanwhile): small ones
-        one call each, large ones in chunks that this thread and one helper take in turn (so
-        a helper that the machine's load holds back delays nothing: measured steadier than
-        torch's own threads on a loaded machine). Any other goes through ``copy_`` (one batched
-        call), which resolves strides, lazy conjugation and device.
+        Large contiguous CPU tensors are copied as bytes in chunks that this thread and one
+        helper take in turn (NumPy copies them without the GIL; a helper held back by the
+        machine's load delays nothing, which measured steadier than torch's own threads on a
+        loaded machine). The rest go through one batched ``copy_``, which resolves strides,
+        lazy conjugation and device.
         """
         self.allocate()
-        move = ctypes.memmove
-        chunks: list[tuple[int, int, int]] = []
+        chunks: list[tuple[np.ndarray, np.ndarray]] = []
         rest: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         devices: set[torch.device] = set()
         with torch.no_grad():
-            for dst, src, ptr in zip(self.targets, self.sources, self._plain, strict=True):
+            for dst, src, large in zip(self.targets, self.sources, self._plain, strict=True):
                 if only is not None and dst.data_ptr() not in only:
                     continue
-                if ptr:
-                    nbytes = dst.nbytes
-                    if nbytes < _MOVE_BELOW:
-                        move(dst.data_ptr(), ptr, nbytes)
-                    else:
-                        base = dst.data_ptr()
-                        chunks.extend((base + at, ptr + at, min(_CHUNK, nbytes - at))
-                                      for at in range(0, nbytes, _CHUNK))
+                if large:
+                    to, of = flat_bytes(dst).numpy(), flat_bytes(src).numpy()
+                    chunks.extend((to[at:at + _CHUNK], of[at:at + _CHUNK]) for at in range(0, len(to), _CHUNK))
                 elif src.is_cpu:
                     rest[0].append(dst)
                     rest[1].append(src)
                 else:
                     dst.copy_(src, non_blocking=True)  # into pinned memory; waited for below
                     devices.add(src.device)
-            if chunks:
-                _move_chunks(chunks)
             if rest[0]:
                 torch._foreach_copy_(rest[0], rest[1])  # copy_ semantics per pair
+            if chunks:
+                _copy_chunks(chunks)
             for device in devices:
                 torch.cuda.synchronize(device)
         self.sources = []  # the live tensors are not ours to keep alive
@@ -238,16 +229,19 @@ def _set(t: torch.Tensor, new: torch.Tensor | None = None) -> None:
         tensor.set_(new)
 
 
-def _move_chunks(chunks: list[tuple[int, int, int]]) -> None:
-    """``memmove`` every ``(dst, src, nbytes)``, the calling thread and one helper taking the next
-    chunk in turn from one shared iterator (``memmove`` runs without the GIL). Returns when all
-    are copied."""
-    move = ctypes.memmove
+def _copy_chunks(chunks: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Copy every ``(dst, src)`` pair of byte arrays, the calling thread and one helper taking the
+    next pair in turn from one shared iterator (NumPy copies without the GIL). Returns when all
+    are copied; raises what a copy raised."""
     pending = iter(chunks)  # a list iterator: each chunk goes to exactly one thread (the GIL)
+    failed: list[BaseException] = []
 
     def work() -> None:
-        for dst, src, nbytes in pending:
-            move(dst, src, nbytes)
+        try:
+            for dst, src in pending:
+                np.copyto(dst, src)
+        except BaseException as exc:
+            failed.append(exc)
 
     helper = None
     if len(chunks) > 1 and torch.get_num_threads() > 1:
@@ -256,3 +250,5 @@ def _move_chunks(chunks: list[tuple[int, int, int]]) -> None:
     work()
     if helper is not None:
         helper.join()
+    if failed:
+        raise failed[0]

@@ -36,7 +36,7 @@ def _awkward_state() -> dict[str, Any]:
     param = torch.nn.Parameter(torch.randn(5, generator=gen), requires_grad=False)  # one that requires grad fails a sync save (reported)
     return {
         "f32": torch.randn(7, 3, generator=gen),
-        "large": torch.randn(300_000, generator=gen),  # over 1 MiB: copied by copy_, not memmove
+        "large": torch.randn(300_000, generator=gen),  # over 1 MiB: copied in chunks by two threads
         "f64": torch.randn(4, generator=gen, dtype=torch.float64),
         "bf16": torch.randn(9, generator=gen).to(torch.bfloat16),
         "f16": torch.randn(2, 2, generator=gen).half(),
@@ -295,7 +295,7 @@ def test_large_tensors_copied_in_chunks_by_two_threads_arrive_whole(tmp_path: Pa
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import distckpt.hostcopy as hostcopy
 
-    monkeypatch.setattr(hostcopy, "_MOVE_BELOW", 1024)
+    monkeypatch.setattr(hostcopy, "_LARGE", 1024)
     monkeypatch.setattr(hostcopy, "_CHUNK", 4096 + 8)  # chunks that end mid-element and mid-tensor
     gen = torch.Generator().manual_seed(3)
     state = {f"t{i}": torch.randn(1000 + 777 * i, generator=gen, dtype=torch.float64 if i % 2 else torch.float32)
