@@ -184,7 +184,7 @@ class Snapshot:
     def pump(self) -> None:
         """Caller's thread: fill every copy (within the budget, waiting for the writer as needed).
         Returns when all are filled or the writer gave up; a copy that fails ends the pump and its
-        error reaches the writer (:meth:`state`)."""
+        error reaches the writer (:meth:`state`); an interrupt reaches both."""
         for key, copy in self._copies.items():
             try:
                 if self._budget is not None:
@@ -192,10 +192,12 @@ class Snapshot:
                 copy.fill(self._only[key])
             except _Aborted:
                 return
-            except Exception as exc:
+            except BaseException as exc:  # an interrupt too: the writer must not wait for this copy forever
                 with self._cond:
                     self._error = exc
                     self._cond.notify_all()
+                if not isinstance(exc, Exception):
+                    raise
                 return
             with self._cond:
                 self._filled.add(key)

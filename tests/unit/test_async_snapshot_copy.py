@@ -312,3 +312,29 @@ def test_large_tensors_copied_in_chunks_by_two_threads_arrive_whole(tmp_path: Pa
         t.add_(1)
     handle.result(30)
     assert _component_files(handle.path) == _component_files(sync)
+
+
+def test_an_interrupt_while_streaming_the_snapshot_releases_the_writer() -> None:
+    first, second = StateCopy({"w": torch.ones(4)}), StateCopy({"w": torch.ones(4)})
+
+    def interrupted(only: Any = None) -> None:
+        raise KeyboardInterrupt
+
+    second.fill = interrupted  # type: ignore[method-assign]
+    snap = Snapshot({"a": first, "b": second}, {"a": None, "b": None}, {"a": 1, "b": 1}, SnapshotBudget(1 << 20))
+    outcome: list[str] = []
+
+    def writer() -> None:
+        try:
+            snap.state("a")
+            snap.state("b")
+            outcome.append("read both")
+        except KeyboardInterrupt:
+            outcome.append("interrupted")
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        snap.pump()
+    thread.join(10)
+    assert outcome == ["interrupted"]
