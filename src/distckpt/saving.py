@@ -168,7 +168,7 @@ def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, sta
 
     if not copy:
         writes = [c for c in components if any(f.writer == rank for f in plan.components[c.key].files)]
-        if len(writes) < 2:
+        if len(writes) < 2 or type(states) is not States:  # another provider (async copies) may block: in order
             return jobs
 
         def ahead() -> Iterator[Job]:  # called inside the write phase: an error here reaches every rank
