@@ -30,7 +30,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "codec.targets", "codec", "digests", "jsontext", "manifest", "statecheck", "report", "rng", "progress",
         "planning",
     ),
-    "transport": ("waiting", "torchcomm", "transport", "collectives"),
+    "transport": ("waiting", "wire", "torchcomm", "transport", "collectives"),
     "storage": (
         "storage.posix", "storage.writer", "storage.reader", "storage.directories", "storage.inspection",
         "storage", "locks", "folder", "series",
