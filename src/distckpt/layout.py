@@ -83,10 +83,10 @@ def plan_component(
     _check_names(resolved, partition, names)
     split = bool(min_part_bytes) and resolved.identical_replicas
     if not split:  # one file per set, written by its lowest rank (the sets are sorted)
-        files = [FilePlan(f"{key}/{name}", members, members[0]) for name, members in zip(names, partition)]
+        files = [FilePlan(f"{key}/{name}", members, members[0]) for name, members in zip(names, partition, strict=True)]
         return ComponentPlan(key=key, pattern=resolved, files=tuple(files))
     files = []
-    for name, members in zip(names, partition):
+    for name, members in zip(names, partition, strict=True):
         writers = part_writers(topology, members, (sizes or {}).get(members[0], 0), min_part_bytes or 1)
         if len(writers) == 1:
             files.append(FilePlan(path=f"{key}/{name}", ranks=members, writer=writers[0]))
@@ -106,7 +106,7 @@ def _check_names(pattern: Pattern, partition: Sequence[tuple[int, ...]], names: 
                 and len(set(joined.casefold().split("\n"))) == len(names) + 1):
             return
     stems: set[str] = set()
-    for i, (name, members) in enumerate(zip(names, partition)):
+    for i, (name, members) in enumerate(zip(names, partition, strict=True)):
         if not isinstance(name, str) or _SEGMENT.fullmatch(name) is None or name.casefold() in stems:
             raise ValueError(f"pattern {pattern.describe()}: file_stem({i}, {list(members)}) gave "
                              f"{name!r}, which is not a safe file name distinct from the other sets'")

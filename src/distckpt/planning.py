@@ -138,9 +138,9 @@ def decode_reports(reports: Sequence[bytes], names: Sequence[str]) -> tuple[
     """Compact reports -> node digests, group labels (``names`` order), groups digests, part counts."""
     g = len(names)
     if reports:
-        heads, values = _varint_matrix(reports)
-        if values is not None and values.shape[1] >= g:
-            rows = values.tolist()
+        heads, matrix = _varint_matrix(reports)
+        if matrix is not None and matrix.shape[1] >= g:
+            rows = matrix.tolist()
             return (heads[:, 1].tolist(), [tuple(r[:g]) for r in rows], heads[:, 2].tolist(),
                     [tuple(r[g:]) for r in rows])
     nodes, labels, digests, parts = [], [], [], []

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import struct
 from array import array
-from itertools import chain
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from types import MappingProxyType
 
 import numpy as np
