@@ -100,8 +100,9 @@ class Pattern:
         Raises :class:`~distckpt.errors.TopologyMismatchError` naming the kind and the
         offending ranks (an exception from the pattern's own code propagates)."""
         sets = self.replica_sets(topology)
-        if any(sets is known for known in (topology.nodes, *topology.groups.values())):
-            return topology.nodes if sets is topology.nodes else sets  # type: ignore[return-value]
+        for known in (topology.nodes, *topology.groups.values()):
+            if sets is known:  # the topology's own partition (PER_NODE, one-group PER_GROUP): checked already
+                return known
         return check_partition(sets, topology.world_size, f"pattern {self.describe()}")
 
     def record(self) -> dict[str, Any]:
