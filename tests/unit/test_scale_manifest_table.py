@@ -14,8 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-from distckpt import CheckpointCoordinator, CheckpointManifest, ComponentManifest, FileEntry, ManifestError
-from distckpt import jsontext
+from distckpt import (
+    CheckpointCoordinator,
+    CheckpointManifest,
+    ComponentManifest,
+    FileEntry,
+    ManifestError,
+    jsontext,
+)
 from distckpt.manifest import FORMAT_VERSION, TABLE_VERSION
 from distckpt.testing import ThreadComm, ThreadWorld, run_threads
 from tests.helpers import Box
@@ -27,7 +33,8 @@ def manifest(files: int, parts: bool = False, extra: bool = False) -> Checkpoint
     entries = []
     for i in range(files):
         part = {"part": i % 2, "parts": 2} if parts else {}
-        entries.append(FileEntry(path=f"rng/rank-{i // 2 if parts else i:05d}{'-p%d' % (i % 2) if parts else ''}.st",
+        name = f"rank-{i // 2:05d}-p{i % 2}" if parts else f"rank-{i:05d}"
+        entries.append(FileEntry(path=f"rng/{name}.st",
                                  ranks=(i // 2,) if parts else (i,), writer=i, size_bytes=1000 + i,
                                  checksum=f"xxh3-128:{i:032x}", extra={"future": i} if extra and i == 3 else {},
                                  **part))  # type: ignore[arg-type]
