@@ -29,7 +29,7 @@ from typing import Any
 
 from .layout import check_relpath
 
-__all__ = ["TABLE_COLUMNS", "TABLE_MIN_FILES", "FileRow", "FileRows", "dumps", "file_table", "no_constants",
+__all__ = ["TABLE_COLUMNS", "TABLE_MIN_FILES", "Encoded", "FileRow", "FileRows", "dumps", "file_table", "no_constants",
            "plain_ints", "table_rows", "unique_object"]
 
 #: One encoder for every scalar and flat list (``json.dumps`` with options builds one per call).
@@ -39,6 +39,13 @@ _STRING: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.
 #: path, ranks, writer, size_bytes, checksum, (part, parts) or None, whether the other fields are
 #: plain (str, exact int, no extra fields), and the file's dict (``FileEntry.to_dict``) for the generic walk.
 FileRow = tuple[str, Sequence[Any], int, int, str, "tuple[int, int] | None", bool, Callable[[], Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """JSON text that :func:`dumps` writes as it is (a ``file_table`` column, encoded by C code)."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ def dumps(value: Any, level: int = 0) -> str:
     of such lists, stay on one line; :class:`FileRows` take the fast path."""
     if isinstance(value, FileRows):
         return _file_rows(value.rows, level)
+    if isinstance(value, Encoded):
+        return value.text
     pad = "  " * (level + 1)
     if isinstance(value, dict) and value:
         items = [f"{pad}{_FLAT.encode(k)}: {dumps(v, level + 1)}" for k, v in value.items()]
@@ -134,30 +143,36 @@ TABLE_COLUMNS = ("path", "ranks", "writer", "size_bytes", "checksum", "part")
 
 
 def file_table(paths: list[Any], ranks: list[Any], writers: list[Any], sizes: list[Any], checksums: list[Any],
-               parts: list[tuple[int, int]]) -> dict[str, list[Any]] | None:
-    """A component's files as columns, or ``None`` when they should stay one object each.
+               parts: list[tuple[int, int]], sets: Sequence[Any] = ()) -> dict[str, Encoded] | None:
+    """A component's files as columns, each already JSON (one line, as :func:`dumps` writes flat lists),
+    or ``None`` when they should stay one object each.
 
     ``None`` below :data:`TABLE_MIN_FILES` files, or when a value is not plain
     (a path or checksum that is not a ``str``, a writer, size or rank that is
     not exactly an ``int``): those are written by the generic walk, as before.
-    Called by :meth:`distckpt.manifest.CheckpointManifest.to_json`.
+    The ``ranks`` column is left out when file ``i`` belongs to set ``i`` of
+    ``sets`` (the component's ``replicated_across``), one file per set, as
+    every pattern without balanced writes has it. Called by
+    :meth:`distckpt.manifest.CheckpointManifest.to_json`.
     """
     if len(paths) < TABLE_MIN_FILES:
         return None
     if not (set(map(type, paths)) == {str} and set(map(type, checksums)) == {str} and plain_ints(writers)
             and plain_ints(sizes) and plain_ints(list(chain.from_iterable(ranks)))):
         return None
-    table: dict[str, list[Any]] = {"path": paths, "ranks": [list(r) for r in ranks], "writer": writers,
-                                   "size_bytes": sizes, "checksum": checksums}
+    columns = (("path", paths), ("ranks", ranks), ("writer", writers), ("size_bytes", sizes), ("checksum", checksums))
+    same_sets = len(sets) == len(ranks) and all(a == tuple(b) for a, b in zip(ranks, sets, strict=True))
+    table: dict[str, Encoded] = {name: Encoded(_FLAT.encode(column)) for name, column in columns
+                                 if not (name == "ranks" and same_sets)}  # tuples encode as arrays
     if any(count != 1 for _, count in parts):
-        table["part"] = [list(p) for p in parts]
+        table["part"] = Encoded(_FLAT.encode(parts))
     return table
 
 
 _PATHS = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,254}/[A-Za-z0-9][A-Za-z0-9._-]{0,254}\n)*")
 
 
-def table_rows(table: Any, where: str) -> tuple[list[str], list[tuple[int, ...]], list[int], list[int], list[str],
+def table_rows(table: Any, where: str, sets: list[Any]) -> tuple[list[str], list[tuple[int, ...]], list[int], list[int], list[str],
                                                list[tuple[int, int]]]:
     """The columns of a parsed ``file_table``, checked; ``ValueError`` naming ``where`` and the bad value.
 
@@ -165,12 +180,19 @@ def table_rows(table: Any, where: str) -> tuple[list[str], list[tuple[int, ...]]
     file, a column at a time: safe relative paths, lists of exact ints, sizes
     not negative, string checksums, parts ``[index, count]`` in range, and
     every column as long as ``path``. A column this version does not know is refused.
+    Without a ``ranks`` column, file ``i`` belongs to set ``i`` of ``sets``
+    (``replicated_across``, as parsed), which must then list one set per file.
     """
     if type(table) is not dict:
         raise ValueError(f"{where}: file_table must be an object")
     unknown = sorted(set(table) - set(TABLE_COLUMNS))
     if unknown:
         raise ValueError(f"{where}: file_table has columns this version does not know: {unknown}")
+    if "ranks" not in table:
+        if len(sets) != len(table.get("path") or ()):
+            raise ValueError(f"{where}: file_table has no ranks column and replicated_across lists "
+                             f"{len(sets)} sets, not one per file")
+        table = {**table, "ranks": sets}
     for name in TABLE_COLUMNS[:5]:
         if type(table.get(name)) is not list:
             raise ValueError(f"{where}: file_table.{name} must be a list")

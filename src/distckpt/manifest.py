@@ -253,7 +253,7 @@ class ComponentManifest:
     def to_dict(self) -> dict[str, Any]:
         return self._fields([f.to_dict() for f in self.files])
 
-    def _table(self) -> dict[str, list[Any]] | None:
+    def _table(self) -> dict[str, jsontext.Encoded] | None:
         """The ``file_table`` (format 1.4) to write for this component's files, or ``None``
         (:func:`jsontext.file_table`: small components, or files with fields of a newer version)."""
         files = self.files
@@ -261,7 +261,7 @@ class ComponentManifest:
             return None
         return jsontext.file_table([f.path for f in files], [f.ranks for f in files], [f.writer for f in files],
                                    [f.size_bytes for f in files], [f.checksum for f in files],
-                                   [(f.part, f.parts) for f in files])
+                                   [(f.part, f.parts) for f in files], self.replicated_across)
 
     def _fields(self, files: Any, files_key: str = "files") -> dict[str, Any]:
         """The JSON object, with ``files`` as given (dicts, :class:`jsontext.FileRows` to write, or a
@@ -301,7 +301,7 @@ class ComponentManifest:
             if "files" in d:
                 raise ManifestError(f"{where}: both files and file_table; expected one of them")
             try:
-                columns = jsontext.table_rows(d["file_table"], where)
+                columns = jsontext.table_rows(d["file_table"], where, _need(d, "replicated_across", list, where))
             except ValueError as exc:
                 raise ManifestError(str(exc)) from None
             files = tuple(FileEntry(path, ranks, writer, size, checksum, {}, part, parts) for

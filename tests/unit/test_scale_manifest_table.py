@@ -87,6 +87,8 @@ def test_a_1_3_manifest_of_many_files_listed_one_object_each_still_loads() -> No
 
 def _table_manifest() -> dict[str, Any]:
     raw: dict[str, Any] = json.loads(manifest(N).to_json())
+    assert "ranks" not in raw["components"]["rng"]["file_table"]  # one file per set: the sets say it
+    raw["components"]["rng"]["file_table"]["ranks"] = [[i] for i in range(N)]  # a table may list them anyway
     return raw
 
 
@@ -110,6 +112,13 @@ def test_a_hostile_file_table_is_refused_naming_the_manifest_and_the_column(chan
     with pytest.raises(ManifestError, match=match) as info:
         CheckpointManifest.from_json(json.dumps(raw).encode(), where="/ckpt/manifest.json")
     assert "/ckpt/manifest.json: components.rng" in str(info.value)
+
+
+def test_a_table_without_ranks_needs_one_replica_set_per_file() -> None:
+    raw = json.loads(manifest(N).to_json())
+    raw["components"]["rng"]["replicated_across"].pop()
+    with pytest.raises(ManifestError, match="no ranks column and replicated_across lists 1023 sets"):
+        CheckpointManifest.from_json(json.dumps(raw).encode())
 
 
 def test_files_and_a_file_table_together_are_refused() -> None:
