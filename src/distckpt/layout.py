@@ -46,6 +46,14 @@ class FilePlan:
     part: int = 0
     parts: int = 1
 
+    @classmethod
+    def _whole(cls, path: str, ranks: tuple[int, ...]) -> FilePlan:
+        """The plan of a whole file written by its set's lowest rank, without the dataclass
+        ``__init__`` (half the cost, for the 65,536 files of PER_RANK at 65,536 ranks)."""
+        plan = object.__new__(cls)
+        plan.__dict__.update(path=path, ranks=ranks, writer=ranks[0], part=0, parts=1)
+        return plan
+
 
 @dataclass(frozen=True)
 class ComponentPlan:
@@ -83,7 +91,7 @@ def plan_component(
     _check_names(resolved, partition, names)
     split = bool(min_part_bytes) and resolved.identical_replicas
     if not split:  # one file per set, written by its lowest rank (the sets are sorted)
-        files = [FilePlan(f"{key}/{name}", members, members[0]) for name, members in zip(names, partition, strict=True)]
+        files = [FilePlan._whole(f"{key}/{name}", members) for name, members in zip(names, partition, strict=True)]
         return ComponentPlan(key=key, pattern=resolved, files=tuple(files))
     files = []
     for name, members in zip(names, partition, strict=True):

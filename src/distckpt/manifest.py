@@ -136,6 +136,16 @@ class FileEntry:
         if self.parts < 1 or not 0 <= self.part < self.parts:
             raise ValueError(f"{self.path}: part {self.part} of {self.parts} is out of range")
 
+    @classmethod
+    def _checked(cls, path: str, ranks: tuple[int, ...], writer: int, size_bytes: int, checksum: str,
+                 part: int = 0, parts: int = 1) -> FileEntry:
+        """An entry of values already checked (a parsed ``file_table``, a plan and its write records),
+        without the dataclass ``__init__`` (half the cost, for the 75,000 entries of 65,536 ranks)."""
+        entry = object.__new__(cls)
+        entry.__dict__.update(path=path, ranks=ranks, writer=writer, size_bytes=size_bytes, checksum=checksum,
+                              extra={}, part=part, parts=parts)
+        return entry
+
     def to_dict(self) -> dict[str, Any]:
         out = {"path": self.path, "ranks": list(self.ranks), "writer": self.writer,
                "size_bytes": self.size_bytes, "checksum": self.checksum}
@@ -304,7 +314,7 @@ class ComponentManifest:
                 columns = jsontext.table_rows(d["file_table"], where, _need(d, "replicated_across", list, where))
             except ValueError as exc:
                 raise ManifestError(str(exc)) from None
-            files = tuple(FileEntry(path, ranks, writer, size, checksum, {}, part, parts) for
+            files = tuple(FileEntry._checked(path, ranks, writer, size, checksum, part, parts) for
                           path, ranks, writer, size, checksum, (part, parts) in zip(*columns, strict=True))
         else:
             files_raw = _need(d, "files", list, where)

@@ -394,7 +394,7 @@ def _build_manifest(plan: SavePlan, components: Sequence[StateComponent], record
         files = []
         for f in cplan.files:
             size, checksum, writer, _ = written[f.path]
-            files.append(FileEntry(f.path, f.ranks, writer, size, checksum, {}, f.part, f.parts))
+            files.append(FileEntry._checked(f.path, f.ranks, writer, size, checksum, f.part, f.parts))
         entries[c.key] = ComponentManifest(
             key=c.key,
             sharing_pattern=c.pattern.kind,
