@@ -55,7 +55,7 @@ from .planning import (
 )
 from .progress import Progress
 from .series import Allocation
-from .snapshots import SnapshotBudget, streamed
+from .snapshots import PredictedPart, SnapshotBudget, streamed
 
 __all__ = ["States", "commit", "encoder", "plan", "write", "write_and_commit"]
 
@@ -209,7 +209,8 @@ def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], No
             storage.make_component_dir(plan.staging, key)
             runs = encoded.runs() if meter is None else _counted(encoded.runs(), meter)
             size, checksum = storage.write_runs(os.path.join(plan.staging, path), runs)
-            predicted = {p: checksum_of_chunks(piece.chunks()) for p, piece in siblings}
+            predicted = {p: piece.checksum if isinstance(piece, PredictedPart) else checksum_of_chunks(piece.chunks())
+                         for p, piece in siblings}
             written.append((key, path, size, checksum, structure, predicted))
         return written
 
