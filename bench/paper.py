@@ -93,6 +93,9 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
     parts = [part_counts(123_456_789_000, DEFAULT_MIN_PART_BYTES, world) if key != "rng" else 0
              for key, _, _ in comps]
     reports = [with_parts(local_report(nodes[r], groups[r], declared), parts) for r in range(world)]
+    legacy = {"node": nodes[-1], "groups": groups[-1],
+              "declarations": [(k, p, g, True, False, "tensor") for k, p, g in comps]}
+    del nodes, groups  # every rank's member lists exist only here, not on any rank: the GC need not walk them
     times: dict[str, list[float]] = {}
 
     def clock(name: str, t0: float) -> float:
@@ -136,8 +139,6 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
                                "checkpoint_id": "1000", "sequence": 1, "timestamp": "2025-01-01T00:00:00Z"})
     decision_bytes = len(pickle.dumps(decision_payload))
     wire_bytes = plan_phase_wire(reports, plan_digest(plans), decision_payload)
-    legacy = {"node": nodes[-1], "groups": groups[-1],
-              "declarations": [(k, p, g, True, False, "tensor") for k, p, g in comps]}
     legacy_bytes = len(pickle.dumps(legacy))
     manifest_dict_bytes = len(pickle.dumps(parsed.to_dict()))
     n_files = sum(len(plans[k].files) for k, _, _ in comps)
