@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "pure": (
         "version", "errors", "logs", "names", "boundedjson", "hashing", "topology", "patterns", "layout",
         "components", "dtensor", "codec.dtypes", "codec.encoded", "codec.encoder", "codec.header", "codec.decoder",
-        "codec.targets", "codec", "digests", "jsontext", "manifest", "statecheck", "report", "rng", "progress",
+        "codec.targets", "codec", "digests", "jsontext", "fileentry", "manifest", "statecheck", "report", "rng", "progress",
         "planning",
     ),
     "transport": ("waiting", "wire", "torchcomm", "transport", "collectives"),
