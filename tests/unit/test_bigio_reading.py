@@ -5,6 +5,7 @@ that no thread is left behind."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -29,7 +30,7 @@ def _file(tmp_path: Path, size: int = 21 * _MIB + 7) -> tuple[str, bytes, str]:
 
 def _targets(size: int) -> tuple[list[torch.Tensor], list[memoryview]]:
     cuts = [0, 5, 3 * _MIB, 3 * _MIB + 1, 17 * _MIB, size]
-    tensors = [torch.empty(b - a, dtype=torch.uint8) for a, b in zip(cuts, cuts[1:], strict=False)]
+    tensors = [torch.empty(b - a, dtype=torch.uint8) for a, b in itertools.pairwise(cuts)]
     return tensors, [memoryview(t.numpy()).cast("B") for t in tensors]
 
 
@@ -56,8 +57,8 @@ def test_short_reads_still_place_every_byte_and_verify(tmp_path: Path, monkeypat
 
 def test_a_file_truncated_while_being_read_is_named_and_leaves_no_thread(tmp_path: Path) -> None:
     path, data, checksum = _file(tmp_path)
-    tensors, views = _targets(len(data))
-    with pytest.raises(IntegrityError, match="data.bin: file shrank"), \
+    _, views = _targets(len(data))
+    with pytest.raises(IntegrityError, match=r"data\.bin: file shrank"), \
             storage.VerifiedReader(path, len(data), checksum) as r:
         r.read_into(views[:3])
         os.truncate(path, 9 * _MIB)
@@ -72,11 +73,11 @@ def test_a_byte_damaged_anywhere_in_a_large_file_fails_the_check_naming_the_file
         f.seek(where)
         f.write(bytes([data[where] ^ 0x10]))
     _, views = _targets(len(data))
-    with pytest.raises(IntegrityError, match="data.bin: checksum mismatch"), \
+    with pytest.raises(IntegrityError, match=r"data\.bin: checksum mismatch"), \
             storage.VerifiedReader(path, len(data), checksum) as r:
         r.read_into(views)
         r.finish()
-    with pytest.raises(IntegrityError, match="data.bin: checksum mismatch"):
+    with pytest.raises(IntegrityError, match=r"data\.bin: checksum mismatch"):
         storage.read_verified(path, len(data), checksum)
     assert _no_hash_worker_alive()
 

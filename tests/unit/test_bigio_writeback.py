@@ -96,7 +96,7 @@ def test_a_file_system_refusing_writeback_is_asked_once_per_file_and_the_file_is
     monkeypatch.setattr(posix, "start_writeback", refuse)
     pieces = _pieces()
     for name in ("a", "b"):
-        size, checksum = storage.write_runs(str(tmp_path / name), pieces)
+        _, checksum = storage.write_runs(str(tmp_path / name), pieces)
         assert (tmp_path / name).read_bytes() == _joined(pieces)
         assert checksum == storage.checksum_of(_joined(pieces))
     assert calls == [0, 0]
@@ -149,6 +149,6 @@ def test_short_writes_in_the_worker_still_write_every_byte_in_order(
 
     monkeypatch.setattr(os, "writev", short)
     pieces = _pieces()
-    size, checksum = storage.write_runs(str(tmp_path / "f"), pieces)
+    _, checksum = storage.write_runs(str(tmp_path / "f"), pieces)
     assert (tmp_path / "f").read_bytes() == _joined(pieces)
     assert checksum == storage.checksum_of(_joined(pieces))
