@@ -2,7 +2,9 @@
 
 A file is created (never over an existing one, never through a symlink),
 every byte is copied into private per-thread buffers, hashed there and handed
-to a worker thread's ``writev`` meanwhile, then fsynced; small files and
+to a worker thread's ``writev`` meanwhile (which asks the kernel to start
+writeback every few tens of MiB, so the disk works while the file is still
+being written), then fsynced; small files and
 manifests go through a temporary file and a rename (:func:`atomic_write_bytes`).
 Callers: :mod:`distckpt.saving` (:func:`write_runs`, for the runs of
 :meth:`distckpt.codec.EncodedState.runs`), the CLI's convert and tests
