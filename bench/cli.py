@@ -123,7 +123,7 @@ def rerender(args: argparse.Namespace) -> int:
     if data.get("paper"):
         print(report.paper_table(data["paper"]))
     gs = report.goals(cases)
-    g15 = report.goals15(cases)
+    g15 = report.goals15(cases, data.get("paper"))
     loads = [c["load_avg"] for c in cases if c.get("load_avg") is not None]
     print(report.goals_table(g15, "goals of issue 15 (ratios repetition by repetition)", loads or None))
     print(report.goals_table(gs))
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
         paper = paper_mod.run((1024,) if args.smoke else (1024, 16384, 65536))
         print(report.paper_table(paper))
-    g15 = report.goals15(cases)
+    g15 = report.goals15(cases, paper)
     print(report.goals_table(g15, "goals of issue 15 (ratios repetition by repetition)",
                              [c["load_avg"] for c in cases]))
     print(report.goals_table(gs))
