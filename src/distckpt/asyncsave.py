@@ -3,9 +3,12 @@
 Called by the coordinator's facade: :meth:`AsyncSaves.start` from
 ``save_checkpoint(async_save=True)`` after the plan and validation phases,
 :meth:`AsyncSaves.wait` at the start of every save and load and from
-``CheckpointCoordinator.wait()``. The snapshot to host memory happens on the
+``CheckpointCoordinator.wait()``; :func:`snapshot` from the facade (through
+:meth:`AsyncSaves.start`). The snapshot to host memory happens on the
 caller's thread, so the training loop may change its tensors as soon as
-:meth:`start` returns. The background thread runs the write and commit phases
+:meth:`start` returns; it is only a copy (one walk of each state this rank
+writes, one batched copy, :mod:`distckpt.hostcopy`): encoding the copy into
+files is left to the background thread. The background thread runs the write and commit phases
 (:mod:`distckpt.saving`) on a channel forked from the coordinator's
 (:meth:`~distckpt.transport.ForkingComm.fork`), so its collectives never interleave
 with a later synchronous call's. Its outcome travels in a
@@ -18,16 +21,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from . import folder
+from . import folder, saving
+from .codec import encode, tensor_bytes
+from .components import StateComponent
 from .handle import SaveHandle
-from .planning import Produce, SavePlan
+from .hashing import checksum_of_chunks
+from .hostcopy import StateCopy, Unsupported
+from .layout import FilePlan
+from .planning import Job, Produce, SavePlan
+from .snapshots import Snapshot, SnapshotBudget
 from .transport import Comm, ForkingComm, check_comm
 
-__all__ = ["AsyncSaves"]
+__all__ = ["AsyncSaves", "snapshot"]
 
 log = logging.getLogger("distckpt")
 
@@ -92,3 +102,99 @@ class AsyncSaves:
         raised by :meth:`SaveHandle.result`); raises its error otherwise."""
         handle, self.pending = self.pending, None
         return None if handle is None else handle._settle()
+
+
+class _Copied(saving.States):
+    """The states the background encoder reads: this rank's copies, once filled."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        super().__init__({})
+        self._snap = snap
+
+    def __call__(self, key: str) -> Any:
+        return self._snap.state(key)
+
+
+def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: saving.States,
+             buffers: dict[str, dict[int, torch.Tensor]], budget: int | None) -> Produce:
+    """This rank's files of an asynchronous save: the states it writes copied now, encoded later.
+
+    Called on the caller's thread by :meth:`AsyncSaves.start` (through the
+    coordinator). Copies every state this rank writes (:class:`StateCopy`:
+    one walk, one batched copy, into ``buffers`` kept from the last snapshot)
+    and returns the write phase's producer, which encodes the copies in the
+    background thread exactly as a synchronous save encodes the live state.
+    The writer of one part of a balanced write copies only that part (part 0's
+    writer hashes the other parts now, for its prediction of their checksums). Beyond
+    ``budget`` bytes the copies stream (:class:`Snapshot`; the producer has a
+    ``pump``, run by :meth:`AsyncSaves.start`). A state the copy does not
+    know (a DTensor, say) takes the general path,
+    :func:`distckpt.saving.encoder`. Local; an error is not raised here but
+    by the producer, inside the write phase, so every rank hears it.
+    """
+    files: dict[str, list[Any]] = {}
+    for c in components:
+        mine = [f for f in plan.components[c.key].files if f.writer == rank]
+        if mine:
+            files[c.key] = mine
+    try:
+        try:
+            copies = {key: StateCopy(states(key), buffers.setdefault(key, {})) for key in files}
+        except Unsupported:
+            return saving.encoder(rank, components, plan, states, buffers, budget)
+        streams = budget is not None and sum(c.nbytes for c in copies.values()) > budget
+        if streams:
+            buffers.clear()  # buffers kept from an earlier save would count against the budget
+            for copy in copies.values():
+                copy.drop_buffers()
+        only: dict[str, set[int] | None] = {}
+        predicted: dict[str, dict[str, str]] = {}
+        for key, fs in files.items():
+            only[key], predicted[key] = _parts(copies[key], fs, plan.components[key].files)
+        snap = Snapshot(copies, only, {key: len(fs) for key, fs in files.items()},
+                        SnapshotBudget(budget) if streams and budget is not None else None, predicted)
+        produce = snap.produce(saving.encoder(rank, components, plan, _Copied(snap)))
+        if streams:
+            produce.pump = snap.pump  # type: ignore[attr-defined]
+        else:
+            snap.pump()
+        return produce
+    except Exception as exc:  # reported through the write phase, so every rank hears it
+        error = exc
+
+        def failed() -> Iterator[Job]:
+            raise error
+        return failed
+
+
+def _parts(copy: StateCopy, files: Sequence[FilePlan], plan_files: Sequence[FilePlan]) -> tuple[set[int] | None, dict[str, str]]:
+    """What this rank copies of a balanced write: the ``data_ptr()`` of the copy's tensors in its
+    own parts (``None``: all, for a whole file), and the checksums of the other members' parts it
+    predicts (part 0's writer), taken from the live bytes now instead of copying them.
+
+    Local, on the caller's thread before the save returns (the live state is still as it was
+    when the snapshot began). A part holding a tensor whose bytes are not laid out as written
+    (not contiguous, on a GPU, lazily conjugated) is copied instead and predicted in the background.
+    """
+    if any(f.parts == 1 for f in files):
+        return None, {}
+    copy.allocate()
+    encoded = encode(copy.state)  # shapes only: which tensors each part holds (the split is deterministic)
+    sources = {t.data_ptr(): s for t, s in zip(copy.targets, copy.sources, strict=True)}
+    own: set[int] = set()
+    predicted: dict[str, str] = {}
+    for f in files:
+        pieces = encoded.split(f.parts)
+        own.update(t.data_ptr() for t in pieces[f.part].tensors if t.numel())
+        if f.part != 0:
+            continue
+        for sibling in plan_files:
+            if sibling.ranks != f.ranks or sibling.part == 0:
+                continue
+            piece = pieces[sibling.part]
+            live = [sources.get(t.data_ptr(), t) for t in piece.tensors if t.numel()]
+            if all(t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()) for t in live):
+                predicted[sibling.path] = checksum_of_chunks([memoryview(piece.header), *map(tensor_bytes, live)])
+            else:
+                own.update(t.data_ptr() for t in piece.tensors if t.numel())
+    return own, predicted

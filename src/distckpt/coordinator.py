@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, overload
 
-from . import folder, loading, saving, series, validation
+from . import asyncsave, folder, loading, saving, series, validation
 from .asyncsave import AsyncSaves
 from .codec import state_nbytes
 from .components import StateComponent
@@ -222,8 +222,8 @@ class CheckpointCoordinator:
             if async_save:
                 return self._async.start(
                     self._comm, plan,
-                    lambda buffers: saving.encoder(self.rank, self.components, plan, states, buffers,
-                                                   self.async_snapshot_bytes),
+                    lambda buffers: asyncsave.snapshot(self.rank, self.components, plan, states, buffers,
+                                                       self.async_snapshot_bytes),
                     lambda comm, produce: self._write_and_commit(comm, plan, produce, validate, overwrite, started,
                                                                  meter),
                     started,

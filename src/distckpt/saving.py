@@ -55,7 +55,7 @@ from .planning import (
 )
 from .progress import Progress
 from .series import Allocation
-from .snapshots import SnapshotBudget, streamed
+from .snapshots import PredictedPart, SnapshotBudget, streamed
 
 __all__ = ["States", "commit", "encoder", "plan", "write", "write_and_commit"]
 
@@ -208,13 +208,15 @@ def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], No
         for key, path, encoded, structure, siblings in produce():
             storage.make_component_dir(plan.staging, key)
             runs = encoded.runs() if meter is None else _counted(encoded.runs(), meter)
-            predicting = BackgroundChecksums([(p, piece.chunks) for p, piece in siblings])  # while writing
+            predicting = BackgroundChecksums([(p, piece.chunks) for p, piece in siblings  # while writing
+                                              if not isinstance(piece, PredictedPart)])
             try:
                 size, checksum = storage.write_runs(os.path.join(plan.staging, path), runs)
             except BaseException:
                 predicting.cancel()
                 raise
-            predicted = predicting.result()
+            hashed = predicting.result()
+            predicted = {p: piece.checksum if isinstance(piece, PredictedPart) else hashed[p] for p, piece in siblings}
             written.append((key, path, size, checksum, structure, predicted))
         return written
 

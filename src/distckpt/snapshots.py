@@ -1,14 +1,17 @@
 """A bounded host-memory budget for the snapshots of an asynchronous save.
 
-Called by :func:`distckpt.saving.encoder` for ``save_checkpoint(async_save=True)``
-when this rank's files hold more bytes than the coordinator's
-``async_snapshot_bytes``. Without a budget, every file is copied to host memory
+:class:`Snapshot` is called by :func:`distckpt.asyncsave.snapshot` for
+``save_checkpoint(async_save=True)``; :func:`streamed` by
+:func:`distckpt.saving.encoder` for the states :mod:`distckpt.hostcopy` does
+not copy (DTensors, say); both apply the budget when this rank's files hold
+more bytes than the coordinator's ``async_snapshot_bytes``. Without a budget, every file is copied to host memory
 before the call returns and the copies are kept for the next save (the fastest
 return, but a second copy of the whole state, for good). With one, the copies
 *stream*: the caller snapshots file after file, each into fresh buffers, while
 the background thread writes them; before copying a file the caller waits
 until the copies not yet written plus this file fit the budget (a single file
-larger than the budget is copied alone, when nothing else is held). A written
+larger than the budget is copied alone, when nothing else is held; a member
+writing one part of a balanced write counts, and copies, its part only). A written
 file's buffers are freed at once. The call then returns later (it waits for
 the disk for the part of the state beyond the budget), and host memory stays
 bounded by the budget or the largest file, whichever is larger.
@@ -23,9 +26,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_SNAPSHOT_BYTES", "SnapshotBudget", "streamed"]
+from .codec import EncodedState
+from .hostcopy import StateCopy
+
+__all__ = ["DEFAULT_SNAPSHOT_BYTES", "PredictedPart", "Snapshot", "SnapshotBudget", "streamed"]
 
 #: Default ``async_snapshot_bytes``: host memory one rank's asynchronous snapshot may hold (8 GiB).
 DEFAULT_SNAPSHOT_BYTES = 8 * 2**30
@@ -127,3 +134,122 @@ def streamed(jobs: Callable[[Callable[[int], None]], Iterator[Any]],
             budget.abort()  # done or failed: a waiting pump must not wait for this thread again
 
     return produce, pump
+
+
+@dataclass(frozen=True)
+class PredictedPart(EncodedState):
+    """Another member's part of a balanced write, reduced to the checksum its bytes had when the
+    snapshot was taken (:func:`distckpt.asyncsave.snapshot` hashed the live state instead of
+    copying it). The write phase reports ``checksum`` as its prediction
+    (:func:`distckpt.saving.write`); it holds no tensors."""
+
+    checksum: str = ""
+
+
+class Snapshot:
+    """This rank's copied states in one asynchronous save (:class:`~distckpt.hostcopy.StateCopy`
+    by component key), filled on the caller's thread and read by the writing thread.
+
+    Called by :mod:`distckpt.asyncsave`. ``only[key]``: the ``data_ptr()`` of
+    the copy's tensors this rank writes (``None``: all of them; a member that
+    writes one part of a balanced write copies only its part). Without a
+    ``budget``, :meth:`pump` fills every copy at once and the copies are kept;
+    with one, it fills them one by one within the budget while the writer
+    encodes and writes them, and :meth:`produce` frees each once written.
+    :meth:`state` (the writer) waits for a copy to be filled and raises a
+    snapshot error. Not collective, no I/O.
+    """
+
+    def __init__(self, copies: dict[str, StateCopy], only: dict[str, set[int] | None], files: dict[str, int],
+                 budget: SnapshotBudget | None, predicted: dict[str, dict[str, str]] | None = None) -> None:
+        self._copies = copies
+        self._only = only
+        self._predicted = predicted or {}  # key -> another member's part path -> its checksum
+        self._files = files  # files this rank writes, per key: a copy is freed after the last one
+        self._budget = budget
+        # bytes copied per key, and the tensors of a part writer's copy left unfilled (never to be written)
+        self._nbytes = {key: c.nbytes if (part := only[key]) is None else
+                        sum(t.nbytes for t in c.targets if t.data_ptr() in part) for key, c in copies.items()}
+        self._unfilled = {key: {t.data_ptr() for t in c.targets if t.numel()} - part
+                          for key, c in copies.items() if (part := only[key]) is not None}
+        self._filled: set[str] = set()
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this rank copies in all."""
+        return sum(self._nbytes.values())
+
+    def pump(self) -> None:
+        """Caller's thread: fill every copy (within the budget, waiting for the writer as needed).
+        Returns when all are filled or the writer gave up; a copy that fails ends the pump and its
+        error reaches the writer (:meth:`state`); an interrupt reaches both."""
+        for key, copy in self._copies.items():
+            try:
+                if self._budget is not None:
+                    self._budget.acquire(self._nbytes[key])
+                copy.fill(self._only[key])
+            except _Aborted:
+                return
+            except BaseException as exc:  # an interrupt too: the writer must not wait for this copy forever
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            with self._cond:
+                self._filled.add(key)
+                self._cond.notify_all()
+
+    def state(self, key: str) -> Any:
+        """Writer's thread: the copy of ``key`` once filled; raises the snapshot's error."""
+        with self._cond:
+            while key not in self._filled and self._error is None:
+                self._cond.wait()
+            if key not in self._filled:
+                assert self._error is not None
+                raise self._error
+        return self._copies[key].state
+
+    def produce(self, jobs: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Any]]:
+        """The write phase's job iterator: ``jobs()`` (the encoder, reading :meth:`state`), the
+        other members' parts hashed at snapshot time given as :class:`PredictedPart`, each job
+        checked to hold only copied bytes, and with a budget each copy freed once written."""
+        def run() -> Iterator[Any]:
+            left = dict(self._files)
+            try:
+                for job in jobs():
+                    job = self._predict(job)
+                    self._check(job)
+                    yield job
+                    key = job[0]
+                    left[key] -= 1
+                    if self._budget is not None and not left[key]:
+                        self._copies[key].free()
+                        self._budget.release(self._nbytes[key])
+            finally:
+                if self._budget is not None:
+                    self._budget.abort()  # done or failed: a waiting pump must not wait for this thread again
+        return run
+
+    def _predict(self, job: Any) -> Any:
+        """``job`` with the other members' parts whose checksums were taken at snapshot time
+        replaced by :class:`PredictedPart` (their bytes were hashed, not copied)."""
+        predicted = self._predicted.get(job[0])
+        if not predicted or not job[4]:
+            return job
+        siblings = tuple((path, PredictedPart(header=piece.header, tensors=(), checksum=predicted[path]))
+                         if path in predicted else (path, piece) for path, piece in job[4])
+        return (*job[:4], siblings)
+
+    def _check(self, job: Any) -> None:
+        """A part writer copied only its part: refuse a job that would write a byte it did not copy."""
+        unfilled = self._unfilled.get(job[0])
+        if not unfilled:
+            return
+        for piece in (job[2], *(p for _, p in job[4])):
+            if any(t.numel() and t.data_ptr() in unfilled for t in piece.tensors):
+                raise RuntimeError(f"distckpt: internal error: {job[1]} would be written from bytes this "
+                                   "rank's snapshot did not copy; nothing was committed")

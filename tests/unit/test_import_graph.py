@@ -30,13 +30,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "codec.targets", "codec", "digests", "jsontext", "manifest", "statecheck", "report", "rng", "progress",
         "planning",
     ),
-    "transport": ("waiting", "torchcomm", "transport", "collectives"),
+    "transport": ("waiting", "wire", "torchcomm", "transport", "collectives"),
     "storage": (
         "storage.posix", "storage.writer", "storage.reader", "storage.directories", "storage.inspection",
         "storage", "locks", "folder", "series",
     ),
     "reading": ("reading", "legacy", "verification", "comparison"),
-    "phases": ("validation", "snapshots", "saving", "handle", "asyncsave", "loading"),
+    "phases": ("validation", "hostcopy", "snapshots", "saving", "handle", "asyncsave", "loading"),
     "facade": ("coordinator",),
 }
 #: Placed ahead of the work merging in the same round (issues 12, 14, 15); drop a name from this set

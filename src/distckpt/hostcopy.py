@@ -1,0 +1,254 @@
+"""A private host copy of a state dict: the snapshot an asynchronous save writes from.
+
+Called by :func:`distckpt.asyncsave.snapshot` on the caller's thread of
+``save_checkpoint(async_save=True)``. :class:`StateCopy` walks a state once,
+rebuilding its containers and replacing every tensor by a host tensor of the
+same dtype and shape (kept from the previous snapshot when they still match,
+else allocated); :meth:`StateCopy.fill` then copies the tensor data (large
+contiguous tensors in chunks by two threads, the rest in one batched ``copy_``). Encoding (the skeleton and the safetensors header) is left to the
+background thread, which encodes the copy exactly as a synchronous save
+encodes the live state: the copy holds the same tensors (contiguous, conjugate
+and negative bits resolved) under the same aliasing, so the files are the same.
+
+Pure: no I/O, no collectives. A state this walk does not know (a tensor
+subclass such as a DTensor, a container subclass, any other object, or one
+nested too deeply) raises :class:`Unsupported`; the caller then snapshots the
+old way (:func:`distckpt.saving.encoder`), which also names the bad path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, MutableMapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codec.dtypes import flat_bytes, gc_paused
+
+__all__ = ["StateCopy", "Unsupported"]
+
+#: Contiguous CPU tensors of at least this many bytes are copied in chunks of :data:`_CHUNK` bytes
+#: by two threads; smaller ones (and any other) in one batched ``copy_``.
+_LARGE = 1024 * 1024
+_CHUNK = 8 * 1024 * 1024
+_STRIDED = torch.strided
+#: Leaves that nothing can change in place: shared between the live state and its copy.
+_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device})
+
+
+class Unsupported(Exception):
+    """The state holds something :class:`StateCopy` does not copy; snapshot it the general way."""
+
+
+class StateCopy:
+    """One component's state with every tensor replaced by a private host tensor.
+
+    ``state``: the copy (same containers, keys and leaves; each tensor a host
+    tensor of the same dtype and shape, contiguous). Its tensors hold
+    undefined bytes until :meth:`fill`. Two tensors of the live state that are
+    the same view (same data pointer, dtype, shape and strides) become one
+    tensor of the copy, as the encoder aliases them. ``reuse`` maps tensor
+    ordinals to the host tensors of the previous copy of this component; it
+    is updated to this copy's. Raises :class:`Unsupported`.
+    """
+
+    def __init__(self, state: Any, reuse: MutableMapping[int, torch.Tensor] | None = None) -> None:
+        self.sources: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.nbytes = 0
+        self._fresh: list[int] = []  # indices of targets that still need storage
+        # per target: whether the source is large and its bytes can be copied as they lie (a
+        # contiguous CPU tensor, no lazy conjugate or negative bit): copied in chunks by two threads
+        self._plain: list[bool] = []
+        self._reuse = reuse if reuse is not None else {}
+        # the views copied so far: the first at each address (source, target), then any others by full key
+        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._others: dict[tuple[Any, ...], torch.Tensor] = {}
+        try:
+            with gc_paused():
+                self.state = self._copy(state)
+        except RecursionError:
+            raise Unsupported("nested too deeply") from None
+        del self._seen, self._others
+
+    # ------------------------------------------------------------------ the walk
+
+    def _copy(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            return self._tensor(obj)
+        if kind is dict:  # the hot loop: tensors and plain leaves inline
+            tensor = self._tensor
+            walk = self._copy
+            out = {}
+            for k, v in obj.items():
+                if type(k) is not str and type(k) is not int:
+                    raise Unsupported("key")
+                kind = type(v)
+                if kind is torch.Tensor or kind is torch.nn.Parameter:
+                    out[k] = tensor(v)
+                elif kind in _IMMUTABLE:
+                    out[k] = v
+                else:
+                    out[k] = walk(v)
+            return out
+        if kind in _IMMUTABLE:
+            return obj
+        if kind is list:
+            return [self._copy(v) for v in obj]
+        if kind is tuple:
+            return tuple([self._copy(v) for v in obj])
+        if kind is OrderedDict:
+            od: OrderedDict[Any, Any] = OrderedDict()
+            for k, v in obj.items():
+                if type(k) is not str and type(k) is not int:
+                    raise Unsupported("key")
+                od[k] = self._copy(v)
+            meta = getattr(obj, "_metadata", None)
+            if meta is not None:
+                od._metadata = self._copy(meta)  # type: ignore[attr-defined]
+            return od
+        if kind is np.ndarray and not obj.dtype.hasobject:
+            return obj.copy()
+        if isinstance(obj, np.generic) and not obj.dtype.hasobject:
+            return obj  # NumPy scalars are immutable
+        raise Unsupported(kind.__qualname__)
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if t.layout is not _STRIDED or t.is_quantized:
+            raise Unsupported("layout")
+        cpu = t.is_cpu
+        if not cpu and t.device.type != "cuda":
+            raise Unsupported(t.device.type)
+        shape = t.shape
+        dtype = t.dtype
+        nbytes = t.nbytes
+        if not nbytes:
+            return torch.empty(shape, dtype=dtype)  # no bytes to copy; never an alias (as in the encoder)
+        ptr = t.data_ptr()
+        first = self._seen.get(ptr)  # keyed by address alone: a second view there is rare
+        if first is not None:
+            source, found = first
+            if source.dtype is dtype and source.shape == shape and source.stride() == t.stride() \
+                    and source.device == t.device:
+                return found
+            key = (ptr, dtype, shape, t.stride(), str(t.device))
+            other = self._others.get(key)
+            if other is not None:
+                return other
+        targets = self.targets
+        index = len(targets)
+        target = self._reuse.get(index)
+        if target is None or target.dtype is not dtype or target.shape != shape:
+            target = torch.empty(0, dtype=dtype)  # storage comes with allocate()
+            self._reuse[index] = target
+            self._fresh.append(index)
+        if first is None:
+            self._seen[ptr] = (t, target)
+        else:
+            self._others[key] = target
+        self.sources.append(t)
+        targets.append(target)
+        self._plain.append(cpu and nbytes >= _LARGE and t.is_contiguous() and not (t.is_conj() or t.is_neg()))
+        self.nbytes += nbytes
+        return target
+
+    # ------------------------------------------------------------------ the copy
+
+    def allocate(self) -> None:
+        """Give every tensor of the copy its storage (not yet its bytes). Idempotent."""
+        for index in self._fresh:
+            src = self.sources[index]
+            pinned = src.device.type == "cuda" and torch.cuda.is_available()
+            _set(self.targets[index], torch.empty(src.shape, dtype=src.dtype, pin_memory=pinned))
+        self._fresh = []
+
+    def fill(self, only: Collection[int] | None = None) -> None:
+        """Copy the tensor data into the copy's tensors (all, or those whose ``data_ptr()`` is in
+        ``only``). Called on the caller's thread before the save returns; raises what torch raises.
+        Lets go of the live tensors afterwards (once).
+
+        Large contiguous CPU tensors are copied as bytes in chunks that this thread and one
+        helper take in turn (NumPy copies them without the GIL; a helper held back by the
+        machine's load delays nothing, which measured steadier than torch's own threads on a
+        loaded machine). The rest go through one batched ``copy_``, which resolves strides,
+        lazy conjugation and device.
+        """
+        self.allocate()
+        chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        rest: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        devices: set[torch.device] = set()
+        with torch.no_grad():
+            for dst, src, large in zip(self.targets, self.sources, self._plain, strict=True):
+                if only is not None and dst.data_ptr() not in only:
+                    continue
+                if large:
+                    to, of = flat_bytes(dst).numpy(), flat_bytes(src).numpy()
+                    chunks.extend((to[at:at + _CHUNK], of[at:at + _CHUNK]) for at in range(0, len(to), _CHUNK))
+                elif src.is_cpu:
+                    rest[0].append(dst)
+                    rest[1].append(src)
+                else:
+                    dst.copy_(src, non_blocking=True)  # into pinned memory; waited for below
+                    devices.add(src.device)
+            if rest[0]:
+                torch._foreach_copy_(rest[0], rest[1])  # copy_ semantics per pair
+            if chunks:
+                _copy_chunks(chunks)
+            for device in devices:
+                torch.cuda.synchronize(device)
+        self.sources = []  # the live tensors are not ours to keep alive
+        self._plain = []
+
+    def drop_buffers(self) -> None:
+        """Forget the buffers kept from the previous snapshot (a streamed snapshot must not hold
+        them): every tensor of the copy gets fresh storage in :meth:`allocate`."""
+        for t in self.targets:
+            _set(t)
+        self._fresh = list(range(len(self.targets)))
+        self._reuse.clear()
+
+    def free(self) -> None:
+        """Let go of the copy's memory (a written snapshot nobody reads again)."""
+        for t in self.targets:
+            _set(t)
+        self.targets = []
+        self.sources = []
+        self.state = None
+
+
+def _set(t: torch.Tensor, new: torch.Tensor | None = None) -> None:
+    """Point ``t`` (the same object, referenced from the copied state) at ``new``'s storage, or at none."""
+    tensor: Any = t
+    if new is None:
+        tensor.set_()
+    else:
+        tensor.set_(new)
+
+
+def _copy_chunks(chunks: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Copy every ``(dst, src)`` pair of byte arrays, the calling thread and one helper taking the
+    next pair in turn from one shared iterator (NumPy copies without the GIL). Returns when all
+    are copied; raises what a copy raised."""
+    pending = iter(chunks)  # a list iterator: each chunk goes to exactly one thread (the GIL)
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for dst, src in pending:
+                np.copyto(dst, src)
+        except BaseException as exc:
+            failed.append(exc)
+
+    helper = None
+    if len(chunks) > 1 and torch.get_num_threads() > 1:
+        helper = threading.Thread(target=work, name="distckpt-snapshot", daemon=True)
+        helper.start()
+    work()
+    if helper is not None:
+        helper.join()
+    if failed:
+        raise failed[0]
