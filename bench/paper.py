@@ -1,9 +1,12 @@
 """Scale on paper: planning, manifest and collective counts for worlds we cannot launch.
 
-Everything here runs in-process on the library's pure modules, exactly as the
-coordinator calls them on every rank (``Topology.from_reports``, then
-``layout.plan_component`` per component), for a DP x PP x TP mesh of 1,024 or
-16,384 ranks with 8 ranks per node. It also sizes what the collectives would
+Everything here runs in-process on the library's pure modules, as the
+coordinator calls them (``planning.agree`` on the ranks' compact reports, then
+``layout.plan_component`` per component, ``planning.build_manifest`` as the
+commit does, the manifest's JSON both ways), for a DP x PP x TP mesh of 1,024,
+16,384 or 65,536 ranks with 8 ranks per node. The plan phase's bytes on the
+wire come from running TorchComm's own steps for the whole world in one
+process (:func:`distckpt.wire.lockstep`). It also sizes what the collectives would
 carry: ``torch.distributed.all_gather_object`` pads every rank's payload to the
 largest one, so a phase in which only rank 0 carries something big (the
 manifest, in the load's *resolve* phase) makes every rank receive
@@ -65,16 +68,18 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
-    from distckpt import (
-        CheckpointManifest,
-        ComponentManifest,
-        FileEntry,
-        SharingPattern,
-        StateComponent,
-    )
+    from distckpt import CheckpointManifest, StateComponent
     from distckpt.coordinator import DEFAULT_MIN_PART_BYTES
-    from distckpt.layout import plan_component
-    from distckpt.planning import agree, local_report, part_counts, plan_digest, with_parts
+    from distckpt.planning import (
+        SavePlan,
+        agree,
+        build_manifest,
+        local_report,
+        part_counts,
+        plan_components,
+        plan_digest,
+        with_parts,
+    )
 
     from .workloads import Holder
 
@@ -88,6 +93,9 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
     parts = [part_counts(123_456_789_000, DEFAULT_MIN_PART_BYTES, world) if key != "rng" else 0
              for key, _, _ in comps]
     reports = [with_parts(local_report(nodes[r], groups[r], declared), parts) for r in range(world)]
+    legacy = {"node": nodes[-1], "groups": groups[-1],
+              "declarations": [(k, p, g, True, False, "tensor") for k, p, g in comps]}
+    del nodes, groups  # every rank's member lists exist only here, not on any rank: the GC need not walk them
     times: dict[str, list[float]] = {}
 
     def clock(name: str, t0: float) -> float:
@@ -95,26 +103,23 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
         times.setdefault(name, []).append(now - t0)
         return now
 
+    def records(plans: Any) -> dict[str, dict[str, tuple[int, str, int, str]]]:  # what the writers report
+        return {key: {f.path: (123_456_789, "xxh3-128:" + "0123456789abcdef" * 2, f.writer, "") for f in p.files}
+                for key, p in plans.items()}
+
     manifest_json = ""
     for _ in range(repeats):
         gc.collect()
         t0 = time.perf_counter()
         topo = agree(reports, names=names)
         t0 = clock("topology_s", t0)
-        plans = {key: plan_component(topo, key, SharingPattern(pat), group) for key, pat, group in comps}
+        plans = plan_components(topo, declared, [], None)  # as a save without balanced writes does
         t0 = clock("plan_s", t0)
-        entries = {}
-        for key, pat, group in comps:
-            cp = plans[key]
-            files = tuple(FileEntry(path=f.path, ranks=f.ranks, writer=f.writer, size_bytes=123_456_789,
-                                    checksum="xxh3-128:" + "0123456789abcdef" * 2) for f in cp.files)
-            entries[key] = ComponentManifest(
-                key=key, sharing_pattern=SharingPattern(pat), group_name=group, ranks=cp.writers,
-                replicated_across=cp.replica_sets, files=files, size_bytes=sum(f.size_bytes for f in files),
-                checksum="xxh3-128:" + "f" * 32)
-        manifest = CheckpointManifest(checkpoint_id="1000", world_size=world, timestamp="2025-01-01T00:00:00Z",
-                                      components=entries, topology=topo.to_dict(), sequence=1,
-                                      library_version="bench", pytorch_version="bench")
+        written = records(plans)  # what the write phase hands over; not part of building the manifest
+        t0 = time.perf_counter()
+        save_plan = SavePlan(path="/ckpt/step-0000001000", staging="/ckpt/.staging-1000", checkpoint_id="1000",
+                             sequence=1, timestamp="2025-01-01T00:00:00Z", topology=topo, components=plans)
+        manifest = build_manifest(save_plan, declared, written, {})
         t0 = clock("manifest_build_s", t0)
         manifest_json = manifest.to_json()
         t0 = clock("to_json_s", t0)
@@ -130,11 +135,10 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
     # decision is one broadcast.
     report_bytes = max(len(pickle.dumps(("ok", rep, (2**64 - 1, "")))) for rep in (reports[0], reports[-1]))
     digest_bytes = len(pickle.dumps(("ok", plan_digest(plans), (None, ""))))
-    decision_bytes = len(pickle.dumps(("ok", {"path": "/ckpt/step-0000001000", "staging": "/ckpt/.staging-1000",
-                                              "checkpoint_id": "1000", "sequence": 1,
-                                              "timestamp": "2025-01-01T00:00:00Z"})))
-    legacy = {"node": nodes[-1], "groups": groups[-1],
-              "declarations": [(k, p, g, True, False, "tensor") for k, p, g in comps]}
+    decision_payload = ("ok", {"path": "/ckpt/step-0000001000", "staging": "/ckpt/.staging-1000",
+                               "checkpoint_id": "1000", "sequence": 1, "timestamp": "2025-01-01T00:00:00Z"})
+    decision_bytes = len(pickle.dumps(decision_payload))
+    wire_bytes = plan_phase_wire(reports, plan_digest(plans), decision_payload)
     legacy_bytes = len(pickle.dumps(legacy))
     manifest_dict_bytes = len(pickle.dumps(parsed.to_dict()))
     n_files = sum(len(plans[k].files) for k, _, _ in comps)
@@ -149,10 +153,32 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
         "plan_gather_bytes_per_rank": report_bytes,
         "plan_gather_received_per_rank": report_bytes * world,
         "plan_phase_received_per_rank": (report_bytes + digest_bytes) * world + decision_bytes,
+        "plan_phase_wire_per_rank": max(wire_bytes),
+        "plan_phase_wire_rank0": wire_bytes[0],
         "plan_gather_received_per_rank_before": legacy_bytes * world,
         "resolve_gather_received_per_rank": (manifest_dict_bytes + report_bytes) * world,
         "manifest_pickled_bytes": manifest_dict_bytes,
     }
+
+
+def plan_phase_wire(reports: list[bytes], digest: int, decision: Any) -> list[int]:
+    """Bytes every rank receives on the wire in a save's plan phase, padding included, from the
+    steps TorchComm hands to gloo (:func:`distckpt.wire.lockstep`): the reports' all-gather (in
+    ``exchange``'s envelope, with the call arguments' digest), rank 0's decision (a broadcast),
+    the plan digests' all-gather."""
+    from distckpt import wire
+
+    world = len(reports)
+    received = [0] * world
+
+    def gather(payloads: list[bytes]) -> None:
+        wire.lockstep([wire.gather_steps(r, world, payloads[r]) for r in range(world)], received)
+
+    gather([pickle.dumps(("ok", rep, (2**64 - 1, "")), protocol=pickle.HIGHEST_PROTOCOL) for rep in reports])
+    data = pickle.dumps(decision, protocol=pickle.HIGHEST_PROTOCOL)
+    wire.lockstep([wire.broadcast_steps(r, data if r == 0 else b"") for r in range(world)], received)
+    gather([pickle.dumps(("ok", digest, (None, "")), protocol=pickle.HIGHEST_PROTOCOL)] * world)
+    return received
 
 
 def count_collectives(world: int = 4, component_counts: tuple[int, ...] = (1, 50)) -> dict[str, Any]:

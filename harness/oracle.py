@@ -384,7 +384,7 @@ def _check_component(
     sets = tuple(tuple(_ints(s)) for s in _list(got.get("replicated_across")))
     if sets != want.replica_sets:
         differ("replicated_across", [list(s) for s in sets], [list(s) for s in want.replica_sets])
-    files = {str(f.get("path")): f for f in _list(got.get("files")) if isinstance(f, dict)}
+    files = {str(f.get("path")): f for f in _file_rows(got) if isinstance(f, dict)}
     for wf in want.files:
         entry = files.get(wf.path)
         if entry is None:
@@ -409,6 +409,17 @@ def _list(value: object) -> list[object]:
 
 def _ints(value: object) -> list[int]:
     return [v for v in _list(value) if isinstance(v, int)]
+
+
+def _file_rows(got: dict[str, object]) -> list[object]:
+    """A component's file objects; a format 1.4 ``file_table`` (columns; no ``ranks`` column when
+    file i is replica set i) is turned back into one object per file."""
+    table = got.get("file_table")
+    if not isinstance(table, dict):
+        return _list(got.get("files"))
+    ranks = table["ranks"] if "ranks" in table else got.get("replicated_across")
+    columns = [_list(table.get("path")), _list(ranks), _list(table.get("writer")), _list(table.get("size_bytes"))]
+    return [{"path": p, "ranks": r, "writer": w, "size_bytes": n} for p, r, w, n in zip(*columns, strict=False)]
 
 
 def checkpoint_files(path: str) -> set[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import xxhash
@@ -22,6 +22,7 @@ from .errors import IntegrityError
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
+    "BackgroundChecksums",
     "Hasher",
     "PipelinedHasher",
     "checksum_of",
@@ -133,3 +134,57 @@ def checksum_of_chunks(chunks: Iterable[memoryview | bytes]) -> str:
     for chunk in chunks:
         h.update(chunk)
     return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
+class BackgroundChecksums:
+    """:func:`checksum_of_chunks` of several files, computed in a worker thread meanwhile.
+
+    Called by the save path's part-0 writer of a balanced write, which
+    predicts its siblings' checksums while its own file is written and
+    fsynced (xxhash releases the GIL, so the hashing fills the time the
+    writer spends waiting for the disk). ``sources`` are ``(name, chunks)``
+    with ``chunks`` called in the worker; no sources, no thread. Not
+    collective; no I/O. :meth:`result` waits and returns ``{name: checksum}``,
+    raising whatever the worker raised; :meth:`cancel` stops it early (at the
+    next chunk) and waits for it.
+    """
+
+    def __init__(self, sources: Sequence[tuple[str, Callable[[], Iterable[memoryview | bytes]]]]) -> None:
+        self._sources = list(sources)
+        self._results: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread: threading.Thread | None = None
+        if self._sources:
+            self._thread = threading.Thread(target=self._work, name="distckpt-predict", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for name, chunks in self._sources:
+                h = new_hasher(CHECKSUM_ALGORITHM)
+                for chunk in chunks():
+                    if self._cancelled:
+                        return
+                    h.update(chunk)
+                self._results[name] = f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+        except BaseException as exc:  # raised by result()
+            self._error = exc
+
+    def result(self) -> dict[str, str]:
+        """Wait for the worker; ``{name: "<algorithm>:<hex>"}`` in the order given."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        if self._cancelled:
+            raise RuntimeError("the checksums were cancelled")
+        return {name: self._results[name] for name, _ in self._sources}
+
+    def cancel(self) -> None:
+        """Stop the worker at its next chunk and wait for it (idempotent)."""
+        self._cancelled = True
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

@@ -10,6 +10,9 @@ exactly what the generic walk (:func:`dumps`) produces for the same value:
   field (a manifest of 65,536 ranks lists about 75,000 files). A row whose
   values are not plain (``extra`` fields, an ``int`` subclass) is written by
   the generic walk.
+- :func:`file_table`, :func:`table_rows`: a large component's ``files`` as a
+  ``file_table`` of columns (format 1.4): one list per field, each written
+  and parsed by C code, instead of one JSON object per file.
 - :func:`unique_object`: the ``object_pairs_hook`` that refuses duplicate keys
   with one C-level ``dict`` build per object, looking for the duplicate only
   when there is one.
@@ -18,11 +21,16 @@ exactly what the generic walk (:func:`dumps`) produces for the same value:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
-__all__ = ["FileRow", "FileRows", "dumps", "no_constants", "plain_ints", "unique_object"]
+from .layout import check_relpath
+
+__all__ = ["TABLE_COLUMNS", "TABLE_MIN_FILES", "Encoded", "FileRow", "FileRows", "dumps", "file_table", "no_constants",
+           "plain_ints", "table_rows", "unique_object"]
 
 #: One encoder for every scalar and flat list (``json.dumps`` with options builds one per call).
 _FLAT = json.JSONEncoder(allow_nan=False, separators=(", ", ": "))
@@ -31,6 +39,13 @@ _STRING: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.
 #: path, ranks, writer, size_bytes, checksum, (part, parts) or None, whether the other fields are
 #: plain (str, exact int, no extra fields), and the file's dict (``FileEntry.to_dict``) for the generic walk.
 FileRow = tuple[str, Sequence[Any], int, int, str, "tuple[int, int] | None", bool, Callable[[], Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """JSON text that :func:`dumps` writes as it is (a ``file_table`` column, encoded by C code)."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -85,13 +100,15 @@ def dumps(value: Any, level: int = 0) -> str:
     of such lists, stay on one line; :class:`FileRows` take the fast path."""
     if isinstance(value, FileRows):
         return _file_rows(value.rows, level)
+    if isinstance(value, Encoded):
+        return value.text
     pad = "  " * (level + 1)
     if isinstance(value, dict) and value:
         items = [f"{pad}{_FLAT.encode(k)}: {dumps(v, level + 1)}" for k, v in value.items()]
         return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
     if type(value) is list:  # lists of plain values, or of such lists: one C-level encode
         kinds = set(map(type, value))
-        if kinds <= _SCALARS or (kinds == {list} and all(set(map(type, v)) <= _SCALARS for v in value)):
+        if kinds <= _SCALARS or (kinds == {list} and set(map(type, chain.from_iterable(value))) <= _SCALARS):
             return _FLAT.encode(value)
     if isinstance(value, list) and any(isinstance(v, (dict, list)) and v for v in value):
         if all(isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v) for v in value):
@@ -116,3 +133,98 @@ def unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def no_constants(name: str) -> Any:
     """``parse_constant``: refuse ``NaN``, ``Infinity`` and ``-Infinity``."""
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+#: A component lists its files as a ``file_table`` (format 1.4) from this many files on; fewer stay
+#: one object per file, byte for byte what 1.3 wrote.
+TABLE_MIN_FILES = 1024
+#: The columns of a ``file_table``, in order; ``part`` (``[index, count]`` per file) only when some file is a part.
+TABLE_COLUMNS = ("path", "ranks", "writer", "size_bytes", "checksum", "part")
+
+
+def file_table(paths: list[Any], ranks: list[Any], writers: list[Any], sizes: list[Any], checksums: list[Any],
+               parts: list[tuple[int, int]], sets: Sequence[Any] = ()) -> dict[str, Encoded] | None:
+    """A component's files as columns, each already JSON (one line, as :func:`dumps` writes flat lists),
+    or ``None`` when they should stay one object each.
+
+    ``None`` below :data:`TABLE_MIN_FILES` files, or when a value is not plain
+    (a path or checksum that is not a ``str``, a writer, size or rank that is
+    not exactly an ``int``): those are written by the generic walk, as before.
+    The ``ranks`` column is left out when file ``i`` belongs to set ``i`` of
+    ``sets`` (the component's ``replicated_across``), one file per set, as
+    every pattern without balanced writes has it. Called by
+    :meth:`distckpt.manifest.CheckpointManifest.to_json`.
+    """
+    if len(paths) < TABLE_MIN_FILES:
+        return None
+    if not (set(map(type, paths)) == {str} and set(map(type, checksums)) == {str} and plain_ints(writers)
+            and plain_ints(sizes) and plain_ints(list(chain.from_iterable(ranks)))):
+        return None
+    columns = (("path", paths), ("ranks", ranks), ("writer", writers), ("size_bytes", sizes), ("checksum", checksums))
+    same_sets = len(sets) == len(ranks) and all(a == tuple(b) for a, b in zip(ranks, sets, strict=True))
+    table: dict[str, Encoded] = {name: Encoded(_FLAT.encode(column)) for name, column in columns
+                                 if not (name == "ranks" and same_sets)}  # tuples encode as arrays
+    if any(count != 1 for _, count in parts):
+        table["part"] = Encoded(_FLAT.encode(parts))
+    return table
+
+
+_PATHS = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,254}/[A-Za-z0-9][A-Za-z0-9._-]{0,254}\n)*")
+
+
+def table_rows(table: Any, where: str, sets: list[Any]) -> tuple[list[str], list[tuple[int, ...]], list[int], list[int], list[str],
+                                               list[tuple[int, int]]]:
+    """The columns of a parsed ``file_table``, checked; ``ValueError`` naming ``where`` and the bad value.
+
+    Checks what :meth:`distckpt.manifest.FileEntry.from_dict` checks of one
+    file, a column at a time: safe relative paths, lists of exact ints, sizes
+    not negative, string checksums, parts ``[index, count]`` in range, and
+    every column as long as ``path``. A column this version does not know is refused.
+    Without a ``ranks`` column, file ``i`` belongs to set ``i`` of ``sets``
+    (``replicated_across``, as parsed), which must then list one set per file.
+    """
+    if type(table) is not dict:
+        raise ValueError(f"{where}: file_table must be an object")
+    unknown = sorted(set(table) - set(TABLE_COLUMNS))
+    if unknown:
+        raise ValueError(f"{where}: file_table has columns this version does not know: {unknown}")
+    if "ranks" not in table:
+        if len(sets) != len(table.get("path") or ()):
+            raise ValueError(f"{where}: file_table has no ranks column and replicated_across lists "
+                             f"{len(sets)} sets, not one per file")
+        table = {**table, "ranks": sets}
+    for name in TABLE_COLUMNS[:5]:
+        if type(table.get(name)) is not list:
+            raise ValueError(f"{where}: file_table.{name} must be a list")
+    paths, ranks, writers, sizes, checksums = (table[n] for n in TABLE_COLUMNS[:5])
+    n = len(paths)
+    part = table.get("part")
+    if part is not None and type(part) is not list:
+        raise ValueError(f"{where}: file_table.part must be a list")
+    for name, column in zip(TABLE_COLUMNS, (paths, ranks, writers, sizes, checksums, part), strict=True):
+        if column is not None and len(column) != n:
+            raise ValueError(f"{where}: file_table.{name} has {len(column)} values for {n} paths")
+    if set(map(type, paths)) - {str}:
+        raise ValueError(f"{where}: file_table.path must hold strings")
+    joined = "\n".join(paths) + "\n" if paths else ""
+    if joined.count("\n") != n or _PATHS.fullmatch(joined) is None:
+        for i, path in enumerate(paths):
+            try:
+                check_relpath(path)
+            except ValueError as exc:
+                raise ValueError(f"{where}: file_table.path[{i}]: {exc}") from None
+    if set(map(type, ranks)) - {list} or not plain_ints(list(chain.from_iterable(ranks))):
+        raise ValueError(f"{where}: file_table.ranks must hold lists of ranks (ints)")
+    for name, column in (("writer", writers), ("size_bytes", sizes)):
+        if not plain_ints(column):
+            raise ValueError(f"{where}: file_table.{name} must hold ints")
+    if sizes and min(sizes) < 0:
+        raise ValueError(f"{where}: file_table.size_bytes[{sizes.index(min(sizes))}] is negative")
+    if set(map(type, checksums)) - {str}:
+        raise ValueError(f"{where}: file_table.checksum must hold strings")
+    pairs = [(0, 1)] * n
+    if part is not None:
+        if not all(type(p) is list and len(p) == 2 and plain_ints(p) and 0 <= p[0] < p[1] for p in part):
+            raise ValueError(f"{where}: file_table.part must hold [index, count] pairs with 0 <= index < count")
+        pairs = [(p[0], p[1]) for p in part]
+    return paths, [tuple(r) for r in ranks], writers, sizes, checksums, pairs

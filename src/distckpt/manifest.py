@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import boundedjson, jsontext
+from .codec.dtypes import gc_paused
 from .errors import ManifestError
-from .layout import check_relpath
+from .fileentry import FileEntry, check_parts, extra_fields, need, rank_list, rank_lists
 from .patterns import BUILTIN_KINDS, KIND_PATTERN, SharingPattern, describe_record
 
 __all__ = [
@@ -41,14 +42,16 @@ __all__ = [
 FORMAT_NAME = "distckpt"
 # 1.1: files may carry "part" (balanced writes); 1.2: components carry "pattern": {kind, params}
 FORMAT_VERSION = "1.3"
+#: 1.4: a component of many files may list them as a ``file_table`` of columns; a manifest that
+#: does says 1.4, one that does not says FORMAT_VERSION (1.3 readers read it unchanged)
+TABLE_VERSION = "1.4"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_MANIFEST_DEPTH = 512  # JSON nesting levels (a manifest needs 6, plus what component metadata holds)
 
-_FILE_FIELDS = ("path", "ranks", "writer", "size_bytes", "checksum", "part")
 _COMPONENT_FIELDS = (
     "key", "sharing_pattern", "group_name", "ranks", "replicated_across", "required",
-    "validation", "size_bytes", "checksum", "files", "metadata", "pattern",
+    "validation", "size_bytes", "checksum", "files", "metadata", "pattern", "file_table",
 )
 _TOP_FIELDS = (
     "format", "format_version", "checkpoint_id", "sequence", "world_size", "timestamp",
@@ -78,99 +81,6 @@ def _bound() -> tuple[Callable[[str], tuple[bytes, str]], Callable[[str, bytes],
     if _read_file is None or _write_file is None:
         raise RuntimeError("manifest file I/O is not bound: import distckpt (or distckpt.storage) first")
     return _read_file, _write_file
-
-
-def _need(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if name not in d:
-        raise ManifestError(f"{where}: missing field {name!r}")
-    value = d[name]
-    if isinstance(value, bool) and kind is int:
-        raise ManifestError(f"{where}: field {name!r} must be an int, got a bool")
-    if not isinstance(value, kind):
-        raise ManifestError(f"{where}: field {name!r} has type {type(value).__name__}")
-    return value
-
-
-def _rank_list(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not (jsontext.plain_ints(value) or all(
-            isinstance(r, int) and not isinstance(r, bool) for r in value)):
-        raise ManifestError(f"{where}: expected a list of ranks, got {value!r}")
-    return tuple(value)
-
-
-def _extra(d: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k not in known}
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a component: relative path, replica-set members, writer, size, checksum.
-
-    A balanced write stores one replica set's state as ``parts`` files, each
-    written by another member; ``part`` is this file's index (0 carries the
-    skeleton). JSON: ``"part": [index, count]``, present only when ``parts > 1``.
-    """
-
-    path: str
-    ranks: tuple[int, ...]
-    writer: int
-    size_bytes: int
-    checksum: str
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    part: int = 0
-    parts: int = 1
-
-    def __post_init__(self) -> None:
-        if self.parts < 1 or not 0 <= self.part < self.parts:
-            raise ValueError(f"{self.path}: part {self.part} of {self.parts} is out of range")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"path": self.path, "ranks": list(self.ranks), "writer": self.writer,
-               "size_bytes": self.size_bytes, "checksum": self.checksum}
-        if self.parts > 1:
-            out["part"] = [self.part, self.parts]
-        return {**out, **self.extra}
-
-    def _row(self) -> jsontext.FileRow:
-        """This entry for :class:`jsontext.FileRows` (its fields, and whether they are plain)."""
-        plain = (not self.extra and type(self.writer) is int and type(self.size_bytes) is int
-                 and type(self.path) is str and type(self.checksum) is str
-                 and type(self.part) is int and type(self.parts) is int)
-        return (self.path, self.ranks, self.writer, self.size_bytes, self.checksum,
-                (self.part, self.parts) if self.parts > 1 else None, plain, self.to_dict)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> FileEntry:
-        if type(d) is dict and len(d) == 5:  # the common entry, checked in one pass; else the full checks
-            path, ranks, writer, size = d.get("path"), d.get("ranks"), d.get("writer"), d.get("size_bytes")
-            checksum = d.get("checksum")
-            if (type(path) is str and type(ranks) is list and type(writer) is int and type(size) is int
-                    and size >= 0 and type(checksum) is str and jsontext.plain_ints(ranks)):
-                try:
-                    check_relpath(path)
-                except ValueError as exc:
-                    raise ManifestError(f"{where}: {exc}") from None
-                return cls(path=path, ranks=tuple(ranks), writer=writer, size_bytes=size, checksum=checksum)
-        if not isinstance(d, dict):
-            raise ManifestError(f"{where}: expected an object")
-        path = _need(d, "path", str, where)
-        try:
-            check_relpath(path)
-        except ValueError as exc:
-            raise ManifestError(f"{where}: {exc}") from None
-        size = _need(d, "size_bytes", int, where)
-        if size < 0:
-            raise ManifestError(f"{where}: negative size_bytes")
-        part, parts = 0, 1
-        if "part" in d:
-            pair = _rank_list(d["part"], where)
-            if len(pair) != 2 or pair[1] < 2 or not 0 <= pair[0] < pair[1]:
-                raise ManifestError(f"{where}: part must be [index, count] with 0 <= index < count, got {d['part']!r}")
-            part, parts = pair
-        return cls(path=path, ranks=_rank_list(_need(d, "ranks", list, where), where),
-                   writer=_need(d, "writer", int, where), size_bytes=size,
-                   checksum=_need(d, "checksum", str, where), extra=_extra(d, _FILE_FIELDS),
-                   part=part, parts=parts)
 
 
 @dataclass(frozen=True)
@@ -241,8 +151,19 @@ class ComponentManifest:
     def to_dict(self) -> dict[str, Any]:
         return self._fields([f.to_dict() for f in self.files])
 
-    def _fields(self, files: Any) -> dict[str, Any]:
-        """The JSON object, with ``files`` as given (dicts, or :class:`jsontext.FileRows` to write)."""
+    def _table(self) -> dict[str, jsontext.Encoded] | None:
+        """The ``file_table`` (format 1.4) to write for this component's files, or ``None``
+        (:func:`jsontext.file_table`: small components, or files with fields of a newer version)."""
+        files = self.files
+        if len(files) < jsontext.TABLE_MIN_FILES or any(f.extra for f in files):
+            return None
+        return jsontext.file_table([f.path for f in files], [f.ranks for f in files], [f.writer for f in files],
+                                   [f.size_bytes for f in files], [f.checksum for f in files],
+                                   [(f.part, f.parts) for f in files], self.replicated_across)
+
+    def _fields(self, files: Any, files_key: str = "files") -> dict[str, Any]:
+        """The JSON object, with ``files`` as given (dicts, :class:`jsontext.FileRows` to write, or a
+        ``file_table`` under ``files_key``)."""
         return {
             "key": self.key,
             "sharing_pattern": self.kind,
@@ -254,7 +175,7 @@ class ComponentManifest:
             "validation": self.validation,
             "size_bytes": self.size_bytes,
             "checksum": self.checksum,
-            "files": files,
+            files_key: files,
             "metadata": dict(self.metadata),
             **self.extra,
         }
@@ -263,43 +184,53 @@ class ComponentManifest:
     def from_dict(cls, d: Any, where: str) -> ComponentManifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected an object")
-        kind = _need(d, "sharing_pattern", str, where)
+        kind = need(d, "sharing_pattern", str, where)
         params: dict[str, Any] | None = None
         if "pattern" in d:
-            record = _need(d, "pattern", dict, where)
-            if _need(record, "kind", str, f"{where}.pattern") != kind:
+            record = need(d, "pattern", dict, where)
+            if need(record, "kind", str, f"{where}.pattern") != kind:
                 raise ManifestError(f"{where}: pattern.kind {record['kind']!r} differs from sharing_pattern {kind!r}")
-            params = _need(record, "params", dict, f"{where}.pattern")
+            params = need(record, "params", dict, f"{where}.pattern")
         elif kind.lower() in BUILTIN_KINDS:
             kind = kind.lower()
         if KIND_PATTERN.fullmatch(kind) is None:
             raise ManifestError(f"{where}: sharing_pattern {kind!r} is not a pattern kind")
-        files_raw = _need(d, "files", list, where)
-        files = tuple(FileEntry.from_dict(f, f"{where}.files[{i}]") for i, f in enumerate(files_raw))
-        _check_parts(files, where)
+        if "file_table" in d:  # format 1.4: a large component's files as columns
+            if "files" in d:
+                raise ManifestError(f"{where}: both files and file_table; expected one of them")
+            try:
+                columns = jsontext.table_rows(d["file_table"], where, need(d, "replicated_across", list, where))
+            except ValueError as exc:
+                raise ManifestError(str(exc)) from None
+            files = tuple(FileEntry._checked(path, ranks, writer, size, checksum, part, parts) for
+                          path, ranks, writer, size, checksum, (part, parts) in zip(*columns, strict=True))
+        else:
+            files_raw = need(d, "files", list, where)
+            files = tuple(FileEntry.from_dict(f, f"{where}.files[{i}]") for i, f in enumerate(files_raw))
+        check_parts(files, where)
         group = d.get("group_name")
         if group is not None and not isinstance(group, str):
             raise ManifestError(f"{where}: group_name must be a string or null")
         validation = d.get("validation")
         if validation is not None and not isinstance(validation, str):
             raise ManifestError(f"{where}: validation must be a string or null")
-        sets = _need(d, "replicated_across", list, where)
+        sets = need(d, "replicated_across", list, where)
         metadata = d.get("metadata", {})
         if not isinstance(metadata, dict):
             raise ManifestError(f"{where}: metadata must be an object")
         return cls(
-            key=_need(d, "key", str, where),
+            key=need(d, "key", str, where),
             sharing_pattern=kind,
             group_name=group,
-            ranks=_rank_list(_need(d, "ranks", list, where), where),
-            replicated_across=tuple(_rank_list(s, where) for s in sets),
+            ranks=rank_list(need(d, "ranks", list, where), where),
+            replicated_across=rank_lists(sets, where),
             files=files,
             required=bool(d.get("required", True)),
             validation=validation,
-            size_bytes=_need(d, "size_bytes", int, where),
+            size_bytes=need(d, "size_bytes", int, where),
             checksum=d.get("checksum"),
             metadata=metadata,
-            extra=_extra(d, _COMPONENT_FIELDS),
+            extra=extra_fields(d, _COMPONENT_FIELDS),
             params=params,
         )
 
@@ -348,8 +279,19 @@ class CheckpointManifest:
         Raises :class:`ManifestError` when it would nest deeper than
         ``MAX_MANIFEST_DEPTH`` (deep component metadata): never write what cannot be read back.
         """
-        rows = {k: c._fields(jsontext.FileRows([f._row() for f in c.files])) for k, c in self.components.items()}
-        text = jsontext.dumps(self._fields(rows), 0) + "\n"
+        with gc_paused():
+            return self._to_json()
+
+    def _to_json(self) -> str:
+        rows = {}
+        for k, c in self.components.items():
+            table = c._table()
+            rows[k] = (c._fields(jsontext.FileRows([f._row() for f in c.files])) if table is None
+                       else c._fields(table, "file_table"))
+        fields = self._fields(rows)
+        if any("file_table" in c for c in rows.values()) and _version(self.format_version) < _version(TABLE_VERSION):
+            fields["format_version"] = TABLE_VERSION
+        text = jsontext.dumps(fields, 0) + "\n"
         if boundedjson.nesting_depth(text) > MAX_MANIFEST_DEPTH:
             raise ManifestError(f"checkpoint {self.checkpoint_id!r}: the manifest would nest deeper than "
                                 f"{MAX_MANIFEST_DEPTH} levels (component metadata too deeply nested)")
@@ -362,45 +304,55 @@ class CheckpointManifest:
             raise ManifestError(f"{where}: top level must be a JSON object")
         if d.get("format") != FORMAT_NAME:
             raise ManifestError(f"{where}: not a distckpt manifest (format={d.get('format')!r})")
-        version = _need(d, "format_version", str, where)
+        version = need(d, "format_version", str, where)
         major = version.split(".", 1)[0]
         if major != FORMAT_VERSION.split(".", 1)[0]:
             raise ManifestError(
                 f"{where}: format version {version} is not readable by this library "
                 f"(reads {FORMAT_VERSION.split('.')[0]}.x); upgrade distckpt"
             )
-        comps_raw = _need(d, "components", dict, where)
+        comps_raw = need(d, "components", dict, where)
         components = {
             key: ComponentManifest.from_dict(c, f"{where}: components.{key}") for key, c in comps_raw.items()
         }
         for key, comp in components.items():
             if comp.key != key:
                 raise ManifestError(f"{where}: component listed under {key!r} says its key is {comp.key!r}")
-        topology = _need(d, "topology", dict, where)
-        world = _need(d, "world_size", int, where)
+        topology = need(d, "topology", dict, where)
+        world = need(d, "world_size", int, where)
         if world < 1:
             raise ManifestError(f"{where}: world_size must be positive")
-        if "sequence" in d and not 0 <= _need(d, "sequence", int, where) < 2**63:
+        if "sequence" in d and not 0 <= need(d, "sequence", int, where) < 2**63:
             raise ManifestError(f"{where}: sequence must be in [0, 2**63), got {d['sequence']}"[:300])
         for key, comp in components.items():
             if comp.checksum is not None and not isinstance(comp.checksum, str):
                 raise ManifestError(f"{where}: components.{key}: checksum must be a string or null")
         return cls(
-            checkpoint_id=_need(d, "checkpoint_id", str, where),
+            checkpoint_id=need(d, "checkpoint_id", str, where),
             world_size=world,
-            timestamp=_need(d, "timestamp", str, where),
+            timestamp=need(d, "timestamp", str, where),
             components=components,
             topology=topology,
-            sequence=_need(d, "sequence", int, where) if "sequence" in d else 0,
+            sequence=need(d, "sequence", int, where) if "sequence" in d else 0,
             library_version=str(d.get("library_version", "")),
             pytorch_version=str(d.get("pytorch_version", "")),
             format_version=version,
-            extra=_extra(d, _TOP_FIELDS),
+            extra=extra_fields(d, _TOP_FIELDS),
         )
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "manifest") -> CheckpointManifest:
-        """Parse manifest bytes strictly; raises :class:`ManifestError` naming ``where``."""
+        """Parse manifest bytes strictly; raises :class:`ManifestError` naming ``where``.
+
+        The cyclic GC is paused meanwhile (:func:`~distckpt.codec.dtypes.gc_paused`): a manifest
+        of 65,536 ranks builds about a million objects, none of them in a cycle, and the
+        collections their allocation would trigger cost more than the parse.
+        """
+        with gc_paused():
+            return cls._from_json(data, where)
+
+    @classmethod
+    def _from_json(cls, data: bytes, where: str) -> CheckpointManifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{where}: {len(data)} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
         try:
@@ -433,17 +385,6 @@ class CheckpointManifest:
         return cls.from_json(data, where=where)
 
 
-def _check_parts(files: tuple[FileEntry, ...], where: str) -> None:
-    """Files of one replica set are one whole file or parts 0..n-1 of n, each once."""
-    if all(f.parts == 1 for f in files) and len({f.ranks for f in files}) == len(files):
-        return  # whole files, one per replica set
-    by_set: dict[tuple[int, ...], list[FileEntry]] = {}
-    for f in files:
-        by_set.setdefault(f.ranks, []).append(f)
-    for ranks, group in by_set.items():
-        if sorted((f.part, f.parts) for f in group) != [(i, len(group)) for i in range(len(group))]:
-            labels = [f"{f.part}/{f.parts}" for f in group]
-            raise ManifestError(
-                f"{where}: replica set {list(ranks)} has files {[f.path for f in group]} with parts {labels}; "
-                "expected one file, or parts 0..n-1 of n"
-            )
+def _version(text: str) -> tuple[int, ...]:
+    """``"1.3"`` -> ``(1, 3)``; a part that is not a number counts as 0."""
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))

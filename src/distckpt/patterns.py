@@ -99,8 +99,11 @@ class Pattern:
         """:meth:`replica_sets`, checked to partition the world and sorted by lowest rank.
         Raises :class:`~distckpt.errors.TopologyMismatchError` naming the kind and the
         offending ranks (an exception from the pattern's own code propagates)."""
-        return check_partition(self.replica_sets(topology), topology.world_size,
-                               f"pattern {self.describe()}")
+        sets = self.replica_sets(topology)
+        for known in (topology.nodes, *topology.groups.values()):
+            if sets is known:  # the topology's own partition (PER_NODE, one-group PER_GROUP): checked already
+                return known
+        return check_partition(sets, topology.world_size, f"pattern {self.describe()}")
 
     def record(self) -> dict[str, Any]:
         """``{"kind": ..., "params": {...}}`` as written in the manifest."""

@@ -25,9 +25,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .codec import EncodedState
+from .codec.dtypes import gc_paused
 from .components import StateComponent, ValidationLevel
 from .errors import (
     CheckpointError,
@@ -135,8 +137,14 @@ def with_parts(report: bytes, parts: Sequence[int]) -> bytes:
 def decode_reports(reports: Sequence[bytes], names: Sequence[str]) -> tuple[
         list[int], list[tuple[int, ...]], list[int], list[tuple[int, ...]]]:
     """Compact reports -> node digests, group labels (``names`` order), groups digests, part counts."""
-    nodes, labels, digests, parts = [], [], [], []
     g = len(names)
+    if reports:
+        heads, matrix = _varint_matrix(reports)
+        if matrix is not None and matrix.shape[1] >= g:
+            rows = matrix.tolist()
+            return (heads[:, 1].tolist(), [tuple(r[:g]) for r in rows], heads[:, 2].tolist(),
+                    [tuple(r[g:]) for r in rows])
+    nodes, labels, digests, parts = [], [], [], []
     for rep in reports:
         _, node, digest = _HEAD.unpack_from(rep)
         values = _varints(rep, _HEAD.size)
@@ -145,6 +153,48 @@ def decode_reports(reports: Sequence[bytes], names: Sequence[str]) -> tuple[
         labels.append(values[:g])
         parts.append(values[g:])
     return nodes, labels, digests, parts
+
+
+def _report_arrays(reports: Sequence[bytes], names: Sequence[str]) -> tuple[
+        np.ndarray, Sequence[str], np.ndarray, np.ndarray]:
+    """Compact reports as arrays for :meth:`Topology.from_label_arrays`: node digests, group labels
+    (one row per rank, ``names`` order), groups digests. Vectorised; :func:`_varint_matrix` decodes."""
+    heads, values = _varint_matrix(reports)
+    if values is None or values.shape[1] < len(names):
+        labels = [_varints(r, _HEAD.size)[:len(names)] for r in reports]
+        values = np.array([[*row, *[-1] * (len(names) - len(row))] for row in labels], dtype=np.int64)
+    return heads[:, 1], names, values[:, :len(names)].reshape(len(reports), len(names)), heads[:, 2]
+
+
+def _varint_matrix(reports: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every report's head (world x 3, uint64) and varints (world x count, int64), decoded at once;
+    ``None`` for the varints unless every report holds the same number of well-formed ones (of at
+    most 63 bits). Reports are at least a head long (:func:`agree` checks)."""
+    world = len(reports)
+    lengths = np.fromiter(map(len, reports), dtype=np.int64, count=world)
+    blob = np.frombuffer(b"".join(reports), dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    in_head = (starts[:, None] + np.arange(_HEAD.size)).ravel()
+    heads = blob[in_head].copy().view("<u8").reshape(world, 3)
+    tail_lengths = lengths - _HEAD.size
+    if world == 0 or not bool((tail_lengths > 0).all()):
+        return heads, None
+    tail_mask = np.ones(len(blob), dtype=bool)
+    tail_mask[in_head] = False
+    tail = blob[tail_mask]
+    ends = (tail & 0x80) == 0
+    offsets = np.cumsum(tail_lengths) - tail_lengths
+    per_report = np.add.reduceat(ends.astype(np.int64), offsets)
+    count = int(per_report[0])
+    first_of_value = np.concatenate(([True], ends[:-1]))
+    value_of = np.cumsum(first_of_value) - 1
+    shift = np.arange(len(tail)) - np.flatnonzero(first_of_value)[value_of]
+    if not (bool(ends[offsets + tail_lengths - 1].all()) and bool((per_report == count).all())
+            and int(shift.max()) <= 8):
+        return heads, None
+    values = np.zeros(int(value_of[-1]) + 1, dtype=np.int64)
+    np.add.at(values, value_of, (tail & 0x7F).astype(np.int64) << (7 * shift))
+    return heads, values.reshape(world, count)
 
 
 def _varints(data: bytes, start: int) -> tuple[int, ...]:
@@ -189,9 +239,8 @@ def _agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[s
         short = _HEAD.size + len(names)
         odd = sorted(r for r, rep in enumerate(reports) if len(rep) < short or rep[:8] != reports[0][:8])
         if not odd and len(reports[0]) >= short:
-            nodes, labels, digests, _ = decode_reports(reports, names)
             try:
-                return Topology.from_leaders([str(n) for n in nodes], names, labels, digests)
+                return Topology.from_label_arrays(*_report_arrays(reports, names))
             except TopologyMismatchError:
                 if full_reports is None:
                     raise
@@ -224,9 +273,11 @@ def plan_components(topology: Topology, components: Sequence[StateComponent],
     """
     plans: dict[str, ComponentPlan] = {}
     unit = min_part_bytes or 0
-    for index, c in enumerate(components):
-        sizes = {r: mine[index] * unit for r, mine in enumerate(parts) if index < len(mine)}
-        plans[c.key] = plan_component(topology, c.key, c.pattern, sizes=sizes, min_part_bytes=min_part_bytes)
+    with gc_paused():  # one FilePlan per set: 65,536 of them for PER_RANK at 65,536 ranks
+        for index, c in enumerate(components):
+            sizes = ({r: mine[index] * unit for r, mine in enumerate(parts) if index < len(mine)}
+                     if unit and c.pattern.identical_replicas else None)
+            plans[c.key] = plan_component(topology, c.key, c.pattern, sizes=sizes, min_part_bytes=min_part_bytes)
     return plans
 
 
@@ -330,14 +381,20 @@ def build_manifest(
     ``validated``: key -> validation level used, for the components the save
     validated. Called on every rank in the commit phase (rank 0 writes it).
     """
+    with gc_paused():  # some 75,000 entries at 65,536 ranks, none in a cycle
+        return _build_manifest(plan, components, records, validated)
+
+
+def _build_manifest(plan: SavePlan, components: Sequence[StateComponent], records: Mapping[str, Mapping[str, Record]],
+                    validated: Mapping[str, str]) -> CheckpointManifest:
     entries: dict[str, ComponentManifest] = {}
     for c in components:
         cplan = plan.components[c.key]
+        written = records[c.key]
         files = []
         for f in cplan.files:
-            size, checksum, writer, _ = records[c.key][f.path]
-            files.append(FileEntry(path=f.path, ranks=f.ranks, writer=writer, size_bytes=size, checksum=checksum,
-                                   part=f.part, parts=f.parts))
+            size, checksum, writer, _ = written[f.path]
+            files.append(FileEntry._checked(f.path, f.ranks, writer, size, checksum, f.part, f.parts))
         entries[c.key] = ComponentManifest(
             key=c.key,
             sharing_pattern=c.pattern.kind,

@@ -35,7 +35,7 @@ from . import folder, storage
 from .codec import encode, state_nbytes
 from .collectives import Comm, announce, exchange
 from .components import StateComponent
-from .hashing import checksum_of, checksum_of_chunks
+from .hashing import BackgroundChecksums, checksum_of
 from .layout import ComponentPlan
 from .logs import note
 from .manifest import MANIFEST_NAME, CheckpointManifest
@@ -232,9 +232,15 @@ def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], No
         for key, path, encoded, structure, siblings in produce():
             storage.make_component_dir(plan.staging, key)
             runs = encoded.runs() if meter is None else _counted(encoded.runs(), meter)
-            size, checksum = storage.write_runs(os.path.join(plan.staging, path), runs)
-            predicted = {p: piece.checksum if isinstance(piece, PredictedPart) else checksum_of_chunks(piece.chunks())
-                         for p, piece in siblings}
+            predicting = BackgroundChecksums([(p, piece.chunks) for p, piece in siblings  # while writing
+                                              if not isinstance(piece, PredictedPart)])
+            try:
+                size, checksum = storage.write_runs(os.path.join(plan.staging, path), runs)
+            except BaseException:
+                predicting.cancel()
+                raise
+            hashed = predicting.result()
+            predicted = {p: piece.checksum if isinstance(piece, PredictedPart) else hashed[p] for p, piece in siblings}
             written.append((key, path, size, checksum, structure, predicted))
         return written
 

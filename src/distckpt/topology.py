@@ -18,8 +18,10 @@ import struct
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from types import MappingProxyType
 
+import numpy as np
 import xxhash
 
 from .errors import TopologyMismatchError
@@ -45,9 +47,13 @@ def check_partition(sets: Iterable[Iterable[int]], world_size: int, what: str) -
     offending ranks otherwise.
     """
     try:
-        raw = [list(s) for s in sets]
+        raw = [tuple(s) for s in sets]
     except TypeError:
         raise TopologyMismatchError(f"{what}: expected a sequence of rank sequences, got {sets!r}") from None
+    flat = list(chain.from_iterable(raw))
+    if (len(flat) == world_size and all(raw) and set(map(type, flat)) <= {int}
+            and sorted(flat) == list(range(world_size))):
+        return _normalise(raw)  # the common case, checked at C speed; otherwise name what is wrong
     for listed in raw:
         for rank in listed:
             if isinstance(rank, bool) or not isinstance(rank, int):
@@ -70,6 +76,31 @@ def check_partition(sets: Iterable[Iterable[int]], world_size: int, what: str) -
         missing = sorted(set(range(world_size)) - set(seen))
         raise TopologyMismatchError(f"{what}: ranks {missing} belong to no set; the sets must cover the world")
     return normal
+
+
+def _label_groups(labels: np.ndarray) -> tuple[Partition, np.ndarray]:
+    """Ranks grouped by equal label: the partition (sorted, by lowest rank) and each rank's set index.
+
+    Pure, vectorised: one stable sort; each set comes out in rank order.
+    """
+    world = len(labels)
+    if world == 0:
+        return (), np.zeros(0, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    ordered = labels[order]
+    starts = np.concatenate(([0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1))
+    by_first = np.argsort(order[starts], kind="stable")  # sets by their lowest rank
+    marks = np.zeros(world, dtype=np.int64)
+    marks[starts] = 1
+    rank_in_set = np.cumsum(marks) - 1  # set index (in label order) of every sorted position
+    index_of = np.empty(len(starts), dtype=np.int64)
+    index_of[by_first] = np.arange(len(starts))
+    member_of = np.empty(world, dtype=np.int64)
+    member_of[order] = index_of[rank_in_set]
+    flat = order.tolist()
+    bounds = [*starts.tolist(), world]
+    sets = [tuple(flat[bounds[k]:bounds[k + 1]]) for k in by_first.tolist()]
+    return tuple(sets), member_of
 
 
 def join_partitions(world_size: int, partitions: Sequence[Partition]) -> Partition:
@@ -261,39 +292,61 @@ class Topology:
         return cls(world, list(by_node.values()), groups)
 
     @classmethod
-    def from_leaders(cls, node_ids: Sequence[str], names: Sequence[str], leaders: Sequence[Sequence[int]],
+    def from_leaders(cls, node_ids: Sequence[str | int], names: Sequence[str], leaders: Sequence[Sequence[int]],
                      digests: Sequence[int]) -> Topology:
         """:meth:`from_reports` for the smallest reports: ``leaders[r][i]`` labels rank ``r``'s
         group ``names[i]`` (its lowest member), ``digests[r]`` is :func:`groups_digest` of the
         :func:`group_key` of each of rank ``r``'s groups, in ``names`` order.
 
-        Called on every rank after the first collective of a save or load. The
-        ranks are grouped by label; a rank whose digest differs from that of
-        the groups so formed passed other members than its peers, and
-        :class:`TopologyMismatchError` names those ranks (the caller may then
-        fetch the member lists to say more). Linear in the world size.
+        Called on every rank after the first collective of a save or load
+        (through :func:`from_label_arrays`). The ranks are grouped by label; a
+        rank whose digest differs from that of the groups so formed passed
+        other members than its peers, and :class:`TopologyMismatchError` names
+        those ranks (the caller may then fetch the member lists to say more).
+        Linear in the world size.
         """
         world = len(node_ids)
-        by_node: dict[str, list[int]] = {}
-        for rank, node in enumerate(node_ids):
-            by_node.setdefault(node, []).append(rank)
-        groups: dict[str, list[list[int]]] = {}
-        keys: list[list[int]] = [[] for _ in range(world)]
+        node_keys = {n: i for i, n in enumerate(dict.fromkeys(node_ids))}
+        return cls.from_label_arrays(
+            np.fromiter((node_keys[n] for n in node_ids), dtype=np.int64, count=world), names,
+            np.array(leaders, dtype=np.int64).reshape(world, len(names)),
+            np.array([d & _MASK64 for d in digests], dtype=np.uint64))
+
+    @classmethod
+    def from_label_arrays(cls, nodes: np.ndarray, names: Sequence[str], labels: np.ndarray,
+                          digests: np.ndarray) -> Topology:
+        """:meth:`from_leaders` on arrays: ``nodes[r]`` any integer naming rank ``r``'s node,
+        ``labels[r, i]`` its group ``names[i]``'s label, ``digests[r]`` (uint64) its groups digest.
+
+        Pure, vectorised (no Python work per rank beyond one digest). The
+        partitions it builds are partitions by construction, so the
+        constructor's checks are skipped.
+        """
+        world = len(nodes)
+        node_sets, node_of = _label_groups(nodes)
+        groups: dict[str, Partition] = {}
+        keys = np.zeros((world, len(names)), dtype=np.uint64)
         for i, name in enumerate(names):
-            claimed: dict[int, list[int]] = {}
-            for rank, labels in enumerate(leaders):
-                claimed.setdefault(labels[i], []).append(rank)
-            for members in claimed.values():
-                key = group_key(members)
-                for rank in members:
-                    keys[rank].append(key)
-            groups[name] = list(claimed.values())
-        odd = [r for r in range(world) if groups_digest(keys[r]) != digests[r]]
+            check_name(name, field_name="process group name")
+            groups[name], member_of = _label_groups(labels[:, i])
+            group_keys = np.array([group_key(members) & _MASK64 for members in groups[name]], dtype=np.uint64)
+            keys[:, i] = group_keys[member_of]
+        row = 8 * len(names)
+        packed = keys.astype("<u8").tobytes()
+        recomputed = np.fromiter((xxhash.xxh3_64_intdigest(packed[k:k + row]) for k in range(0, world * row, row))
+                                 if row else (xxhash.xxh3_64_intdigest(b"") for _ in range(world)),
+                                 dtype=np.uint64, count=world)
+        odd = np.flatnonzero(recomputed != digests.astype(np.uint64)).tolist()
         if odd:
             raise TopologyMismatchError(
                 f"process groups: ranks {odd[:20]}{' ...' if len(odd) > 20 else ''} passed other members "
                 "than their peers (every member must pass the same members, itself included)")
-        return cls(world, list(by_node.values()), groups)
+        topology = object.__new__(cls)
+        object.__setattr__(topology, "world_size", world)
+        object.__setattr__(topology, "nodes", node_sets)
+        object.__setattr__(topology, "groups", MappingProxyType(dict(sorted(groups.items()))))
+        object.__setattr__(topology, "_node_of", tuple(node_of.tolist()))
+        return topology
 
     def node_of(self, rank: int) -> int:
         """Index of the node that holds ``rank`` (``KeyError`` outside the world)."""

@@ -201,3 +201,19 @@ def test_check_checkpoint_reads_the_pattern_record_of_every_component(tmp_path: 
     assert any(p.startswith("model: pattern is") for p in problems), problems
     assert any(p.startswith("dataset: group_name is 'dp'") for p in problems), problems
     assert len(problems) == 2
+
+
+def test_check_checkpoint_reads_files_listed_as_a_table_with_and_without_a_ranks_column(tmp_path: Path) -> None:
+    topo = ScenarioTopology(nodes=2, procs_per_node=2, mesh=(("dp", 2), ("tp", 2)))
+    scenario = Scenario(name="x", path="x.toml", trainer="dp_tp", topology=topo, resume_topology=topo,
+                        run=RunSpec(), components=(ComponentSpec("rng", "per_rank"),))
+    manifest = _fake_checkpoint(tmp_path, scenario)
+    comp = manifest["components"]["rng"]  # type: ignore[index]
+    files = comp.pop("files")
+    comp["file_table"] = {name: [f[name] for f in files] for name in ("path", "ranks", "writer", "size_bytes")}
+    (tmp_path / oracle.MANIFEST).write_text(json.dumps(manifest))
+    assert oracle.check_checkpoint(str(tmp_path), scenario) == []
+    del comp["file_table"]["ranks"]  # one file per replica set: format 1.4 leaves the column out
+    comp["file_table"]["writer"][1] = 0
+    (tmp_path / oracle.MANIFEST).write_text(json.dumps(manifest))
+    assert oracle.check_checkpoint(str(tmp_path), scenario) == ["rng: rng/rank-00001.safetensors writer is 0, oracle says 1"]

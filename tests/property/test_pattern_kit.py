@@ -82,3 +82,10 @@ def test_the_kit_refuses_a_pattern_that_is_not_registered() -> None:
 def test_the_builtins_keep_their_promises_on_real_gloo_worlds() -> None:
     for source in (Replicated(), PerNode(), one_group):
         check_pattern(source, max_examples=3, processes=True, max_world=4)  # type: ignore[arg-type]
+
+
+def test_the_kit_reads_a_manifest_that_lists_its_files_as_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distckpt import jsontext
+
+    monkeypatch.setattr(jsontext, "TABLE_MIN_FILES", 2)  # what 1,024 sets or more do: a format 1.4 file_table
+    check_pattern(PerRank(), max_examples=10)

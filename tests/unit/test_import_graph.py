@@ -28,10 +28,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "version", "errors", "logs", "names", "boundedjson", "hashing", "topology", "patterns", "layout",
         "components", "dtensor", "codec.dtypes", "codec.encoded", "codec.skeletontext",
         "codec.encoder", "codec.header", "codec.decoder",
-        "codec.targets", "codec", "digests", "jsontext", "manifest", "statecheck", "report", "rng", "progress",
+        "codec.targets", "codec", "digests", "jsontext", "fileentry", "manifest", "statecheck", "report", "rng",
+        "progress",
         "planning",
     ),
-    "transport": ("waiting", "torchcomm", "transport", "collectives"),
+    "transport": ("waiting", "wire", "torchcomm", "transport", "collectives"),
     "storage": (
         "storage.posix", "storage.writer", "storage.reader", "storage.directories", "storage.inspection",
         "storage", "locks", "folder", "series",

@@ -15,7 +15,7 @@ phases decide which rank calls what.
 The package is one module per concept; callers use the names re-exported here
 (``storage.write_runs``, ``from distckpt.storage import write_file``):
 
-- :mod:`.posix`: descriptors, ``flock``, ``renameat2``, listing, renaming, removing;
+- :mod:`.posix`: descriptors, ``flock``, ``renameat2``, writeback hints, listing, renaming, removing;
 - :mod:`.writer`: writing checkpoint files (the save path) and small files atomically;
 - :mod:`.reader`: verified reads (the load path);
 - :mod:`.directories`: checkpoint directories and manifest files;

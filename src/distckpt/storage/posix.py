@@ -229,6 +229,44 @@ def _renameat2(old: str, new: str, flags: int) -> bool:
     raise OSError(err, os.strerror(err), old, None, new)
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range_fn: Any = None
+_sync_file_range_loaded = False
+
+
+def _load_sync_file_range() -> Any:
+    global _sync_file_range_fn, _sync_file_range_loaded
+    if not _sync_file_range_loaded:
+        _sync_file_range_loaded = True
+        try:
+            if ctypes.sizeof(ctypes.c_void_p) != 8:  # off_t is 64 bits only on 64-bit ABIs
+                raise AttributeError("32-bit ABI")
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sync_file_range_fn = fn
+        except (OSError, AttributeError):  # not Linux
+            _sync_file_range_fn = None
+    return _sync_file_range_fn
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing ``length`` bytes of ``fd`` from ``offset`` to the disk now,
+    without waiting for them (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``).
+
+    A hint only: it makes the disk work while the caller is still writing, so
+    the final ``fsync`` has less left to wait for; durability still comes from
+    that ``fsync``, which also reports any write error. Called by the write
+    worker of :mod:`.writer` (the GIL is released during the call). Returns
+    False, and never raises, when the OS or file system cannot do it or the
+    call fails for any reason: the caller then stops asking for that file.
+    """
+    fn = _load_sync_file_range()
+    if fn is None:
+        return False
+    return bool(fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0)
+
+
 def rename_exchange(a: str, b: str) -> bool:
     """Swap two existing paths in one step (Linux ``RENAME_EXCHANGE``); False where unsupported."""
     return _renameat2(a, b, _RENAME_EXCHANGE)

@@ -41,6 +41,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..manifest import MANIFEST_NAME, CheckpointManifest
 from ..patterns import Pattern, registered_patterns, same_definition
 from ..topology import Topology
 from . import worlds
@@ -183,8 +184,14 @@ def _check_files(path: str, pattern: Pattern, sets: list[tuple[int, ...]], where
     assert comp["pattern"] == {"kind": pattern.kind, "params": pattern.params()}, f"{where}: pattern {comp['pattern']}"
     saved_sets = [tuple(s) for s in comp["replicated_across"]]
     assert saved_sets == sets, f"{where}: manifest sets {saved_sets}, pattern gives {sets}"
+    # The files as the library reads them: a component of many files lists them as a
+    # ``file_table`` of columns (format 1.4), which the reader turns back into entries.
+    saved = CheckpointManifest.load(os.path.join(path, MANIFEST_NAME)).components[KEY].files
+    files: list[dict[str, Any]] = [
+        {"path": e.path, "ranks": list(e.ranks), "writer": e.writer, "size_bytes": e.size_bytes,
+         "checksum": e.checksum, **({"part": [e.part, e.parts]} if e.parts > 1 else {})} for e in saved]
     by_set: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-    for entry in comp["files"]:
+    for entry in files:
         by_set.setdefault(tuple(entry["ranks"]), []).append(entry)
     assert sorted(by_set) == sorted(sets), f"{where}: files cover sets {sorted(by_set)}, not {sets}"
     for members in sets:
@@ -196,18 +203,18 @@ def _check_files(path: str, pattern: Pattern, sets: list[tuple[int, ...]], where
         if len(entries) > 1:
             assert pattern.identical_replicas, f"{where}: set {list(members)} of a pattern without identical replicas was split"
             assert [e["part"] for e in entries] == [[i, len(entries)] for i in range(len(entries))], f"{where}: parts {entries}"
-    assert sorted(comp["ranks"]) == sorted({e["writer"] for e in comp["files"]}), f"{where}: writers {comp['ranks']}"
-    listed = {e["path"] for e in comp["files"]}
+    assert sorted(comp["ranks"]) == sorted({e["writer"] for e in files}), f"{where}: writers {comp['ranks']}"
+    listed = {e["path"] for e in files}
     on_disk = {f"{KEY}/{name}" for name in os.listdir(os.path.join(path, KEY))}
     assert on_disk == listed, f"{where}: files on disk {sorted(on_disk)}, manifest lists {sorted(listed)}"
     assert sorted(os.listdir(path)) == sorted(["manifest.json", KEY]), f"{where}: entries {sorted(os.listdir(path))}"
-    for entry in comp["files"]:
+    for entry in files:
         with open(os.path.join(path, entry["path"]), "rb") as f:
             raw = f.read()
         assert len(raw) == entry["size_bytes"], f"{where}: {entry['path']} is {len(raw)} bytes, manifest says {entry['size_bytes']}"
         algorithm, _, digest = entry["checksum"].partition(":")
         assert algorithm == "xxh3-128" and xxhash.xxh3_128_hexdigest(raw) == digest, f"{where}: {entry['path']} checksum"
-    assert comp["size_bytes"] == sum(e["size_bytes"] for e in comp["files"]), f"{where}: component size_bytes"
+    assert comp["size_bytes"] == sum(e["size_bytes"] for e in files), f"{where}: component size_bytes"
 
 
 def _thread_runner(topology: Topology, pattern: Pattern, sets: Sequence[Sequence[int]], spec: StateSpec, out: str,
