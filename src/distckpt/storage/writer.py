@@ -126,7 +126,8 @@ class _RunWriter:
         target = self.ring.tensors[self.index][self.fill:self.fill + nbytes].view(dtype)
         import torch  # loaded by then: the caller's tensors are torch's
 
-        torch.cat([t if t.dim() == 1 else t.view(-1) for t in tensors], out=target)
+        with torch.no_grad():  # a Parameter that requires grad is copied as plain memory (cat(out=) refuses it)
+            torch.cat([t if t.dim() == 1 else t.view(-1) for t in tensors], out=target)
         self.fill += nbytes
         self.size += nbytes
         if self.fill == _BOUNCE_BYTES:
