@@ -20,12 +20,10 @@ turns into the same error on every rank.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .codec import EncodedState
@@ -41,6 +39,7 @@ from .errors import (
 from .hashing import checksum_of
 from .layout import ComponentPlan, plan_component
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
+from .planreports import HEAD, decode_reports, report_arrays, text_digest, with_parts
 from .topology import Topology, group_key, groups_digest
 from .version import __version__
 
@@ -90,10 +89,6 @@ def declaration(c: StateComponent) -> tuple[Any, ...]:
     return (c.key, c.pattern.describe(), c.required, c.validate_replication, c.validation_level.value)
 
 
-#: A compact report: declarations digest (groups' names included), node digest and
-#: :func:`~distckpt.topology.groups_digest` (8 bytes each), then varints: each group's lowest member
-#: in name order, then per component how many ``min_part_bytes`` its state holds (balanced writes only).
-_HEAD = struct.Struct("<QQQ")
 
 
 def local_report(node: str, groups: Mapping[str, tuple[int, ...]],
@@ -111,106 +106,9 @@ def local_report(node: str, groups: Mapping[str, tuple[int, ...]],
     if full:
         return {"node": node, "groups": dict(groups), "declarations": declared}
     names = sorted(groups)
-    head = _HEAD.pack(_digest(repr((declared, names))), _digest(node),
+    head = HEAD.pack(text_digest(repr((declared, names))), text_digest(node),
                       groups_digest([group_key(groups[n]) for n in names]))
     return with_parts(head, [min(groups[n], default=0) for n in names])
-
-
-def with_parts(report: bytes, parts: Sequence[int]) -> bytes:
-    """``report`` followed by ``parts`` as varints (non-negative ints, 7 bits a byte).
-
-    Called by :func:`local_report` (group labels) and the save's plan phase for
-    balanced writes: per component only ``size // min_part_bytes``, capped at
-    the world size, decides the parts (:func:`distckpt.layout.part_writers`),
-    so that is all a rank sends (:func:`part_counts`).
-    """
-    out = bytearray(report)
-    for value in parts:
-        value = max(0, value)
-        while value > 0x7F:
-            out.append(value & 0x7F | 0x80)
-            value >>= 7
-        out.append(value)
-    return bytes(out)
-
-
-def decode_reports(reports: Sequence[bytes], names: Sequence[str]) -> tuple[
-        list[int], list[tuple[int, ...]], list[int], list[tuple[int, ...]]]:
-    """Compact reports -> node digests, group labels (``names`` order), groups digests, part counts."""
-    g = len(names)
-    if reports:
-        heads, matrix = _varint_matrix(reports)
-        if matrix is not None and matrix.shape[1] >= g:
-            rows = matrix.tolist()
-            return (heads[:, 1].tolist(), [tuple(r[:g]) for r in rows], heads[:, 2].tolist(),
-                    [tuple(r[g:]) for r in rows])
-    nodes, labels, digests, parts = [], [], [], []
-    for rep in reports:
-        _, node, digest = _HEAD.unpack_from(rep)
-        values = _varints(rep, _HEAD.size)
-        nodes.append(node)
-        digests.append(digest)
-        labels.append(values[:g])
-        parts.append(values[g:])
-    return nodes, labels, digests, parts
-
-
-def _report_arrays(reports: Sequence[bytes], names: Sequence[str]) -> tuple[
-        np.ndarray, Sequence[str], np.ndarray, np.ndarray]:
-    """Compact reports as arrays for :meth:`Topology.from_label_arrays`: node digests, group labels
-    (one row per rank, ``names`` order), groups digests. Vectorised; :func:`_varint_matrix` decodes."""
-    heads, values = _varint_matrix(reports)
-    if values is None or values.shape[1] < len(names):
-        labels = [_varints(r, _HEAD.size)[:len(names)] for r in reports]
-        values = np.array([[*row, *[-1] * (len(names) - len(row))] for row in labels], dtype=np.int64)
-    return heads[:, 1], names, values[:, :len(names)].reshape(len(reports), len(names)), heads[:, 2]
-
-
-def _varint_matrix(reports: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Every report's head (world x 3, uint64) and varints (world x count, int64), decoded at once;
-    ``None`` for the varints unless every report holds the same number of well-formed ones (of at
-    most 63 bits). Reports are at least a head long (:func:`agree` checks)."""
-    world = len(reports)
-    lengths = np.fromiter(map(len, reports), dtype=np.int64, count=world)
-    blob = np.frombuffer(b"".join(reports), dtype=np.uint8)
-    starts = np.cumsum(lengths) - lengths
-    in_head = (starts[:, None] + np.arange(_HEAD.size)).ravel()
-    heads = blob[in_head].copy().view("<u8").reshape(world, 3)
-    tail_lengths = lengths - _HEAD.size
-    if world == 0 or not bool((tail_lengths > 0).all()):
-        return heads, None
-    tail_mask = np.ones(len(blob), dtype=bool)
-    tail_mask[in_head] = False
-    tail = blob[tail_mask]
-    ends = (tail & 0x80) == 0
-    offsets = np.cumsum(tail_lengths) - tail_lengths
-    per_report = np.add.reduceat(ends.astype(np.int64), offsets)
-    count = int(per_report[0])
-    first_of_value = np.concatenate(([True], ends[:-1]))
-    value_of = np.cumsum(first_of_value) - 1
-    shift = np.arange(len(tail)) - np.flatnonzero(first_of_value)[value_of]
-    if not (bool(ends[offsets + tail_lengths - 1].all()) and bool((per_report == count).all())
-            and int(shift.max()) <= 8):
-        return heads, None
-    values = np.zeros(int(value_of[-1]) + 1, dtype=np.int64)
-    np.add.at(values, value_of, (tail & 0x7F).astype(np.int64) << (7 * shift))
-    return heads, values.reshape(world, count)
-
-
-def _varints(data: bytes, start: int) -> tuple[int, ...]:
-    out: list[int] = []
-    value = shift = 0
-    for byte in data[start:]:
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            out.append(value)
-            value = shift = 0
-    return tuple(out)
-
-
-def _digest(text: str) -> int:
-    return int(checksum_of(text.encode("utf-8", "backslashreplace"), "xxh3-64").partition(":")[2], 16)
 
 
 def agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
@@ -236,11 +134,11 @@ def agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[st
 def _agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None,
            names: Sequence[str]) -> Topology:
     if reports and all(type(r) is bytes for r in reports):
-        short = _HEAD.size + len(names)
+        short = HEAD.size + len(names)
         odd = sorted(r for r, rep in enumerate(reports) if len(rep) < short or rep[:8] != reports[0][:8])
         if not odd and len(reports[0]) >= short:
             try:
-                return Topology.from_label_arrays(*_report_arrays(reports, names))
+                return Topology.from_label_arrays(*report_arrays(reports, names))
             except TopologyMismatchError:
                 if full_reports is None:
                     raise
@@ -290,7 +188,7 @@ def part_counts(nbytes: int, min_part_bytes: int, world_size: int) -> int:
 def plan_digest(plans: Mapping[str, ComponentPlan]) -> int:
     """A 64-bit digest of every component's files, compared across ranks by :func:`check_same_plan`."""
     text = repr(sorted((key, [(f.path, f.ranks, f.writer) for f in p.files]) for key, p in plans.items()))
-    return _digest(text)
+    return text_digest(text)
 
 
 def check_same_plan(digests: Sequence[int], components: Sequence[StateComponent]) -> None:

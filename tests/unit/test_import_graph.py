@@ -30,7 +30,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "codec.encoder", "codec.header", "codec.decoder",
         "codec.targets", "codec", "digests", "jsontext", "fileentry", "manifest", "statecheck", "report", "rng",
         "progress",
-        "planning",
+        "planreports", "planning",
     ),
     "transport": ("waiting", "wire", "torchcomm", "transport", "collectives"),
     "storage": (

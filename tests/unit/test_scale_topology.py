@@ -14,7 +14,9 @@ import random
 import pytest
 
 from distckpt import StateComponent, Topology, TopologyMismatchError
-from distckpt.planning import _HEAD, _varints, agree, decode_reports, local_report, with_parts
+from distckpt.planning import agree, decode_reports, local_report, with_parts
+from distckpt.planreports import HEAD as _HEAD
+from distckpt.planreports import _varints
 from tests.helpers import Box
 
 
