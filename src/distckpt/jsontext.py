@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 from .layout import check_relpath
@@ -161,10 +162,10 @@ def file_table(paths: list[Any], ranks: list[Any], writers: list[Any], sizes: li
             and plain_ints(sizes) and plain_ints(list(chain.from_iterable(ranks)))):
         return None
     columns = (("path", paths), ("ranks", ranks), ("writer", writers), ("size_bytes", sizes), ("checksum", checksums))
-    same_sets = len(sets) == len(ranks) and all(a == tuple(b) for a, b in zip(ranks, sets, strict=True))
+    same_sets = len(sets) == len(ranks) and list(map(tuple, ranks)) == list(map(tuple, sets))  # C-level compare
     table: dict[str, Encoded] = {name: Encoded(_FLAT.encode(column)) for name, column in columns
                                  if not (name == "ranks" and same_sets)}  # tuples encode as arrays
-    if any(count != 1 for _, count in parts):
+    if set(map(itemgetter(1), parts)) - {1}:  # some file is a part
         table["part"] = Encoded(_FLAT.encode(parts))
     return table
 
@@ -172,8 +173,8 @@ def file_table(paths: list[Any], ranks: list[Any], writers: list[Any], sizes: li
 _PATHS = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,254}/[A-Za-z0-9][A-Za-z0-9._-]{0,254}\n)*")
 
 
-def table_rows(table: Any, where: str, sets: list[Any]) -> tuple[list[str], list[tuple[int, ...]], list[int], list[int], list[str],
-                                               list[tuple[int, int]]]:
+def table_rows(table: Any, where: str, sets: Sequence[tuple[int, ...]]) -> tuple[
+        list[str], list[tuple[int, ...]], list[int], list[int], list[str], list[tuple[int, int]] | None]:
     """The columns of a parsed ``file_table``, checked; ``ValueError`` naming ``where`` and the bad value.
 
     Checks what :meth:`distckpt.manifest.FileEntry.from_dict` checks of one
@@ -181,18 +182,21 @@ def table_rows(table: Any, where: str, sets: list[Any]) -> tuple[list[str], list
     not negative, string checksums, parts ``[index, count]`` in range, and
     every column as long as ``path``. A column this version does not know is refused.
     Without a ``ranks`` column, file ``i`` belongs to set ``i`` of ``sets``
-    (``replicated_across``, as parsed), which must then list one set per file.
+    (``replicated_across``, parsed and checked: tuples of ints, shared with the
+    entries as they are), which must then list one set per file.
+    The parts are ``None`` without a ``part`` column (every file whole).
     """
     if type(table) is not dict:
         raise ValueError(f"{where}: file_table must be an object")
     unknown = sorted(set(table) - set(TABLE_COLUMNS))
     if unknown:
         raise ValueError(f"{where}: file_table has columns this version does not know: {unknown}")
-    if "ranks" not in table:
+    listed = "ranks" in table
+    if not listed:
         if len(sets) != len(table.get("path") or ()):
             raise ValueError(f"{where}: file_table has no ranks column and replicated_across lists "
                              f"{len(sets)} sets, not one per file")
-        table = {**table, "ranks": sets}
+        table = {**table, "ranks": list(sets)}
     for name in TABLE_COLUMNS[:5]:
         if type(table.get(name)) is not list:
             raise ValueError(f"{where}: file_table.{name} must be a list")
@@ -213,7 +217,7 @@ def table_rows(table: Any, where: str, sets: list[Any]) -> tuple[list[str], list
                 check_relpath(path)
             except ValueError as exc:
                 raise ValueError(f"{where}: file_table.path[{i}]: {exc}") from None
-    if set(map(type, ranks)) - {list} or not plain_ints(list(chain.from_iterable(ranks))):
+    if listed and (set(map(type, ranks)) - {list} or not plain_ints(list(chain.from_iterable(ranks)))):
         raise ValueError(f"{where}: file_table.ranks must hold lists of ranks (ints)")
     for name, column in (("writer", writers), ("size_bytes", sizes)):
         if not plain_ints(column):
@@ -222,9 +226,9 @@ def table_rows(table: Any, where: str, sets: list[Any]) -> tuple[list[str], list
         raise ValueError(f"{where}: file_table.size_bytes[{sizes.index(min(sizes))}] is negative")
     if set(map(type, checksums)) - {str}:
         raise ValueError(f"{where}: file_table.checksum must hold strings")
-    pairs = [(0, 1)] * n
+    pairs = None
     if part is not None:
         if not all(type(p) is list and len(p) == 2 and plain_ints(p) and 0 <= p[0] < p[1] for p in part):
             raise ValueError(f"{where}: file_table.part must hold [index, count] pairs with 0 <= index < count")
         pairs = [(p[0], p[1]) for p in part]
-    return paths, [tuple(r) for r in ranks], writers, sizes, checksums, pairs
+    return paths, list(map(tuple, ranks)) if listed else ranks, writers, sizes, checksums, pairs

@@ -12,8 +12,11 @@ path may be joined to a checkpoint directory.
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import add, attrgetter, itemgetter, not_
 from typing import Any
 
 from .patterns import Pattern, SharingPattern, resolve_pattern
@@ -32,6 +35,8 @@ FILE_SUFFIX = ".safetensors"
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _SEGMENTS = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,254}\n)*")  # segments, each ended by a newline
 #: ``<segment>/<segment>``; a segment starts with a letter or digit, so "." and ".." never match.
+#: A :class:`FilePlan`'s attributes, in field order (:meth:`FilePlan._wholes` fills them)
+_FIELDS = ("path", "ranks", "writer", "part", "parts")
 _RELPATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}/[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
@@ -47,12 +52,16 @@ class FilePlan:
     parts: int = 1
 
     @classmethod
-    def _whole(cls, path: str, ranks: tuple[int, ...]) -> FilePlan:
-        """The plan of a whole file written by its set's lowest rank, without the dataclass
-        ``__init__`` (half the cost, for the 65,536 files of PER_RANK at 65,536 ranks)."""
-        plan = object.__new__(cls)
-        plan.__dict__.update(path=path, ranks=ranks, writer=ranks[0], part=0, parts=1)
-        return plan
+    def _wholes(cls, paths: Sequence[str], partition: Sequence[tuple[int, ...]]) -> tuple[FilePlan, ...]:
+        """The plans of whole files, each written by its set's lowest rank, without the dataclass
+        ``__init__`` nor a Python frame per file: C code (``map``) makes the objects and their
+        attribute dicts (for the 65,536 files of PER_RANK at 65,536 ranks)."""
+        n = len(paths)
+        rows = zip(paths, partition, map(itemgetter(0), partition), repeat(0, n), repeat(1, n), strict=True)
+        plans = tuple(map(object.__new__, repeat(cls, n)))
+        deque(map(object.__setattr__, plans, repeat("__dict__", n), map(dict, map(zip, repeat(_FIELDS), rows))),
+              maxlen=0)
+        return plans
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,12 @@ class ComponentPlan:
 
     @property
     def writers(self) -> tuple[int, ...]:
-        return tuple(sorted({f.writer for f in self.files}))
+        return tuple(sorted(set(map(attrgetter("writer"), self.files))))
 
     @property
     def replica_sets(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(f.ranks for f in self.files if f.part == 0)
+        """The ranks of each set, from its part 0 (C-level: ``compress`` keeps the files whose part is 0)."""
+        return tuple(compress(map(attrgetter("ranks"), self.files), map(not_, map(attrgetter("part"), self.files))))
 
 
 def plan_component(
@@ -87,12 +97,12 @@ def plan_component(
     """
     resolved = pattern if isinstance(pattern, Pattern) else resolve_pattern(pattern, group_name)
     partition = resolved.partition(topology)
-    names = [resolved.file_stem(i, members) + FILE_SUFFIX for i, members in enumerate(partition)]
+    names = list(map(add, map(resolved.file_stem, range(len(partition)), partition), repeat(FILE_SUFFIX)))
     _check_names(resolved, partition, names)
     split = bool(min_part_bytes) and resolved.identical_replicas
     if not split:  # one file per set, written by its lowest rank (the sets are sorted)
-        files = [FilePlan._whole(f"{key}/{name}", members) for name, members in zip(names, partition, strict=True)]
-        return ComponentPlan(key=key, pattern=resolved, files=tuple(files))
+        paths = list(map((key + "/").__add__, names))
+        return ComponentPlan(key=key, pattern=resolved, files=FilePlan._wholes(paths, partition))
     files = []
     for name, members in zip(names, partition, strict=True):
         writers = part_writers(topology, members, (sizes or {}).get(members[0], 0), min_part_bytes or 1)

@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from . import boundedjson, jsontext
@@ -58,6 +59,11 @@ _TOP_FIELDS = (
     "library_version", "pytorch_version", "topology", "components",
 )
 
+
+_EXTRA = attrgetter("extra")
+#: a file's fields in :func:`jsontext.file_table`'s argument order
+_TABLE_FIELDS = (attrgetter("path"), attrgetter("ranks"), attrgetter("writer"), attrgetter("size_bytes"),
+                 attrgetter("checksum"), attrgetter("part", "parts"))
 
 #: How :meth:`CheckpointManifest.load` and :meth:`~CheckpointManifest.save` reach the disk; set by
 #: :func:`bind_files` (storage). read(path) -> (bytes, manifest file path); write(path, bytes).
@@ -155,11 +161,10 @@ class ComponentManifest:
         """The ``file_table`` (format 1.4) to write for this component's files, or ``None``
         (:func:`jsontext.file_table`: small components, or files with fields of a newer version)."""
         files = self.files
-        if len(files) < jsontext.TABLE_MIN_FILES or any(f.extra for f in files):
+        if len(files) < jsontext.TABLE_MIN_FILES or any(map(_EXTRA, files)):
             return None
-        return jsontext.file_table([f.path for f in files], [f.ranks for f in files], [f.writer for f in files],
-                                   [f.size_bytes for f in files], [f.checksum for f in files],
-                                   [(f.part, f.parts) for f in files], self.replicated_across)
+        columns = (list(map(get, files)) for get in _TABLE_FIELDS)  # C-level attribute reads, a column at a time
+        return jsontext.file_table(*columns, self.replicated_across)
 
     def _fields(self, files: Any, files_key: str = "files") -> dict[str, Any]:
         """The JSON object, with ``files`` as given (dicts, :class:`jsontext.FileRows` to write, or a
@@ -170,7 +175,7 @@ class ComponentManifest:
             "group_name": self.group_name,
             "pattern": {"kind": self.kind, "params": dict(self.params or {})},
             "ranks": list(self.ranks),
-            "replicated_across": [list(s) for s in self.replicated_across],
+            "replicated_across": list(map(list, self.replicated_across)),
             "required": self.required,
             "validation": self.validation,
             "size_bytes": self.size_bytes,
@@ -195,26 +200,27 @@ class ComponentManifest:
             kind = kind.lower()
         if KIND_PATTERN.fullmatch(kind) is None:
             raise ManifestError(f"{where}: sharing_pattern {kind!r} is not a pattern kind")
+        sets = rank_lists(need(d, "replicated_across", list, where), where)
         if "file_table" in d:  # format 1.4: a large component's files as columns
             if "files" in d:
                 raise ManifestError(f"{where}: both files and file_table; expected one of them")
             try:
-                columns = jsontext.table_rows(d["file_table"], where, need(d, "replicated_across", list, where))
+                columns = jsontext.table_rows(d["file_table"], where, sets)
             except ValueError as exc:
                 raise ManifestError(str(exc)) from None
-            files = tuple(FileEntry._checked(path, ranks, writer, size, checksum, part, parts) for
-                          path, ranks, writer, size, checksum, (part, parts) in zip(*columns, strict=True))
+            files = FileEntry._many(*columns)
+            if columns[5] is not None or len(set(columns[1])) != len(files):  # else whole files, one per set
+                check_parts(files, where)
         else:
             files_raw = need(d, "files", list, where)
             files = tuple(FileEntry.from_dict(f, f"{where}.files[{i}]") for i, f in enumerate(files_raw))
-        check_parts(files, where)
+            check_parts(files, where)
         group = d.get("group_name")
         if group is not None and not isinstance(group, str):
             raise ManifestError(f"{where}: group_name must be a string or null")
         validation = d.get("validation")
         if validation is not None and not isinstance(validation, str):
             raise ManifestError(f"{where}: validation must be a string or null")
-        sets = need(d, "replicated_across", list, where)
         metadata = d.get("metadata", {})
         if not isinstance(metadata, dict):
             raise ManifestError(f"{where}: metadata must be an object")
@@ -223,7 +229,7 @@ class ComponentManifest:
             sharing_pattern=kind,
             group_name=group,
             ranks=rank_list(need(d, "ranks", list, where), where),
-            replicated_across=rank_lists(sets, where),
+            replicated_across=sets,
             files=files,
             required=bool(d.get("required", True)),
             validation=validation,

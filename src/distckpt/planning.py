@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import torch
@@ -268,6 +269,10 @@ def _diff_declarations(ref: Sequence[Any], mine: Sequence[Any]) -> str:
     return "; ".join(parts)
 
 
+_PATH, _RANKS, _PARTS, _PART_PAIR = attrgetter("path"), attrgetter("ranks"), attrgetter("parts"), attrgetter("part", "parts")
+_SIZE, _CHECKSUM, _WRITER = itemgetter(0), itemgetter(1), itemgetter(2)  # of a Record
+
+
 def build_manifest(
     plan: SavePlan,
     components: Sequence[StateComponent],
@@ -288,11 +293,12 @@ def _build_manifest(plan: SavePlan, components: Sequence[StateComponent], record
     entries: dict[str, ComponentManifest] = {}
     for c in components:
         cplan = plan.components[c.key]
-        written = records[c.key]
-        files = []
-        for f in cplan.files:
-            size, checksum, writer, _ = written[f.path]
-            files.append(FileEntry._checked(f.path, f.ranks, writer, size, checksum, f.part, f.parts))
+        paths = list(map(_PATH, cplan.files))
+        written = list(map(records[c.key].__getitem__, paths))  # size, checksum, writer, structure digest
+        sizes, checksums = list(map(_SIZE, written)), list(map(_CHECKSUM, written))
+        whole = set(map(_PARTS, cplan.files)) <= {1}
+        files = FileEntry._many(paths, list(map(_RANKS, cplan.files)), list(map(_WRITER, written)), sizes, checksums,
+                                None if whole else list(map(_PART_PAIR, cplan.files)))
         entries[c.key] = ComponentManifest(
             key=c.key,
             sharing_pattern=c.pattern.kind,
@@ -303,8 +309,8 @@ def _build_manifest(plan: SavePlan, components: Sequence[StateComponent], record
             files=tuple(files),
             required=c.required,
             validation=validated.get(c.key),
-            size_bytes=sum(f.size_bytes for f in files),
-            checksum=checksum_of("\n".join(f.checksum for f in files).encode()),
+            size_bytes=sum(sizes),
+            checksum=checksum_of("\n".join(checksums).encode()),
             metadata=dict(c.metadata or {}),
         )
     return CheckpointManifest(

@@ -18,7 +18,7 @@ import struct
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from types import MappingProxyType
 
 import numpy as np
@@ -47,13 +47,16 @@ def check_partition(sets: Iterable[Iterable[int]], world_size: int, what: str) -
     offending ranks otherwise.
     """
     try:
-        raw = [tuple(s) for s in sets]
+        raw = list(map(tuple, sets))
     except TypeError:
         raise TopologyMismatchError(f"{what}: expected a sequence of rank sequences, got {sets!r}") from None
     flat = list(chain.from_iterable(raw))
-    if (len(flat) == world_size and all(raw) and set(map(type, flat)) <= {int}
-            and sorted(flat) == list(range(world_size))):
-        return _normalise(raw)  # the common case, checked at C speed; otherwise name what is wrong
+    if len(flat) == world_size and all(raw) and set(map(type, flat)) <= {int}:
+        every = list(range(world_size))
+        if flat == every:  # ranks in order: each set sorted, the sets by lowest rank (PER_RANK, nodes)
+            return tuple(raw)
+        if sorted(flat) == every:
+            return _normalise(raw)  # the common case, checked at C speed; otherwise name what is wrong
     for listed in raw:
         for rank in listed:
             if isinstance(rank, bool) or not isinstance(rank, int):
@@ -78,14 +81,17 @@ def check_partition(sets: Iterable[Iterable[int]], world_size: int, what: str) -
     return normal
 
 
-def _label_groups(labels: np.ndarray) -> tuple[Partition, np.ndarray]:
-    """Ranks grouped by equal label: the partition (sorted, by lowest rank) and each rank's set index.
+def _label_groups(labels: np.ndarray, keyed: bool = False) -> tuple[Partition, np.ndarray, np.ndarray]:
+    """Ranks grouped by equal label: the partition (sorted, by lowest rank), each rank's set index,
+    and with ``keyed`` each set's :func:`group_key` (uint64, partition order; else empty).
 
-    Pure, vectorised: one stable sort; each set comes out in rank order.
+    Pure, vectorised: one stable sort; each set comes out in rank order, so its
+    key is the xxh3-64 of its slice of the sorted ranks' bytes (one C call per
+    set, no Python frame; :func:`group_key` of the same members gives the same value).
     """
     world = len(labels)
     if world == 0:
-        return (), np.zeros(0, dtype=np.int64)
+        return (), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
     order = np.argsort(labels, kind="stable")
     ordered = labels[order]
     starts = np.concatenate(([0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1))
@@ -97,10 +103,18 @@ def _label_groups(labels: np.ndarray) -> tuple[Partition, np.ndarray]:
     index_of[by_first] = np.arange(len(starts))
     member_of = np.empty(world, dtype=np.int64)
     member_of[order] = index_of[rank_in_set]
-    flat = order.tolist()
-    bounds = [*starts.tolist(), world]
-    sets = [tuple(flat[bounds[k]:bounds[k + 1]]) for k in by_first.tolist()]
-    return tuple(sets), member_of
+    flat = tuple(order.tolist())
+    lows = starts[by_first]
+    highs = np.append(starts[1:], world)[by_first]
+    spans = list(map(slice, lows.tolist(), highs.tolist()))
+    sets = tuple(map(flat.__getitem__, spans))  # tuple slices: each set, in rank order
+    keys = np.zeros(0, dtype=np.uint64)
+    if keyed:  # group_key: xxh3-64 of the sorted members as native int64 ("q")
+        data = order.astype(np.int64).tobytes()
+        spans = list(map(slice, (lows * 8).tolist(), (highs * 8).tolist()))
+        keys = np.fromiter(map(xxhash.xxh3_64_intdigest, map(data.__getitem__, spans)), dtype=np.uint64,
+                           count=len(spans))
+    return sets, member_of, keys
 
 
 def join_partitions(world_size: int, partitions: Sequence[Partition]) -> Partition:
@@ -323,19 +337,18 @@ class Topology:
         constructor's checks are skipped.
         """
         world = len(nodes)
-        node_sets, node_of = _label_groups(nodes)
+        node_sets, node_of, _ = _label_groups(nodes)
         groups: dict[str, Partition] = {}
         keys = np.zeros((world, len(names)), dtype=np.uint64)
         for i, name in enumerate(names):
             check_name(name, field_name="process group name")
-            groups[name], member_of = _label_groups(labels[:, i])
-            group_keys = np.array([group_key(members) & _MASK64 for members in groups[name]], dtype=np.uint64)
+            groups[name], member_of, group_keys = _label_groups(labels[:, i], keyed=True)
             keys[:, i] = group_keys[member_of]
         row = 8 * len(names)
         packed = keys.astype("<u8").tobytes()
-        recomputed = np.fromiter((xxhash.xxh3_64_intdigest(packed[k:k + row]) for k in range(0, world * row, row))
-                                 if row else (xxhash.xxh3_64_intdigest(b"") for _ in range(world)),
-                                 dtype=np.uint64, count=world)
+        rows = (map(packed.__getitem__, map(slice, range(0, world * row, row), range(row, world * row + row, row)))
+                if row else repeat(b"", world))  # one C call per rank, no Python frame
+        recomputed = np.fromiter(map(xxhash.xxh3_64_intdigest, rows), dtype=np.uint64, count=world)
         odd = np.flatnonzero(recomputed != digests.astype(np.uint64)).tolist()
         if odd:
             raise TopologyMismatchError(
@@ -378,8 +391,8 @@ class Topology:
     def to_dict(self) -> dict[str, object]:
         """JSON form used in the manifest."""
         return {
-            "nodes": [list(s) for s in self.nodes],
-            "groups": {name: [list(s) for s in part] for name, part in self.groups.items()},
+            "nodes": list(map(list, self.nodes)),
+            "groups": {name: list(map(list, part)) for name, part in self.groups.items()},
         }
 
 
