@@ -10,7 +10,7 @@ the save phases that build entries from a plan. Bad input raises
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
@@ -97,6 +97,8 @@ class FileEntry:
         their attribute dicts are made by C code (``map``), for the 75,000 entries of 65,536 ranks.
         Called by :func:`distckpt.planning.build_manifest` and the manifest's ``file_table`` parser."""
         n = len(paths)
+        indices: Iterator[int]
+        counts: Iterator[int]
         if parts is None:
             indices, counts = repeat(0, n), repeat(1, n)
         else:

@@ -35,6 +35,9 @@ __all__ = ["TABLE_COLUMNS", "TABLE_MIN_FILES", "Encoded", "FileRow", "FileRows",
 
 #: One encoder for every scalar and flat list (``json.dumps`` with options builds one per call).
 _FLAT = json.JSONEncoder(allow_nan=False, separators=(", ", ": "))
+#: The same output for values that cannot hold a cycle (lists of scalars, lists of such lists, checked
+#: first): no id() bookkeeping per list, for the 65,536 rank lists of the topology and the replica sets.
+_ACYCLIC = json.JSONEncoder(allow_nan=False, separators=(", ", ": "), check_circular=False)
 _STRING: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.encode_basestring_ascii
 
 #: path, ranks, writer, size_bytes, checksum, (part, parts) or None, whether the other fields are
@@ -110,7 +113,7 @@ def dumps(value: Any, level: int = 0) -> str:
     if type(value) is list:  # lists of plain values, or of such lists: one C-level encode
         kinds = set(map(type, value))
         if kinds <= _SCALARS or (kinds == {list} and set(map(type, chain.from_iterable(value))) <= _SCALARS):
-            return _FLAT.encode(value)
+            return _ACYCLIC.encode(value)
     if isinstance(value, list) and any(isinstance(v, (dict, list)) and v for v in value):
         if all(isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v) for v in value):
             return _FLAT.encode(value)
@@ -163,10 +166,10 @@ def file_table(paths: list[Any], ranks: list[Any], writers: list[Any], sizes: li
         return None
     columns = (("path", paths), ("ranks", ranks), ("writer", writers), ("size_bytes", sizes), ("checksum", checksums))
     same_sets = len(sets) == len(ranks) and list(map(tuple, ranks)) == list(map(tuple, sets))  # C-level compare
-    table: dict[str, Encoded] = {name: Encoded(_FLAT.encode(column)) for name, column in columns
+    table: dict[str, Encoded] = {name: Encoded(_ACYCLIC.encode(column)) for name, column in columns
                                  if not (name == "ranks" and same_sets)}  # tuples encode as arrays
     if set(map(itemgetter(1), parts)) - {1}:  # some file is a part
-        table["part"] = Encoded(_FLAT.encode(parts))
+        table["part"] = Encoded(_ACYCLIC.encode(parts))
     return table
 
 

@@ -163,8 +163,8 @@ class ComponentManifest:
         files = self.files
         if len(files) < jsontext.TABLE_MIN_FILES or any(map(_EXTRA, files)):
             return None
-        columns = (list(map(get, files)) for get in _TABLE_FIELDS)  # C-level attribute reads, a column at a time
-        return jsontext.file_table(*columns, self.replicated_across)
+        paths, ranks, writers, sizes, checksums, parts = (list(map(get, files)) for get in _TABLE_FIELDS)  # C-level
+        return jsontext.file_table(paths, ranks, writers, sizes, checksums, parts, self.replicated_across)
 
     def _fields(self, files: Any, files_key: str = "files") -> dict[str, Any]:
         """The JSON object, with ``files`` as given (dicts, :class:`jsontext.FileRows` to write, or a

@@ -17,7 +17,14 @@ import random
 import numpy as np
 import pytest
 
-from distckpt import CheckpointManifest, ComponentManifest, FileEntry, ManifestError, StateComponent, Topology
+from distckpt import (
+    CheckpointManifest,
+    ComponentManifest,
+    FileEntry,
+    ManifestError,
+    StateComponent,
+    Topology,
+)
 from distckpt.layout import FilePlan, plan_component
 from distckpt.planning import SavePlan, build_manifest
 from distckpt.topology import _label_groups, _normalise, check_partition, group_key
