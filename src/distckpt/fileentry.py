@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
@@ -23,8 +23,6 @@ from .layout import check_relpath
 __all__ = ["FILE_FIELDS", "FileEntry", "check_parts", "extra_fields", "need", "rank_list", "rank_lists"]
 
 FILE_FIELDS = ("path", "ranks", "writer", "size_bytes", "checksum", "part")
-#: A :class:`FileEntry`'s attributes, in field order (:meth:`FileEntry._many` fills them)
-_SLOTS = ("path", "ranks", "writer", "size_bytes", "checksum", "extra", "part", "parts")
 
 
 def need(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -47,7 +45,7 @@ def rank_list(value: Any, where: str) -> tuple[int, ...]:
 
 def rank_lists(value: list[Any], where: str) -> tuple[tuple[int, ...], ...]:
     """A list of rank lists, checked at once (one by one only to name the bad one)."""
-    if set(map(type, value)) <= {list} and jsontext.plain_ints(list(chain.from_iterable(value))):
+    if set(map(type, value)) <= {list} and jsontext.plain_int_lists(value):
         return tuple(map(tuple, value))
     return tuple(rank_list(s, where) for s in value)
 
@@ -56,13 +54,14 @@ def extra_fields(d: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]
     return {k: v for k, v in d.items() if k not in known}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     """One file of a component: relative path, replica-set members, writer, size, checksum.
 
     A balanced write stores one replica set's state as ``parts`` files, each
     written by another member; ``part`` is this file's index (0 carries the
     skeleton). JSON: ``"part": [index, count]``, present only when ``parts > 1``.
+    Slots, not a ``__dict__``: a manifest of 65,536 ranks holds 75,000 entries.
     """
 
     path: str
@@ -79,23 +78,14 @@ class FileEntry:
             raise ValueError(f"{self.path}: part {self.part} of {self.parts} is out of range")
 
     @classmethod
-    def _checked(cls, path: str, ranks: tuple[int, ...], writer: int, size_bytes: int, checksum: str,
-                 part: int = 0, parts: int = 1) -> FileEntry:
-        """An entry of values already checked (a parsed ``file_table``, a plan and its write records),
-        without the dataclass ``__init__`` (half the cost, for the 75,000 entries of 65,536 ranks)."""
-        entry = object.__new__(cls)
-        entry.__dict__.update(path=path, ranks=ranks, writer=writer, size_bytes=size_bytes, checksum=checksum,
-                              extra={}, part=part, parts=parts)
-        return entry
-
-    @classmethod
     def _many(cls, paths: Sequence[str], ranks: Sequence[tuple[int, ...]], writers: Sequence[int],
               sizes: Sequence[int], checksums: Sequence[str],
               parts: Sequence[tuple[int, int]] | None = None) -> tuple[FileEntry, ...]:
-        """:meth:`_checked` for columns of values already checked (``parts``: ``(part, parts)`` per
-        file, ``None`` when all are whole), with no Python frame per entry: the objects and
-        their attribute dicts are made by C code (``map``), for the 75,000 entries of 65,536 ranks.
-        Called by :func:`distckpt.planning.build_manifest` and the manifest's ``file_table`` parser."""
+        """Entries of columns of values already checked (a parsed ``file_table``, a plan and its write
+        records; ``parts``: ``(part, parts)`` per file, ``None`` when all are whole), without the
+        dataclass ``__init__`` nor a Python frame per entry: C code (``map``) makes the objects and
+        fills each slot a column at a time, for the 75,000 entries of 65,536 ranks. Called by
+        :func:`distckpt.planning.build_manifest` and the manifest's ``file_table`` parser."""
         n = len(paths)
         indices: Iterator[int]
         counts: Iterator[int]
@@ -103,10 +93,12 @@ class FileEntry:
             indices, counts = repeat(0, n), repeat(1, n)
         else:
             indices, counts = map(itemgetter(0), parts), map(itemgetter(1), parts)
-        rows = zip(paths, ranks, writers, sizes, checksums, map(dict, repeat((), n)), indices, counts, strict=True)
+        columns = (paths, ranks, writers, sizes, checksums, map(dict, repeat((), n)), indices, counts)
+        if not len(ranks) == len(writers) == len(sizes) == len(checksums) == len(parts or paths) == n:
+            raise ValueError(f"FileEntry._many: columns of different lengths for {n} paths")
         entries = tuple(map(object.__new__, repeat(cls, n)))
-        deque(map(object.__setattr__, entries, repeat("__dict__", n), map(dict, map(zip, repeat(_SLOTS), rows))),
-              maxlen=0)
+        for fill, column in zip(_FILL, columns, strict=True):
+            deque(map(fill, entries, column), maxlen=0)
         return entries
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +150,11 @@ class FileEntry:
                    part=part, parts=parts)
 
 
+
+
+#: Each slot's setter, in field order (:meth:`FileEntry._many` fills them a column at a time)
+_FILL = tuple(getattr(FileEntry, name).__set__ for name in
+              ("path", "ranks", "writer", "size_bytes", "checksum", "extra", "part", "parts"))
 
 
 def check_parts(files: tuple[FileEntry, ...], where: str) -> None:

@@ -35,12 +35,10 @@ FILE_SUFFIX = ".safetensors"
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _SEGMENTS = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,254}\n)*")  # segments, each ended by a newline
 #: ``<segment>/<segment>``; a segment starts with a letter or digit, so "." and ".." never match.
-#: A :class:`FilePlan`'s attributes, in field order (:meth:`FilePlan._wholes` fills them)
-_FIELDS = ("path", "ranks", "writer", "part", "parts")
 _RELPATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}/[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FilePlan:
     """One file of a component: where it goes, whose state it holds, who writes it,
     and which part of the set's state it is (``part`` of ``parts``; 0 of 1 when whole)."""
@@ -54,14 +52,19 @@ class FilePlan:
     @classmethod
     def _wholes(cls, paths: Sequence[str], partition: Sequence[tuple[int, ...]]) -> tuple[FilePlan, ...]:
         """The plans of whole files, each written by its set's lowest rank, without the dataclass
-        ``__init__`` nor a Python frame per file: C code (``map``) makes the objects and their
-        attribute dicts (for the 65,536 files of PER_RANK at 65,536 ranks)."""
+        ``__init__`` nor a Python frame per file: C code (``map``) makes the objects and fills
+        each slot a column at a time (for the 65,536 files of PER_RANK at 65,536 ranks)."""
         n = len(paths)
-        rows = zip(paths, partition, map(itemgetter(0), partition), repeat(0, n), repeat(1, n), strict=True)
+        if len(partition) != n:
+            raise ValueError(f"FilePlan._wholes: {n} paths for {len(partition)} sets")
         plans = tuple(map(object.__new__, repeat(cls, n)))
-        deque(map(object.__setattr__, plans, repeat("__dict__", n), map(dict, map(zip, repeat(_FIELDS), rows))),
-              maxlen=0)
+        columns = (paths, partition, map(itemgetter(0), partition), repeat(0, n), repeat(1, n))
+        for fill, column in zip(_FILL, columns, strict=True):
+            deque(map(fill, plans, column), maxlen=0)
         return plans
+
+
+_FILL = tuple(getattr(FilePlan, name).__set__ for name in ("path", "ranks", "writer", "part", "parts"))
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def plan_component(
     """
     resolved = pattern if isinstance(pattern, Pattern) else resolve_pattern(pattern, group_name)
     partition = resolved.partition(topology)
-    names = list(map(add, map(resolved.file_stem, range(len(partition)), partition), repeat(FILE_SUFFIX)))
+    names = list(map(add, resolved._file_stems(partition), repeat(FILE_SUFFIX)))
     _check_names(resolved, partition, names)
     split = bool(min_part_bytes) and resolved.identical_replicas
     if not split:  # one file per set, written by its lowest rank (the sets are sorted)
@@ -118,7 +121,7 @@ def plan_component(
 def _check_names(pattern: Pattern, partition: Sequence[tuple[int, ...]], names: Sequence[Any]) -> None:
     """Every file name is a safe segment, distinct from the others ignoring case; else ``ValueError``
     naming the first that is not. All names are checked at once; the loop only finds the culprit."""
-    if all(type(n) is str for n in names):
+    if set(map(type, names)) <= {str}:
         joined = "\n".join(names) + "\n"
         if (joined.count("\n") == len(names) and _SEGMENTS.fullmatch(joined) is not None
                 and len(set(joined.casefold().split("\n"))) == len(names) + 1):

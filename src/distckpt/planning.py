@@ -135,7 +135,7 @@ def agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[st
 
 def _agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[str, Any]]] | None,
            names: Sequence[str]) -> Topology:
-    if reports and all(type(r) is bytes for r in reports):
+    if reports and set(map(type, reports)) == {bytes}:
         short = HEAD.size + len(names)
         odd: list[int] = []
         if min(map(len, reports)) < short or len(set(map(_DECLARED, reports))) != 1:  # C-level; else find them

@@ -11,8 +11,12 @@ plain function, so a wrong fast path fails here.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import random
+from collections.abc import Sequence
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -26,6 +30,7 @@ from distckpt import (
     Topology,
 )
 from distckpt.layout import FilePlan, plan_component
+from distckpt.patterns import PerRank
 from distckpt.planning import SavePlan, build_manifest
 from distckpt.topology import _label_groups, _normalise, check_partition, group_key
 from tests.helpers import Box
@@ -43,7 +48,13 @@ def test_entries_made_from_columns_equal_entries_made_one_by_one_and_share_nothi
     assert made == expected
     assert [e.to_dict() for e in made] == [e.to_dict() for e in expected]
     assert made[0].extra == {} and made[0].extra is not made[1].extra  # no dict shared between entries
-    assert all(type(e) is FileEntry and vars(e) == vars(x) for e, x in zip(made, expected, strict=True))
+    assert [values(e) for e in made] == [values(x) for x in expected] and {type(e) for e in made} == {FileEntry}
+    assert pickle.loads(pickle.dumps(made)) == expected  # slots: pickled and copied like the dataclass was
+    assert copy.deepcopy(made) == expected and replace(made[0], writer=7).writer == 7
+
+
+def values(obj: object) -> list[object]:
+    return [getattr(obj, f.name) for f in fields(obj)]  # type: ignore[arg-type]
 
 
 def test_whole_file_plans_made_from_columns_equal_plans_made_one_by_one() -> None:
@@ -51,8 +62,8 @@ def test_whole_file_plans_made_from_columns_equal_plans_made_one_by_one() -> Non
     made = FilePlan._wholes(["k/a.st", "k/b.st", "k/c.st"], partition)
     assert made == tuple(FilePlan(path=p, ranks=s, writer=s[0]) for p, s in
                          zip(["k/a.st", "k/b.st", "k/c.st"], partition, strict=True))
-    assert all(vars(m) == {"path": m.path, "ranks": m.ranks, "writer": m.ranks[0], "part": 0, "parts": 1}
-               for m in made)
+    assert [values(m) for m in made] == [[m.path, m.ranks, m.ranks[0], 0, 1] for m in made]
+    assert pickle.loads(pickle.dumps(made)) == made
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -116,3 +127,18 @@ def test_a_table_listing_one_replica_set_for_two_whole_files_is_refused() -> Non
     raw["components"]["rng"]["file_table"]["ranks"] = [[i] for i in range(n - 1)] + [[0]]  # two files of set [0]
     with pytest.raises(ManifestError, match=r"replica set \[0\] has files"):
         CheckpointManifest.from_json(json.dumps(raw).encode())
+
+
+class NamedRanks(PerRank):
+    """A PER_RANK whose files are named otherwise: its own file_stem must be called."""
+
+    def file_stem(self, index: int, members: Sequence[int]) -> str:
+        return f"r{members[0]}"
+
+
+@pytest.mark.parametrize("pattern", [PerRank(), NamedRanks()])
+def test_per_rank_file_names_made_at_once_are_the_names_file_stem_gives(pattern: PerRank) -> None:
+    topo = Topology(nodes=[list(range(0, 1100)), list(range(1100, 2100))])
+    plan = plan_component(topo, "rng", pattern)
+    assert [f.path for f in plan.files] == [f"rng/{pattern.file_stem(r, (r,))}.safetensors" for r in range(2100)]
+    assert plan.files[1500].path == ("rng/rank-01500.safetensors" if type(pattern) is PerRank else "rng/r1500.safetensors")
