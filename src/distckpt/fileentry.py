@@ -10,7 +10,7 @@ the save phases that build entries from a plan. Bad input raises
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
@@ -93,7 +93,7 @@ class FileEntry:
             indices, counts = repeat(0, n), repeat(1, n)
         else:
             indices, counts = map(itemgetter(0), parts), map(itemgetter(1), parts)
-        columns = (paths, ranks, writers, sizes, checksums, map(dict, repeat((), n)), indices, counts)
+        columns: tuple[Iterable[Any], ...] = (paths, ranks, writers, sizes, checksums, map(dict, repeat((), n)), indices, counts)
         if not len(ranks) == len(writers) == len(sizes) == len(checksums) == len(parts or paths) == n:
             raise ValueError(f"FileEntry._many: columns of different lengths for {n} paths")
         entries = tuple(map(object.__new__, repeat(cls, n)))
