@@ -16,6 +16,7 @@ every rank, and the trainer must load again (or restart) before training on.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -101,14 +102,7 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 dtensor.check_skeleton(skeleton, live, full)  # before any byte lands in a live tensor
             views: list[memoryview] = []  # file order: scratch-buffer gaps and live tensors
             if targets is not None and targets.indices:
-                position = reader.position
-                buffer, begins, ends = reader.buffer, layout.begins, layout.ends
-                for i, view in zip(targets.indices, targets.views, strict=True):
-                    begin = begins[i]
-                    if begin > position:
-                        views.append(buffer[position:begin])
-                    views.append(view)
-                    position = ends[i]
+                views = _file_order(reader, layout, targets)
                 overrides.update(targets.tensors)
             if progress is None:
                 reader.read_into(views)  # one readv per 512 buffers, not one per tensor
@@ -118,6 +112,25 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
             before = reader.position
             parts.append((layout, reader.finish()))
             progress(entry.size_bytes - before)
+
+
+def _file_order(reader: storage.VerifiedReader, layout: codec.FileLayout, targets: codec.InPlace) -> list[memoryview]:
+    """The views to read the rest of the file into, in file order: each in-place target's, and
+    the scratch buffer's for the stretches between them (none when the targets lie back to back,
+    the common case, told by one comparison of columns)."""
+    position = reader.position
+    buffer, begins, ends, indices = reader.buffer, layout.begins, layout.ends, targets.indices
+    if all(map(operator.eq, map(begins.__getitem__, indices[1:]), map(ends.__getitem__, indices))):
+        first = begins[indices[0]]
+        return [buffer[position:first], *targets.views] if first > position else list(targets.views)
+    views: list[memoryview] = []
+    for i, view in zip(indices, targets.views, strict=True):
+        begin = begins[i]
+        if begin > position:
+            views.append(buffer[position:begin])
+        views.append(view)
+        position = ends[i]
+    return views
 
 
 def _read_reporting(reader: storage.VerifiedReader, views: list[memoryview],

@@ -57,12 +57,65 @@ def in_place(skeleton: Any, layout: FileLayout, live: Any) -> InPlace:
     alias, or views of one buffer that overlap, are read once; the other entries
     go to the scratch buffer). Pure; never raises for content.
     """
-    names, dtypes, shapes = layout.names, layout.dtypes, layout.shapes
+    names = layout.names
     if skeleton is None:
         return InPlace((), (), {}, False)
     index = dict(zip(names, range(len(names)), strict=True))
     found: list[tuple[str, dict[str, Any], torch.Tensor]] = []
     _pair_tensors(skeleton, live, found)
+    begins, ends = layout.begins, layout.ends
+    at_once = _picked_at_once(found, layout, index)
+    picked, tensors, starts, foreign = _picked_one_by_one(found, layout, index) if at_once is None else at_once
+    sizes = [ends[i] - begins[i] for i in picked]  # each the live tensor's size in bytes, as checked above
+    picked, tensors, starts, sizes = _disjoint_memory(picked, tensors, starts, sizes)
+    if any(map(operator.gt, picked[:-1], picked[1:])):  # not in file order: sort by entry index
+        order = sorted(range(len(picked)), key=picked.__getitem__)
+        picked, tensors = [picked[k] for k in order], [tensors[k] for k in order]
+        starts, sizes = [starts[k] for k in order], [sizes[k] for k in order]
+    return InPlace(tuple(picked), tuple(span_views(starts, sizes)),
+                   dict(zip([names[i] for i in picked], tensors, strict=True)), foreign)
+
+
+_Choice = tuple[list[int], list[torch.Tensor], list[int], bool]
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_IS_CPU = operator.attrgetter("is_cpu")
+_LAYOUT = operator.attrgetter("layout")
+
+
+def _picked_at_once(found: list[tuple[str, dict[str, Any], torch.Tensor]], layout: FileLayout,
+                    index: dict[str, int]) -> _Choice | None:
+    """:func:`_picked_one_by_one` when every pair qualifies, checked a column at a time (C loops,
+    no Python work per tensor); ``None`` when any does not (or is stored as raw bytes), for the
+    tensor-by-tensor choice. The checks are the same: plain CPU tensors, strided, contiguous, not
+    conjugated or negated lazily, the entry's dtype and shape, not empty, each name once."""
+    if not found:
+        return None
+    names, nodes, live = (list(column) for column in zip(*found, strict=True))
+    if (not set(map(type, live)) <= _PLAIN_TYPES or set(map(len, nodes)) != {1}
+            or len(set(names)) != len(names)):
+        return None
+    picked = list(map(index.get, names))
+    if None in picked:
+        return None
+    if (list(map(_DTYPE, live)) != list(map(layout.dtypes.__getitem__, picked))
+            or list(map(_SHAPE, live)) != list(map(layout.shapes.__getitem__, picked))
+            or not all(map(_IS_CPU, live)) or set(map(_LAYOUT, live)) != {torch.strided}
+            or not all(map(torch.Tensor.is_contiguous, live)) or any(map(torch.Tensor.is_conj, live))
+            or any(map(torch.Tensor.is_neg, live))
+            or not all(map(operator.ne, map(layout.begins.__getitem__, picked),
+                           map(layout.ends.__getitem__, picked)))):
+        return None
+    return picked, live, list(map(torch.Tensor.data_ptr, live)), False
+
+
+def _picked_one_by_one(found: list[tuple[str, dict[str, Any], torch.Tensor]], layout: FileLayout,
+                       index: dict[str, int]) -> _Choice:
+    """The pairs of :func:`in_place` that qualify, tensor by tensor: ``(layout indices, tensors for
+    assemble, their data pointers, whether a tensor subclass was met)``, in the order found."""
+    dtypes, shapes = layout.dtypes, layout.shapes
+    begins, ends = layout.begins, layout.ends
     picked: list[int] = []
     tensors: list[torch.Tensor] = []
     starts: list[int] = []
@@ -70,7 +123,6 @@ def in_place(skeleton: Any, layout: FileLayout, live: Any) -> InPlace:
     seen: set[str] = set()
     plain = (torch.Tensor, torch.nn.Parameter)
     strided = torch.strided
-    begins, ends = layout.begins, layout.ends
     for name, node, t in found:
         if type(t) not in plain:
             foreign = True
@@ -93,14 +145,7 @@ def in_place(skeleton: Any, layout: FileLayout, live: Any) -> InPlace:
         picked.append(i)
         tensors.append(result)
         starts.append(t.data_ptr())
-    sizes = [ends[i] - begins[i] for i in picked]  # each the live tensor's size in bytes, as checked above
-    picked, tensors, starts, sizes = _disjoint_memory(picked, tensors, starts, sizes)
-    if any(map(operator.gt, picked[:-1], picked[1:])):  # not in file order: sort by entry index
-        order = sorted(range(len(picked)), key=picked.__getitem__)
-        picked, tensors = [picked[k] for k in order], [tensors[k] for k in order]
-        starts, sizes = [starts[k] for k in order], [sizes[k] for k in order]
-    return InPlace(tuple(picked), tuple(span_views(starts, sizes)),
-                   dict(zip([names[i] for i in picked], tensors, strict=True)), foreign)
+    return picked, tensors, starts, foreign
 
 
 _Picked = tuple[list[int], list[torch.Tensor], list[int], list[int]]
