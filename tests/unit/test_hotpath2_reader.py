@@ -71,13 +71,13 @@ def test_a_damaged_byte_in_a_batch_read_in_place_fails_the_checksum_naming_the_f
     _, views = _views([100] * 700)
     with VerifiedReader(path, len(data), checksum) as reader:
         reader.read_into(views)
-        with pytest.raises(IntegrityError, match="f.bin: checksum mismatch"):
+        with pytest.raises(IntegrityError, match=r"f\.bin: checksum mismatch"):
             reader.finish()
 
 
 def test_a_file_shorter_than_the_views_is_reported_as_shrunk(tmp_path: Path) -> None:
     path, data = _file(tmp_path, 1000)
     _, views = _views([600, 600])
-    with VerifiedReader(path, len(data), hashing.checksum_of(data)) as reader:
-        with pytest.raises(IntegrityError, match="shrank"):
-            reader.read_into(views)
+    with VerifiedReader(path, len(data), hashing.checksum_of(data)) as reader, \
+            pytest.raises(IntegrityError, match="shrank"):
+        reader.read_into(views)

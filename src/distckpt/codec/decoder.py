@@ -74,7 +74,7 @@ def _tensors_of(layout: FileLayout, buffer: bytearray | memoryview, overrides: d
     if count and len(overrides) >= count and overrides.keys() >= set(names):  # all read in place
         if not out.keys().isdisjoint(names):
             raise IntegrityError(f"tensor {next(n for n in names if n in out)!r} appears twice")
-        out.update(zip(names, map(overrides.__getitem__, names)))
+        out.update(zip(names, map(overrides.__getitem__, names), strict=True))
         return
     i = 0
     while i < count:

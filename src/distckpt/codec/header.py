@@ -136,58 +136,6 @@ _DTENSOR_MARK = '"' + _dtensor.TAG + '"'
 
 
 def _checked_columns(raw: dict[str, Any], start: int, limit: int) -> _Columns:
-    """The header's columns; raises :class:`IntegrityError` naming the first bad entry.
-
-    Checked a column at a time (C loops, no Python work per entry) when the header is well
-    formed; anything odd is found again entry by entry (:func:`_columns_by_entry`), which names it.
-    """
-    try:
-        columns = _columns_at_once(raw, start, limit)
-    except (IntegrityError, KeyError, TypeError, ValueError, IndexError, OverflowError):
-        columns = None
-    return _columns_by_entry(raw, start, limit) if columns is None else columns
-
-
-_DTYPE = operator.itemgetter("dtype")
-_SHAPE = operator.itemgetter("shape")
-_OFFSETS = operator.itemgetter("data_offsets")
-_FIRST = operator.itemgetter(0)
-_SECOND = operator.itemgetter(1)
-_THIRD = operator.itemgetter(2)
-
-
-def _columns_at_once(raw: dict[str, Any], start: int, limit: int) -> _Columns | None:
-    """:func:`_checked_columns` for a well-formed header, a column at a time; ``None`` (or an
-    exception) when any entry is not, for :func:`_columns_by_entry` to name it.
-
-    Every check of the entry loop is made: entries are objects with a dtype the format knows,
-    a shape of integers in [0, 2**63), and data_offsets ``[begin, end]`` of integers (``bool``
-    is not one) with ``0 <= begin <= end <= limit`` and ``end - begin`` the size of its shape.
-    """
-    infos = list(raw.values())
-    if not infos:
-        return [], [], [], [], []
-    if set(map(type, infos)) != {dict}:
-        return None
-    sts = list(map(_DTYPE, infos))
-    dims = list(map(_SHAPE, infos))
-    offsets = list(map(_OFFSETS, infos))
-    if set(map(type, dims)) != {list} or set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
-        return None
-    keys = list(zip(sts, map(tuple, dims)))
-    kinds = {key: _kind(key[0], list(key[1])) for key in set(keys)}  # a few distinct dtypes and shapes
-    per_entry = list(map(kinds.__getitem__, keys))
-    begins = list(map(_FIRST, offsets))
-    stops = list(map(_SECOND, offsets))
-    if set(map(type, begins)) != {int} or set(map(type, stops)) != {int}:
-        return None
-    if min(begins) < 0 or max(stops) > limit or list(map(operator.sub, stops, begins)) != list(map(_THIRD, per_entry)):
-        return None  # (sizes are never negative, so equal sizes also mean begin <= end)
-    return (list(raw), list(map(_FIRST, per_entry)), list(map(_SECOND, per_entry)),
-            list(map(start.__add__, begins)), list(map(start.__add__, stops)))
-
-
-def _columns_by_entry(raw: dict[str, Any], start: int, limit: int) -> _Columns:
     """The header's columns, entry by entry; raises :class:`IntegrityError` naming the first bad entry.
 
     A dtype and shape seen before are not checked again (thousands of tensors share a few).

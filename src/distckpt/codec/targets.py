@@ -64,8 +64,7 @@ def in_place(skeleton: Any, layout: FileLayout, live: Any) -> InPlace:
     found: list[tuple[str, dict[str, Any], torch.Tensor]] = []
     _pair_tensors(skeleton, live, found)
     begins, ends = layout.begins, layout.ends
-    at_once = _picked_at_once(found, layout, index)
-    picked, tensors, starts, foreign = _picked_one_by_one(found, layout, index) if at_once is None else at_once
+    picked, tensors, starts, foreign = _picked_one_by_one(found, layout, index)
     sizes = [ends[i] - begins[i] for i in picked]  # each the live tensor's size in bytes, as checked above
     picked, tensors, starts, sizes = _disjoint_memory(picked, tensors, starts, sizes)
     if any(map(operator.gt, picked[:-1], picked[1:])):  # not in file order: sort by entry index
@@ -77,37 +76,6 @@ def in_place(skeleton: Any, layout: FileLayout, live: Any) -> InPlace:
 
 
 _Choice = tuple[list[int], list[torch.Tensor], list[int], bool]
-_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
-_DTYPE = operator.attrgetter("dtype")
-_SHAPE = operator.attrgetter("shape")
-_IS_CPU = operator.attrgetter("is_cpu")
-_LAYOUT = operator.attrgetter("layout")
-
-
-def _picked_at_once(found: list[tuple[str, dict[str, Any], torch.Tensor]], layout: FileLayout,
-                    index: dict[str, int]) -> _Choice | None:
-    """:func:`_picked_one_by_one` when every pair qualifies, checked a column at a time (C loops,
-    no Python work per tensor); ``None`` when any does not (or is stored as raw bytes), for the
-    tensor-by-tensor choice. The checks are the same: plain CPU tensors, strided, contiguous, not
-    conjugated or negated lazily, the entry's dtype and shape, not empty, each name once."""
-    if not found:
-        return None
-    names, nodes, live = (list(column) for column in zip(*found, strict=True))
-    if (not set(map(type, live)) <= _PLAIN_TYPES or set(map(len, nodes)) != {1}
-            or len(set(names)) != len(names)):
-        return None
-    picked = list(map(index.get, names))
-    if None in picked:
-        return None
-    if (list(map(_DTYPE, live)) != list(map(layout.dtypes.__getitem__, picked))
-            or list(map(_SHAPE, live)) != list(map(layout.shapes.__getitem__, picked))
-            or not all(map(_IS_CPU, live)) or set(map(_LAYOUT, live)) != {torch.strided}
-            or not all(map(torch.Tensor.is_contiguous, live)) or any(map(torch.Tensor.is_conj, live))
-            or any(map(torch.Tensor.is_neg, live))
-            or not all(map(operator.ne, map(layout.begins.__getitem__, picked),
-                           map(layout.ends.__getitem__, picked)))):
-        return None
-    return picked, live, list(map(torch.Tensor.data_ptr, live)), False
 
 
 def _picked_one_by_one(found: list[tuple[str, dict[str, Any], torch.Tensor]], layout: FileLayout,
