@@ -60,7 +60,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also cProfile one in-process distckpt save/load of big and small; write .txt/.pstats there")
     p.add_argument("--report", default=None, metavar="JSON",
-                   help="only re-render the tables, goals and --png of an earlier --json file")
+                   help="only re-render the tables, goals and --png of an earlier --json file (several, comma-separated: "
+                        "their cases together, a later file's case replacing an earlier one's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for one world")
     args = p.parse_args(argv)
     if args.smoke:
@@ -112,8 +113,19 @@ def environment(args: argparse.Namespace, root: str) -> dict[str, Any]:
 
 
 def rerender(args: argparse.Namespace) -> int:
-    with open(args.report) as f:
-        data = json.load(f)
+    """``--report A.json[,B.json...]``: the tables and goals of one run, or of several runs' cases
+    together (a case measured again in a later file replaces the earlier one; the scale-on-paper
+    figures come from the last file that has them)."""
+    data: dict[str, Any] = {"cases": [], "paper": None}
+    by_case: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for path in args.report.split(","):
+        with open(path) as f:
+            one = json.load(f)
+        for c in one.get("cases", []):
+            by_case[(c["workload"], c["world"], c.get("nodes", 1))] = c
+        data["paper"] = one.get("paper") or data["paper"]
+        data.update({k: v for k, v in one.items() if k not in ("cases", "paper")})
+    data["cases"] = list(by_case.values())
     cases = data["cases"]
     for c in cases:
         report._ratios(c)
@@ -185,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
           f"checkpoints in {root} ({fmt_bytes(env['disk_free'])} free); memory budget "
           f"{args.mem_budget_gb:g} GB of state per world", flush=True)
     cases: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     started = time.perf_counter()
     with WorldPool(max_ranks=max(args.worlds)) as pool:
         pool.warm_up(max(args.worlds))
@@ -195,14 +208,24 @@ def main(argv: list[str] | None = None) -> int:
                        "cold": args.cold, "methods": methods, "root": root}
                 nodes = nodes_for(world, args.nodes)
                 t0 = time.perf_counter()
-                ranks = pool.run_ok(WorldSpec(nodes=nodes, procs_per_node=world // nodes), run_case, cfg,
-                                    timeout=args.timeout)
+                try:
+                    ranks = pool.run_ok(WorldSpec(nodes=nodes, procs_per_node=world // nodes), run_case, cfg,
+                                        timeout=args.timeout)
+                except Exception as exc:  # a rank killed (out of memory, say) costs this case, not the run
+                    failed.append({"workload": workload, "world": world, "error": str(exc)[-2000:],
+                                   "load_avg": os.getloadavg()[0]})
+                    print(f"== {workload} world={world}: FAILED, skipped ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}); "
+                          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+                    continue
                 case = report.aggregate(workload, world, nodes, scale, args.warmup, ranks)
                 case["wall_s"] = time.perf_counter() - t0
                 case["load_avg"] = os.getloadavg()[0]
                 cases.append(case)
                 print(report.case_table(case) + f"\n   ({case['wall_s']:.1f} s, load average {case['load_avg']:.2f})",
                       flush=True)
+                if args.json_path:  # after every case, so a run cut short keeps what it measured
+                    _write_json(args, {"environment": env, "cases": cases, "failed": failed, "partial": True})
     gs = report.goals(cases)
     print(report.summary_tables(cases))
     paper = None
@@ -229,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     env["wall_s"] = time.perf_counter() - started
     print(f"\ntotal {env['wall_s']:.1f} s; load average before {env['load_before'][0]:.2f}, after "
           f"{env['load_after'][0]:.2f} (other work on this machine makes timings noisy: compare ratios)")
+    if failed:
+        print(f"{len(failed)} case(s) FAILED and are missing from the tables: "
+              + ", ".join(f"{f['workload']}/w{f['world']}" for f in failed))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "environment": env, "cases": cases,
-                       "goals": gs, "goals15": g15, "paper": paper, "profiles": profiles}, f, indent=1, default=str)
+        _write_json(args, {"environment": env, "cases": cases, "failed": failed, "goals": gs, "goals15": g15,
+                           "paper": paper, "profiles": profiles})
         print(f"wrote {args.json_path}")
     if args.png_path:
         if report.chart(cases, args.png_path):
@@ -241,4 +266,12 @@ def main(argv: list[str] | None = None) -> int:
             print("--png: matplotlib is not installed; no chart (pip install -c constraints.txt matplotlib)")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return 1 if failed else 0
+
+
+def _write_json(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """The run's JSON (``--json``), replaced whole (written beside it, then renamed)."""
+    tmp = args.json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"args": dict(vars(args)), **data}, f, indent=1, default=str)
+    os.replace(tmp, args.json_path)
