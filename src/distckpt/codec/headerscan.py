@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Callable
 from itertools import accumulate
-from json.decoder import scanstring
+from json import decoder as _json_decoder
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ from .dtypes import _FROM_ST, _itemsize
 
 __all__ = ["scan_compact"]
 
+#: the json module's own string scanner (C), strict as ``json.loads``; not in the type stubs
+_scanstring: Callable[[str, int], tuple[str, int]] = _json_decoder.scanstring  # type: ignore[attr-defined]
 _NUMBER = r"(?:0|[1-9][0-9]*)"
 #: one entry: its name (no quote, backslash or control character); its kind, the text from the
 #: dtype to the shape's last number (``F32","shape":[3,4``); its begin and end offsets
@@ -113,10 +116,10 @@ def _flat_strings(text: str, pos: int) -> tuple[dict[str, str], int] | None:
     if text.startswith("}", pos):
         return out, pos + 1
     while text.startswith('"', pos):
-        key, pos = scanstring(text, pos + 1)
+        key, pos = _scanstring(text, pos + 1)
         if not text.startswith(':"', pos):
             return None
-        out[key], pos = scanstring(text, pos + 2)
+        out[key], pos = _scanstring(text, pos + 2)
         if text.startswith(",", pos):
             pos += 1
         elif text.startswith("}", pos):
