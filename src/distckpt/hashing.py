@@ -77,6 +77,13 @@ class PipelinedHasher:
         if self._bytes >= _HASH_BATCH:
             self._submit()
 
+    def update_many(self, views: list[memoryview], nbytes: int) -> None:
+        """As ``update`` for each of ``views`` in order (``nbytes`` their total length), in one call."""
+        self._batch += views
+        self._bytes += nbytes
+        if self._bytes >= _HASH_BATCH:
+            self._submit()
+
     def _submit(self) -> None:
         batch, self._batch, self._bytes = self._batch, [], 0
         if not batch:

@@ -16,7 +16,10 @@ every rank, and the trainer must load again (or restart) before training on.
 
 from __future__ import annotations
 
+import operator
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -101,14 +104,7 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
                 dtensor.check_skeleton(skeleton, live, full)  # before any byte lands in a live tensor
             views: list[memoryview] = []  # file order: scratch-buffer gaps and live tensors
             if targets is not None and targets.indices:
-                position = reader.position
-                buffer, begins, ends = reader.buffer, layout.begins, layout.ends
-                for i, view in zip(targets.indices, targets.views, strict=True):
-                    begin = begins[i]
-                    if begin > position:
-                        views.append(buffer[position:begin])
-                    views.append(view)
-                    position = ends[i]
+                views = _file_order(reader, layout, targets)
                 overrides.update(targets.tensors)
             if progress is None:
                 reader.read_into(views)  # one readv per 512 buffers, not one per tensor
@@ -120,35 +116,44 @@ def _read_parts(root: str, entries: Sequence[FileEntry], live: Any,
             progress(entry.size_bytes - before)
 
 
+def _file_order(reader: storage.VerifiedReader, layout: codec.FileLayout, targets: codec.InPlace) -> list[memoryview]:
+    """The views to read the rest of the file into, in file order: each in-place target's, and
+    the scratch buffer's for the stretches between them (none when the targets lie back to back,
+    the common case, told by one comparison of columns)."""
+    position = reader.position
+    buffer, begins, ends, indices = reader.buffer, layout.begins, layout.ends, targets.indices
+    if all(map(operator.eq, map(begins.__getitem__, indices[1:]), map(ends.__getitem__, indices))):
+        first = begins[indices[0]]
+        return [buffer[position:first], *targets.views] if first > position else list(targets.views)
+    views: list[memoryview] = []
+    for i, view in zip(indices, targets.views, strict=True):
+        begin = begins[i]
+        if begin > position:
+            views.append(buffer[position:begin])
+        views.append(view)
+        position = ends[i]
+    return views
+
+
 def _read_reporting(reader: storage.VerifiedReader, views: list[memoryview],
                     progress: Callable[[int], None]) -> None:
     """As ``reader.read_into(views)`` then up to the end of the file, in stretches of at most
     :data:`_PROGRESS_STEP` bytes, calling ``progress(bytes)`` after each (the caller's finish()
-    verifies; the bytes before the first stretch, the header, are counted with the first)."""
-    counted = 0
-    batch: list[memoryview] = []
-    size = 0
+    verifies; the bytes before the first stretch, the header, are counted with the first).
+    A stretch ends with the view that reaches the step; a view longer than it is cut first."""
     step = _PROGRESS_STEP
-    for whole in views:
-        length = len(whole)
-        if length <= step:  # the common case: a tensor smaller than a stretch, as it is
-            batch.append(whole)
-            size += length
-            if size < step:
-                continue
-            reader.read_into(batch)
-            progress(reader.position - counted)
-            counted, batch, size = reader.position, [], 0
-            continue
-        for view in (whole[i:i + step] for i in range(0, length, step)):
-            batch.append(view)
-            size += len(view)
-            if size >= step:
-                reader.read_into(batch)
-                progress(reader.position - counted)
-                counted, batch, size = reader.position, [], 0
-    if batch:
-        reader.read_into(batch)
+    lengths = list(map(len, views))
+    if lengths and max(lengths) > step:
+        views = [v[i:i + step] for v in views for i in range(0, len(v), step)]
+        lengths = list(map(len, views))
+    ends = list(accumulate(lengths))  # ends[k]: bytes up to the end of view k
+    counted = 0
+    start = done = 0
+    while start < len(views):
+        stop = min(bisect_left(ends, done + step, start) + 1, len(views))
+        reader.read_into(views[start:stop])
+        progress(reader.position - counted)
+        counted, start, done = reader.position, stop, ends[stop - 1]
     while reader.position + _PROGRESS_STEP < reader.size:
         reader.read_to(reader.position + _PROGRESS_STEP)
         progress(reader.position - counted)
@@ -158,7 +163,7 @@ def _read_reporting(reader: storage.VerifiedReader, views: list[memoryview],
 
 def _disjoint(layout: codec.FileLayout) -> bool:
     """Entries are sorted by offset; in-place reading needs them not to overlap."""
-    return all(end <= begin for end, begin in zip(layout.ends[:-1], layout.begins[1:], strict=True))
+    return all(map(operator.le, layout.ends[:-1], layout.begins[1:]))
 
 
 def _check_part(layout: codec.FileLayout, index: int, count: int, where: str) -> None:

@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "pure": (
         "version", "errors", "logs", "names", "boundedjson", "hashing", "topology", "patterns", "layout",
         "components", "dtensor", "codec.dtypes", "codec.encoded", "codec.skeletontext",
-        "codec.encoder", "codec.header", "codec.decoder",
+        "codec.encoder", "codec.headerscan", "codec.header", "codec.decoder",
         "codec.targets", "codec", "digests", "jsontext", "fileentry", "manifest", "statecheck", "report", "rng",
         "progress",
         "planreports", "planning",

@@ -19,6 +19,7 @@ One module per concept; callers use the names re-exported here
 - :mod:`.encoded`: :class:`EncodedState` and the text of its safetensors header;
 - :mod:`.encoder`: :func:`encode` (with its path-free fast walk and the DTensor hooks);
 - :mod:`.header`: :func:`parse_header` into a columnar :class:`FileLayout`;
+- :mod:`.headerscan`: the compact header form read with one regex split (the common case of :mod:`.header`);
 - :mod:`.decoder`: :func:`decode` and :func:`assemble`;
 - :mod:`.targets`: :func:`in_place` (and the older :func:`live_targets`), the live tensors a load can fill in place.
 

@@ -31,6 +31,7 @@ from .dtypes import (
     _itemsize,
     gc_paused,
 )
+from .headerscan import scan_compact
 
 
 @dataclass(frozen=True)
@@ -106,15 +107,19 @@ def parse_header(header: bytes | memoryview, file_size: int, where: str = "<buff
 
 
 def _parse_entries(text: str, start: int, file_size: int) -> FileLayout:
-    raw = boundedjson.loads(text, _HEADER_DEPTH)
-    if not isinstance(raw, dict):
-        raise ValueError("header is not a JSON object")
-    meta = raw.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise ValueError("__metadata__ is not a JSON object")
     limit = file_size - start
-    names, dtypes, shapes, begins, ends = _checked_columns(raw, start, limit)
-    del raw
+    compact = scan_compact(text, start, limit)  # the common form, without a JSON object per tensor
+    if compact is not None:
+        meta, (names, dtypes, shapes, begins, ends) = compact
+    else:
+        raw = boundedjson.loads(text, _HEADER_DEPTH)
+        if not isinstance(raw, dict):
+            raise ValueError("header is not a JSON object")
+        meta = raw.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise ValueError("__metadata__ is not a JSON object")
+        names, dtypes, shapes, begins, ends = _checked_columns(raw, start, limit)
+        del raw
     text_skeleton = meta.get(SKELETON_KEY)
     if text_skeleton is not None and type(text_skeleton) is not str:
         raise ValueError("the skeleton is not a string")

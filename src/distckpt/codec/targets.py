@@ -57,12 +57,33 @@ def in_place(skeleton: Any, layout: FileLayout, live: Any) -> InPlace:
     alias, or views of one buffer that overlap, are read once; the other entries
     go to the scratch buffer). Pure; never raises for content.
     """
-    names, dtypes, shapes = layout.names, layout.dtypes, layout.shapes
+    names = layout.names
     if skeleton is None:
         return InPlace((), (), {}, False)
     index = dict(zip(names, range(len(names)), strict=True))
     found: list[tuple[str, dict[str, Any], torch.Tensor]] = []
     _pair_tensors(skeleton, live, found)
+    begins, ends = layout.begins, layout.ends
+    picked, tensors, starts, foreign = _picked_one_by_one(found, layout, index)
+    sizes = [ends[i] - begins[i] for i in picked]  # each the live tensor's size in bytes, as checked above
+    picked, tensors, starts, sizes = _disjoint_memory(picked, tensors, starts, sizes)
+    if any(map(operator.gt, picked[:-1], picked[1:])):  # not in file order: sort by entry index
+        order = sorted(range(len(picked)), key=picked.__getitem__)
+        picked, tensors = [picked[k] for k in order], [tensors[k] for k in order]
+        starts, sizes = [starts[k] for k in order], [sizes[k] for k in order]
+    return InPlace(tuple(picked), tuple(span_views(starts, sizes)),
+                   dict(zip([names[i] for i in picked], tensors, strict=True)), foreign)
+
+
+_Choice = tuple[list[int], list[torch.Tensor], list[int], bool]
+
+
+def _picked_one_by_one(found: list[tuple[str, dict[str, Any], torch.Tensor]], layout: FileLayout,
+                       index: dict[str, int]) -> _Choice:
+    """The pairs of :func:`in_place` that qualify, tensor by tensor: ``(layout indices, tensors for
+    assemble, their data pointers, whether a tensor subclass was met)``, in the order found."""
+    dtypes, shapes = layout.dtypes, layout.shapes
+    begins, ends = layout.begins, layout.ends
     picked: list[int] = []
     tensors: list[torch.Tensor] = []
     starts: list[int] = []
@@ -70,7 +91,6 @@ def in_place(skeleton: Any, layout: FileLayout, live: Any) -> InPlace:
     seen: set[str] = set()
     plain = (torch.Tensor, torch.nn.Parameter)
     strided = torch.strided
-    begins, ends = layout.begins, layout.ends
     for name, node, t in found:
         if type(t) not in plain:
             foreign = True
@@ -93,14 +113,7 @@ def in_place(skeleton: Any, layout: FileLayout, live: Any) -> InPlace:
         picked.append(i)
         tensors.append(result)
         starts.append(t.data_ptr())
-    sizes = [ends[i] - begins[i] for i in picked]  # each the live tensor's size in bytes, as checked above
-    picked, tensors, starts, sizes = _disjoint_memory(picked, tensors, starts, sizes)
-    if any(map(operator.gt, picked[:-1], picked[1:])):  # not in file order: sort by entry index
-        order = sorted(range(len(picked)), key=picked.__getitem__)
-        picked, tensors = [picked[k] for k in order], [tensors[k] for k in order]
-        starts, sizes = [starts[k] for k in order], [sizes[k] for k in order]
-    return InPlace(tuple(picked), tuple(span_views(starts, sizes)),
-                   dict(zip([names[i] for i in picked], tensors, strict=True)), foreign)
+    return picked, tensors, starts, foreign
 
 
 _Picked = tuple[list[int], list[torch.Tensor], list[int], list[int]]

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import errno
 import os
+from bisect import bisect_left
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import Any
 
 from ..errors import IntegrityError
@@ -121,30 +123,46 @@ class VerifiedReader:
         return self.buffer[:offset]
 
     def read_into(self, views: Iterable[memoryview]) -> None:
-        """Read the next ``sum(len(v))`` bytes of the file into ``views``, in order."""
-        pending = [v[i:i + _READ_PIECE] for v in views for i in range(0, len(v), _READ_PIECE)]
+        """Read the next ``sum(len(v))`` bytes of the file into ``views``, in order.
+
+        One ``readv`` per 512 views or 16 MiB; a batch read whole goes to the hasher in one
+        hand-over (the common case: no work per view here), a short read view by view.
+        """
+        pending = list(views)  # a copy: a short read replaces a view by its unread rest
+        lengths = list(map(len, pending))
+        if lengths and (max(lengths) > _READ_PIECE or not min(lengths)):
+            # large buffers read and hashed a piece at a time; empty ones dropped
+            pending = [v[i:i + _READ_PIECE] for v in pending for i in range(0, len(v), _READ_PIECE)]
+            lengths = list(map(len, pending))
+        ends = list(accumulate(lengths))  # ends[k]: bytes up to the end of view k
         i = 0
-        while i < len(pending):
-            batch: list[memoryview] = []
-            total = 0
-            for v in pending[i:i + _IOV_BATCH]:
-                batch.append(v)
-                total += len(v)
-                if total >= _READ_PIECE:
-                    break
+        done = 0  # bytes of pending[:i]
+        count = len(pending)
+        while i < count:
+            # up to 512 views, stopping after the view that reaches 16 MiB
+            stop = min(i + _IOV_BATCH, bisect_left(ends, done + _READ_PIECE, i) + 1, count)
+            batch = pending[i:stop]
+            want = ends[stop - 1] - done
             n = os.readv(self._fd, batch)
             if n == 0:
                 raise IntegrityError(f"{self.path}: file shrank while being read")
             self.position += n
-            while n:
+            if n == want:
+                self._hasher.update_many(batch, n)
+                done += n
+                i = stop
+                continue
+            while n:  # a short read: hash what arrived, re-read the rest of a view cut short
                 v = pending[i]
                 if n >= len(v):
                     self._hasher.update(v)
                     n -= len(v)
+                    done += len(v)
                     i += 1
                 else:
                     self._hasher.update(v[:n])
                     pending[i] = v[n:]
+                    done += n
                     n = 0
         if self.position > self.size:
             raise IntegrityError(f"{self.path}: read past the size the manifest gives")

@@ -127,7 +127,10 @@ class _RunWriter:
         import torch  # loaded by then: the caller's tensors are torch's
 
         with torch.no_grad():  # a Parameter that requires grad is copied as plain memory (cat(out=) refuses it)
-            torch.cat([t if t.dim() == 1 else t.view(-1) for t in tensors], out=target)
+            if max(map(torch.Tensor.dim, tensors)) <= 1:  # 0-d ones made 1-d in C++ (no view(-1) call each)
+                torch.hstack(tensors, out=target)
+            else:
+                torch.cat([t if t.dim() == 1 else t.view(-1) for t in tensors], out=target)
         self.fill += nbytes
         self.size += nbytes
         if self.fill == _BOUNCE_BYTES:
