@@ -80,9 +80,10 @@ class CountingComm:
         return obj
 
 
-def received_in_plan_phase(world: int) -> int:
-    comps = components()
-    comm = CountingComm(world, comps)
+def run_plan_phase(comm: CountingComm, world: int) -> None:
+    """Rank 0's plan phase of a save of :func:`components` over ``comm`` (the other ranks' parts
+    of each collective are what ``comm`` builds); checks the plan came out whole."""
+    comps = comm.comps
 
     def report(full: bool = False) -> Any:
         return local_report(comm.node_id(), groups_of(0, world), comps, full)
@@ -95,6 +96,11 @@ def received_in_plan_phase(world: int) -> int:
     # the plan itself is whole: 256 bytes of state in parts of >= 64 bytes, so 4 parts per replica set
     assert len(result.components["model"].files) == PP * TP * 4
     assert len(result.components["cache"].files) == world // PER_NODE * 4
+
+
+def received_in_plan_phase(world: int) -> int:
+    comm = CountingComm(world, components())
+    run_plan_phase(comm, world)
     print(world, comm.received, comm.received / world)
     return comm.received
 

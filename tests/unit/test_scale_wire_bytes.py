@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 
 from distckpt import wire
-from distckpt.planning import local_report
-from distckpt.saving import States, plan
-from tests.unit.test_plan_phase_bytes import PER_NODE, PP, TP, CountingComm, components, groups_of
+from tests.unit.test_plan_phase_bytes import CountingComm, components, run_plan_phase
 
 MIB = 1024 * 1024
 
@@ -97,19 +95,8 @@ class WireComm(CountingComm):
 
 
 def wire_bytes_of_the_plan_phase(world: int) -> list[int]:
-    comps = components()
-    comm = WireComm(world, comps)
-
-    def report(full: bool = False) -> Any:
-        return local_report(comm.node_id(), groups_of(0, world), comps, full)
-
-    allocation = {"path": "/nowhere/1", "staging": "/nowhere/.1", "checkpoint_id": "1", "sequence": 1,
-                  "timestamp": "2026-01-01T00:00:00Z"}
-    result = plan(comm, comps, report, States({c.key: c for c in comps}),  # type: ignore[arg-type]
-                  allocate=lambda: allocation, min_part_bytes=64, hook=lambda phase: None,
-                  args={"checkpoint_id": None})
-    assert len(result.components["model"].files) == PP * TP * 4
-    assert len(result.components["cache"].files) == world // PER_NODE * 4
+    comm = WireComm(world, components())
+    run_plan_phase(comm, world)
     return comm.wire
 
 

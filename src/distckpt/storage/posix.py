@@ -194,23 +194,23 @@ def remove_entry(path: str) -> None:
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-_renameat2_fn: Any = None
-_renameat2_loaded = False
+_libc_functions: dict[str, Any] = {}
 
 
-def _load_renameat2() -> Any:
-    global _renameat2_fn, _renameat2_loaded
-    if not _renameat2_loaded:
-        _renameat2_loaded = True
+def _libc_function(name: str, argtypes: list[Any]) -> Any:
+    """The running process's libc function ``name`` (errno kept), looked up once; ``None`` where this
+    OS or libc lacks it (not Linux; ``renameat2`` needs glibc 2.28). Callers pass 64-bit ``off_t``
+    argument types only on a 64-bit ABI."""
+    if name not in _libc_functions:
+        fn: Any = None
         try:
-            libc = ctypes.CDLL(None, use_errno=True)  # the running process's symbols, libc's included
-            fn = libc.renameat2
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn = getattr(ctypes.CDLL(None, use_errno=True), name)  # the process's symbols, libc's included
+            fn.argtypes = argtypes
             fn.restype = ctypes.c_int
-            _renameat2_fn = fn
-        except (OSError, AttributeError):  # not Linux, or a libc older than glibc 2.28
-            _renameat2_fn = None
-    return _renameat2_fn
+        except (OSError, AttributeError):
+            fn = None
+        _libc_functions[name] = fn
+    return _libc_functions[name]
 
 
 def _renameat2(old: str, new: str, flags: int) -> bool:
@@ -218,7 +218,7 @@ def _renameat2(old: str, new: str, flags: int) -> bool:
 
     Any other failure raises ``OSError`` (``EEXIST`` for a taken name with ``RENAME_NOREPLACE``).
     """
-    fn = _load_renameat2()
+    fn = _libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint])
     if fn is None:
         return False
     if fn(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) == 0:
@@ -230,24 +230,6 @@ def _renameat2(old: str, new: str, flags: int) -> bool:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range_fn: Any = None
-_sync_file_range_loaded = False
-
-
-def _load_sync_file_range() -> Any:
-    global _sync_file_range_fn, _sync_file_range_loaded
-    if not _sync_file_range_loaded:
-        _sync_file_range_loaded = True
-        try:
-            if ctypes.sizeof(ctypes.c_void_p) != 8:  # off_t is 64 bits only on 64-bit ABIs
-                raise AttributeError("32-bit ABI")
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _sync_file_range_fn = fn
-        except (OSError, AttributeError):  # not Linux
-            _sync_file_range_fn = None
-    return _sync_file_range_fn
 
 
 def start_writeback(fd: int, offset: int, length: int) -> bool:
@@ -261,7 +243,9 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     False, and never raises, when the OS or file system cannot do it or the
     call fails for any reason: the caller then stops asking for that file.
     """
-    fn = _load_sync_file_range()
+    if ctypes.sizeof(ctypes.c_void_p) != 8:  # off_t is 64 bits only on 64-bit ABIs
+        return False
+    fn = _libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
     if fn is None:
         return False
     return bool(fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0)
