@@ -45,6 +45,7 @@ Methods (``kind``):
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import shutil
@@ -525,4 +526,13 @@ def _clone(state: Any) -> Any:
 def run_case(ctx: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     """Entry point run on every rank by ``WorldPool.run_ok``."""
     torch.set_num_threads(1)
-    return RankBench(ctx, cfg).run()
+    bench = RankBench(ctx, cfg)
+    try:
+        return bench.run()
+    finally:
+        # The coordinators' phase hook is a bound method of the bench: a cycle, holding the case's
+        # state, that the collector's object-count thresholds may not reach for many cases (a few
+        # large tensors are few objects). Break it, or the warm rank process grows case by case.
+        bench.coords.clear()
+        del bench
+        gc.collect()
