@@ -24,9 +24,9 @@ from operator import attrgetter
 from typing import Any
 
 from . import boundedjson, jsontext
-from .codec.dtypes import gc_paused
 from .errors import ManifestError
 from .fileentry import FileEntry, check_parts, extra_fields, need, rank_list, rank_lists
+from .gcpause import gc_paused
 from .patterns import BUILTIN_KINDS, KIND_PATTERN, SharingPattern, describe_record
 
 __all__ = [

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from .codec import EncodedState
-from .codec.dtypes import gc_paused
 from .components import StateComponent, ValidationLevel
 from .errors import (
     CheckpointError,
@@ -37,6 +36,7 @@ from .errors import (
     TopologyMismatchError,
     on_every_rank,
 )
+from .gcpause import gc_paused
 from .hashing import checksum_of
 from .layout import ComponentPlan, plan_component
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry

@@ -25,7 +25,7 @@ PACKAGE = SRC / "distckpt"
 #: The layers, bottom first. Within a layer, a module may import the ones listed before it.
 LAYERS: dict[str, tuple[str, ...]] = {
     "pure": (
-        "version", "errors", "logs", "names", "boundedjson", "hashing", "topology", "patterns", "layout",
+        "version", "errors", "logs", "names", "gcpause", "boundedjson", "hashing", "topology", "patterns", "layout",
         "components", "dtensor", "codec.dtypes", "codec.encoded", "codec.skeletontext",
         "codec.encoder", "codec.headerscan", "codec.header", "codec.decoder",
         "codec.targets", "codec", "digests", "jsontext", "fileentry", "manifest", "statecheck", "report", "rng",

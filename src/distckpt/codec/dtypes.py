@@ -10,17 +10,16 @@ and :mod:`distckpt.reading` (:func:`gc_paused`). Malformed names and counts rais
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import IntegrityError
+from ..gcpause import gc_paused as gc_paused  # re-exported: the codec's callers take it from here
 
 SKELETON_KEY = "distckpt.skeleton"
 PART_KEY = "distckpt.part"
@@ -71,19 +70,6 @@ def _shape(value: Any) -> tuple[int, ...]:
     if type(value) is not list:
         raise IntegrityError(f"shape must be a list, got {value!r}"[:200])
     return tuple(_count(d, "shape entry") for d in value)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while building many small objects (halves encode/decode time
-    for states of thousands of tensors); restores whatever state it found."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
