@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import xxhash
@@ -169,14 +169,18 @@ class BackgroundChecksums:
     def _work(self) -> None:
         try:
             for name, chunks in self._sources:
-                h = new_hasher(CHECKSUM_ALGORITHM)
-                for chunk in chunks():
-                    if self._cancelled:
-                        return
-                    h.update(chunk)
-                self._results[name] = f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+                checksum = checksum_of_chunks(self._until_cancelled(chunks()))
+                if self._cancelled:  # never a checksum of part of a file
+                    return
+                self._results[name] = checksum
         except BaseException as exc:  # raised by result()
             self._error = exc
+
+    def _until_cancelled(self, chunks: Iterable[memoryview | bytes]) -> Iterator[memoryview | bytes]:
+        for chunk in chunks:
+            if self._cancelled:
+                return
+            yield chunk
 
     def result(self) -> dict[str, str]:
         """Wait for the worker; ``{name: "<algorithm>:<hex>"}`` in the order given."""
