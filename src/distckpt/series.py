@@ -16,12 +16,13 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from . import folder, storage
-from .errors import CheckpointExistsError, ManifestError
+from .errors import CheckpointError, CheckpointExistsError, ManifestError
 from .manifest import MANIFEST_NAME, CheckpointManifest
 from .names import check_name
 
@@ -98,6 +99,50 @@ def latest_committed(parent: str) -> str | None:
     return committed[-1].path if committed else None
 
 
+#: How a manifest written by distckpt begins, up to its sequence number (``to_json``'s key order).
+_SEQUENCE_AT_START = re.compile(
+    rb'\A\{\s*"format": "distckpt",\s*"format_version": "[0-9.]{1,16}",\s*'
+    rb'"checkpoint_id": "(?:[^"\\\x00-\x1f]|\\.){0,1024}",\s*"sequence": (0|[1-9][0-9]{0,17}),')
+_PEEK_BYTES = 4096
+
+
+def committed_sequences(parent: str) -> list[int]:
+    """The sequence number of every committed checkpoint in ``parent``, each read from the first
+    few KiB of its manifest (a full parse only where a manifest does not begin as distckpt writes
+    it). Called by :func:`allocate` on rank 0 under the folder lock; local. Puts back a checkpoint
+    stranded by an interrupted overwrite first, as :func:`list_checkpoints` does.
+
+    A directory without a manifest, or whose manifest cannot be read or parsed, has none. A
+    manifest damaged after its first bytes still gives its number: the next sequence only
+    needs to be above every committed one, so counting it is harmless, and a save no longer
+    parses every manifest of the folder (each can be megabytes at scale).
+    """
+    if not storage.path_info(parent).dir:
+        return []
+    folder.restore_stranded(parent)
+    found: list[int] = []
+    for name in storage.list_dir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith("."):
+            continue
+        info = storage.path_info(path)
+        if info.link or not info.dir:
+            continue
+        manifest = os.path.join(path, MANIFEST_NAME)
+        try:
+            match = _SEQUENCE_AT_START.match(storage.read_prefix(manifest, 0, _PEEK_BYTES))
+        except (OSError, CheckpointError):
+            continue  # no readable manifest: not committed
+        if match is not None:
+            found.append(int(match.group(1)))
+            continue
+        try:
+            found.append(CheckpointManifest.load(manifest).sequence)
+        except Exception:  # as list_checkpoints: one bad directory never blocks a save
+            continue
+    return found
+
+
 def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool,
              wait_s: float) -> Allocation:
     """Rank 0 only, in the plan phase: final path, id, sequence and a fresh staging directory
@@ -122,8 +167,7 @@ def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, ove
     with folder.folder_lock(parent, wait_s):
         folder.clean_stale(parent)
         live = folder.live_saves(parent)
-        sequence = max([e.manifest.sequence for e in list_checkpoints(parent) if e.manifest]
-                       + [owner.sequence for owner in live.values()], default=0) + 1
+        sequence = max([*committed_sequences(parent), *(owner.sequence for owner in live.values())], default=0) + 1
         if checkpoint_path is not None:
             cid = str(checkpoint_id) if checkpoint_id is not None else os.path.basename(final)
         elif checkpoint_id is not None:
