@@ -94,9 +94,23 @@ Allocation = dict[str, Any]
 
 
 def latest_committed(parent: str) -> str | None:
-    """Path of the newest committed checkpoint in ``parent`` (highest sequence), or ``None``. Local."""
-    committed = [e for e in list_checkpoints(parent) if e.committed]
-    return committed[-1].path if committed else None
+    """Path of the newest committed checkpoint in ``parent`` (highest sequence, then timestamp,
+    then name, as :func:`list_checkpoints` orders them), or ``None``. Local.
+
+    Manifests are parsed in full newest first by the sequence their first bytes give, and only
+    until no other can be newer (a valid manifest's sequence is the one its start shows; one
+    that does not begin as distckpt writes it is parsed in full), so "latest" costs one parse,
+    not one per checkpoint of the folder.
+    """
+    peeked = _peeked(parent)
+    best: tuple[int, str, str] | None = None
+    for manifest in [m for m, seq in peeked if seq is None]:
+        best = _newer(best, manifest)
+    for seq, manifest in sorted(((seq, m) for m, seq in peeked if seq is not None), reverse=True):
+        if best is not None and seq < best[0]:
+            break  # newest first: none left can be newer
+        best = _newer(best, manifest)
+    return None if best is None else best[2]
 
 
 #: How a manifest written by distckpt begins, up to its sequence number (``to_json``'s key order).
@@ -117,10 +131,25 @@ def committed_sequences(parent: str) -> list[int]:
     needs to be above every committed one, so counting it is harmless, and a save no longer
     parses every manifest of the folder (each can be megabytes at scale).
     """
+    found: list[int] = []
+    for manifest, peeked in _peeked(parent):
+        if peeked is not None:
+            found.append(peeked)
+            continue
+        loaded = _loaded(manifest)
+        if loaded is not None:
+            found.append(loaded.sequence)
+    return found
+
+
+def _peeked(parent: str) -> list[tuple[str, int | None]]:
+    """``(manifest path, its sequence read from its first bytes, or None)`` for each directory of
+    ``parent`` that may be a committed checkpoint (not hidden, not a symlink, with a manifest
+    file that can be opened), after putting back a stranded checkpoint. Local."""
     if not storage.path_info(parent).dir:
         return []
     folder.restore_stranded(parent)
-    found: list[int] = []
+    out: list[tuple[str, int | None]] = []
     for name in storage.list_dir(parent):
         path = os.path.join(parent, name)
         if name.startswith("."):
@@ -133,14 +162,27 @@ def committed_sequences(parent: str) -> list[int]:
             match = _SEQUENCE_AT_START.match(storage.read_prefix(manifest, 0, _PEEK_BYTES))
         except (OSError, CheckpointError):
             continue  # no readable manifest: not committed
-        if match is not None:
-            found.append(int(match.group(1)))
-            continue
-        try:
-            found.append(CheckpointManifest.load(manifest).sequence)
-        except Exception:  # as list_checkpoints: one bad directory never blocks a save
-            continue
-    return found
+        out.append((manifest, None if match is None else int(match.group(1))))
+    return out
+
+
+def _newer(best: tuple[int, str, str] | None, manifest: str) -> tuple[int, str, str] | None:
+    """``best`` or ``manifest``'s ``(sequence, timestamp, directory)``, whichever is newer; a
+    manifest that cannot be loaded is not a candidate."""
+    loaded = _loaded(manifest)
+    if loaded is None:
+        return best
+    key = (loaded.sequence, loaded.timestamp, os.path.dirname(manifest))
+    return key if best is None or key > best else best
+
+
+def _loaded(manifest: str) -> CheckpointManifest | None:
+    """The manifest, or ``None`` when it cannot be read or parsed (as :func:`list_checkpoints`:
+    one bad directory never blocks a save or a load)."""
+    try:
+        return CheckpointManifest.load(manifest)
+    except Exception:  # any reason at all
+        return None
 
 
 def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool,
