@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import folder, storage
+from . import folder, storage, wire
 from .codec import encode, state_nbytes
 from .collectives import Comm, announce, exchange
 from .components import StateComponent
@@ -102,7 +102,7 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
                                    if c.pattern.identical_replicas else 0 for c in components])
         return out
 
-    def decide() -> dict[str, Any]:  # rank 0, once the world agrees; broadcast, not gathered
+    def decide() -> dict[str, Any]:  # rank 0, once the world agrees and its own plan is made
         if "decision" not in mine:
             mine["decision"] = allocate()
         decided: dict[str, Any] = mine["decision"]
@@ -111,28 +111,41 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     try:
         reports = exchange(comm, "plan", work, agree=args)
         topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)), names=names)
-        decision = announce(comm, "plan", decide)
-        plans = _plan_files(comm, components, topology, decode_reports(reports, names)[3], min_part_bytes)
+        parts = decode_reports(reports, names)[3]
+        if comm.world_size <= _ONE_ROUND_WORLD:  # the decision rides in the digests' round
+            plans, decided = _plan_files(comm, components, topology, parts, min_part_bytes, decide)
+        else:  # a broadcast: in the sized rounds every payload would be padded to the decision's size
+            decided = announce(comm, "plan", decide)
+            plans, _ = _plan_files(comm, components, topology, parts, min_part_bytes, None)
+        assert decided is not None  # rank 0 either decided or raised, and then every rank raised
     except BaseException:
         if "decision" in mine:
             folder.discard_staging(mine["decision"]["staging"])
         raise
-    return SavePlan(topology=topology, components=plans, **decision)
+    return SavePlan(topology=topology, components=plans, **decided)
+
+
+#: Worlds up to this size gather in one round of fixed slots (:mod:`distckpt.wire`), where rank
+#: 0's decision costs the others nothing; larger worlds pad every payload to the longest one.
+_ONE_ROUND_WORLD = wire.SLOTTED_WORLD_BYTES // wire.SLOT_BYTES
 
 
 def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
-                parts: Sequence[Sequence[int]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
+                parts: Sequence[Sequence[int]], min_part_bytes: int | None,
+                decide: Callable[[], dict[str, Any]] | None) -> tuple[dict[str, ComponentPlan], dict[str, Any] | None]:
     """Every rank: each component's files from its pattern, inside a collective so that a
-    pattern that raises, or answers differently on some rank, fails every rank."""
+    pattern that raises, or answers differently on some rank, fails every rank. With
+    ``decide``, rank 0 also allocates the target once its own plan is made, and its decision
+    travels in the same round (returned to every rank; ``None`` without ``decide``)."""
     plans: dict[str, ComponentPlan] = {}
 
-    def work() -> int:
+    def work() -> tuple[int, dict[str, Any] | None]:
         plans.update(plan_components(topology, components, parts, min_part_bytes))
-        return plan_digest(plans)
+        return plan_digest(plans), (decide() if decide is not None and comm.rank == 0 else None)
 
-    digests = exchange(comm, "plan", work)
-    check_same_plan(digests, components)
-    return plans
+    gathered = exchange(comm, "plan", work)
+    check_same_plan([digest for digest, _ in gathered], components)
+    return plans, gathered[0][1]
 
 
 def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: States,
