@@ -31,7 +31,7 @@ from .codec import encode, tensor_bytes
 from .components import StateComponent
 from .handle import SaveHandle
 from .hashing import checksum_of_chunks
-from .hostcopy import StateCopy, Unsupported
+from .hostcopy import Kept, StateCopy, Unsupported
 from .layout import FilePlan
 from .planning import Job, Produce, SavePlan
 from .snapshots import Snapshot, SnapshotBudget
@@ -139,7 +139,7 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
             files[c.key] = mine
     try:
         try:
-            copies = {key: StateCopy(states(key), buffers.setdefault(key, {})) for key in files}
+            copies = {key: StateCopy(states(key), _kept(buffers, key)) for key in files}
         except Unsupported:
             return saving.encoder(rank, components, plan, states, buffers, budget)
         streams = budget is not None and sum(c.nbytes for c in copies.values()) > budget
@@ -165,6 +165,15 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
         def failed() -> Iterator[Job]:
             raise error
         return failed
+
+
+def _kept(buffers: dict[str, dict[int, torch.Tensor]], key: str) -> Kept:
+    """The buffers kept for ``key`` as a :class:`~distckpt.hostcopy.Kept` (which also remembers the
+    bulk copy's columns); buffers the general encoder kept in a plain dict move into one."""
+    held = buffers.get(key)
+    if type(held) is not Kept:
+        held = buffers[key] = Kept(held or {})
+    return held
 
 
 def _parts(copy: StateCopy, files: Sequence[FilePlan], plan_files: Sequence[FilePlan]) -> tuple[set[int] | None, dict[str, str]]:

@@ -19,24 +19,28 @@ old way (:func:`distckpt.saving.encoder`), which also names the bad path.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Collection, MutableMapping
+from collections.abc import Callable, Collection, MutableMapping
+from functools import partial
+from itertools import accumulate, compress
 from typing import Any
 
 import numpy as np
 import torch
 
 from .codec.dtypes import flat_bytes, gc_paused
+from .hostwalk import IMMUTABLE, Irregular, Kept, Walk, columns
 
-__all__ = ["StateCopy", "Unsupported"]
+__all__ = ["Kept", "StateCopy", "Unsupported"]
 
 #: Contiguous CPU tensors of at least this many bytes are copied in chunks of :data:`_CHUNK` bytes
 #: by two threads; smaller ones (and any other) in one batched ``copy_``.
 _LARGE = 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
 _STRIDED = torch.strided
-#: Leaves that nothing can change in place: shared between the live state and its copy.
-_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device})
+_IMMUTABLE = IMMUTABLE
+_data_ptr = torch.Tensor.data_ptr
 
 
 class Unsupported(Exception):
@@ -55,7 +59,8 @@ class StateCopy:
     is updated to this copy's. Raises :class:`Unsupported`.
     """
 
-    def __init__(self, state: Any, reuse: MutableMapping[int, torch.Tensor] | None = None) -> None:
+    def __init__(self, state: Any, reuse: MutableMapping[int, torch.Tensor] | None = None,
+                 bulk: bool = True) -> None:
         self.sources: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.nbytes = 0
@@ -63,18 +68,70 @@ class StateCopy:
         # per target: whether the source is large and its bytes can be copied as they lie (a
         # contiguous CPU tensor, no lazy conjugate or negative bit): copied in chunks by two threads
         self._plain: list[bool] = []
-        self._reuse = reuse if reuse is not None else {}
+        self._sizes: list[int] = []  # per target: its bytes
+        self._cpu = True  # every source is a CPU tensor
+        self._reuse = reuse if reuse is not None else Kept()
         # the views copied so far: the first at each address (source, target), then any others by full key
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._others: dict[tuple[Any, ...], torch.Tensor] = {}
         try:
             with gc_paused():
-                self.state = self._copy(state)
+                self.state = self._bulk(state) if bulk else self._general(state)
         except RecursionError:
             raise Unsupported("nested too deeply") from None
         del self._seen, self._others
 
-    # ------------------------------------------------------------------ the walk
+    # ------------------------------------------------------------------ the bulk path
+
+    def _bulk(self, state: Any) -> Any:
+        """The copy by one lean walk (:class:`~distckpt.hostwalk.Walk`) and the tensors' checks
+        and buffers on columns when all are plain; else each tensor as the per-tensor walk does
+        (:meth:`_tensor`, in the same order), or the whole per-tensor walk for a state the lean
+        one leaves to it. The copy is the same either way."""
+        walk = Walk()
+        try:
+            skeleton = walk.copy(state)
+        except (Irregular, RecursionError):
+            return self._general(state)
+        leaves = walk.leaves
+        cols = columns(leaves)
+        kept = self._reuse
+        if cols is None:
+            if isinstance(kept, Kept):
+                kept.columns = None
+            walk.fill(list(map(self._tensor, leaves)))
+            return skeleton
+        targets = kept.reusable(cols) if isinstance(kept, Kept) else None
+        if targets is None:
+            targets = []
+            get = kept.get
+            for index, (dtype, shape) in enumerate(zip(cols.dtypes, cols.shapes, strict=True)):
+                target = get(index)
+                if target is None or target.dtype is not dtype or target.shape != shape:
+                    target = torch.empty(0, dtype=dtype)  # storage comes with allocate()
+                    kept[index] = target
+                    self._fresh.append(index)
+                targets.append(target)
+            if isinstance(kept, Kept):
+                kept.columns = (targets, cols)
+        self.sources = list(leaves)
+        self.targets = list(targets)
+        self._sizes = cols.sizes
+        self.nbytes = sum(cols.sizes)
+        self._plain = [False] * len(leaves)
+        if cols.sizes and max(cols.sizes) >= _LARGE:
+            for index in [i for i, size in enumerate(cols.sizes) if size >= _LARGE]:
+                t = leaves[index]
+                self._plain[index] = t.is_contiguous() and not (t.is_conj() or t.is_neg())
+        walk.fill(self.targets)
+        return skeleton
+
+    # ------------------------------------------------------------------ the per-tensor path
+
+    def _general(self, state: Any) -> Any:
+        if isinstance(self._reuse, Kept):
+            self._reuse.columns = None  # the walk below keeps buffers by ordinal only
+        return self._copy(state)
 
     def _copy(self, obj: Any) -> Any:
         kind = type(obj)
@@ -123,6 +180,7 @@ class StateCopy:
         cpu = t.is_cpu
         if not cpu and t.device.type != "cuda":
             raise Unsupported(t.device.type)
+        self._cpu = self._cpu and cpu
         shape = t.shape
         dtype = t.dtype
         nbytes = t.nbytes
@@ -153,6 +211,7 @@ class StateCopy:
         self.sources.append(t)
         targets.append(target)
         self._plain.append(cpu and nbytes >= _LARGE and t.is_contiguous() and not (t.is_conj() or t.is_neg()))
+        self._sizes.append(nbytes)
         self.nbytes += nbytes
         return target
 
@@ -171,33 +230,39 @@ class StateCopy:
         ``only``). Called on the caller's thread before the save returns; raises what torch raises.
         Lets go of the live tensors afterwards (once).
 
-        Large contiguous CPU tensors are copied as bytes in chunks that this thread and one
-        helper take in turn (NumPy copies them without the GIL; a helper held back by the
-        machine's load delays nothing, which measured steadier than torch's own threads on a
-        loaded machine). The rest go through one batched ``copy_``, which resolves strides,
-        lazy conjugation and device.
+        Large contiguous CPU tensors are copied as bytes in chunks (NumPy copies them without the
+        GIL); the other CPU tensors in batched ``copy_`` calls (``torch._foreach_copy_``, which
+        resolves strides and lazy conjugation, also without the GIL) of about a chunk's bytes
+        each. This thread and one helper take the chunks and batches in turn (a helper held back
+        by the machine's load delays nothing, which measured steadier than torch's own threads on
+        a loaded machine). Tensors on a GPU are copied one by one into pinned memory.
         """
         self.allocate()
-        chunks: list[tuple[np.ndarray, np.ndarray]] = []
-        rest: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        dsts, srcs, sizes, plain = self.targets, self.sources, self._sizes, self._plain
+        if only is not None:
+            keep = list(map(only.__contains__, map(_data_ptr, dsts)))
+            dsts, srcs, sizes, plain = (list(compress(column, keep)) for column in (dsts, srcs, sizes, plain))
+        work: list[Callable[[], object]] = []
         devices: set[torch.device] = set()
         with torch.no_grad():
-            for dst, src, large in zip(self.targets, self.sources, self._plain, strict=True):
-                if only is not None and dst.data_ptr() not in only:
-                    continue
-                if large:
-                    to, of = flat_bytes(dst).numpy(), flat_bytes(src).numpy()
-                    chunks.extend((to[at:at + _CHUNK], of[at:at + _CHUNK]) for at in range(0, len(to), _CHUNK))
-                elif src.is_cpu:
-                    rest[0].append(dst)
-                    rest[1].append(src)
-                else:
-                    dst.copy_(src, non_blocking=True)  # into pinned memory; waited for below
-                    devices.add(src.device)
-            if rest[0]:
-                torch._foreach_copy_(rest[0], rest[1])  # copy_ semantics per pair
-            if chunks:
-                _copy_chunks(chunks)
+            if self._cpu and not any(plain):
+                rest = dsts, srcs, sizes
+            else:
+                rest = [], [], []
+                for dst, src, size, large in zip(dsts, srcs, sizes, plain, strict=True):
+                    if large:
+                        to, of = flat_bytes(dst).numpy(), flat_bytes(src).numpy()
+                        work.extend(partial(np.copyto, to[at:at + _CHUNK], of[at:at + _CHUNK])
+                                    for at in range(0, len(to), _CHUNK))
+                    elif src.is_cpu:
+                        rest[0].append(dst)
+                        rest[1].append(src)
+                        rest[2].append(size)
+                    else:
+                        dst.copy_(src, non_blocking=True)  # into pinned memory; waited for below
+                        devices.add(src.device)
+            work.extend(partial(torch._foreach_copy_, rest[0][a:b], rest[1][a:b]) for a, b in _batches(rest[2]))
+            _two_threads(work)
             for device in devices:
                 torch.cuda.synchronize(device)
         self.sources = []  # the live tensors are not ours to keep alive
@@ -210,6 +275,8 @@ class StateCopy:
             _set(t)
         self._fresh = list(range(len(self.targets)))
         self._reuse.clear()
+        if isinstance(self._reuse, Kept):
+            self._reuse.columns = None
 
     def free(self) -> None:
         """Let go of the copy's memory (a written snapshot nobody reads again)."""
@@ -229,25 +296,40 @@ def _set(t: torch.Tensor, new: torch.Tensor | None = None) -> None:
         tensor.set_(new)
 
 
-def _copy_chunks(chunks: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Copy every ``(dst, src)`` pair of byte arrays, the calling thread and one helper taking the
-    next pair in turn from one shared iterator (NumPy copies without the GIL). Returns when all
-    are copied; raises what a copy raised."""
-    pending = iter(chunks)  # a list iterator: each chunk goes to exactly one thread (the GIL)
+def _batches(sizes: list[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive runs of tensors of about :data:`_CHUNK` bytes each (at
+    least one tensor a run), covering ``sizes``; one run for fewer than two chunks' bytes."""
+    total = sum(sizes)
+    if not sizes:
+        return []
+    if total < 2 * _CHUNK:
+        return [(0, len(sizes))]
+    ends = list(accumulate(sizes))
+    cuts = {bisect_left(ends, k * _CHUNK) + 1 for k in range(1, total // _CHUNK + 1)}  # after the tensor reaching k chunks
+    bounds = [0, *sorted(cuts - {len(sizes)}), len(sizes)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def _two_threads(work: list[Callable[[], object]]) -> None:
+    """Run every item of ``work``, the calling thread and one helper taking the next in turn from
+    one shared iterator (the copies release the GIL), each without autograd. Returns when all are
+    done; raises what an item raised."""
+    pending = iter(work)  # a list iterator: each item goes to exactly one thread (the GIL)
     failed: list[BaseException] = []
 
-    def work() -> None:
+    def run() -> None:
         try:
-            for dst, src in pending:
-                np.copyto(dst, src)
+            with torch.no_grad():  # grad mode is per thread: a copy_ from a parameter records nothing
+                for item in pending:
+                    item()
         except BaseException as exc:
             failed.append(exc)
 
     helper = None
-    if len(chunks) > 1 and torch.get_num_threads() > 1:
-        helper = threading.Thread(target=work, name="distckpt-snapshot", daemon=True)
+    if len(work) > 1 and torch.get_num_threads() > 1:
+        helper = threading.Thread(target=run, name="distckpt-snapshot", daemon=True)
         helper.start()
-    work()
+    run()
     if helper is not None:
         helper.join()
     if failed:
