@@ -23,7 +23,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Collection, MutableMapping
 from functools import partial
-from itertools import accumulate, compress
+from itertools import accumulate, compress, pairwise
 from typing import Any
 
 import numpy as np
@@ -241,7 +241,8 @@ class StateCopy:
         dsts, srcs, sizes, plain = self.targets, self.sources, self._sizes, self._plain
         if only is not None:
             keep = list(map(only.__contains__, map(_data_ptr, dsts)))
-            dsts, srcs, sizes, plain = (list(compress(column, keep)) for column in (dsts, srcs, sizes, plain))
+            dsts, srcs = list(compress(dsts, keep)), list(compress(srcs, keep))
+            sizes, plain = list(compress(sizes, keep)), list(compress(plain, keep))
         work: list[Callable[[], object]] = []
         devices: set[torch.device] = set()
         with torch.no_grad():
@@ -307,7 +308,7 @@ def _batches(sizes: list[int]) -> list[tuple[int, int]]:
     ends = list(accumulate(sizes))
     cuts = {bisect_left(ends, k * _CHUNK) + 1 for k in range(1, total // _CHUNK + 1)}  # after the tensor reaching k chunks
     bounds = [0, *sorted(cuts - {len(sizes)}), len(sizes)]
-    return list(zip(bounds, bounds[1:]))
+    return list(pairwise(bounds))
 
 
 def _two_threads(work: list[Callable[[], object]]) -> None:
