@@ -18,6 +18,7 @@ old way (:func:`distckpt.saving.encoder`), which also names the bad path.
 
 from __future__ import annotations
 
+import os
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
@@ -38,6 +39,10 @@ __all__ = ["Kept", "StateCopy", "Unsupported"]
 #: by two threads; smaller ones (and any other) in one batched ``copy_``.
 _LARGE = 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
+#: CPUs this process may run on: with two or more, a helper thread copies next to the caller's. Not
+#: torch's intra-op thread count: ranks often set that to 1, and the helper only works while the
+#: caller's thread waits for the copy.
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _STRIDED = torch.strided
 _IMMUTABLE = IMMUTABLE
 _data_ptr = torch.Tensor.data_ptr
@@ -327,7 +332,7 @@ def _two_threads(work: list[Callable[[], object]]) -> None:
             failed.append(exc)
 
     helper = None
-    if len(work) > 1 and torch.get_num_threads() > 1:
+    if len(work) > 1 and _CPUS > 1:
         helper = threading.Thread(target=run, name="distckpt-snapshot", daemon=True)
         helper.start()
     run()
