@@ -58,10 +58,12 @@ class StateCopy:
     ``state``: the copy (same containers, keys and leaves; each tensor a host
     tensor of the same dtype and shape, contiguous). Its tensors hold
     undefined bytes until :meth:`fill`. Two tensors of the live state that are
-    the same view (same data pointer, dtype, shape and strides) become one
-    tensor of the copy, as the encoder aliases them. ``reuse`` maps tensor
-    ordinals to the host tensors of the previous copy of this component; it
-    is updated to this copy's. Raises :class:`Unsupported`.
+    the same view (same data pointer, dtype, shape, strides, conjugate and
+    negative bits) become one tensor of the copy, as the encoder aliases them.
+    ``reuse`` maps tensor ordinals to the host tensors of the previous copy of
+    this component; it is updated to this copy's (a :class:`Kept` also keeps
+    the bulk path's columns). ``bulk=False`` takes the per-tensor path only
+    (the tests compare the two). Raises :class:`Unsupported`.
     """
 
     def __init__(self, state: Any, reuse: MutableMapping[int, torch.Tensor] | None = None,
@@ -195,10 +197,11 @@ class StateCopy:
         first = self._seen.get(ptr)  # keyed by address alone: a second view there is rare
         if first is not None:
             source, found = first
+            bits = (t.is_conj(), t.is_neg())  # a lazily conjugated or negated view holds other values
             if source.dtype is dtype and source.shape == shape and source.stride() == t.stride() \
-                    and source.device == t.device:
+                    and source.device == t.device and (source.is_conj(), source.is_neg()) == bits:
                 return found
-            key = (ptr, dtype, shape, t.stride(), str(t.device))
+            key = (ptr, dtype, shape, t.stride(), str(t.device), bits)
             other = self._others.get(key)
             if other is not None:
                 return other

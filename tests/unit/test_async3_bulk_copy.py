@@ -219,3 +219,30 @@ def test_batches_cover_every_tensor_once_in_order(sizes: list[int], monkeypatch:
     assert all(a < b for a, b in batches)
     if sum(sizes) >= 2 * 4096:
         assert len(batches) > 1
+
+
+def test_a_lazily_conjugated_or_negated_view_of_copied_bytes_keeps_its_own_values() -> None:
+    base = torch.randn(3, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    state = {"a": base, "b": base.conj(), "c": base.imag, "d": base.conj().imag}  # b, d: same bytes, other values
+    for bulk in (True, False):
+        copy = StateCopy(state, bulk=bulk)
+        copy.fill()
+        assert len({id(t) for t in copy.state.values()}) == 4
+        assert all(torch.equal(copy.state[k], v.resolve_conj().resolve_neg()) for k, v in state.items())
+
+
+def test_an_async_save_of_a_tensor_and_its_conjugate_view_writes_what_a_sync_save_writes(tmp_path: Any) -> None:
+    from distckpt import CheckpointCoordinator, StateComponent
+    from tests.helpers import Box
+
+    base = torch.randn(3, dtype=torch.complex64, generator=torch.Generator().manual_seed(2))
+    coord = CheckpointCoordinator([StateComponent("s", Box({"a": base, "b": base.conj()}), "global")],
+                                  output_dir=tmp_path)
+    sync = coord.save_checkpoint(checkpoint_id="sync")
+    handle = coord.save_checkpoint(checkpoint_id="async", async_save=True)
+    handle.result(30)
+    target = Box({"a": torch.zeros(3, dtype=torch.complex64), "b": torch.zeros(3, dtype=torch.complex64)})
+    loader = CheckpointCoordinator([StateComponent("s", target, "global")], output_dir=tmp_path)
+    for path in (sync, handle.path):
+        loader.load_checkpoint(path)
+        assert torch.equal(target.state["b"], base.conj().resolve_conj())
