@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .codec.dtypes import flat_bytes, gc_paused
-from .hostwalk import IMMUTABLE, Irregular, Kept, Walk, columns
+from .hostwalk import IMMUTABLE, Columns, Irregular, Kept, Walk, columns
 
 __all__ = ["Kept", "StateCopy", "Unsupported"]
 
@@ -78,6 +78,7 @@ class StateCopy:
         self._sizes: list[int] = []  # per target: its bytes
         self._cpu = True  # every source is a CPU tensor
         self._reuse = reuse if reuse is not None else Kept()
+        self._columns: tuple[list[torch.Tensor], Columns] | None = None  # for the Kept, once allocated
         # the views copied so far: the first at each address (source, target), then any others by full key
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._others: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -119,8 +120,9 @@ class StateCopy:
                     kept[index] = target
                     self._fresh.append(index)
                 targets.append(target)
-            if isinstance(kept, Kept):
-                kept.columns = (targets, cols)
+            if isinstance(kept, Kept):  # trusted once every buffer has its storage (allocate())
+                kept.columns = None
+                self._columns = (targets, cols)
         self.sources = list(leaves)
         self.targets = list(targets)
         self._sizes = cols.sizes
@@ -232,6 +234,8 @@ class StateCopy:
             pinned = src.device.type == "cuda" and torch.cuda.is_available()
             _set(self.targets[index], torch.empty(src.shape, dtype=src.dtype, pin_memory=pinned))
         self._fresh = []
+        if self._columns is not None and isinstance(self._reuse, Kept):
+            self._reuse.columns, self._columns = self._columns, None
 
     def fill(self, only: Collection[int] | None = None) -> None:
         """Copy the tensor data into the copy's tensors (all, or those whose ``data_ptr()`` is in
@@ -284,6 +288,7 @@ class StateCopy:
             _set(t)
         self._fresh = list(range(len(self.targets)))
         self._reuse.clear()
+        self._columns = None
         if isinstance(self._reuse, Kept):
             self._reuse.columns = None
 

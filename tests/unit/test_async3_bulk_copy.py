@@ -246,3 +246,14 @@ def test_an_async_save_of_a_tensor_and_its_conjugate_view_writes_what_a_sync_sav
     for path in (sync, handle.path):
         loader.load_checkpoint(path)
         assert torch.equal(target.state["b"], base.conj().resolve_conj())
+
+
+def test_buffers_of_a_copy_that_was_never_filled_are_not_trusted_by_the_next_copy() -> None:
+    kept = Kept()
+    state = _plain_state([(3, 4), (5,)])
+    StateCopy(state, kept)  # a snapshot that failed before its copy got storage (another state raised, say)
+    again = StateCopy(state, kept)
+    again.fill()
+    _same(again.state, again.state, {}, state)
+    third = StateCopy(state, kept)  # and once filled, its buffers are kept
+    assert third.targets == again.targets and not third._fresh
