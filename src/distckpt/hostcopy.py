@@ -4,8 +4,11 @@ Called by :func:`distckpt.asyncsave.snapshot` on the caller's thread of
 ``save_checkpoint(async_save=True)``. :class:`StateCopy` walks a state once,
 rebuilding its containers and replacing every tensor by a host tensor of the
 same dtype and shape (kept from the previous snapshot when they still match,
-else allocated); :meth:`StateCopy.fill` then copies the tensor data (large
-contiguous tensors in chunks by two threads, the rest in one batched ``copy_``). Encoding (the skeleton and the safetensors header) is left to the
+else allocated): by the bulk path (:mod:`distckpt.hostwalk`: a lean walk, the
+checks on columns) when the state is plain, else tensor by tensor.
+:meth:`StateCopy.fill` then copies the tensor data (large contiguous tensors
+in byte chunks, the rest in batched ``copy_`` calls, both shared by two
+threads). Encoding (the skeleton and the safetensors header) is left to the
 background thread, which encodes the copy exactly as a synchronous save
 encodes the live state: the copy holds the same tensors (contiguous, conjugate
 and negative bits resolved) under the same aliasing, so the files are the same.
