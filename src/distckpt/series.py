@@ -16,12 +16,13 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from . import folder, storage
-from .errors import CheckpointExistsError, ManifestError
+from .errors import CheckpointError, CheckpointExistsError, ManifestError
 from .manifest import MANIFEST_NAME, CheckpointManifest
 from .names import check_name
 
@@ -93,9 +94,95 @@ Allocation = dict[str, Any]
 
 
 def latest_committed(parent: str) -> str | None:
-    """Path of the newest committed checkpoint in ``parent`` (highest sequence), or ``None``. Local."""
-    committed = [e for e in list_checkpoints(parent) if e.committed]
-    return committed[-1].path if committed else None
+    """Path of the newest committed checkpoint in ``parent`` (highest sequence, then timestamp,
+    then name, as :func:`list_checkpoints` orders them), or ``None``. Local.
+
+    Manifests are parsed in full newest first by the sequence their first bytes give, and only
+    until no other can be newer (a valid manifest's sequence is the one its start shows; one
+    that does not begin as distckpt writes it is parsed in full), so "latest" costs one parse,
+    not one per checkpoint of the folder.
+    """
+    peeked = _peeked(parent)
+    best: tuple[int, str, str] | None = None
+    for manifest in [m for m, seq in peeked if seq is None]:
+        best = _newer(best, manifest)
+    for seq, manifest in sorted(((seq, m) for m, seq in peeked if seq is not None), reverse=True):
+        if best is not None and seq < best[0]:
+            break  # newest first: none left can be newer
+        best = _newer(best, manifest)
+    return None if best is None else best[2]
+
+
+#: How a manifest written by distckpt begins, up to its sequence number (``to_json``'s key order).
+_SEQUENCE_AT_START = re.compile(
+    rb'\A\{\s*"format": "distckpt",\s*"format_version": "[0-9.]{1,16}",\s*'
+    rb'"checkpoint_id": "(?:[^"\\\x00-\x1f]|\\.){0,1024}",\s*"sequence": (0|[1-9][0-9]{0,17}),')
+_PEEK_BYTES = 4096
+
+
+def committed_sequences(parent: str) -> list[int]:
+    """The sequence number of every committed checkpoint in ``parent``, each read from the first
+    few KiB of its manifest (a full parse only where a manifest does not begin as distckpt writes
+    it). Called by :func:`allocate` on rank 0 under the folder lock; local. Puts back a checkpoint
+    stranded by an interrupted overwrite first, as :func:`list_checkpoints` does.
+
+    A directory without a manifest, or whose manifest cannot be read or parsed, has none. A
+    manifest damaged after its first bytes still gives its number: the next sequence only
+    needs to be above every committed one, so counting it is harmless, and a save no longer
+    parses every manifest of the folder (each can be megabytes at scale).
+    """
+    found: list[int] = []
+    for manifest, peeked in _peeked(parent):
+        if peeked is not None:
+            found.append(peeked)
+            continue
+        loaded = _loaded(manifest)
+        if loaded is not None:
+            found.append(loaded.sequence)
+    return found
+
+
+def _peeked(parent: str) -> list[tuple[str, int | None]]:
+    """``(manifest path, its sequence read from its first bytes, or None)`` for each directory of
+    ``parent`` that may be a committed checkpoint (not hidden, not a symlink, with a manifest
+    file that can be opened), after putting back a stranded checkpoint. Local."""
+    if not storage.path_info(parent).dir:
+        return []
+    folder.restore_stranded(parent)
+    out: list[tuple[str, int | None]] = []
+    for name in storage.list_dir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith("."):
+            continue
+        info = storage.path_info(path)
+        if info.link or not info.dir:
+            continue
+        manifest = os.path.join(path, MANIFEST_NAME)
+        try:
+            match = _SEQUENCE_AT_START.match(storage.read_prefix(manifest, 0, _PEEK_BYTES))
+        except (OSError, CheckpointError):
+            continue  # no readable manifest: not committed
+        out.append((manifest, None if match is None else int(match.group(1))))
+    return out
+
+
+def _newer(best: tuple[int, str, str] | None, manifest: str) -> tuple[int, str, str] | None:
+    """``best`` or ``manifest``'s ``(sequence, timestamp, directory)``, whichever is newer; a
+    manifest that cannot be loaded is not a candidate."""
+    loaded = _loaded(manifest)
+    if loaded is None:
+        return best
+    key = (loaded.sequence, loaded.timestamp, os.path.dirname(manifest))
+    return key if best is None or key > best else best
+
+
+def _loaded(manifest: str) -> CheckpointManifest | None:
+    """The manifest, or ``None`` when it cannot be read or parsed (as :func:`list_checkpoints`:
+    one bad directory never blocks a save or a load)."""
+    try:
+        return CheckpointManifest.load(manifest)
+    except Exception:  # any reason at all
+        return None
 
 
 def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool,
@@ -122,8 +209,7 @@ def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, ove
     with folder.folder_lock(parent, wait_s):
         folder.clean_stale(parent)
         live = folder.live_saves(parent)
-        sequence = max([e.manifest.sequence for e in list_checkpoints(parent) if e.manifest]
-                       + [owner.sequence for owner in live.values()], default=0) + 1
+        sequence = max([*committed_sequences(parent), *(owner.sequence for owner in live.values())], default=0) + 1
         if checkpoint_path is not None:
             cid = str(checkpoint_id) if checkpoint_id is not None else os.path.basename(final)
         elif checkpoint_id is not None:

@@ -187,15 +187,36 @@ class _Encoder:
 
 
 def state_nbytes(state: Any) -> int:
-    """Bytes of tensor data in a state dict (nested dicts, lists and tuples), without encoding it. Pure."""
+    """Bytes of tensor data in a state dict (nested dicts, lists and tuples), without encoding it. Pure.
+
+    Called by the save's plan phase on every rank (balanced writes are sized by it). Plain tensors
+    in a container are counted inline (``nbytes``, no call per tensor); a DTensor counts its shard only.
+    """
+    kind = type(state)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return int(state.nbytes)
     if isinstance(state, torch.Tensor):
         shard = _dtensor.local_or_self(state)  # a DTensor stores its shard only
         return shard.numel() * shard.element_size()
     if isinstance(state, dict):
-        return sum(state_nbytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_nbytes(v) for v in state)
-    return 0
+        values: Any = state.values()
+    elif isinstance(state, (list, tuple)):
+        values = state
+    else:
+        return 0
+    total = 0
+    for v in values:
+        kind = type(v)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            total += v.nbytes
+        elif kind in _SCALARS:
+            continue
+        else:
+            total += state_nbytes(v)
+    return total
+
+
+_SCALARS = frozenset({type(None), bool, int, float, str})
 
 
 def _join(path: str, key: Any) -> str:
