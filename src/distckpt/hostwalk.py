@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["Columns", "Irregular", "Kept", "Walk", "columns", "tensor_nbytes"]
+__all__ = ["Columns", "Irregular", "Kept", "Walk", "columns"]
 
 _TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _KEYS = frozenset({str, int})
@@ -42,8 +42,6 @@ _dtype = operator.attrgetter("dtype")
 _shape = operator.attrgetter("shape")
 _nbytes = operator.attrgetter("nbytes")
 _data_ptr = torch.Tensor.data_ptr
-_numel = torch.Tensor.numel
-_element_size = torch.Tensor.element_size
 
 
 class Irregular(Exception):
@@ -164,27 +162,3 @@ class Kept(dict[int, torch.Tensor]):
             return None
         return targets
 
-
-def tensor_nbytes(state: Any) -> int | None:
-    """Bytes of tensor data in ``state``, counted as :func:`distckpt.codec.encoder.state_nbytes`
-    counts them (tensors in dicts, lists and tuples, of any subclass of these; other leaves
-    count 0), but by one lean walk and two columns instead of a call per leaf; ``None`` when a
-    tensor is of a subclass (a DTensor counts its shard: ask ``state_nbytes``). Pure; for the
-    plan phase, which sizes balanced writes by it on every rank."""
-    leaves: list[torch.Tensor] = []
-    stack = [state]
-    while stack:
-        node = stack.pop()
-        kind = type(node)
-        if kind in _TENSORS:
-            leaves.append(node)
-        elif kind is dict or kind is list or kind is tuple:
-            stack.extend(node.values() if kind is dict else node)
-        elif isinstance(node, torch.Tensor):
-            return None
-        elif isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-    total: int = sum(map(operator.mul, map(_numel, leaves), map(_element_size, leaves)))
-    return total

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import distckpt.hostcopy as hostcopy
 from distckpt.hostcopy import Kept, StateCopy
-from distckpt.hostwalk import columns, tensor_nbytes
+from distckpt.hostwalk import columns
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.int8, torch.int64, torch.bool, torch.complex64)
 
@@ -258,20 +258,3 @@ def test_buffers_of_a_copy_that_was_never_filled_are_not_trusted_by_the_next_cop
     third = StateCopy(state, kept)  # and once filled, its buffers are kept
     assert third.targets == again.targets and not third._fresh
 
-
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(state=_states())
-def test_tensor_nbytes_counts_what_state_nbytes_counts(state: Any) -> None:
-    from distckpt.codec.encoder import state_nbytes
-
-    assert tensor_nbytes(state) == state_nbytes(state)
-    wrapped = OrderedDict(a=[state, (state, {"k": state})], b=np.ones(3), c=object())
-    assert tensor_nbytes(wrapped) == state_nbytes(wrapped)
-
-
-def test_tensor_nbytes_leaves_a_tensor_subclass_to_state_nbytes() -> None:
-    class Sub(torch.Tensor):
-        pass
-
-    assert tensor_nbytes({"a": torch.ones(4), "b": [torch.ones(2).as_subclass(Sub)]}) is None
-    assert tensor_nbytes({"a": torch.ones(4), "b": [torch.ones(2, dtype=torch.float64)]}) == 32
