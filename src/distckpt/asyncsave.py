@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,8 +31,8 @@ from . import folder, saving
 from .codec import encode, tensor_bytes
 from .components import StateComponent
 from .handle import SaveHandle
-from .hashing import checksum_of_chunks
-from .hostcopy import StateCopy, Unsupported
+from .hashing import BackgroundChecksums
+from .hostcopy import Kept, StateCopy, Unsupported
 from .layout import FilePlan
 from .planning import Job, Produce, SavePlan
 from .snapshots import Snapshot, SnapshotBudget
@@ -139,7 +140,7 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
             files[c.key] = mine
     try:
         try:
-            copies = {key: StateCopy(states(key), buffers.setdefault(key, {})) for key in files}
+            copies = {key: StateCopy(states(key), _kept(buffers, key)) for key in files}
         except Unsupported:
             return saving.encoder(rank, components, plan, states, buffers, budget)
         streams = budget is not None and sum(c.nbytes for c in copies.values()) > budget
@@ -148,16 +149,28 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
             for copy in copies.values():
                 copy.drop_buffers()
         only: dict[str, set[int] | None] = {}
-        predicted: dict[str, dict[str, str]] = {}
+        siblings: list[tuple[str, Callable[[], list[memoryview]]]] = []
+        owner: dict[str, str] = {}  # sibling part path -> component key
         for key, fs in files.items():
-            only[key], predicted[key] = _parts(copies[key], fs, plan.components[key].files)
+            only[key], hashed = _parts(copies[key], fs, plan.components[key].files)
+            siblings.extend(hashed)
+            owner.update((path, key) for path, _ in hashed)
+        predicted: dict[str, dict[str, str]] = {key: {} for key in files}
         snap = Snapshot(copies, only, {key: len(fs) for key, fs in files.items()},
                         SnapshotBudget(budget) if streams and budget is not None else None, predicted)
         produce = snap.produce(saving.encoder(rank, components, plan, _Copied(snap)))
+        # the other members' parts are hashed from the live bytes in a worker (xxhash releases the
+        # GIL) while this thread copies, and always before the call returns
+        hashing = BackgroundChecksums(siblings)
+        try:
+            if not streams:
+                snap.pump()
+            for path, checksum in hashing.result().items():
+                predicted[owner[path]][path] = checksum
+        finally:
+            hashing.cancel()  # (done by now, unless the copy was interrupted)
         if streams:
             produce.pump = snap.pump  # type: ignore[attr-defined]
-        else:
-            snap.pump()
         return produce
     except Exception as exc:  # reported through the write phase, so every rank hears it
         error = exc
@@ -167,22 +180,34 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
         return failed
 
 
-def _parts(copy: StateCopy, files: Sequence[FilePlan], plan_files: Sequence[FilePlan]) -> tuple[set[int] | None, dict[str, str]]:
-    """What this rank copies of a balanced write: the ``data_ptr()`` of the copy's tensors in its
-    own parts (``None``: all, for a whole file), and the checksums of the other members' parts it
-    predicts (part 0's writer), taken from the live bytes now instead of copying them.
+def _kept(buffers: dict[str, dict[int, torch.Tensor]], key: str) -> Kept:
+    """The buffers kept for ``key`` as a :class:`~distckpt.hostcopy.Kept` (which also remembers the
+    bulk copy's columns); buffers the general encoder kept in a plain dict move into one."""
+    held = buffers.get(key)
+    if type(held) is not Kept:
+        held = buffers[key] = Kept(held or {})
+    return held
 
-    Local, on the caller's thread before the save returns (the live state is still as it was
-    when the snapshot began). A part holding a tensor whose bytes are not laid out as written
-    (not contiguous, on a GPU, lazily conjugated) is copied instead and predicted in the background.
+
+def _parts(copy: StateCopy, files: Sequence[FilePlan],
+           plan_files: Sequence[FilePlan]) -> tuple[set[int] | None, list[tuple[str, Callable[[], list[memoryview]]]]]:
+    """What this rank copies of a balanced write: the ``data_ptr()`` of the copy's tensors in its
+    own parts (``None``: all, for a whole file), and the other members' parts whose checksums it
+    predicts (part 0's writer): ``(path, chunks)``, ``chunks()`` giving the bytes of that part
+    file as the live state holds them, to hash instead of copying them.
+
+    Local, on the caller's thread before the save returns; the caller hashes the chunks before
+    it returns too (the live state is still as it was when the snapshot began). A part holding
+    a tensor whose bytes are not laid out as written (not contiguous, on a GPU, lazily
+    conjugated) is copied instead and predicted in the background.
     """
     if any(f.parts == 1 for f in files):
-        return None, {}
+        return None, []
     copy.allocate()
     encoded = encode(copy.state)  # shapes only: which tensors each part holds (the split is deterministic)
     sources = {t.data_ptr(): s for t, s in zip(copy.targets, copy.sources, strict=True)}
     own: set[int] = set()
-    predicted: dict[str, str] = {}
+    hashed: list[tuple[str, Callable[[], list[memoryview]]]] = []
     for f in files:
         pieces = encoded.split(f.parts)
         own.update(t.data_ptr() for t in pieces[f.part].tensors if t.numel())
@@ -194,7 +219,12 @@ def _parts(copy: StateCopy, files: Sequence[FilePlan], plan_files: Sequence[File
             piece = pieces[sibling.part]
             live = [sources.get(t.data_ptr(), t) for t in piece.tensors if t.numel()]
             if all(t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()) for t in live):
-                predicted[sibling.path] = checksum_of_chunks([memoryview(piece.header), *map(tensor_bytes, live)])
+                hashed.append((sibling.path, partial(_chunks, piece.header, live)))
             else:
                 own.update(t.data_ptr() for t in piece.tensors if t.numel())
-    return own, predicted
+    return own, hashed
+
+
+def _chunks(header: bytes, live: list[torch.Tensor]) -> list[memoryview]:
+    """The bytes of a part file: its header, then each tensor's bytes as they lie."""
+    return [memoryview(header), *map(tensor_bytes, live)]

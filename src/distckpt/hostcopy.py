@@ -4,8 +4,11 @@ Called by :func:`distckpt.asyncsave.snapshot` on the caller's thread of
 ``save_checkpoint(async_save=True)``. :class:`StateCopy` walks a state once,
 rebuilding its containers and replacing every tensor by a host tensor of the
 same dtype and shape (kept from the previous snapshot when they still match,
-else allocated); :meth:`StateCopy.fill` then copies the tensor data (large
-contiguous tensors in chunks by two threads, the rest in one batched ``copy_``). Encoding (the skeleton and the safetensors header) is left to the
+else allocated): by the bulk path (:mod:`distckpt.hostwalk`: a lean walk, the
+checks on columns) when the state is plain, else tensor by tensor.
+:meth:`StateCopy.fill` then copies the tensor data (large contiguous tensors
+in byte chunks, the rest in batched ``copy_`` calls, both shared by two
+threads). Encoding (the skeleton and the safetensors header) is left to the
 background thread, which encodes the copy exactly as a synchronous save
 encodes the live state: the copy holds the same tensors (contiguous, conjugate
 and negative bits resolved) under the same aliasing, so the files are the same.
@@ -18,25 +21,34 @@ old way (:func:`distckpt.saving.encoder`), which also names the bad path.
 
 from __future__ import annotations
 
+import os
 import threading
+from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Collection, MutableMapping
+from collections.abc import Callable, Collection, MutableMapping
+from functools import partial
+from itertools import accumulate, compress, pairwise
 from typing import Any
 
 import numpy as np
 import torch
 
 from .codec.dtypes import flat_bytes, gc_paused
+from .hostwalk import IMMUTABLE, Columns, Irregular, Kept, Walk, columns
 
-__all__ = ["StateCopy", "Unsupported"]
+__all__ = ["Kept", "StateCopy", "Unsupported"]
 
 #: Contiguous CPU tensors of at least this many bytes are copied in chunks of :data:`_CHUNK` bytes
 #: by two threads; smaller ones (and any other) in one batched ``copy_``.
 _LARGE = 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
+#: CPUs this process may run on: with two or more, a helper thread copies next to the caller's. Not
+#: torch's intra-op thread count: ranks often set that to 1, and the helper only works while the
+#: caller's thread waits for the copy.
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _STRIDED = torch.strided
-#: Leaves that nothing can change in place: shared between the live state and its copy.
-_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device})
+_IMMUTABLE = IMMUTABLE
+_data_ptr = torch.Tensor.data_ptr
 
 
 class Unsupported(Exception):
@@ -49,13 +61,16 @@ class StateCopy:
     ``state``: the copy (same containers, keys and leaves; each tensor a host
     tensor of the same dtype and shape, contiguous). Its tensors hold
     undefined bytes until :meth:`fill`. Two tensors of the live state that are
-    the same view (same data pointer, dtype, shape and strides) become one
-    tensor of the copy, as the encoder aliases them. ``reuse`` maps tensor
-    ordinals to the host tensors of the previous copy of this component; it
-    is updated to this copy's. Raises :class:`Unsupported`.
+    the same view (same data pointer, dtype, shape, strides, conjugate and
+    negative bits) become one tensor of the copy, as the encoder aliases them.
+    ``reuse`` maps tensor ordinals to the host tensors of the previous copy of
+    this component; it is updated to this copy's (a :class:`Kept` also keeps
+    the bulk path's columns). ``bulk=False`` takes the per-tensor path only
+    (the tests compare the two). Raises :class:`Unsupported`.
     """
 
-    def __init__(self, state: Any, reuse: MutableMapping[int, torch.Tensor] | None = None) -> None:
+    def __init__(self, state: Any, reuse: MutableMapping[int, torch.Tensor] | None = None,
+                 bulk: bool = True) -> None:
         self.sources: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.nbytes = 0
@@ -63,18 +78,72 @@ class StateCopy:
         # per target: whether the source is large and its bytes can be copied as they lie (a
         # contiguous CPU tensor, no lazy conjugate or negative bit): copied in chunks by two threads
         self._plain: list[bool] = []
-        self._reuse = reuse if reuse is not None else {}
+        self._sizes: list[int] = []  # per target: its bytes
+        self._cpu = True  # every source is a CPU tensor
+        self._reuse = reuse if reuse is not None else Kept()
+        self._columns: tuple[list[torch.Tensor], Columns] | None = None  # for the Kept, once allocated
         # the views copied so far: the first at each address (source, target), then any others by full key
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._others: dict[tuple[Any, ...], torch.Tensor] = {}
         try:
             with gc_paused():
-                self.state = self._copy(state)
+                self.state = self._bulk(state) if bulk else self._general(state)
         except RecursionError:
             raise Unsupported("nested too deeply") from None
         del self._seen, self._others
 
-    # ------------------------------------------------------------------ the walk
+    # ------------------------------------------------------------------ the bulk path
+
+    def _bulk(self, state: Any) -> Any:
+        """The copy by one lean walk (:class:`~distckpt.hostwalk.Walk`) and the tensors' checks
+        and buffers on columns when all are plain; else each tensor as the per-tensor walk does
+        (:meth:`_tensor`, in the same order), or the whole per-tensor walk for a state the lean
+        one leaves to it. The copy is the same either way."""
+        walk = Walk()
+        try:
+            skeleton = walk.copy(state)
+        except (Irregular, RecursionError):
+            return self._general(state)
+        leaves = walk.leaves
+        cols = columns(leaves)
+        kept = self._reuse
+        if cols is None:
+            if isinstance(kept, Kept):
+                kept.columns = None
+            walk.fill(list(map(self._tensor, leaves)))
+            return skeleton
+        targets = kept.reusable(cols) if isinstance(kept, Kept) else None
+        if targets is None:
+            targets = []
+            get = kept.get
+            for index, (dtype, shape) in enumerate(zip(cols.dtypes, cols.shapes, strict=True)):
+                target = get(index)
+                if target is None or target.dtype is not dtype or target.shape != shape:
+                    target = torch.empty(0, dtype=dtype)  # storage comes with allocate()
+                    kept[index] = target
+                    self._fresh.append(index)
+                targets.append(target)
+            if isinstance(kept, Kept):  # trusted once every buffer has its storage (allocate())
+                kept.columns = None
+                self._columns = (targets, cols)
+        self.sources = list(leaves)
+        self.targets = list(targets)
+        self._sizes = cols.sizes
+        self.nbytes = sum(cols.sizes)
+        self._plain = [False] * len(leaves)
+        if cols.sizes and max(cols.sizes) >= _LARGE:
+            for index in [i for i, size in enumerate(cols.sizes) if size >= _LARGE]:
+                t = leaves[index]
+                self._plain[index] = t.is_contiguous() and not (t.is_conj() or t.is_neg())
+        walk.fill(self.targets)
+        return skeleton
+
+    # ------------------------------------------------------------------ the per-tensor path
+
+    def _general(self, state: Any) -> Any:
+        if isinstance(self._reuse, Kept):
+            self._reuse.columns = None  # the walk below keeps buffers by ordinal only
+        return self._copy(state)
 
     def _copy(self, obj: Any) -> Any:
         kind = type(obj)
@@ -123,6 +192,7 @@ class StateCopy:
         cpu = t.is_cpu
         if not cpu and t.device.type != "cuda":
             raise Unsupported(t.device.type)
+        self._cpu = self._cpu and cpu
         shape = t.shape
         dtype = t.dtype
         nbytes = t.nbytes
@@ -132,10 +202,11 @@ class StateCopy:
         first = self._seen.get(ptr)  # keyed by address alone: a second view there is rare
         if first is not None:
             source, found = first
+            bits = (t.is_conj(), t.is_neg())  # a lazily conjugated or negated view holds other values
             if source.dtype is dtype and source.shape == shape and source.stride() == t.stride() \
-                    and source.device == t.device:
+                    and source.device == t.device and (source.is_conj(), source.is_neg()) == bits:
                 return found
-            key = (ptr, dtype, shape, t.stride(), str(t.device))
+            key = (ptr, dtype, shape, t.stride(), str(t.device), bits)
             other = self._others.get(key)
             if other is not None:
                 return other
@@ -153,6 +224,7 @@ class StateCopy:
         self.sources.append(t)
         targets.append(target)
         self._plain.append(cpu and nbytes >= _LARGE and t.is_contiguous() and not (t.is_conj() or t.is_neg()))
+        self._sizes.append(nbytes)
         self.nbytes += nbytes
         return target
 
@@ -165,39 +237,48 @@ class StateCopy:
             pinned = src.device.type == "cuda" and torch.cuda.is_available()
             _set(self.targets[index], torch.empty(src.shape, dtype=src.dtype, pin_memory=pinned))
         self._fresh = []
+        if self._columns is not None and isinstance(self._reuse, Kept):
+            self._reuse.columns, self._columns = self._columns, None
 
     def fill(self, only: Collection[int] | None = None) -> None:
         """Copy the tensor data into the copy's tensors (all, or those whose ``data_ptr()`` is in
         ``only``). Called on the caller's thread before the save returns; raises what torch raises.
         Lets go of the live tensors afterwards (once).
 
-        Large contiguous CPU tensors are copied as bytes in chunks that this thread and one
-        helper take in turn (NumPy copies them without the GIL; a helper held back by the
-        machine's load delays nothing, which measured steadier than torch's own threads on a
-        loaded machine). The rest go through one batched ``copy_``, which resolves strides,
-        lazy conjugation and device.
+        Large contiguous CPU tensors are copied as bytes in chunks (NumPy copies them without the
+        GIL); the other CPU tensors in batched ``copy_`` calls (``torch._foreach_copy_``, which
+        resolves strides and lazy conjugation, also without the GIL) of about a chunk's bytes
+        each. This thread and one helper take the chunks and batches in turn (a helper held back
+        by the machine's load delays nothing, which measured steadier than torch's own threads on
+        a loaded machine). Tensors on a GPU are copied one by one into pinned memory.
         """
         self.allocate()
-        chunks: list[tuple[np.ndarray, np.ndarray]] = []
-        rest: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        dsts, srcs, sizes, plain = self.targets, self.sources, self._sizes, self._plain
+        if only is not None:
+            keep = list(map(only.__contains__, map(_data_ptr, dsts)))
+            dsts, srcs = list(compress(dsts, keep)), list(compress(srcs, keep))
+            sizes, plain = list(compress(sizes, keep)), list(compress(plain, keep))
+        work: list[Callable[[], object]] = []
         devices: set[torch.device] = set()
         with torch.no_grad():
-            for dst, src, large in zip(self.targets, self.sources, self._plain, strict=True):
-                if only is not None and dst.data_ptr() not in only:
-                    continue
-                if large:
-                    to, of = flat_bytes(dst).numpy(), flat_bytes(src).numpy()
-                    chunks.extend((to[at:at + _CHUNK], of[at:at + _CHUNK]) for at in range(0, len(to), _CHUNK))
-                elif src.is_cpu:
-                    rest[0].append(dst)
-                    rest[1].append(src)
-                else:
-                    dst.copy_(src, non_blocking=True)  # into pinned memory; waited for below
-                    devices.add(src.device)
-            if rest[0]:
-                torch._foreach_copy_(rest[0], rest[1])  # copy_ semantics per pair
-            if chunks:
-                _copy_chunks(chunks)
+            if self._cpu and not any(plain):
+                rest = dsts, srcs, sizes
+            else:
+                rest = [], [], []
+                for dst, src, size, large in zip(dsts, srcs, sizes, plain, strict=True):
+                    if large:
+                        to, of = flat_bytes(dst).numpy(), flat_bytes(src).numpy()
+                        work.extend(partial(np.copyto, to[at:at + _CHUNK], of[at:at + _CHUNK])
+                                    for at in range(0, len(to), _CHUNK))
+                    elif src.is_cpu:
+                        rest[0].append(dst)
+                        rest[1].append(src)
+                        rest[2].append(size)
+                    else:
+                        dst.copy_(src, non_blocking=True)  # into pinned memory; waited for below
+                        devices.add(src.device)
+            work.extend(partial(torch._foreach_copy_, rest[0][a:b], rest[1][a:b]) for a, b in _batches(rest[2]))
+            _two_threads(work)
             for device in devices:
                 torch.cuda.synchronize(device)
         self.sources = []  # the live tensors are not ours to keep alive
@@ -210,6 +291,9 @@ class StateCopy:
             _set(t)
         self._fresh = list(range(len(self.targets)))
         self._reuse.clear()
+        self._columns = None
+        if isinstance(self._reuse, Kept):
+            self._reuse.columns = None
 
     def free(self) -> None:
         """Let go of the copy's memory (a written snapshot nobody reads again)."""
@@ -229,25 +313,40 @@ def _set(t: torch.Tensor, new: torch.Tensor | None = None) -> None:
         tensor.set_(new)
 
 
-def _copy_chunks(chunks: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Copy every ``(dst, src)`` pair of byte arrays, the calling thread and one helper taking the
-    next pair in turn from one shared iterator (NumPy copies without the GIL). Returns when all
-    are copied; raises what a copy raised."""
-    pending = iter(chunks)  # a list iterator: each chunk goes to exactly one thread (the GIL)
+def _batches(sizes: list[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive runs of tensors of about :data:`_CHUNK` bytes each (at
+    least one tensor a run), covering ``sizes``; one run for fewer than two chunks' bytes."""
+    total = sum(sizes)
+    if not sizes:
+        return []
+    if total < 2 * _CHUNK:
+        return [(0, len(sizes))]
+    ends = list(accumulate(sizes))
+    cuts = {bisect_left(ends, k * _CHUNK) + 1 for k in range(1, total // _CHUNK + 1)}  # after the tensor reaching k chunks
+    bounds = [0, *sorted(cuts - {len(sizes)}), len(sizes)]
+    return list(pairwise(bounds))
+
+
+def _two_threads(work: list[Callable[[], object]]) -> None:
+    """Run every item of ``work``, the calling thread and one helper taking the next in turn from
+    one shared iterator (the copies release the GIL), each without autograd. Returns when all are
+    done; raises what an item raised."""
+    pending = iter(work)  # a list iterator: each item goes to exactly one thread (the GIL)
     failed: list[BaseException] = []
 
-    def work() -> None:
+    def run() -> None:
         try:
-            for dst, src in pending:
-                np.copyto(dst, src)
+            with torch.no_grad():  # grad mode is per thread: a copy_ from a parameter records nothing
+                for item in pending:
+                    item()
         except BaseException as exc:
             failed.append(exc)
 
     helper = None
-    if len(chunks) > 1 and torch.get_num_threads() > 1:
-        helper = threading.Thread(target=work, name="distckpt-snapshot", daemon=True)
+    if len(work) > 1 and _CPUS > 1:
+        helper = threading.Thread(target=run, name="distckpt-snapshot", daemon=True)
         helper.start()
-    work()
+    run()
     if helper is not None:
         helper.join()
     if failed:

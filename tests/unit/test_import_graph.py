@@ -38,7 +38,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "storage", "locks", "folder", "series",
     ),
     "reading": ("reading", "legacy", "verification", "comparison"),
-    "phases": ("validation", "hostcopy", "snapshots", "saving", "handle", "asyncsave", "loading"),
+    "phases": ("validation", "hostwalk", "hostcopy", "snapshots", "saving", "handle", "asyncsave", "loading"),
     "facade": ("coordinator",),
 }
 #: Placed ahead of the work merging in the same round (issues 12, 14, 15); drop a name from this set
