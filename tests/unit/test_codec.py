@@ -44,6 +44,18 @@ def test_non_contiguous_and_conjugated_views_round_trip() -> None:
     assert torch.equal(out["c"], c.resolve_conj())
 
 
+def test_views_of_the_same_bytes_that_differ_only_in_a_conjugate_or_negative_bit_are_not_aliased() -> None:
+    base = torch.randn(6, dtype=torch.complex64)
+    strided = base[::2]
+    state = {"imag": base.imag, "neg_imag": base.conj().imag, "s": strided, "s_conj": strided.conj()}
+    out = roundtrip(state)
+    for key, t in state.items():
+        assert torch.equal(out[key], t.resolve_conj().resolve_neg()), key
+    for copy in (False, True):  # with and without the encoder's private copy
+        assert len(encode({"a": base.imag, "b": base.conj().imag}, copy=copy).tensors) == 2
+        assert len(encode({"a": base.imag, "b": base.imag}, copy=copy).tensors) == 1  # a true alias, once
+
+
 def test_aliased_tensors_are_written_once_and_come_back_aliased() -> None:
     a = torch.randn(1000)
     enc = encode({"x": a, "y": a, "nested": [a]})

@@ -150,7 +150,7 @@ class _Encoder:
         alias = None
         if t.numel() > 0 and t.layout is torch.strided:
             alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                     t.stride(), t.dtype, str(t.device))
+                     t.stride(), t.dtype, str(t.device), t.is_conj(), t.is_neg())  # x.imag and x.conj().imag differ
             if alias in self._alias:
                 return dict(self._alias[alias])
         st = _TO_ST.get(data.dtype)
