@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch.distributed
+
 from distckpt import CheckpointCoordinator, CheckpointError, StateComponent
 from tests.faults.scenario import check_loaded
 from tests.helpers import Box
@@ -110,6 +112,12 @@ def save(ctx: Any, ex: Example, out: str, generation: int = 0, fault: Fault = Fa
             nospace.armed = True
 
     coordinator = _coordinator(ctx, ex, out, boxes, phase_hook=hook, timeout=timeout)
+    if fault.kind == "kill":
+        # Every rank has finished building the coordinator's gloo channel before the victim can
+        # reach its phase: a rank killed while a peer is still connecting the channel's mesh makes
+        # that peer's constructor fail inside gloo ("connectFullMesh failed ... closed by peer"),
+        # which is not the fault under test (it made [plan-3] fail now and then).
+        torch.distributed.barrier()
     if mine and fault.kind == "absent":
         time.sleep(fault.limit)
         return {"rank": ctx.rank, "absent": True}
