@@ -64,12 +64,12 @@ class Unregistered(Pattern):
 
 def test_the_kit_catches_a_pattern_that_forgets_a_one_rank_node_naming_the_ranks() -> None:
     with pytest.raises(AssertionError, match=r"ranks \[\d+\] are in no replica set"):
-        check_pattern(ForgetsLonelyNodes(), max_examples=50)
+        check_pattern(ForgetsLonelyNodes(), max_examples=50, shrink=False)
 
 
 def test_the_kit_catches_file_names_that_collide_across_sets() -> None:
     with pytest.raises(AssertionError, match="not a safe file name distinct"):
-        check_pattern(OddFileNames(), max_examples=50)
+        check_pattern(OddFileNames(), max_examples=50, shrink=False)
 
 
 def test_the_kit_refuses_a_pattern_that_is_not_registered() -> None:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import xxhash
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ..manifest import MANIFEST_NAME, CheckpointManifest
@@ -63,18 +63,21 @@ def describe_topology(topology: Topology) -> str:
 
 
 def check_pattern(pattern_or_factory: PatternSource, *, max_examples: int = 100, processes: bool = False,
-                  max_world: int | None = None) -> None:
+                  max_world: int | None = None, shrink: bool = True) -> None:
     """Property-test a pattern (or a factory ``Callable[[Topology], Pattern]``, e.g. to pick one
     of the drawn group names) over drawn topologies and state dicts; see the module docstring.
 
     Runs in the caller's process (threads) or on gloo worlds of warm processes
     (``processes=True``; worlds up to 8 ranks unless ``max_world`` says otherwise).
-    Raises ``AssertionError`` with a shrunk counterexample when a promise breaks.
+    Raises ``AssertionError`` with a shrunk counterexample when a promise breaks;
+    ``shrink=False`` raises the first one found, unshrunk (every shrinking step runs a save
+    and a load: a test that only expects the failure is much faster without it).
     """
     limit = max_world if max_world is not None else (8 if processes else 16)
     runner: Runner = _gloo_runner() if processes else _thread_runner
 
     @settings(max_examples=max_examples, deadline=None, database=None, print_blob=False,
+              phases=tuple(p for p in Phase if shrink or p is not Phase.shrink),
               suppress_health_check=list(HealthCheck))
     @given(topology=topologies(max_world=limit), spec=state_specs(max_tensors=4), data=st.data())
     def examples(topology: Topology, spec: StateSpec, data: st.DataObject) -> None:
