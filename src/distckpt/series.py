@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,24 +60,11 @@ def list_checkpoints(parent: str, include_hidden: bool = False, restore: bool = 
     ``restore`` first puts back an old checkpoint stranded by an interrupted
     overwrite (:func:`restore_stranded`), so it is found under its name.
     """
-    if not storage.path_info(parent).dir:
-        return []
-    if restore:
-        folder.restore_stranded(parent)
     broken: list[CheckpointEntry] = []
     good: list[CheckpointEntry] = []
-    for name in storage.list_dir(parent):
-        path = os.path.join(parent, name)
-        if name.startswith(".") and not include_hidden:
-            continue
-        info = storage.path_info(path)
-        if info.link:
-            broken.append(CheckpointEntry(path, None, "is a symlink"))
-            continue
-        if not info.dir:
-            continue
-        if name.startswith("."):
-            broken.append(CheckpointEntry(path, None, "staging or trash directory (incomplete)"))
+    for path, problem in _directories(parent, include_hidden, restore):
+        if problem is not None:
+            broken.append(CheckpointEntry(path, None, problem))
             continue
         try:
             good.append(CheckpointEntry(path, CheckpointManifest.load(os.path.join(path, MANIFEST_NAME)), None))
@@ -86,6 +74,30 @@ def list_checkpoints(parent: str, include_hidden: bool = False, restore: bool = 
             broken.append(CheckpointEntry(path, None, f"unreadable manifest ({type(exc).__name__}: {exc})"[:500]))
     good.sort(key=lambda e: (e.manifest.sequence, e.manifest.timestamp, e.path) if e.manifest else (0, "", e.path))
     return broken + good
+
+
+def _directories(parent: str, include_hidden: bool, restore: bool) -> Iterator[tuple[str, str | None]]:
+    """``(path, None)`` for each directory of ``parent`` that may hold a committed checkpoint, and
+    ``(path, why not)`` for a symlink or (with ``include_hidden``) a staging or trash directory;
+    other entries, and hidden ones without ``include_hidden``, are left out. ``restore`` first puts
+    back a checkpoint stranded by an interrupted overwrite. Local."""
+    if not storage.path_info(parent).dir:
+        return
+    if restore:
+        folder.restore_stranded(parent)
+    for name in storage.list_dir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith(".") and not include_hidden:
+            continue
+        info = storage.path_info(path)
+        if info.link:
+            yield path, "is a symlink"
+        elif not info.dir:
+            continue
+        elif name.startswith("."):
+            yield path, "staging or trash directory (incomplete)"
+        else:
+            yield path, None
 
 
 # The folder's staging, commit and cleanup live in .series (part of this layer); callers use them from here.
@@ -146,16 +158,9 @@ def _peeked(parent: str) -> list[tuple[str, int | None]]:
     """``(manifest path, its sequence read from its first bytes, or None)`` for each directory of
     ``parent`` that may be a committed checkpoint (not hidden, not a symlink, with a manifest
     file that can be opened), after putting back a stranded checkpoint. Local."""
-    if not storage.path_info(parent).dir:
-        return []
-    folder.restore_stranded(parent)
     out: list[tuple[str, int | None]] = []
-    for name in storage.list_dir(parent):
-        path = os.path.join(parent, name)
-        if name.startswith("."):
-            continue
-        info = storage.path_info(path)
-        if info.link or not info.dir:
+    for path, problem in _directories(parent, include_hidden=False, restore=True):
+        if problem is not None:
             continue
         manifest = os.path.join(path, MANIFEST_NAME)
         try:

@@ -231,7 +231,7 @@ def _write(src: str, final: str, planned: Sequence[legacy.ConversionStep], topol
 
     if sequence is None:
         parent = os.path.dirname(final)
-        sequence = max((e.manifest.sequence for e in series.list_checkpoints(parent) if e.manifest), default=0) + 1
+        sequence = max(series.committed_sequences(parent), default=0) + 1
     staging = folder.create_staging(final, uuid.uuid4().hex[:12], sequence)
     try:
         components: dict[str, ComponentManifest] = {}
