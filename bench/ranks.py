@@ -38,7 +38,12 @@ Methods (``kind``):
   rank's state, so the snapshot streams (the call waits for the writer).
 - ``distckpt-async``: ``save_checkpoint(..., async_save=True)`` when the library
   has it; ``blocking_s`` is the time until it returns, the row's time until
-  ``handle.result()``. ``proto-async`` is the bench's own stand-in for library
+  ``handle.result()``.
+- ``distckpt-async-staged``: the same with ``background_staging=True``: the
+  call returns after the walk, the copy goes on in the background;
+  ``blocking_s`` is the time until it returns, ``staged_s`` until
+  ``handle.wait_staged()`` returns when called at once (a trainer would run its
+  forward and backward pass in between). ``proto-async`` is the bench's own stand-in for library
   versions without it (copy to reused host buffers, ordinary save in a thread).
 """
 
@@ -70,7 +75,9 @@ from .workloads import (
 )
 
 SAVE_ONLY = {"distckpt-quick", "distckpt-tensor", "distckpt-full", "distckpt-async", "proto-async",
-             "distckpt-async-budget"}
+             "distckpt-async-budget", "distckpt-async-staged"}
+#: Async rows: their repetitions also record ``blocking_s`` (and the staged row ``staged_s``).
+ASYNC = ("proto-async", "distckpt-async", "distckpt-async-budget", "distckpt-async-staged")
 #: Rows that are a :class:`distckpt.CheckpointCoordinator` with these options.
 VARIANTS: dict[str, dict[str, Any]] = {
     "distckpt-copyload": {"load_in_place": False},
@@ -271,7 +278,7 @@ class RankBench:
                 comps, process_groups=self.groups or None, output_dir=self.root, timeout=900,
                 phase_hook=self._hook if name != "proto-async" else None, **options)
         self.methods = [m for m in self.methods if not m.startswith("distckpt-") or m in self.coords
-                        or m in ("distckpt-nohash", "distckpt-async")]
+                        or m in ("distckpt-nohash", "distckpt-async", "distckpt-async-staged")]
 
     # -- timing
 
@@ -315,13 +322,18 @@ class RankBench:
             with no_checksum():
                 self.coords["distckpt"].save_checkpoint(checkpoint_path=d)
             return None
-        if method in ("distckpt-async", "distckpt-async-budget"):
+        if method in ("distckpt-async", "distckpt-async-budget", "distckpt-async-staged"):
             t0 = time.perf_counter()
-            coord = self.coords["distckpt" if method == "distckpt-async" else method]
-            handle = coord.save_checkpoint(checkpoint_path=d, async_save=True)
+            coord = self.coords["distckpt-async-budget" if method == "distckpt-async-budget" else "distckpt"]
+            if method == "distckpt-async-staged":
+                handle = coord.save_checkpoint(checkpoint_path=d, async_save=True, background_staging=True)
+            else:
+                handle = coord.save_checkpoint(checkpoint_path=d, async_save=True)
             blocking = time.perf_counter() - t0
+            handle.wait_staged()
+            staged = time.perf_counter() - t0
             handle.result()
-            return {"blocking_s": blocking}
+            return {"blocking_s": blocking, "staged_s": staged}
         if method.startswith("distckpt-"):
             self.coords[method].save_checkpoint(checkpoint_path=d)
             return None

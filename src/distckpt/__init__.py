@@ -43,6 +43,7 @@ from .errors import (
     ManifestError,
     ReplicationMismatchError,
     SerializationError,
+    StateChangedError,
     StateMismatchError,
     TopologyMismatchError,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "SaveHandle",
     "SerializationError",
     "SharingPattern",
+    "StateChangedError",
     "StateComponent",
     "StateMismatchError",
     "Stateful",

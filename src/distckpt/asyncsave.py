@@ -30,9 +30,11 @@ import torch
 from . import folder, saving
 from .codec import encode, tensor_bytes
 from .components import StateComponent
+from .errors import StateChangedError
 from .handle import SaveHandle
 from .hashing import BackgroundChecksums
 from .hostcopy import Kept, StateCopy, Unsupported
+from .hostwalk import entry_path
 from .layout import FilePlan
 from .planning import Job, Produce, SavePlan
 from .snapshots import Snapshot, SnapshotBudget
@@ -72,15 +74,18 @@ class AsyncSaves:
         """Fork the channel if needed, snapshot this rank's files (``snapshot(buffers)``), then run
         ``finish(channel, produce)`` (the write and commit phases) in a non-daemon thread.
 
-        Returns at once with the :class:`SaveHandle`. On failure of the
+        Returns at once with the :class:`SaveHandle`. A producer with a ``stage`` (staged in
+        the background) is copied by a second non-daemon thread, which marks the handle staged
+        when done (:meth:`SaveHandle.wait_staged`). On failure of the
         thread, rank 0 removes the staging directory and the handle holds the error.
         """
         background = self.channel(comm)
         produce = snapshot(self.snapshots)
         pump = getattr(produce, "pump", None)  # snapshots beyond the memory budget stream (distckpt.snapshots)
-        handle = SaveHandle(plan.path)
-        log.debug("distckpt: %s snapshotted in %.3f s; writing in the background", plan.path,
-                  time.perf_counter() - started)
+        stage = getattr(produce, "stage", None)  # staged in the background: copied on a thread of its own
+        handle = SaveHandle(plan.path, staged=stage is None)
+        log.debug("distckpt: %s %s in %.3f s; writing in the background", plan.path,
+                  "walked" if stage is not None else "snapshotted", time.perf_counter() - started)
 
         def run() -> None:
             try:
@@ -94,6 +99,13 @@ class AsyncSaves:
 
         self.pending = handle
         threading.Thread(target=run, name=f"distckpt-save-{plan.checkpoint_id}", daemon=False).start()
+        if stage is not None:
+            def run_stage() -> None:
+                try:
+                    stage()
+                finally:
+                    handle._staged.set()
+            threading.Thread(target=run_stage, name=f"distckpt-stage-{plan.checkpoint_id}", daemon=False).start()
         if pump is not None:
             pump()  # returns once every file is copied; the thread writes them meanwhile
         return handle
@@ -117,21 +129,27 @@ class _Copied(saving.States):
 
 
 def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: saving.States,
-             buffers: dict[str, dict[int, torch.Tensor]], budget: int | None) -> Produce:
-    """This rank's files of an asynchronous save: the states it writes copied now, encoded later.
+             buffers: dict[str, dict[int, torch.Tensor]], budget: int | None, background: bool = False) -> Produce:
+    """This rank's files of an asynchronous save: the states it writes copied, encoded later.
 
     Called on the caller's thread by :meth:`AsyncSaves.start` (through the
-    coordinator). Copies every state this rank writes (:class:`StateCopy`:
-    one walk, one batched copy, into ``buffers`` kept from the last snapshot)
-    and returns the write phase's producer, which encodes the copies in the
+    coordinator). Walks every state this rank writes (:class:`StateCopy`:
+    one walk, then one batched copy into ``buffers`` kept from the last
+    snapshot) and returns the write phase's producer, which encodes the copies in the
     background thread exactly as a synchronous save encodes the live state.
     The writer of one part of a balanced write copies only that part (part 0's
-    writer hashes the other parts now, for its prediction of their checksums). Beyond
-    ``budget`` bytes the copies stream (:class:`Snapshot`; the producer has a
-    ``pump``, run by :meth:`AsyncSaves.start`). A state the copy does not
-    know (a DTensor, say) takes the general path,
-    :func:`distckpt.saving.encoder`. Local; an error is not raised here but
-    by the producer, inside the write phase, so every rank hears it.
+    writer hashes the other parts from the live state, for its prediction of their checksums).
+    Beyond ``budget`` bytes the copies stream (:class:`Snapshot`; the producer has a
+    ``pump``, run by :meth:`AsyncSaves.start`).
+
+    The copy and the hashing happen before this returns, unless ``background``: then only the
+    walk does, with every live tensor's version counter remembered, and the producer has a
+    ``stage`` that copies and hashes (on a thread of :meth:`AsyncSaves.start`) and fails the
+    save with :class:`~distckpt.errors.StateChangedError` if a tensor changed meanwhile.
+
+    A state the copy does not know (a DTensor, say) takes the general path,
+    :func:`distckpt.saving.encoder`, copied before this returns. Local; an error is not raised
+    here but by the producer, inside the write phase, so every rank hears it.
     """
     files: dict[str, list[Any]] = {}
     for c in components:
@@ -143,6 +161,10 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
             copies = {key: StateCopy(states(key), _kept(buffers, key)) for key in files}
         except Unsupported:
             return saving.encoder(rank, components, plan, states, buffers, budget)
+        if background and not all([copy.watch() for copy in copies.values()]):
+            for copy in copies.values():
+                copy.unwatch()  # a tensor without a version counter: copied before the call returns
+            background = False
         streams = budget is not None and sum(c.nbytes for c in copies.values()) > budget
         if streams:
             buffers.clear()  # buffers kept from an earlier save would count against the budget
@@ -155,22 +177,32 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
             only[key], hashed = _parts(copies[key], fs, plan.components[key].files)
             siblings.extend(hashed)
             owner.update((path, key) for path, _ in hashed)
-        predicted: dict[str, dict[str, str]] = {key: {} for key in files}
-        snap = Snapshot(copies, only, {key: len(fs) for key, fs in files.items()},
-                        SnapshotBudget(budget) if streams and budget is not None else None, predicted)
-        produce = snap.produce(saving.encoder(rank, components, plan, _Copied(snap)))
         # the other members' parts are hashed from the live bytes in a worker (xxhash releases the
-        # GIL) while this thread copies, and always before the call returns
+        # GIL) while this thread copies, and always before the live state may change again
         hashing = BackgroundChecksums(siblings)
+
+        def predict() -> dict[str, dict[str, str]]:
+            predicted: dict[str, dict[str, str]] = {key: {} for key in files}
+            for path, checksum in hashing.result().items():
+                predicted[owner[path]][path] = checksum
+            return predicted
+
+        snap = Snapshot(copies, only, {key: len(fs) for key, fs in files.items()},
+                        SnapshotBudget(budget) if streams and budget is not None else None, predict)
+        produce = snap.produce(saving.encoder(rank, components, plan, _Copied(snap)))
+        if background:
+            produce.stage = partial(_stage, snap, copies, hashing, states)  # type: ignore[attr-defined]
+            return produce
         try:
             if not streams:
                 snap.pump()
-            for path, checksum in hashing.result().items():
-                predicted[owner[path]][path] = checksum
+            snap.predictions()
         finally:
             hashing.cancel()  # (done by now, unless the copy was interrupted)
         if streams:
-            produce.pump = snap.pump  # type: ignore[attr-defined]
+            produce.pump = partial(_pump_then_staged, snap)  # type: ignore[attr-defined]
+        else:
+            snap.staged()
         return produce
     except Exception as exc:  # reported through the write phase, so every rank hears it
         error = exc
@@ -178,6 +210,44 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
         def failed() -> Iterator[Job]:
             raise error
         return failed
+
+
+def _pump_then_staged(snap: Snapshot) -> None:
+    """The caller's streaming copy (the save returns after it)."""
+    try:
+        snap.pump()
+    finally:
+        snap.staged()
+
+
+def _stage(snap: Snapshot, copies: dict[str, StateCopy], hashing: BackgroundChecksums,
+           states: saving.States) -> None:
+    """A snapshot staged in the background: copy and hash (on a thread of
+    :meth:`AsyncSaves.start`, while the writer writes what is copied), then check that no live
+    tensor changed since the walk. Never raises: every outcome reaches the writer through
+    :meth:`Snapshot.staged` (a copy that failed, through the copy's own key)."""
+    error: BaseException | None = None
+    try:
+        snap.pump()
+        snap.predictions()
+        for key, copy in copies.items():
+            changed = copy.changed()
+            if changed:
+                path = entry_path(states(key), changed[0])
+                entry = f"entry {path!r}" if path is not None else "a tensor"
+                more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+                error = StateChangedError(
+                    f"component {key!r}: {entry}{more} changed in place while the asynchronous save "
+                    "was still copying it; wait for SaveHandle.wait_staged() before changing the state "
+                    "(an optimizer step, a module in training mode); nothing was committed")
+                break
+    except BaseException as exc:  # reaches the writer (an interrupt too: it must not wait forever)
+        error = exc
+    finally:
+        hashing.cancel()
+        for copy in copies.values():
+            copy.release()
+        snap.staged(error)
 
 
 def _kept(buffers: dict[str, dict[int, torch.Tensor]], key: str) -> Kept:

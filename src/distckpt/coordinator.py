@@ -159,12 +159,14 @@ class CheckpointCoordinator:
     def save_checkpoint(
         self, checkpoint_path: str | os.PathLike[str] | None = ..., checkpoint_id: str | int | None = ...,
         validate: bool = ..., *, overwrite: bool = ..., async_save: Literal[False] = ..., progress: bool = ...,
+        background_staging: Literal[False] = ...,
     ) -> str: ...
 
     @overload
     def save_checkpoint(
         self, checkpoint_path: str | os.PathLike[str] | None = ..., checkpoint_id: str | int | None = ...,
         validate: bool = ..., *, overwrite: bool = ..., async_save: Literal[True], progress: bool = ...,
+        background_staging: bool = ...,
     ) -> SaveHandle: ...
 
     def save_checkpoint(
@@ -176,6 +178,7 @@ class CheckpointCoordinator:
         overwrite: bool = False,
         async_save: bool = False,
         progress: bool = False,
+        background_staging: bool = False,
     ) -> str | SaveHandle:
         """Collective: save every component and return the committed path (same on every rank).
 
@@ -191,6 +194,16 @@ class CheckpointCoordinator:
         channel of their own. A pending asynchronous save is always finished
         (and its error raised) before the next save or load starts.
 
+        ``background_staging=True`` (with ``async_save``) returns sooner: once
+        the state has been walked, with the copy to host memory going on in
+        the background too. The trainer may run its forward and backward pass
+        meanwhile, but must call :meth:`SaveHandle.wait_staged` before anything
+        changes the saved tensors in place (an optimizer step, a module whose
+        forward updates its buffers). A tensor changed before then fails the
+        save on every rank with :class:`~distckpt.errors.StateChangedError`
+        (torch's version counters tell; a change through ``.data`` is not
+        seen), never a torn checkpoint.
+
         On any failure on any rank, every rank raises the same
         :class:`CheckpointError` subclass naming the failing ranks, nothing
         becomes visible, and earlier checkpoints are untouched. Every rank must
@@ -202,6 +215,8 @@ class CheckpointCoordinator:
         either way (:mod:`distckpt.progress`).
         """
         self.wait()
+        if background_staging and not async_save:
+            raise ValueError("background_staging=True needs async_save=True")
         if async_save:
             check_comm(self._comm, ForkingComm, "async_save")
         started = time.perf_counter()
@@ -223,7 +238,7 @@ class CheckpointCoordinator:
                 return self._async.start(
                     self._comm, plan,
                     lambda buffers: asyncsave.snapshot(self.rank, self.components, plan, states, buffers,
-                                                       self.async_snapshot_bytes),
+                                                       self.async_snapshot_bytes, bool(background_staging)),
                     lambda comm, produce: self._write_and_commit(comm, plan, produce, validate, overwrite, started,
                                                                  meter),
                     started,

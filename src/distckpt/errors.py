@@ -26,6 +26,7 @@ __all__ = [
     "ManifestError",
     "ReplicationMismatchError",
     "SerializationError",
+    "StateChangedError",
     "TopologyMismatchError",
     "error_class_by_name",
     "group_ranks",
@@ -155,6 +156,12 @@ class SerializationError(CheckpointError, TypeError):
     """A state dict holds an object outside the supported set; the message names its path."""
 
 
+class StateChangedError(CheckpointError, RuntimeError):
+    """A tensor changed in place while an asynchronous save staged in the background was still
+    copying it (before :meth:`~distckpt.handle.SaveHandle.wait_staged` returned); the message
+    names the component and the entry. Nothing was committed."""
+
+
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """The target checkpoint is already committed and overwriting was not requested."""
 
@@ -191,6 +198,7 @@ _REGISTRY: dict[str, type[CheckpointError]] = {
         StateMismatchError,
         LayoutMismatchError,
         SerializationError,
+        StateChangedError,
         CheckpointExistsError,
         CheckpointBusyError,
         CheckpointNotFoundError,

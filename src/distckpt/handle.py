@@ -30,16 +30,21 @@ class SaveHandle:
     """Tracks one asynchronous save running in a background thread.
 
     Returned by ``save_checkpoint(..., async_save=True)`` once the state has
-    been copied to host memory. The write and commit phases then run in the
+    been copied to host memory (with ``background_staging=True``: once it has
+    been walked; the copy goes on in the background until :meth:`wait_staged`).
+    The write and commit phases then run in the
     background with the same guarantees as a synchronous save. The next
     ``save_checkpoint`` or ``load_checkpoint`` waits for it first and raises
     its error on every rank, unless :meth:`result` already raised it (call
     ``result()`` on every rank or on none: every rank gets the same error).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, staged: bool = True) -> None:
         self.path = path
         self._done = threading.Event()
+        self._staged = threading.Event()  # the save no longer reads the live state
+        if staged:
+            self._staged.set()
         self._error: BaseException | None = None
         self._observed = False
         _live.add(self)
@@ -49,6 +54,20 @@ class SaveHandle:
         if error is None:
             _live.discard(self)
         self._done.set()
+
+    def staged(self) -> bool:
+        """Whether the save has finished reading the live state (copied it to host memory): the
+        trainer may change its tensors. Always ``True`` unless the save was started with
+        ``background_staging=True``."""
+        return self._staged.is_set()
+
+    def wait_staged(self, timeout: float | None = None) -> None:
+        """Wait until the save no longer reads the live state (see :meth:`staged`); returns at once
+        unless the save was started with ``background_staging=True``. Local, on the caller's
+        thread. Raises ``TimeoutError`` if ``timeout`` seconds pass first; never the save's
+        error, which :meth:`result` (or the next save or load) raises."""
+        if not self._staged.wait(timeout):
+            raise TimeoutError(f"asynchronous save of {self.path} still staging after {timeout} s")
 
     def done(self) -> bool:
         """Whether the background write and commit have finished (successfully or not)."""
@@ -61,6 +80,7 @@ class SaveHandle:
         """
         if not self._done.wait(timeout):
             raise TimeoutError(f"asynchronous save of {self.path} still running after {timeout} s")
+        self._staged.wait()  # (a failed write may end before its background copy does)
         if self._error is not None:
             self._observed = True
             _live.discard(self)
@@ -70,6 +90,7 @@ class SaveHandle:
     def _settle(self) -> str | None:
         """Wait; raise an error nobody has seen yet; the path if committed, else ``None``."""
         self._done.wait()
+        self._staged.wait()  # the next save reuses the copy's buffers
         if self._error is None:
             return self.path
         if self._observed:

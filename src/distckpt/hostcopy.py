@@ -82,6 +82,7 @@ class StateCopy:
         self._cpu = True  # every source is a CPU tensor
         self._reuse = reuse if reuse is not None else Kept()
         self._columns: tuple[list[torch.Tensor], Columns] | None = None  # for the Kept, once allocated
+        self._versions: list[int] | None = None  # the sources' version counters, once watched
         # the views copied so far: the first at each address (source, target), then any others by full key
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._others: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -281,8 +282,39 @@ class StateCopy:
             _two_threads(work)
             for device in devices:
                 torch.cuda.synchronize(device)
-        self.sources = []  # the live tensors are not ours to keep alive
+        if self._versions is None:
+            self.sources = []  # the live tensors are not ours to keep alive (a watched copy: see release())
         self._plain = []
+
+    # ------------------------------------------------------------------ staging in the background
+
+    def watch(self) -> bool:
+        """Remember every live tensor's version counter (torch bumps it on each in-place change),
+        for :meth:`changed` after a :meth:`fill` on another thread. Called on the caller's thread
+        before an asynchronous save staged in the background returns. ``False`` (nothing
+        remembered) when a tensor keeps no counter (one made under ``torch.inference_mode``): the
+        caller then copies before returning."""
+        try:
+            self._versions = [t._version for t in self.sources]
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return False
+        return True
+
+    def changed(self) -> list[torch.Tensor]:
+        """The live tensors changed in place since :meth:`watch` (their bytes in the copy may be
+        torn: part before the change, part after). Local; reads counters only."""
+        if self._versions is None:
+            return []
+        return [t for t, v in zip(self.sources, self._versions, strict=True) if t._version != v]
+
+    def unwatch(self) -> None:
+        """Forget the version counters: :meth:`fill` lets go of the live tensors again."""
+        self._versions = None
+
+    def release(self) -> None:
+        """Let go of the live tensors a watched copy kept for :meth:`changed`."""
+        self.sources = []
+        self._versions = None
 
     def drop_buffers(self) -> None:
         """Forget the buffers kept from the previous snapshot (a streamed snapshot must not hold
@@ -300,7 +332,8 @@ class StateCopy:
         for t in self.targets:
             _set(t)
         self.targets = []
-        self.sources = []
+        if self._versions is None:
+            self.sources = []  # (a watched copy keeps them for changed(), until release())
         self.state = None
 
 

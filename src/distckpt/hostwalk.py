@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["Columns", "Irregular", "Kept", "Walk", "columns"]
+__all__ = ["Columns", "Irregular", "Kept", "Walk", "columns", "entry_path"]
 
 _TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _KEYS = frozenset({str, int})
@@ -162,3 +162,22 @@ class Kept(dict[int, torch.Tensor]):
             return None
         return targets
 
+
+
+def entry_path(state: Any, target: torch.Tensor) -> str | None:
+    """The dotted path (as the encoder names entries: ``"layer.weight"``, ``"state.0.exp_avg"``)
+    of the first leaf of ``state`` that is the object ``target``, or ``None``. Called to name a
+    tensor in an error message only (a full walk). Pure."""
+    stack: list[tuple[str, Any]] = [("", state)]
+    while stack:
+        path, obj = stack.pop()
+        if obj is target:
+            return path
+        if isinstance(obj, dict):
+            items = list(obj.items())
+        elif isinstance(obj, (list, tuple)):
+            items = list(enumerate(obj))
+        else:
+            continue
+        stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(items))
+    return None

@@ -161,10 +161,16 @@ class Snapshot:
     """
 
     def __init__(self, copies: dict[str, StateCopy], only: dict[str, set[int] | None], files: dict[str, int],
-                 budget: SnapshotBudget | None, predicted: dict[str, dict[str, str]] | None = None) -> None:
+                 budget: SnapshotBudget | None,
+                 predict: Callable[[], dict[str, dict[str, str]]] | None = None) -> None:
         self._copies = copies
         self._only = only
-        self._predicted = predicted or {}  # key -> another member's part path -> its checksum
+        # key -> another member's part path -> its checksum, from predict() on first need
+        self._predict_call = predict
+        self._predicted: dict[str, dict[str, str]] | None = None if predict is not None else {}
+        self._predict_lock = threading.Lock()
+        self._staged = threading.Event()  # the copy no longer reads the live state (see staged())
+        self._late: BaseException | None = None  # found once the copies were handed over (staged())
         self._files = files  # files this rank writes, per key: a copy is freed after the last one
         self._budget = budget
         # bytes copied per key, and the tensors of a part writer's copy left unfilled (never to be written)
@@ -203,6 +209,26 @@ class Snapshot:
                 self._filled.add(key)
                 self._cond.notify_all()
 
+    def predictions(self) -> dict[str, dict[str, str]]:
+        """The other members' part checksums taken from the live state (``predict()``, run once,
+        by whichever thread asks first: the caller, the staging thread or the writer); raises
+        what it raised."""
+        with self._predict_lock:
+            if self._predicted is None:
+                assert self._predict_call is not None
+                self._predicted = self._predict_call()
+            return self._predicted
+
+    def staged(self, error: BaseException | None = None) -> None:
+        """The snapshot no longer reads the live state: every copy filled and every prediction
+        taken. ``error`` (a tensor changed while it was copied, say) fails the save even when its
+        copies were already handed over: :meth:`produce` raises it after its last job."""
+        with self._cond:
+            if error is not None and self._error is None:
+                self._late = self._error = error
+            self._cond.notify_all()
+        self._staged.set()
+
     def state(self, key: str) -> Any:
         """Writer's thread: the copy of ``key`` once filled; raises the snapshot's error."""
         with self._cond:
@@ -229,6 +255,9 @@ class Snapshot:
                     if self._budget is not None and not left[key]:
                         self._copies[key].free()
                         self._budget.release(self._nbytes[key])
+                self._staged.wait()  # (at once unless staged in the background)
+                if self._late is not None:
+                    raise self._late
             finally:
                 if self._budget is not None:
                     self._budget.abort()  # done or failed: a waiting pump must not wait for this thread again
@@ -237,8 +266,10 @@ class Snapshot:
     def _predict(self, job: Any) -> Any:
         """``job`` with the other members' parts whose checksums were taken at snapshot time
         replaced by :class:`PredictedPart` (their bytes were hashed, not copied)."""
-        predicted = self._predicted.get(job[0])
-        if not predicted or not job[4]:
+        if not job[4]:
+            return job
+        predicted = self.predictions().get(job[0])
+        if not predicted:
             return job
         siblings = tuple((path, PredictedPart(header=piece.header, tensors=(), checksum=predicted[path]))
                          if path in predicted else (path, piece) for path, piece in job[4])

@@ -46,7 +46,8 @@ def _coordinator(ctx: Any, ex: Example, out: str, boxes: dict[str, Box], groups:
 
 def _save(c: CheckpointCoordinator, ex: Example) -> str:
     if ex.async_save:
-        return c.save_checkpoint(validate=ex.save_validate, async_save=True).result(TIMEOUT)
+        return c.save_checkpoint(validate=ex.save_validate, async_save=True,
+                                 background_staging=ex.background_staging).result(TIMEOUT)
     return c.save_checkpoint(validate=ex.save_validate)
 
 

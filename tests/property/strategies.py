@@ -408,6 +408,7 @@ class Example:
     bases: dict[str, Any] = field(compare=False)
     save_validate: bool = False
     async_save: bool = False
+    background_staging: bool = False  # (with async_save) the host copy runs after the call returns
 
     def decl(self, key: str) -> Decl:
         return next(d for d in self.decls if d.key == key)
@@ -432,7 +433,9 @@ def examples(draw: st.DrawFn, max_nodes: int = 4, max_procs: int = 4, min_world:
     topo = draw(topologies(max_nodes, max_procs, min_world, contiguous))
     decls = draw(declarations(topo, extra))
     bases = {d.key: draw(state_dicts(max_leaves)) for d in decls}
-    return Example(topo, decls, bases, save_validate=draw(st.booleans()), async_save=draw(st.booleans()))
+    save_validate, async_save = draw(st.booleans()), draw(st.booleans())
+    return Example(topo, decls, bases, save_validate=save_validate, async_save=async_save,
+                   background_staging=async_save and draw(st.booleans()))
 
 
 # ------------------------------------------------------------- key hygiene

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import safetensors
 import torch
-from hypothesis import assume, event, given, note
+from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 
 from distckpt import (
@@ -59,6 +59,8 @@ pytestmark = [
 def _events(ex: Example) -> None:
     event(f"world {ex.topo.world_size} ({ex.topo.nodes} nodes x {ex.topo.procs_per_node})")
     event(f"mesh dims {len(ex.topo.mesh)}")
+    event("save " + ("async, staged in the background" if ex.background_staging else
+                     "async" if ex.async_save else "sync"))
     for d in ex.decls:
         event(f"pattern {d.pattern}" + (" validated" if d.validated(ex.save_validate) else ""))
     note(f"topology {ex.topo}; declarations {ex.decls}")
@@ -340,6 +342,7 @@ def fault_cases(draw: st.DrawFn, phase: str) -> tuple[Example, str, int, str]:
 
 
 @pytest.mark.parametrize("phase", ["plan", "validate", "write", "commit"])
+@settings(max_examples=min(50, settings().max_examples))  # x 4 phases; each example saves twice and loads
 @given(data=st.data())
 def test_property_5_an_exception_in_any_phase_on_any_rank_fails_every_rank_naming_it_and_keeps_the_previous_checkpoint(
     phase: str, data: st.DataObject,

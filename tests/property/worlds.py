@@ -65,7 +65,8 @@ def save(ex: Example, out: str, generation: int = 0, *, states: Callable[[int], 
         boxes = {k: Box(v) for k, v in per_rank[comm.rank].items()}
         c = coordinator(ex, comm, out, boxes, phase_hook=hook, **(coord_kw or {}))
         if use_async:
-            return c.save_checkpoint(validate=ex.save_validate, async_save=True, **save_kw).result(WORLD_TIMEOUT)
+            return c.save_checkpoint(validate=ex.save_validate, async_save=True,
+                                     background_staging=ex.background_staging, **save_kw).result(WORLD_TIMEOUT)
         return c.save_checkpoint(validate=ex.save_validate, **save_kw)
 
     return run(ex.topo, fn)
