@@ -150,6 +150,12 @@ class FaultSpec:
     component: str | None = None
 
 
+#: How the save run saves: ``save_checkpoint()``; ``async_save=True`` (the next step runs while
+#: the files are written); ``async_save=True, background_staging=True`` (the next step's forward and
+#: backward also overlap the host copy; the trainer waits for it before the optimizer step).
+SAVE_MODES = ("sync", "async", "async_background_staging")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """How long to train, when to save, and the knobs of the run."""
@@ -163,6 +169,7 @@ class RunSpec:
     world_timeout: float = 120.0
     min_part_bytes: int | None = None  # None: the library's default
     load_strategy: str | None = None  # None: the library's default
+    save_mode: str = "sync"  # one of SAVE_MODES
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from harness.scenario_model import (
     MAX_WORLD,
     PATTERNS,
     PHASES,
+    SAVE_MODES,
     TRAINERS,
     ComponentSpec,
     Expectation,
@@ -304,6 +305,7 @@ def parse_run(r: TableReader | None) -> RunSpec:
     world_timeout = r.get("world_timeout", float, d.world_timeout)
     min_part_bytes = r.integer("min_part_bytes", None, minimum=1)
     load_strategy = r.choice("load_strategy", LOAD_STRATEGIES, None)
+    save_mode = r.choice("save_mode", SAVE_MODES, d.save_mode)
     for name, value in (("timeout", timeout), ("world_timeout", world_timeout)):
         if value <= 0:
             raise r.error(name, f"must be positive, got {value}")
@@ -323,6 +325,7 @@ def parse_run(r: TableReader | None) -> RunSpec:
         world_timeout=world_timeout,
         min_part_bytes=min_part_bytes,
         load_strategy=load_strategy,
+        save_mode=save_mode,
     )
 
 

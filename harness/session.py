@@ -172,9 +172,7 @@ def save(ctx: RankContext, scenario: Scenario) -> RankRun:
     coord = coordinator(ctx, scenario, trainer, _fault_hook(scenario.faults))
     started = time.perf_counter()
     try:
-        path = coord.save_checkpoint(
-            checkpoint_id=str(scenario.run.save_at), validate=scenario.run.validate
-        )
+        path = _save(coord, trainer, scenario)
     except CheckpointError as exc:
         return RankRun(
             ctx.rank,
@@ -183,6 +181,27 @@ def save(ctx: RankContext, scenario: Scenario) -> RankRun:
             error=LibraryError.of(exc),
         )
     return RankRun(ctx.rank, losses=losses, path=path, seconds=time.perf_counter() - started)
+
+
+def _save(coord: CheckpointCoordinator, trainer: Trainer, scenario: Scenario) -> str:
+    """Save as ``scenario.run.save_mode`` says. The asynchronous modes go on training as a trainer
+    would: the next step's forward and backward run while the save is in flight (with background
+    staging: before the host copy is done, so the trainer waits for it before the optimizer step,
+    which changes the saved tensors). That step is not part of the checkpoint: the resume must still
+    match the uninterrupted reference bit for bit."""
+    mode = scenario.run.save_mode
+    checkpoint_id, validate = str(scenario.run.save_at), scenario.run.validate
+    if mode == "sync":
+        return coord.save_checkpoint(checkpoint_id=checkpoint_id, validate=validate)
+    handle = coord.save_checkpoint(checkpoint_id=checkpoint_id, validate=validate, async_save=True,
+                                   background_staging=mode == "async_background_staging")
+    trainer.model.train()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.forward_backward()
+    handle.wait_staged()
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    return handle.result()
 
 
 def resume(ctx: RankContext, scenario: Scenario, topology: Topology) -> RankRun:

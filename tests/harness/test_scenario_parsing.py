@@ -176,6 +176,7 @@ def test_patterns_and_levels_are_case_insensitive() -> None:
         ({"colour": "blue"}, "colour", "unknown field"),
         ({"run": {"min_part_bytes": 0}}, "run.min_part_bytes", ">= 1"),
         ({"run": {"load_strategy": "guess"}}, "run.load_strategy", "expected one of"),
+        ({"run": {"save_mode": "later"}}, "run.save_mode", "expected one of sync, async, async_background_staging"),
         ({"expect": {"parts": {"optimizer": 2}}}, "expect.parts.optimizer", "not a declared component"),
         ({"expect": {"parts": {"model": 0}}}, "expect.parts.model", ">= 1"),
         ({"name": "../escape"}, "name", "not a valid name"),
@@ -359,3 +360,9 @@ def test_a_dotted_module_and_the_same_file_by_path_are_one_module() -> None:
     by_name = parse_scenario(dict(data, imports=["examples.patterns.per_local_rank"]), WHERE)
     assert by_name.component("model") == by_path.component("model")
     assert by_name.imports == ("examples.patterns.per_local_rank",)
+
+
+def test_the_save_mode_is_a_scenario_setting_and_defaults_to_a_synchronous_save() -> None:
+    s = parse_scenario(_base(run={"save_mode": "async_background_staging"}), WHERE)
+    assert s.run.save_mode == "async_background_staging"
+    assert parse_scenario(_base(), WHERE).run.save_mode == "sync"
