@@ -23,6 +23,8 @@ dead rank(s), within the timeout of its own arrival.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import pickle
@@ -41,6 +43,24 @@ __all__ = ["TorchComm", "local_node_id"]
 
 _ARRIVAL_GRACE_S = 10.0
 _ENDED_WELL = "ok"
+
+
+_CONNECTS = itertools.count()
+
+
+def _connect_error(store: Any, arrival: str, world_size: int, timeout: float,
+                   exc: Exception) -> CollectiveTimeoutError:
+    """The error of a channel that could not connect: the ranks whose arrival key is missing
+    (dead, hung, or never constructing their coordinator) named in ``failures``, when the
+    store still answers; torch's own error in the message."""
+    missing: list[int] = []
+    with contextlib.suppress(Exception):  # the store's host may be the rank that died
+        missing = [r for r in range(world_size) if not store.check([f"{arrival}{r}"])]
+    why = "did not arrive to connect distckpt's channel (dead, hung, or no CheckpointCoordinator constructed)"
+    return CollectiveTimeoutError(
+        f"distckpt could not connect its gloo channel among the {world_size} ranks within {timeout:g} s; "
+        f"torch said: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        failures={r: why for r in missing}, phase="connect")
 
 
 def local_node_id() -> str:
@@ -73,19 +93,28 @@ class TorchComm:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.timeout = timeout
-        # Rank 0 names this channel for everyone, so store keys agree across ranks even
-        # when processes built different numbers of coordinators before.
-        naming = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        name = [uuid.uuid4().hex if self.rank == 0 else None]
-        dist.broadcast_object_list(name, src=0, group=naming)
-        self._serial = str(name[0])
         self._store: Any = dist.distributed_c10d._get_default_store()
-        self._ledger = _Ledger(self._store, self._serial, self.rank, self.world_size)
-        self._seq = 0
-        self._epoch = "init"  # names the current groups: "init", or the collective that rebuilt them
-        self._broken = False
-        self._retired: list[Any] = [naming]  # kept alive: never destroyed mid-run
-        self._group = self._gloo("world", tuple(range(self.world_size)))
+        # Every construction is a world collective (new_group): the world's group count before it
+        # is the same on every rank, so its arrival key names the ranks that never came if
+        # connecting fails (a process-wide count where torch keeps none).
+        count = getattr(getattr(dist.distributed_c10d, "_world", None), "group_count", None)
+        arrival = f"distckpt/connect/{count if type(count) is int else next(_CONNECTS)}/"
+        try:
+            self._store.set(f"{arrival}{self.rank}", _ENDED_WELL)
+            # Rank 0 names this channel for everyone, so store keys agree across ranks even
+            # when processes built different numbers of coordinators before.
+            naming = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+            name = [uuid.uuid4().hex if self.rank == 0 else None]
+            dist.broadcast_object_list(name, src=0, group=naming)
+            self._serial = str(name[0])
+            self._ledger = _Ledger(self._store, self._serial, self.rank, self.world_size)
+            self._seq = 0
+            self._epoch = "init"  # names the current groups: "init", or the collective that rebuilt them
+            self._broken = False
+            self._retired: list[Any] = [naming]  # kept alive: never destroyed mid-run
+            self._group = self._gloo("world", tuple(range(self.world_size)))
+        except Exception as exc:  # a dead, hung or absent peer: gloo and the store raise their own errors
+            raise _connect_error(self._store, arrival, self.world_size, timeout, exc) from exc
         self._sets: dict[tuple[int, ...], Any] = {}
 
     def group_members(self, group: Any) -> tuple[int, ...]:

@@ -146,6 +146,14 @@ def fail_or_die_in_write(ctx: Any, victim: int, how: str) -> str:
     return "saved"
 
 
+def die_before_connecting(ctx: Any, victim: int) -> str:
+    """``victim`` dies before constructing its coordinator; the others construct theirs."""
+    if ctx.rank == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    CheckpointCoordinator([StateComponent("state", Box({"x": 1}), "per_rank")], output_dir=ctx.workdir, timeout=3)
+    return "connected"
+
+
 def per_node_without_local_rank(ctx: Any) -> list[int]:
     """PER_NODE writers come from GROUP_RANK even when LOCAL_RANK is unset."""
     os.environ.pop("LOCAL_RANK", None)

@@ -81,6 +81,16 @@ def test_a_rank_killed_during_write_makes_survivors_raise_naming_it(pool: WorldP
         assert 2 in o.exception.failures
 
 
+def test_a_rank_dead_before_connecting_is_named_by_every_survivors_coordinator_within_its_timeout(
+        pool: WorldPool, tmp_path: Path) -> None:
+    outcomes = pool.run(WorldSpec(nodes=2, procs_per_node=2, workdir=tmp_path), ranks.die_before_connecting, 2,
+                        timeout=60)
+    assert outcomes[2].exit_code == -9
+    for o in (outcomes[0], outcomes[1], outcomes[3]):
+        assert isinstance(o.exception, CollectiveTimeoutError), o.describe()
+        assert o.exception.phase == "connect" and set(o.exception.failures) == {2}, o.describe()
+
+
 def test_per_node_writers_come_from_group_rank_when_local_rank_is_unset(pool: WorldPool, tmp_path: Path) -> None:
     results = pool.run_ok(WorldSpec(nodes=2, procs_per_node=3, workdir=tmp_path), ranks.per_node_without_local_rank, timeout=60)
     assert results == [[0, 3]] * 6
