@@ -249,7 +249,7 @@ def read(
 
     try:
         if strategy == "read_and_broadcast" and comm.world_size > 1:
-            _read_and_broadcast(comm, path, actions, components, files, touched, hook, in_place)
+            _read_and_broadcast(comm, path, actions, components, files, touched, hook, in_place, meter.add)
         else:
             exchange(comm, "read", work, note=lambda: _modified(touched))
     finally:
@@ -260,10 +260,13 @@ def read(
 
 def _read_and_broadcast(comm: Comm, path: str, actions: Mapping[str, ComponentManifest],
                         components: Mapping[str, StateComponent], files: dict[str, str], touched: list[str],
-                        hook: Callable[[str], None], in_place: bool = True) -> None:
+                        hook: Callable[[str], None], in_place: bool = True,
+                        progress: Callable[[int], None] | None = None) -> None:
     """Phase 2 of load, ``read_and_broadcast``: the lowest rank of each set reads and verifies
     its files, every rank hears whether all reads succeeded, the bytes go out within each set
-    (a gloo group per set), and every rank decodes and restores."""
+    (a gloo group per set), and every rank decodes and restores. ``progress(nbytes)`` counts
+    each file as its reader has read it, and on the other members once it has arrived."""
+    count = progress or (lambda nbytes: None)
     check_comm(comm, SetBroadcastComm, "load_strategy='read_and_broadcast'")  # checked at construction too
     assert isinstance(comm, SetBroadcastComm)
     sets = {key: _load_sets(saved, comm.world_size, components[key].pattern.elastic)
@@ -277,6 +280,7 @@ def _read_and_broadcast(comm: Comm, path: str, actions: Mapping[str, ComponentMa
             reader = min(next(m for m in sets[key] if comm.rank in m))
             if reader == comm.rank:
                 buffers[key] = [torch.frombuffer(b, dtype=torch.uint8) for b in read_files(path, entries)]
+                count(sum(e.size_bytes for e in entries))
             else:
                 buffers[key] = [torch.empty(e.size_bytes, dtype=torch.uint8) for e in entries]
 
@@ -290,8 +294,10 @@ def _read_and_broadcast(comm: Comm, path: str, actions: Mapping[str, ComponentMa
             files[key] = entries[0].path
 
     exchange(comm, "read", fetch)
-    for key in actions:
+    for key, saved in actions.items():
         comm.broadcast_in_sets(sets[key], buffers[key], "read")
+        if min(next(m for m in sets[key] if comm.rank in m)) != comm.rank:
+            count(sum(e.size_bytes for e in saved.files_for_rank(comm.rank, components[key].pattern.elastic)))
     exchange(comm, "read", restore, note=lambda: _modified(touched))
 
 

@@ -258,3 +258,29 @@ def test_progress_true_drives_a_bar_through_every_byte_written_and_read(tmp_path
     size = os.path.getsize(os.path.join(path, "m", "replicated.safetensors"))
     assert [(b.desc, b.n, b.closed) for b in bars] == [("distckpt write", size, True), ("distckpt read", size, True)]
     assert bars[0].total == 4000 and bars[1].total == size
+
+
+def test_a_read_and_broadcast_load_counts_every_byte_on_the_reader_and_on_the_members_it_sent_them_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.helpers import all_ok, threads
+
+    meters: list[progress.Progress] = []
+    real = progress.Progress
+
+    def kept(phase: str, rank: int, total: Any, **kw: Any) -> progress.Progress:
+        meter = real(phase, rank, total, **kw)
+        if phase == "read":
+            meters.append(meter)
+        return meter
+
+    monkeypatch.setattr("distckpt.loading.Progress", kept)
+
+    def fn(comm: Any) -> None:
+        c = CheckpointCoordinator([StateComponent("m", Box({"w": torch.full((4096,), 1.0)}), "replicated")],
+                                  dist=comm, output_dir=tmp_path, load_strategy="read_and_broadcast")
+        c.save_checkpoint(checkpoint_id="1")
+        c.load_checkpoint()
+
+    all_ok(threads(2, fn))
+    assert sorted(m.rank for m in meters) == [0, 1]
+    assert all(m.done == m.total > 16384 for m in meters), [(m.rank, m.done, m.total) for m in meters]
