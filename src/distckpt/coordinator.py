@@ -33,13 +33,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 from . import asyncsave, folder, loading, saving, series, validation
+from .arguments import call_args, checked_components, checked_settings, normalise_groups
 from .asyncsave import AsyncSaves
 from .codec import state_nbytes
 from .components import StateComponent
 from .handle import SaveHandle
 from .loading import LOAD_STRATEGIES
 from .logs import note
-from .names import check_name
 from .planning import Produce, SavePlan, local_report, validated_components
 from .progress import Progress
 from .report import LoadReport
@@ -119,8 +119,8 @@ class CheckpointCoordinator:
         if async_snapshot_bytes is not None and (type(async_snapshot_bytes) is not int or async_snapshot_bytes < 1):
             raise ValueError(f"async_snapshot_bytes: expected a positive int or None, got {async_snapshot_bytes!r}")
         self.async_snapshot_bytes = async_snapshot_bytes
-        components = _checked_components(state_components)
-        seconds = _checked_settings(keep_last, min_part_bytes, load_strategy, timeout)
+        components = checked_components(state_components)
+        seconds = checked_settings(keep_last, min_part_bytes, load_strategy, timeout)
         self.components: tuple[StateComponent, ...] = tuple(sorted(components, key=lambda c: c.key))
         self.output_dir = os.fspath(output_dir)
         self.keep_last = keep_last
@@ -129,7 +129,7 @@ class CheckpointCoordinator:
         self.min_part_bytes = min_part_bytes
         self.load_in_place = bool(load_in_place)
         self.load_strategy = load_strategy
-        self._groups = _normalise_groups(process_groups)
+        self._groups = normalise_groups(process_groups)
         self._comm = default_comm(dist, seconds)
         if load_strategy == "read_and_broadcast":
             check_comm(self._comm, SetBroadcastComm, "load_strategy='read_and_broadcast'")
@@ -221,7 +221,7 @@ class CheckpointCoordinator:
             check_comm(self._comm, ForkingComm, "async_save")
         started = time.perf_counter()
         states = saving.States(self._by_key)
-        args = _call_args(checkpoint_path=checkpoint_path, checkpoint_id=checkpoint_id, validate=validate,
+        args = call_args(checkpoint_path=checkpoint_path, checkpoint_id=checkpoint_id, validate=validate,
                           async_save=async_save, overwrite=overwrite)
         plan = saving.plan(
             self._comm, self.components, self._local_report, states,
@@ -287,7 +287,7 @@ class CheckpointCoordinator:
         """
         self.wait()
         started = time.perf_counter()
-        args = _call_args(checkpoint_path=checkpoint_path, strict=strict, missing_ok=missing_ok)
+        args = call_args(checkpoint_path=checkpoint_path, strict=strict, missing_ok=missing_ok)
         path, manifest, topology, unlisted = loading.resolve(
             self._comm, self._local_report,
             lambda: loading.find(checkpoint_path, self.checkpoints_dir, self.latest_checkpoint, missing_ok),
@@ -335,78 +335,3 @@ def _share(rank: int, components: Sequence[StateComponent], plan: SavePlan, stat
     Asked by the progress meter inside the write phase, where the states are asked for anyway."""
     return sum(state_nbytes(states(c.key)) // f.parts for c in components
                for f in plan.components[c.key].files if f.writer == rank)
-
-
-def _checked_components(state_components: Iterable[StateComponent]) -> list[StateComponent]:
-    """Construction: every item a StateComponent, keys unique ignoring case (they become directory names)."""
-    components = list(state_components)
-    seen: dict[str, str] = {}
-    for c in components:
-        if not isinstance(c, StateComponent):
-            raise TypeError(f"state_components: expected StateComponent, got {type(c).__name__}")
-        folded = c.key.casefold()
-        if folded in seen:
-            raise ValueError(
-                f"state_components: keys {seen[folded]!r} and {c.key!r} collide "
-                "(keys must be unique ignoring case)"
-            )
-        seen[folded] = c.key
-    return components
-
-
-def _checked_settings(keep_last: Any, min_part_bytes: Any, load_strategy: Any, timeout: Any) -> float:
-    """Construction: the coordinator's settings are usable; returns the timeout in seconds."""
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last: expected a positive int or None, got {keep_last!r}")
-    if min_part_bytes is not None and (type(min_part_bytes) is not int or min_part_bytes < 1):
-        raise ValueError(f"min_part_bytes: expected a positive int or None, got {min_part_bytes!r}")
-    if load_strategy not in LOAD_STRATEGIES:
-        raise ValueError(f"load_strategy: expected one of {list(LOAD_STRATEGIES)}, got {load_strategy!r}")
-    seconds = timeout.total_seconds() if isinstance(timeout, _dt.timedelta) else float(timeout)
-    if seconds <= 0:
-        raise ValueError(f"timeout: expected a positive duration, got {timeout!r}")
-    return seconds
-
-
-def _call_args(**args: Any) -> dict[str, Any]:
-    """Per-call arguments as every rank compares them: paths absolute, ids as text, flags as bools."""
-    out: dict[str, Any] = {}
-    for name, value in args.items():
-        try:
-            if value is None:
-                out[name] = None
-            elif name == "checkpoint_path":
-                out[name] = os.path.abspath(os.fspath(value))
-            elif name == "checkpoint_id":
-                out[name] = str(value)
-            else:
-                out[name] = bool(value)
-        except Exception:  # unusable: the call itself reports it; compare by type only
-            out[name] = f"<{type(value).__name__}>"
-    return out
-
-
-def _normalise_groups(process_groups: Any) -> dict[str, Any]:
-    if process_groups is None:
-        return {}
-    if isinstance(process_groups, Mapping):
-        groups = dict(process_groups)
-    elif hasattr(process_groups, "mesh_dim_names"):
-        names = process_groups.mesh_dim_names
-        if not names:
-            raise ValueError("process_groups: a DeviceMesh needs mesh_dim_names to name its groups")
-        groups = {name: process_groups.get_group(name) for name in names}
-    else:
-        raise TypeError(
-            f"process_groups: expected a dict of name -> ProcessGroup or a DeviceMesh, got {type(process_groups).__name__}"
-        )
-    folded: dict[str, str] = {}
-    for name in groups:
-        check_name(name, field_name="process_groups")
-        if name.casefold() in folded:
-            raise ValueError(
-                f"process_groups: names {folded[name.casefold()]!r} and {name!r} collide "
-                "(group names must be unique ignoring case)"
-            )
-        folded[name.casefold()] = name
-    return groups

@@ -39,7 +39,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "reading": ("reading", "legacy", "verification", "comparison"),
     "phases": ("validation", "hostwalk", "hostcopy", "snapshots", "saving", "handle", "asyncsave", "loading"),
-    "facade": ("coordinator",),
+    "facade": ("arguments", "coordinator"),
 }
 #: Placed ahead of the work merging in the same round (issues 12, 14, 15); drop a name from this set
 #: once its module is on main.
