@@ -83,9 +83,12 @@ class AsyncSaves:
         produce = snapshot(self.snapshots)
         pump = getattr(produce, "pump", None)  # snapshots beyond the memory budget stream (distckpt.snapshots)
         stage = getattr(produce, "stage", None)  # staged in the background: copied on a thread of its own
-        handle = SaveHandle(plan.path, staged=stage is None)
+        handle = SaveHandle(plan.path, staged=stage is None,
+                            confirm=getattr(produce, "confirm", None) if stage is not None else None)
         log.debug("distckpt: %s %s in %.3f s; writing in the background", plan.path,
                   "walked" if stage is not None else "snapshotted", time.perf_counter() - started)
+
+        abort = getattr(produce, "abort", None) or (lambda: None)  # releases a pump the writer no longer serves
 
         def run() -> None:
             try:
@@ -96,16 +99,26 @@ class AsyncSaves:
                 handle._finish(exc)
             else:
                 handle._finish(None)
+            finally:  # the write phase may end without asking for a single file (a hook, another rank)
+                abort()
+
+        def run_stage() -> None:
+            try:
+                stage()  # type: ignore[misc]
+            finally:
+                handle._staged.set()
 
         self.pending = handle
-        threading.Thread(target=run, name=f"distckpt-save-{plan.checkpoint_id}", daemon=False).start()
-        if stage is not None:
-            def run_stage() -> None:
-                try:
-                    stage()
-                finally:
-                    handle._staged.set()
-            threading.Thread(target=run_stage, name=f"distckpt-stage-{plan.checkpoint_id}", daemon=False).start()
+        try:  # the stager first: a writer started alone would wait for its copies forever
+            if stage is not None:
+                threading.Thread(target=run_stage, name=f"distckpt-stage-{plan.checkpoint_id}", daemon=False).start()
+            threading.Thread(target=run, name=f"distckpt-save-{plan.checkpoint_id}", daemon=False).start()
+        except BaseException as exc:  # no thread (or an interrupt): this call raises it, nothing waits for it
+            abort()
+            self.pending = None
+            handle._observed = True
+            handle._finish(exc)
+            raise
         if pump is not None:
             pump()  # returns once every file is copied; the thread writes them meanwhile
         return handle
@@ -190,6 +203,8 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
         snap = Snapshot(copies, only, {key: len(fs) for key, fs in files.items()},
                         SnapshotBudget(budget) if streams and budget is not None else None, predict)
         produce = snap.produce(saving.encoder(rank, components, plan, _Copied(snap)))
+        produce.abort = snap.abort  # type: ignore[attr-defined]
+        produce.confirm = snap.confirm  # type: ignore[attr-defined]
         if background:
             produce.stage = partial(_stage, snap, copies, hashing, states)  # type: ignore[attr-defined]
             return produce
@@ -224,30 +239,36 @@ def _stage(snap: Snapshot, copies: dict[str, StateCopy], hashing: BackgroundChec
            states: saving.States) -> None:
     """A snapshot staged in the background: copy and hash (on a thread of
     :meth:`AsyncSaves.start`, while the writer writes what is copied), then check that no live
-    tensor changed since the walk. Never raises: every outcome reaches the writer through
-    :meth:`Snapshot.staged` (a copy that failed, through the copy's own key)."""
+    tensor changed since the walk, and again once every file is written (an in-place change
+    still running while the copy ended is counted by torch only when it finishes). Never
+    raises: every outcome reaches the writer through :meth:`Snapshot.staged` (a copy that
+    failed, through the copy's own key)."""
     error: BaseException | None = None
     try:
         snap.pump()
         snap.predictions()
-        for key, copy in copies.items():
-            changed = copy.changed()
-            if changed:
-                path = entry_path(states(key), changed[0])
-                entry = f"entry {path!r}" if path is not None else "a tensor"
-                more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-                error = StateChangedError(
-                    f"component {key!r}: {entry}{more} changed in place while the asynchronous save "
-                    "was still copying it; wait for SaveHandle.wait_staged() before changing the state "
-                    "(an optimizer step, a module in training mode); nothing was committed")
-                break
+        error = _changed(copies, states)
     except BaseException as exc:  # reaches the writer (an interrupt too: it must not wait forever)
         error = exc
     finally:
         hashing.cancel()
-        for copy in copies.values():
-            copy.release()
-        snap.staged(error)
+        snap.staged(error, recheck=partial(_changed, copies, states))
+
+
+def _changed(copies: dict[str, StateCopy], states: saving.States) -> StateChangedError | None:
+    """:class:`StateChangedError` naming the first live tensor changed in place since the walk,
+    or ``None``. (The copies keep the live tensors for this until the save is let go of.)"""
+    for key, copy in copies.items():
+        changed = copy.changed()
+        if changed:
+            path = entry_path(states(key), changed[0])
+            entry = f"entry {path!r}" if path is not None else "a tensor"
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            return StateChangedError(
+                f"component {key!r}: {entry}{more} changed in place while the asynchronous save "
+                "was still copying it; wait for SaveHandle.wait_staged() before changing the state "
+                "(an optimizer step, a module in training mode); nothing was committed")
+    return None
 
 
 def _kept(buffers: dict[str, dict[int, torch.Tensor]], key: str) -> Kept:

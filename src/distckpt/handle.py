@@ -16,6 +16,9 @@ import logging
 import os
 import sys
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["SaveHandle"]
 
@@ -39,8 +42,10 @@ class SaveHandle:
     ``result()`` on every rank or on none: every rank gets the same error).
     """
 
-    def __init__(self, path: str, staged: bool = True) -> None:
+    def __init__(self, path: str, staged: bool = True,
+                 confirm: Callable[[], tuple[Any, bool]] | None = None) -> None:
         self.path = path
+        self._confirm = confirm  # the trainer's look at its tensors once staged (distckpt.snapshots)
         self._done = threading.Event()
         self._staged = threading.Event()  # the save no longer reads the live state
         if staged:
@@ -63,11 +68,20 @@ class SaveHandle:
 
     def wait_staged(self, timeout: float | None = None) -> None:
         """Wait until the save no longer reads the live state (see :meth:`staged`); returns at once
-        unless the save was started with ``background_staging=True``. Local, on the caller's
-        thread. Raises ``TimeoutError`` if ``timeout`` seconds pass first; never the save's
-        error, which :meth:`result` (or the next save or load) raises."""
+        unless the save was started with ``background_staging=True``. Local: call it on the
+        trainer's thread, which then looks at the saved tensors' version counters once more (an
+        in-place change it started before this call has finished by now). Raises
+        ``TimeoutError`` if ``timeout`` seconds pass first; a change found there fails the save
+        (raised by :meth:`result` on every rank) or, if the save was already committed, raises
+        :class:`~distckpt.errors.StateChangedError` here."""
         if not self._staged.wait(timeout):
             raise TimeoutError(f"asynchronous save of {self.path} still staging after {timeout} s")
+        confirm, self._confirm = self._confirm, None
+        late, too_late = confirm() if confirm is not None else (None, False)
+        if late is not None and too_late:  # (otherwise the save fails on every rank)
+            raise type(late)(f"{late.message.replace('; nothing was committed', '')}; seen only after "
+                             f"the save of {self.path} had written its files: if it commits, its values "
+                             "of that entry may mix the state before and after the change; do not resume from it")
 
     def done(self) -> bool:
         """Whether the background write and commit have finished (successfully or not)."""
@@ -78,9 +92,10 @@ class SaveHandle:
 
         Raises ``TimeoutError`` if ``timeout`` seconds pass first.
         """
-        if not self._done.wait(timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._done.wait(timeout) or not self._staged.wait(  # (a failed write may end before its copy)
+                None if deadline is None else max(0.0, deadline - time.monotonic())):
             raise TimeoutError(f"asynchronous save of {self.path} still running after {timeout} s")
-        self._staged.wait()  # (a failed write may end before its background copy does)
         if self._error is not None:
             self._observed = True
             _live.discard(self)
@@ -91,6 +106,7 @@ class SaveHandle:
         """Wait; raise an error nobody has seen yet; the path if committed, else ``None``."""
         self._done.wait()
         self._staged.wait()  # the next save reuses the copy's buffers
+        self._confirm = None  # (lets go of the live tensors it watched)
         if self._error is None:
             return self.path
         if self._observed:

@@ -283,7 +283,7 @@ class StateCopy:
             for device in devices:
                 torch.cuda.synchronize(device)
         if self._versions is None:
-            self.sources = []  # the live tensors are not ours to keep alive (a watched copy: see release())
+            self.sources = []  # the live tensors are not ours to keep alive (a watched copy keeps them: changed())
         self._plain = []
 
     # ------------------------------------------------------------------ staging in the background
@@ -311,11 +311,6 @@ class StateCopy:
         """Forget the version counters: :meth:`fill` lets go of the live tensors again."""
         self._versions = None
 
-    def release(self) -> None:
-        """Let go of the live tensors a watched copy kept for :meth:`changed`."""
-        self.sources = []
-        self._versions = None
-
     def drop_buffers(self) -> None:
         """Forget the buffers kept from the previous snapshot (a streamed snapshot must not hold
         them): every tensor of the copy gets fresh storage in :meth:`allocate`."""
@@ -333,7 +328,7 @@ class StateCopy:
             _set(t)
         self.targets = []
         if self._versions is None:
-            self.sources = []  # (a watched copy keeps them for changed(), until release())
+            self.sources = []  # (a watched copy keeps them for changed())
         self.state = None
 
 

@@ -194,8 +194,10 @@ def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, sta
                    if any(f.writer == rank for f in plan.components[c.key].files))
         if mine > budget:
             snapshots.clear()  # buffers kept from an earlier save would count against the budget
-            produce, pump = streamed(jobs, SnapshotBudget(budget))
+            limit = SnapshotBudget(budget)
+            produce, pump = streamed(jobs, limit)
             produce.pump = pump  # type: ignore[attr-defined]
+            produce.abort = limit.abort  # type: ignore[attr-defined]  # (the write phase may never ask)
             return produce
     try:
         snapshot = list(jobs())

@@ -171,6 +171,10 @@ class Snapshot:
         self._predict_lock = threading.Lock()
         self._staged = threading.Event()  # the copy no longer reads the live state (see staged())
         self._late: BaseException | None = None  # found once the copies were handed over (staged())
+        self._recheck: Callable[[], BaseException | None] | None = None  # (staged())
+        self._trainer_looked = False  # confirm() by the trainer's thread
+        self._writer_passed = False  # the writer is past its last chance to fail the save
+        self._aborted = False
         self._files = files  # files this rank writes, per key: a copy is freed after the last one
         self._budget = budget
         # bytes copied per key, and the tensors of a part writer's copy left unfilled (never to be written)
@@ -192,6 +196,8 @@ class Snapshot:
         Returns when all are filled or the writer gave up; a copy that fails ends the pump and its
         error reaches the writer (:meth:`state`); an interrupt reaches both."""
         for key, copy in self._copies.items():
+            if self._aborted:
+                return
             try:
                 if self._budget is not None:
                     self._budget.acquire(self._nbytes[key])
@@ -209,6 +215,13 @@ class Snapshot:
                 self._filled.add(key)
                 self._cond.notify_all()
 
+    def abort(self) -> None:
+        """The write phase is over (or never began): a pump still copying stops before its next
+        copy, and one waiting for the budget returns. Idempotent; from any thread."""
+        self._aborted = True
+        if self._budget is not None:
+            self._budget.abort()
+
     def predictions(self) -> dict[str, dict[str, str]]:
         """The other members' part checksums taken from the live state (``predict()``, run once,
         by whichever thread asks first: the caller, the staging thread or the writer); raises
@@ -219,15 +232,39 @@ class Snapshot:
                 self._predicted = self._predict_call()
             return self._predicted
 
-    def staged(self, error: BaseException | None = None) -> None:
+    def staged(self, error: BaseException | None = None,
+               recheck: Callable[[], BaseException | None] | None = None) -> None:
         """The snapshot no longer reads the live state: every copy filled and every prediction
         taken. ``error`` (a tensor changed while it was copied, say) fails the save even when its
-        copies were already handed over: :meth:`produce` raises it after its last job."""
+        copies were already handed over: :meth:`produce` raises it after its last job.
+        ``recheck()`` looks at the live tensors once more (:meth:`confirm`)."""
         with self._cond:
             if error is not None and self._error is None:
                 self._late = self._error = error
+            self._recheck = recheck
             self._cond.notify_all()
         self._staged.set()
+
+    def confirm(self, by_trainer: bool = True) -> tuple[BaseException | None, bool]:
+        """Once staged, a last look at the live tensors (``recheck()``): ``(the change found or
+        None, whether the save had already passed the point where it could still fail)``.
+
+        Called by the trainer's thread in :meth:`~distckpt.handle.SaveHandle.wait_staged`,
+        where no in-place change it started can still be running (torch counts a change only
+        once it has finished); and by the writer after its last file, the last point where this
+        rank's error fails the save. Each looks once; the writer does not look after the
+        trainer has (changes after ``wait_staged`` are the trainer's right)."""
+        self._staged.wait()
+        with self._cond:
+            if self._recheck is None or (by_trainer and self._trainer_looked):
+                return None, self._writer_passed
+            late = None if self._trainer_looked else self._recheck()
+            self._trainer_looked = self._trainer_looked or by_trainer
+            if late is not None and not self._writer_passed and self._late is None:
+                self._late = late
+            if not by_trainer:
+                self._writer_passed = True
+            return late, self._writer_passed and by_trainer
 
     def state(self, key: str) -> Any:
         """Writer's thread: the copy of ``key`` once filled; raises the snapshot's error."""
@@ -255,8 +292,8 @@ class Snapshot:
                     if self._budget is not None and not left[key]:
                         self._copies[key].free()
                         self._budget.release(self._nbytes[key])
-                self._staged.wait()  # (at once unless staged in the background)
-                if self._late is not None:
+                self.confirm(by_trainer=False)  # (nothing to confirm unless staged in the background)
+                if self._late is not None:  # the last point where this rank's error still fails the save
                     raise self._late
             finally:
                 if self._budget is not None:

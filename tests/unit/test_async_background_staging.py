@@ -184,3 +184,101 @@ def test_a_default_async_save_is_staged_when_it_returns_and_background_staging_n
     handle.result(30)
     with pytest.raises(ValueError, match="background_staging=True needs async_save=True"):
         coord.save_checkpoint(checkpoint_id="2", background_staging=True)  # type: ignore[call-overload]
+
+
+def test_a_change_still_running_when_the_copy_ended_is_caught_when_the_trainer_waits_for_staging(
+        tmp_path: Path, held_copy: threading.Event) -> None:
+    # torch counts an in-place change only once it has finished. Simulated: the bytes change with
+    # no count (a NumPy view) before the copy, and the count follows after the copy was checked.
+    box = Box({"w": torch.zeros(1024), "v": torch.ones(8)})
+    writer = threading.Event()
+    coord = CheckpointCoordinator([StateComponent("s", box, "global")], output_dir=tmp_path,
+                                  phase_hook=lambda phase, rank: writer.wait(20) if phase == "write" else None)
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    box.state["w"].numpy()[:512] = 7.0  # the first half of a change that is still running...
+    held_copy.set()
+    while not handle.staged():
+        threading.Event().wait(0.01)
+    box.state["w"].add_(0.0)  # ...finishes: now torch counts it
+    handle.wait_staged(20)  # the trainer's thread sees the count, before the writer's last file
+    writer.set()
+    with pytest.raises(StateChangedError, match="entry 'w'"):
+        handle.result(30)
+    assert os.listdir(coord.checkpoints_dir) == []
+
+
+def test_changes_after_wait_staged_never_fail_the_save_while_it_is_still_writing(
+        tmp_path: Path) -> None:
+    box = Box({"w": torch.zeros(1024)})
+    writer = threading.Event()
+    coord = CheckpointCoordinator([StateComponent("s", box, "global")], output_dir=tmp_path,
+                                  phase_hook=lambda phase, rank: writer.wait(20) if phase == "write" else None)
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    handle.wait_staged(20)
+    box.state["w"].add_(5.0)  # the optimizer step, allowed now; the writer has not written yet
+    writer.set()
+    assert handle.result(30)
+    box.state["w"].zero_().add_(9.0)
+    coord.load_checkpoint()
+    assert torch.equal(box.state["w"], torch.zeros(1024))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_streaming_save_whose_write_phase_fails_before_its_first_file_ends_without_hanging(
+        tmp_path: Path, background: bool) -> None:
+    boxes = {k: Box({"w": torch.randn(64 * 1024)}) for k in "abc"}
+
+    def hook(phase: str, rank: int) -> None:
+        if phase == "write":
+            raise OSError(28, "No space left on device")
+
+    coord = CheckpointCoordinator([StateComponent(k, b, "global") for k, b in boxes.items()], output_dir=tmp_path,
+                                  phase_hook=hook, async_snapshot_bytes=300 * 1024)
+    done = threading.Event()
+    outcome: list[BaseException] = []
+
+    def save() -> None:
+        try:
+            coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=background).result(20)
+        except BaseException as exc:
+            outcome.append(exc)
+        done.set()
+
+    threading.Thread(target=save, daemon=True).start()
+    assert done.wait(30), "the save hung"
+    assert len(outcome) == 1 and "No space left" in str(outcome[0]), outcome
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("distckpt-stage")]
+
+
+def test_result_with_a_timeout_returns_in_time_while_a_failed_saves_copy_is_still_running(
+        tmp_path: Path, held_copy: threading.Event) -> None:
+    def hook(phase: str, rank: int) -> None:
+        if phase == "write":
+            raise OSError(28, "No space left on device")
+
+    coord = _coord(_model(0), tmp_path, phase_hook=hook)
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    with pytest.raises(TimeoutError):
+        handle.result(0.2)
+    held_copy.set()
+    with pytest.raises(Exception, match="No space left"):
+        handle.result(20)
+
+
+def test_a_staging_thread_that_cannot_start_fails_the_call_and_the_next_save_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(0)
+    coord = _coord(model, tmp_path)
+    start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        if self.name.startswith("distckpt-stage"):
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert coord.save_checkpoint(checkpoint_id="2", async_save=True, background_staging=True).result(30)
+    assert sorted(os.listdir(coord.checkpoints_dir)) == ["checkpoint-2"]
