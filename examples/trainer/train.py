@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=3)
     parser.add_argument("--stop-after", type=int, default=None, help="exit after this step, unsaved (a crash)")
     parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
+    parser.add_argument("--background-staging", action="store_true",
+                        help="also copy the state in the background, behind the next forward and backward")
     parser.add_argument("--trace", default=None, help="append '<step> <state digest>' lines to TRACE/rank-<r>.txt")
     args = parser.parse_args()
 
@@ -133,17 +135,25 @@ def main() -> None:
         if rank == 0:
             print(f"resumed from {report.path} at step {counter.step}", flush=True)
 
+    staging = None  # a save whose copy is still being taken in the background
     while counter.step < args.steps:
         x, y = loader.next_batch()
         optimizer.zero_grad()
         loss = nn.functional.mse_loss(ddp(x), y)
         loss.backward()
+        if staging is not None:
+            staging.wait_staged()  # the step below changes the saved tensors: the copy must be done
+            staging = None
         optimizer.step()
         scheduler.step()
         counter.step += 1
         trace(str(counter.step))
         if counter.step % args.save_every == 0:
-            coordinator.save_checkpoint(checkpoint_id=counter.step, async_save=args.async_save)
+            if args.background_staging:
+                staging = coordinator.save_checkpoint(checkpoint_id=counter.step, async_save=True,
+                                                      background_staging=True)
+            else:
+                coordinator.save_checkpoint(checkpoint_id=counter.step, async_save=args.async_save)
         if counter.step == args.stop_after:
             os._exit(0)  # a crash: whatever was not saved is lost
     coordinator.wait()  # an asynchronous save still writing finishes (or raises) here

@@ -60,5 +60,20 @@ def test_the_guides_example_resumes_bit_exact_under_torchrun(tmp_path: Path) -> 
     assert trace(tmp_path / "first" / "rank-0.txt")["3"] != trace(tmp_path / "first" / "rank-1.txt")["3"]
 
 
+def test_a_checkpoint_staged_in_the_background_behind_the_next_step_resumes_bit_exact(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # checkpoint 6 is copied while step 7's forward and backward run; the trainer waits for the
+    # copy before step 7's optimizer step
+    torchrun(out, "--steps", "8", "--save-every", "6", "--background-staging", "--trace", str(tmp_path / "first"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-6"]
+    resumed = torchrun(out, "--steps", "8", "--save-every", "100", "--trace", str(tmp_path / "second"))
+    assert "at step 6" in resumed.stdout and "finished step 8" in resumed.stdout
+    for r in range(2):
+        before, after = trace(tmp_path / "first" / f"rank-{r}.txt"), trace(tmp_path / "second" / f"rank-{r}.txt")
+        assert list(after) == ["resumed-6", "7", "8"]
+        assert after["resumed-6"] == before["6"], f"rank {r}: the loaded state is not the state at the save"
+        assert (after["7"], after["8"]) == (before["7"], before["8"]), f"rank {r}: the resumed run diverged"
+
+
 def test_the_guide_shows_the_example_script_verbatim() -> None:
     assert f"```python\n{SCRIPT.read_text()}```\n" in GUIDE.read_text()
