@@ -265,9 +265,10 @@ def _changed(copies: dict[str, StateCopy], states: saving.States) -> StateChange
             entry = f"entry {path!r}" if path is not None else "a tensor"
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
             return StateChangedError(
-                f"component {key!r}: {entry}{more} changed in place while the asynchronous save "
-                "was still copying it; wait for SaveHandle.wait_staged() before changing the state "
-                "(an optimizer step, a module in training mode); nothing was committed")
+                f"component {key!r}: {entry}{more} changed in place before SaveHandle.wait_staged() "
+                "returned, while the asynchronous save staged in the background could still be copying "
+                "it; call wait_staged() before changing the state (an optimizer step, a scheduler "
+                "holding tensors, a module in training mode); nothing was committed")
     return None
 
 

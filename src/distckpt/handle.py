@@ -61,9 +61,10 @@ class SaveHandle:
         self._done.set()
 
     def staged(self) -> bool:
-        """Whether the save has finished reading the live state (copied it to host memory): the
-        trainer may change its tensors. Always ``True`` unless the save was started with
-        ``background_staging=True``."""
+        """Whether the save has finished copying the live state to host memory. Always ``True``
+        unless the save was started with ``background_staging=True``; then the trainer may
+        change the saved tensors only once :meth:`wait_staged` has returned (it takes the last
+        look at them), not as soon as this is ``True``."""
         return self._staged.is_set()
 
     def wait_staged(self, timeout: float | None = None) -> None:
@@ -96,6 +97,7 @@ class SaveHandle:
         if not self._done.wait(timeout) or not self._staged.wait(  # (a failed write may end before its copy)
                 None if deadline is None else max(0.0, deadline - time.monotonic())):
             raise TimeoutError(f"asynchronous save of {self.path} still running after {timeout} s")
+        self._confirm = None  # the writer took its last look: the trainer may change anything now
         if self._error is not None:
             self._observed = True
             _live.discard(self)

@@ -264,7 +264,8 @@ class Snapshot:
                 self._late = late
             if not by_trainer:
                 self._writer_passed = True
-            return late, self._writer_passed and by_trainer
+            # too late only for a change the writer did not see: one it saw is failing the save
+            return late, by_trainer and self._writer_passed and late is not self._late and self._late is None
 
     def state(self, key: str) -> Any:
         """Writer's thread: the copy of ``key`` once filled; raises the snapshot's error."""

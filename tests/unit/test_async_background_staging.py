@@ -282,3 +282,31 @@ def test_a_staging_thread_that_cannot_start_fails_the_call_and_the_next_save_wor
     monkeypatch.setattr(threading.Thread, "start", start)
     assert coord.save_checkpoint(checkpoint_id="2", async_save=True, background_staging=True).result(30)
     assert sorted(os.listdir(coord.checkpoints_dir)) == ["checkpoint-2"]
+
+
+def test_a_change_the_writer_saw_fails_the_save_and_wait_staged_does_not_also_call_the_save_torn(
+        tmp_path: Path) -> None:
+    box = Box({"w": torch.zeros(1024)})
+    writer = threading.Event()
+    coord = CheckpointCoordinator([StateComponent("s", box, "global")], output_dir=tmp_path,
+                                  phase_hook=lambda phase, rank: writer.wait(20) if phase == "write" else None)
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    while not handle.staged():
+        threading.Event().wait(0.01)
+    box.state["w"].add_(1.0)  # copied already, but wait_staged() has not returned: still not allowed
+    writer.set()  # the writer looks after its last file, and sees it
+    while not handle.done():
+        threading.Event().wait(0.01)
+    handle.wait_staged(20)  # the writer saw it and failed the save: nothing here to warn about
+    with pytest.raises(StateChangedError, match=r"before SaveHandle\.wait_staged"):
+        handle.result(30)
+    assert os.listdir(coord.checkpoints_dir) == []
+
+
+def test_after_result_returned_the_trainer_may_change_anything_before_calling_wait_staged(tmp_path: Path) -> None:
+    box = Box({"w": torch.zeros(1024)})
+    coord = CheckpointCoordinator([StateComponent("s", box, "global")], output_dir=tmp_path)
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    assert handle.result(30)
+    box.state["w"].add_(1.0)
+    handle.wait_staged(20)  # nothing left to look at: the save is committed
