@@ -160,7 +160,7 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
     ``stage`` that copies and hashes (on a thread of :meth:`AsyncSaves.start`) and fails the
     save with :class:`~distckpt.errors.StateChangedError` if a tensor changed meanwhile.
 
-    A state the copy does not know (a DTensor, say) takes the general path,
+    A state the copy does not know (a tensor subclass other than DTensor, say) takes the general path,
     :func:`distckpt.saving.encoder`, copied before this returns. Local; an error is not raised
     here but by the producer, inside the write phase, so every rank hears it.
     """

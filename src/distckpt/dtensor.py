@@ -36,12 +36,14 @@ from .errors import LayoutMismatchError
 
 __all__ = [
     "TAG",
+    "HostShard",
     "Layout",
     "SavedDTensor",
     "check_skeleton",
     "decode",
     "dtensor_type",
     "encode",
+    "host_shard",
     "is_dtensor",
     "layout_of",
     "layout_text",
@@ -226,11 +228,33 @@ def layout_text(t: torch.Tensor) -> str:
     return f"{layout.describe()} stride {list(layout.stride)}"
 
 
+@dataclass(frozen=True, eq=False)
+class HostShard:
+    """A DTensor in an asynchronous save's host copy (:mod:`distckpt.hostcopy`): its local shard
+    copied to host memory, and its layout as the live DTensor had it. The encoder stores it
+    exactly as it stores the DTensor (:func:`encode`). Not a DTensor: one built around a host
+    shard would move it back to the mesh's device."""
+
+    local: torch.Tensor
+    layout: Layout
+
+
 def encode(t: Any, path: str, tensor: Callable[[torch.Tensor, str], Any]) -> dict[str, Any]:
-    """Skeleton node of a DTensor: ``tensor`` (the encoder's) stores the local shard bit-exact."""
-    node: dict[str, Any] = {TAG: tensor(_local(t), path)}
+    """Skeleton node of a DTensor (or of its :class:`HostShard`): ``tensor`` (the encoder's) stores
+    the local shard bit-exact."""
+    if type(t) is HostShard:
+        node: dict[str, Any] = {TAG: tensor(t.local, path)}
+        node.update(t.layout.to_json())
+        return node
+    node = {TAG: tensor(_local(t), path)}
     node.update(layout_of(t).to_json())
     return node
+
+
+def host_shard(t: Any, local: Callable[[torch.Tensor], torch.Tensor]) -> HostShard:
+    """The :class:`HostShard` of the live DTensor ``t``, its shard replaced by ``local(shard)``
+    (the host copy's tensor for it). Called by :mod:`distckpt.hostcopy` on the caller's thread."""
+    return HostShard(local(_local(t)), layout_of(t))
 
 
 @dataclass(frozen=True, eq=False)

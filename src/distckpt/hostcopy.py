@@ -13,8 +13,12 @@ background thread, which encodes the copy exactly as a synchronous save
 encodes the live state: the copy holds the same tensors (contiguous, conjugate
 and negative bits resolved) under the same aliasing, so the files are the same.
 
-Pure: no I/O, no collectives. A state this walk does not know (a tensor
-subclass such as a DTensor, a container subclass, any other object, or one
+A DTensor (FSDP2, tensor parallel) is copied as its local shard, with its
+layout read at the walk (:class:`~distckpt.dtensor.HostShard`, which the
+encoder stores as it stores the DTensor).
+
+Pure: no I/O, no collectives. A state this walk does not know (another tensor
+subclass, a container subclass, any other object, or one
 nested too deeply) raises :class:`Unsupported`; the caller then snapshots the
 old way (:func:`distckpt.saving.encoder`), which also names the bad path.
 """
@@ -33,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import dtensor as _dtensor
 from .codec.dtypes import flat_bytes, gc_paused
 from .hostwalk import IMMUTABLE, Columns, Irregular, Kept, Walk, columns
 
@@ -83,6 +88,7 @@ class StateCopy:
         self._reuse = reuse if reuse is not None else Kept()
         self._columns: tuple[list[torch.Tensor], Columns] | None = None  # for the Kept, once allocated
         self._versions: list[int] | None = None  # the sources' version counters, once watched
+        self._counted: dict[int, Any] = {}  # source index -> the DTensor whose counter tells its changes
         # the views copied so far: the first at each address (source, target), then any others by full key
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._others: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -185,6 +191,12 @@ class StateCopy:
             return obj.copy()
         if isinstance(obj, np.generic) and not obj.dtype.hasobject:
             return obj  # NumPy scalars are immutable
+        if _dtensor.is_dtensor(obj):  # its shard copied like any tensor, its layout read now
+            at = len(self.sources)
+            shard = _dtensor.host_shard(obj, self._tensor)
+            if len(self.sources) > at:  # torch counts changes on the DTensor, not on its shard
+                self._counted[at] = obj
+            return shard
         raise Unsupported(kind.__qualname__)
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
@@ -295,17 +307,23 @@ class StateCopy:
         remembered) when a tensor keeps no counter (one made under ``torch.inference_mode``): the
         caller then copies before returning."""
         try:
-            self._versions = [t._version for t in self.sources]
+            self._versions = [t._version for t in self._watched()]
         except RuntimeError:  # "Inference tensors do not track version counter"
             return False
         return True
 
+    def _watched(self) -> list[Any]:
+        """What tells each source's changes: the source, or the DTensor whose shard it is."""
+        if not self._counted:
+            return self.sources
+        return [self._counted.get(i, t) for i, t in enumerate(self.sources)]
+
     def changed(self) -> list[torch.Tensor]:
-        """The live tensors changed in place since :meth:`watch` (their bytes in the copy may be
-        torn: part before the change, part after). Local; reads counters only."""
+        """The live tensors (or DTensors) changed in place since :meth:`watch` (their bytes in the
+        copy may be torn: part before the change, part after). Local; reads counters only."""
         if self._versions is None:
             return []
-        return [t for t, v in zip(self.sources, self._versions, strict=True) if t._version != v]
+        return [t for t, v in zip(self._watched(), self._versions, strict=True) if t._version != v]
 
     def unwatch(self) -> None:
         """Forget the version counters: :meth:`fill` lets go of the live tensors again."""

@@ -3,7 +3,7 @@
 :class:`Snapshot` is called by :func:`distckpt.asyncsave.snapshot` for
 ``save_checkpoint(async_save=True)``; :func:`streamed` by
 :func:`distckpt.saving.encoder` for the states :mod:`distckpt.hostcopy` does
-not copy (DTensors, say); both apply the budget when this rank's files hold
+not copy (tensor subclasses other than DTensor, say); both apply the budget when this rank's files hold
 more bytes than the coordinator's ``async_snapshot_bytes``. Without a budget, every file is copied to host memory
 before the call returns and the copies are kept for the next save (the fastest
 return, but a second copy of the whole state, for good). With one, the copies

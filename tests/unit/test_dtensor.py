@@ -240,3 +240,56 @@ def test_a_checkpoint_in_the_1_2_format_still_loads_into_plain_and_a_1_3_one_say
     fresh = torch.nn.Linear(3, 2)
     CheckpointCoordinator([StateComponent("model", fresh, "global")], output_dir=tmp_path).load_checkpoint(path)
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+
+
+def test_the_async_host_copy_of_dtensors_encodes_to_the_same_file_as_the_live_state(mesh: Any) -> None:
+    from distckpt.hostcopy import StateCopy
+
+    model, opt = _fsdp2(mesh, 0)
+    for live in (model.state_dict(), opt.state_dict()):
+        copy = StateCopy(live)
+        copy.fill()
+        assert bytes(encode(copy.state).to_bytes()) == bytes(encode(live).to_bytes())
+    assert all(type(v) is dt.HostShard for v in StateCopy(model.state_dict()).state.values())
+
+
+def test_an_fsdp2_save_staged_in_the_background_keeps_the_state_of_the_call_and_catches_an_early_step(
+        mesh: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from distckpt import StateChangedError
+    from distckpt.hostcopy import StateCopy
+
+    gate = threading.Event()
+    fill = StateCopy.fill
+
+    def held(self: StateCopy, only: Any = None) -> None:
+        assert gate.wait(20)
+        fill(self, only)
+
+    monkeypatch.setattr(StateCopy, "fill", held)
+    model, opt = _fsdp2(mesh, 0)
+    expected = {k: v.to_local().clone() for k, v in model.state_dict().items()}
+    coord = CheckpointCoordinator([StateComponent("model", model, "per_rank"), StateComponent("optimizer", opt, "per_rank")],
+                                  process_groups=mesh, output_dir=tmp_path)
+
+    def step() -> None:
+        model(torch.randn(2, 3)).sum().backward()  # type: ignore[no-untyped-call]
+        opt.step()
+
+    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    assert not handle.staged()  # the DTensors' shards are copied in the background too
+    gate.set()
+    handle.wait_staged(20)
+    step()  # allowed now
+    handle.result(30)
+    gate.clear()
+    torn = coord.save_checkpoint(checkpoint_id="2", async_save=True, background_staging=True)
+    step()  # the optimizer step before wait_staged(): changes the DTensor parameters in place
+    gate.set()
+    with pytest.raises(StateChangedError, match=r"component 'model': entry '0\.weight'"):
+        torn.result(30)
+    model2, opt2 = _fsdp2(mesh, 1)
+    CheckpointCoordinator([StateComponent("model", model2, "per_rank"), StateComponent("optimizer", opt2, "per_rank")],
+                          process_groups=mesh, output_dir=tmp_path).load_checkpoint()
+    assert all(torch.equal(model2.state_dict()[k].to_local(), v) for k, v in expected.items())

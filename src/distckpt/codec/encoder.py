@@ -108,6 +108,8 @@ class _Encoder:
             if meta is not None:
                 node["meta"] = self.value(meta, f"{path}._metadata")
             return node
+        if kind is _dtensor.HostShard:  # a DTensor of an asynchronous save's host copy
+            return _dtensor.encode(obj, path, self.tensor)
         leaf = encode_leaf(obj, path)
         if isinstance(leaf, dict) and "$ndarray" in leaf:
             data = torch.frombuffer(bytearray(np.ascontiguousarray(obj).tobytes()) or bytearray(1), dtype=torch.uint8)
