@@ -49,6 +49,16 @@ def _loaded(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     return restored.state_dict()
 
 
+def _staged_with_the_writer_held(tmp_path: Path) -> tuple[Box, threading.Event, CheckpointCoordinator, SaveHandle]:
+    """A save staged in the background of ``{"w": zeros(1024)}`` whose writer waits for the event
+    before its write phase."""
+    box = Box({"w": torch.zeros(1024)})
+    writer = threading.Event()
+    coord = CheckpointCoordinator([StateComponent("s", box, "global")], output_dir=tmp_path,
+                                  phase_hook=lambda phase, rank: writer.wait(20) if phase == "write" else None)
+    return box, writer, coord, coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+
+
 def test_a_save_staged_in_the_background_returns_before_the_copy_and_keeps_the_state_of_the_call(
         tmp_path: Path, held_copy: threading.Event) -> None:
     model = _model(0)
@@ -209,11 +219,7 @@ def test_a_change_still_running_when_the_copy_ended_is_caught_when_the_trainer_w
 
 def test_changes_after_wait_staged_never_fail_the_save_while_it_is_still_writing(
         tmp_path: Path) -> None:
-    box = Box({"w": torch.zeros(1024)})
-    writer = threading.Event()
-    coord = CheckpointCoordinator([StateComponent("s", box, "global")], output_dir=tmp_path,
-                                  phase_hook=lambda phase, rank: writer.wait(20) if phase == "write" else None)
-    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    box, writer, coord, handle = _staged_with_the_writer_held(tmp_path)
     handle.wait_staged(20)
     box.state["w"].add_(5.0)  # the optimizer step, allowed now; the writer has not written yet
     writer.set()
@@ -286,11 +292,7 @@ def test_a_staging_thread_that_cannot_start_fails_the_call_and_the_next_save_wor
 
 def test_a_change_the_writer_saw_fails_the_save_and_wait_staged_does_not_also_call_the_save_torn(
         tmp_path: Path) -> None:
-    box = Box({"w": torch.zeros(1024)})
-    writer = threading.Event()
-    coord = CheckpointCoordinator([StateComponent("s", box, "global")], output_dir=tmp_path,
-                                  phase_hook=lambda phase, rank: writer.wait(20) if phase == "write" else None)
-    handle = coord.save_checkpoint(checkpoint_id="1", async_save=True, background_staging=True)
+    box, writer, coord, handle = _staged_with_the_writer_held(tmp_path)
     while not handle.staged():
         threading.Event().wait(0.01)
     box.state["w"].add_(1.0)  # copied already, but wait_staged() has not returned: still not allowed
