@@ -41,7 +41,7 @@ from .errors import (
     TopologyMismatchError,
 )
 from .legacy import is_legacy_checkpoint, load_legacy
-from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest
+from .manifest import MANIFEST_NAME, CheckpointManifest, ComponentManifest, FileEntry
 from .patterns import Pattern, pattern_from_record
 from .planning import agree
 from .progress import Progress
@@ -260,44 +260,44 @@ def read(
 
 def _read_and_broadcast(comm: Comm, path: str, actions: Mapping[str, ComponentManifest],
                         components: Mapping[str, StateComponent], files: dict[str, str], touched: list[str],
-                        hook: Callable[[str], None], in_place: bool = True,
-                        progress: Callable[[int], None] | None = None) -> None:
+                        hook: Callable[[str], None], in_place: bool, progress: Callable[[int], None]) -> None:
     """Phase 2 of load, ``read_and_broadcast``: the lowest rank of each set reads and verifies
     its files, every rank hears whether all reads succeeded, the bytes go out within each set
     (a gloo group per set), and every rank decodes and restores. ``progress(nbytes)`` counts
     each file as its reader has read it, and on the other members once it has arrived."""
-    count = progress or (lambda nbytes: None)
     check_comm(comm, SetBroadcastComm, "load_strategy='read_and_broadcast'")  # checked at construction too
     assert isinstance(comm, SetBroadcastComm)
     sets = {key: _load_sets(saved, comm.world_size, components[key].pattern.elastic)
             for key, saved in actions.items()}
+    entries: dict[str, tuple[FileEntry, ...]] = {}  # key -> this rank's files of it (found in the first step)
+    reads: set[str] = set()  # the keys this rank reads (the others arrive by broadcast)
     buffers: dict[str, list[torch.Tensor]] = {}
 
     def fetch() -> None:
         hook("read")
         for key, saved in actions.items():
-            entries = saved.files_for_rank(comm.rank, components[key].pattern.elastic)
-            reader = min(next(m for m in sets[key] if comm.rank in m))
-            if reader == comm.rank:
-                buffers[key] = [torch.frombuffer(b, dtype=torch.uint8) for b in read_files(path, entries)]
-                count(sum(e.size_bytes for e in entries))
+            mine = entries[key] = saved.files_for_rank(comm.rank, components[key].pattern.elastic)
+            if min(next(m for m in sets[key] if comm.rank in m)) == comm.rank:
+                reads.add(key)
+                buffers[key] = [torch.frombuffer(b, dtype=torch.uint8) for b in read_files(path, mine)]
+                progress(sum(e.size_bytes for e in mine))
             else:
-                buffers[key] = [torch.empty(e.size_bytes, dtype=torch.uint8) for e in entries]
+                buffers[key] = [torch.empty(e.size_bytes, dtype=torch.uint8) for e in mine]
 
     def restore() -> None:
-        for key, saved in actions.items():
-            entries = saved.files_for_rank(comm.rank, components[key].pattern.elastic)
-            state = decode_files(path, entries, [tensor_bytes(t) for t in buffers[key]])
+        for key in actions:
+            mine = entries[key]
+            state = decode_files(path, mine, [tensor_bytes(t) for t in buffers[key]])
             touched.append(key)
             stateful = components[key].stateful
-            stateful.load_state_dict(restore_dtensors(state, stateful.state_dict, entries[0].path, in_place))
-            files[key] = entries[0].path
+            stateful.load_state_dict(restore_dtensors(state, stateful.state_dict, mine[0].path, in_place))
+            files[key] = mine[0].path
 
     exchange(comm, "read", fetch)
-    for key, saved in actions.items():
+    for key in actions:
         comm.broadcast_in_sets(sets[key], buffers[key], "read")
-        if min(next(m for m in sets[key] if comm.rank in m)) != comm.rank:
-            count(sum(e.size_bytes for e in saved.files_for_rank(comm.rank, components[key].pattern.elastic)))
+        if key not in reads:
+            progress(sum(e.size_bytes for e in entries[key]))
     exchange(comm, "read", restore, note=lambda: _modified(touched))
 
 
