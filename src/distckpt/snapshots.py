@@ -265,7 +265,7 @@ class Snapshot:
             if not by_trainer:
                 self._writer_passed = True
             # too late only for a change the writer did not see: one it saw is failing the save
-            return late, by_trainer and self._writer_passed and late is not self._late and self._late is None
+            return late, by_trainer and self._writer_passed and self._late is None
 
     def state(self, key: str) -> Any:
         """Writer's thread: the copy of ``key`` once filled; raises the snapshot's error."""
