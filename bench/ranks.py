@@ -76,8 +76,6 @@ from .workloads import (
 
 SAVE_ONLY = {"distckpt-quick", "distckpt-tensor", "distckpt-full", "distckpt-async", "proto-async",
              "distckpt-async-budget", "distckpt-async-staged"}
-#: Async rows: their repetitions also record ``blocking_s`` (and the staged row ``staged_s``).
-ASYNC = ("proto-async", "distckpt-async", "distckpt-async-budget", "distckpt-async-staged")
 #: Rows that are a :class:`distckpt.CheckpointCoordinator` with these options.
 VARIANTS: dict[str, dict[str, Any]] = {
     "distckpt-copyload": {"load_in_place": False},
