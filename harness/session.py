@@ -195,12 +195,7 @@ def _save(coord: CheckpointCoordinator, trainer: Trainer, scenario: Scenario) ->
         return coord.save_checkpoint(checkpoint_id=checkpoint_id, validate=validate)
     handle = coord.save_checkpoint(checkpoint_id=checkpoint_id, validate=validate, async_save=True,
                                    background_staging=mode == "async_background_staging")
-    trainer.model.train()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.forward_backward()
-    handle.wait_staged()
-    trainer.optimizer.step()
-    trainer.scheduler.step()
+    trainer.train_step(before_update=handle.wait_staged)
     return handle.result()
 
 

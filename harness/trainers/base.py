@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -107,11 +107,14 @@ class Trainer(ABC):
             "rng": self.rng,
         }
 
-    def train_step(self) -> float:
-        """One optimisation step; returns this rank's loss."""
+    def train_step(self, before_update: Callable[[], None] | None = None) -> float:
+        """One optimisation step; returns this rank's loss. ``before_update()`` runs between the
+        backward pass and the optimizer step (a save staged in the background waits there)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward()
+        if before_update is not None:
+            before_update()
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
