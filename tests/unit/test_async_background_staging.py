@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,6 @@ from distckpt import CheckpointCoordinator, SaveHandle, StateChangedError, State
 from distckpt.hostcopy import StateCopy
 from distckpt.testing import ThreadComm
 from tests.helpers import Box, all_ok, threads
-
-
-@pytest.fixture
-def held_copy(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Every host copy waits for the returned event before copying (so a test can act while the
-    save is still staging); set at the end of the test in any case."""
-    gate = threading.Event()
-    fill = StateCopy.fill
-
-    def held(self: StateCopy, only: Any = None) -> None:
-        assert gate.wait(20), "the test never opened the gate"
-        fill(self, only)
-
-    monkeypatch.setattr(StateCopy, "fill", held)
-    yield gate
-    gate.set()
 
 
 def _model(seed: int) -> torch.nn.Module:

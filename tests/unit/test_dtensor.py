@@ -254,20 +254,10 @@ def test_the_async_host_copy_of_dtensors_encodes_to_the_same_file_as_the_live_st
 
 
 def test_an_fsdp2_save_staged_in_the_background_keeps_the_state_of_the_call_and_catches_an_early_step(
-        mesh: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
+        mesh: Any, tmp_path: Path, held_copy: Any) -> None:
     from distckpt import StateChangedError
-    from distckpt.hostcopy import StateCopy
 
-    gate = threading.Event()
-    fill = StateCopy.fill
-
-    def held(self: StateCopy, only: Any = None) -> None:
-        assert gate.wait(20)
-        fill(self, only)
-
-    monkeypatch.setattr(StateCopy, "fill", held)
+    gate = held_copy
     model, opt = _fsdp2(mesh, 0)
     expected = {k: v.to_local().clone() for k, v in model.state_dict().items()}
     coord = CheckpointCoordinator([StateComponent("model", model, "per_rank"), StateComponent("optimizer", opt, "per_rank")],
