@@ -88,11 +88,13 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
     comps = _components()
     declared = [StateComponent(key, Holder({}), pat, process_group_name=group) for key, pat, group in comps]
     names = sorted(groups[0])
-    # What each rank sends in the plan phase: its compact report (digests, its groups' lowest
-    # members, and for balanced writes how many DEFAULT_MIN_PART_BYTES each component holds).
-    parts = [part_counts(123_456_789_000, DEFAULT_MIN_PART_BYTES, world) if key != "rng" else 0
-             for key, _, _ in comps]
-    reports = [with_parts(local_report(nodes[r], groups[r], declared), parts) for r in range(world)]
+    # What each rank sends in the plan phase: its compact report (digests and its groups' lowest
+    # members), then its plan digest and, from the lowest rank of a replica set, how many
+    # DEFAULT_MIN_PART_BYTES each component holds (balanced writes). Every payload is counted as
+    # a set's lowest rank's: in the sized rounds of large worlds every payload is padded to the longest.
+    parts = with_parts(b"", [part_counts(123_456_789_000, DEFAULT_MIN_PART_BYTES, world) if key != "rng" else 0
+                             for key, _, _ in comps])
+    reports = [local_report(nodes[r], groups[r], declared) for r in range(world)]
     legacy = {"node": nodes[-1], "groups": groups[-1],
               "declarations": [(k, p, g, True, False, "tensor") for k, p, g in comps]}
     del nodes, groups  # every rank's member lists exist only here, not on any rank: the GC need not walk them
@@ -134,11 +136,11 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
     # report all-gather (with the call arguments' digest) and the plan-digest all-gather; rank 0's
     # decision is one broadcast.
     report_bytes = max(len(pickle.dumps(("ok", rep, (2**64 - 1, "")))) for rep in (reports[0], reports[-1]))
-    digest_bytes = len(pickle.dumps(("ok", plan_digest(plans), (None, ""))))
+    digest_bytes = len(pickle.dumps(("ok", (plan_digest(plans), parts, None), (None, ""))))
     decision_payload = ("ok", {"path": "/ckpt/step-0000001000", "staging": "/ckpt/.staging-1000",
                                "checkpoint_id": "1000", "sequence": 1, "timestamp": "2025-01-01T00:00:00Z"})
     decision_bytes = len(pickle.dumps(decision_payload))
-    wire_bytes = plan_phase_wire(reports, plan_digest(plans), decision_payload)
+    wire_bytes = plan_phase_wire(reports, (plan_digest(plans), parts, None), decision_payload)
     legacy_bytes = len(pickle.dumps(legacy))
     manifest_dict_bytes = len(pickle.dumps(parsed.to_dict()))
     n_files = sum(len(plans[k].files) for k, _, _ in comps)
@@ -161,11 +163,11 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
     }
 
 
-def plan_phase_wire(reports: list[bytes], digest: int, decision: Any) -> list[int]:
+def plan_phase_wire(reports: list[bytes], digest: Any, decision: Any) -> list[int]:
     """Bytes every rank receives on the wire in a save's plan phase, padding included, from the
     steps TorchComm hands to gloo (:func:`distckpt.wire.lockstep`): the reports' all-gather (in
     ``exchange``'s envelope, with the call arguments' digest), rank 0's decision (a broadcast),
-    the plan digests' all-gather."""
+    the plan digests' all-gather (with the lowest ranks' part counts)."""
     from distckpt import wire
 
     world = len(reports)

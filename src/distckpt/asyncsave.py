@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import folder, saving
-from .codec import encode, tensor_bytes
+from .codec import encode, state_nbytes, tensor_bytes
 from .components import StateComponent
 from .errors import StateChangedError
 from .handle import SaveHandle
@@ -40,7 +40,7 @@ from .planning import Job, Produce, SavePlan
 from .snapshots import Snapshot, SnapshotBudget
 from .transport import Comm, ForkingComm, check_comm
 
-__all__ = ["AsyncSaves", "snapshot"]
+__all__ = ["AsyncSaves", "Walks", "snapshot"]
 
 log = logging.getLogger("distckpt")
 
@@ -130,6 +130,43 @@ class AsyncSaves:
         return None if handle is None else handle._settle()
 
 
+class Walks:
+    """The walks (:class:`~distckpt.hostcopy.StateCopy`) of one asynchronous save's states, each
+    taken once, reusing the buffers kept from the last snapshot.
+
+    The plan phase asks :meth:`size_of` where this rank's size decides a balanced write (it is
+    the lowest rank of a replica set, and writes part 0 of it), so that rank walks its state once
+    for both the plan and the snapshot (:func:`snapshot` takes :meth:`copy`). Local; called on
+    the caller's thread of ``save_checkpoint(async_save=True)``.
+    """
+
+    def __init__(self, states: saving.States, buffers: dict[str, dict[int, torch.Tensor]]) -> None:
+        self._states = states
+        self._buffers = buffers
+        self._copies: dict[str, StateCopy | Unsupported] = {}
+
+    def copy(self, key: str) -> StateCopy:
+        """The walk of ``key``'s state; raises :class:`~distckpt.hostcopy.Unsupported` (again, for a
+        state the copy does not know)."""
+        if key not in self._copies:
+            try:
+                self._copies[key] = StateCopy(self._states(key), _kept(self._buffers, key))
+            except Unsupported as exc:
+                self._copies[key] = exc
+        walked = self._copies[key]
+        if isinstance(walked, Unsupported):
+            raise walked
+        return walked
+
+    def size_of(self, key: str) -> int:
+        """``codec.state_nbytes`` of ``key``'s state, from its walk when every tensor is plain."""
+        try:
+            walked = self.copy(key)
+        except Unsupported:
+            walked = None
+        return walked.nbytes if walked is not None and walked.plain_nbytes else state_nbytes(self._states(key))
+
+
 class _Copied(saving.States):
     """The states the background encoder reads: this rank's copies, once filled."""
 
@@ -142,7 +179,8 @@ class _Copied(saving.States):
 
 
 def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: saving.States,
-             buffers: dict[str, dict[int, torch.Tensor]], budget: int | None, background: bool = False) -> Produce:
+             buffers: dict[str, dict[int, torch.Tensor]], budget: int | None, background: bool = False,
+             walks: Walks | None = None) -> Produce:
     """This rank's files of an asynchronous save: the states it writes copied, encoded later.
 
     Called on the caller's thread by :meth:`AsyncSaves.start` (through the
@@ -159,6 +197,7 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
     walk does, with every live tensor's version counter remembered, and the producer has a
     ``stage`` that copies and hashes (on a thread of :meth:`AsyncSaves.start`) and fails the
     save with :class:`~distckpt.errors.StateChangedError` if a tensor changed meanwhile.
+    ``walks``: the save's :class:`Walks` (a state the plan phase already walked is not walked again).
 
     A state the copy does not know (a tensor subclass other than DTensor, say) takes the general path,
     :func:`distckpt.saving.encoder`, copied before this returns. Local; an error is not raised
@@ -171,7 +210,8 @@ def snapshot(rank: int, components: Sequence[StateComponent], plan: SavePlan, st
             files[c.key] = mine
     try:
         try:
-            copies = {key: StateCopy(states(key), _kept(buffers, key)) for key in files}
+            walks = walks if walks is not None else Walks(states, buffers)
+            copies = {key: walks.copy(key) for key in files}
         except Unsupported:
             return saving.encoder(rank, components, plan, states, buffers, budget)
         if background and not all([copy.watch() for copy in copies.values()]):

@@ -221,6 +221,7 @@ class CheckpointCoordinator:
             check_comm(self._comm, ForkingComm, "async_save")
         started = time.perf_counter()
         states = saving.States(self._by_key)
+        walks = asyncsave.Walks(states, self._async.snapshots) if async_save else None
         args = call_args(checkpoint_path=checkpoint_path, checkpoint_id=checkpoint_id, validate=validate,
                           async_save=async_save, overwrite=overwrite)
         plan = saving.plan(
@@ -228,6 +229,7 @@ class CheckpointCoordinator:
             allocate=lambda: series.allocate(self.checkpoints_dir, checkpoint_path, checkpoint_id, overwrite,
                                              self.timeout / 2),
             min_part_bytes=self.min_part_bytes, hook=self._hook, args=args,
+            size_of=walks.size_of if walks is not None else None,
         )
         try:
             validation.validate(self._comm, plan, validated_components(self.components, validate), states,
@@ -238,7 +240,7 @@ class CheckpointCoordinator:
                 return self._async.start(
                     self._comm, plan,
                     lambda buffers: asyncsave.snapshot(self.rank, self.components, plan, states, buffers,
-                                                       self.async_snapshot_bytes, bool(background_staging)),
+                                                       self.async_snapshot_bytes, bool(background_staging), walks),
                     lambda comm, produce: self._write_and_commit(comm, plan, produce, validate, overwrite, started,
                                                                  meter),
                     started,

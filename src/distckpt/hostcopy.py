@@ -79,6 +79,7 @@ class StateCopy:
         self.sources: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.nbytes = 0
+        self.plain_nbytes = False  # every tensor plain, none aliased: nbytes is codec.state_nbytes(state)
         self._fresh: list[int] = []  # indices of targets that still need storage
         # per target: whether the source is large and its bytes can be copied as they lie (a
         # contiguous CPU tensor, no lazy conjugate or negative bit): copied in chunks by two threads
@@ -137,6 +138,7 @@ class StateCopy:
         self.targets = list(targets)
         self._sizes = cols.sizes
         self.nbytes = sum(cols.sizes)
+        self.plain_nbytes = True
         self._plain = [False] * len(leaves)
         if cols.sizes and max(cols.sizes) >= _LARGE:
             for index in [i for i, size in enumerate(cols.sizes) if size >= _LARGE]:

@@ -29,6 +29,7 @@ __all__ = [
     "check_relpath",
     "part_writers",
     "plan_component",
+    "split_plan",
 ]
 
 FILE_SUFFIX = ".safetensors"
@@ -102,20 +103,34 @@ def plan_component(
     partition = resolved.partition(topology)
     names = list(map(add, resolved._file_stems(partition), repeat(FILE_SUFFIX)))
     _check_names(resolved, partition, names)
-    split = bool(min_part_bytes) and resolved.identical_replicas
-    if not split:  # one file per set, written by its lowest rank (the sets are sorted)
-        paths = list(map((key + "/").__add__, names))
-        return ComponentPlan(key=key, pattern=resolved, files=FilePlan._wholes(paths, partition))
-    files = []
-    for name, members in zip(names, partition, strict=True):
-        writers = part_writers(topology, members, (sizes or {}).get(members[0], 0), min_part_bytes or 1)
+    paths = list(map((key + "/").__add__, names))  # one file per set, written by its lowest rank (sets are sorted)
+    whole = ComponentPlan(key=key, pattern=resolved, files=FilePlan._wholes(paths, partition))
+    if not (min_part_bytes and resolved.identical_replicas):
+        return whole
+    return split_plan(topology, whole, sizes or {}, min_part_bytes)
+
+
+def split_plan(topology: Topology, whole: ComponentPlan, sizes: Mapping[int, int],
+               min_part_bytes: int) -> ComponentPlan:
+    """``whole`` (one file per set, :func:`plan_component` without sizes) with each set whose
+    state is large enough split into parts by :func:`part_writers`. Pure and deterministic.
+
+    ``sizes[lowest rank of a set]`` is that set's state in bytes (a set absent from it counts
+    as small). Called by :func:`plan_component`, and by the save's plan phase once the sets'
+    lowest ranks, and only they, have sized their state (:mod:`distckpt.saving`).
+    """
+    if not whole.pattern.identical_replicas:
+        return whole
+    files: list[FilePlan] = []
+    for f in whole.files:
+        writers = part_writers(topology, f.ranks, sizes.get(f.ranks[0], 0), min_part_bytes)
         if len(writers) == 1:
-            files.append(FilePlan(path=f"{key}/{name}", ranks=members, writer=writers[0]))
+            files.append(f)
             continue
-        base = f"{key}/{name}".removesuffix(FILE_SUFFIX)
-        files += [FilePlan(path=f"{base}.part-{p:03d}-of-{len(writers):03d}{FILE_SUFFIX}", ranks=members,
+        base = f.path.removesuffix(FILE_SUFFIX)
+        files += [FilePlan(path=f"{base}.part-{p:03d}-of-{len(writers):03d}{FILE_SUFFIX}", ranks=f.ranks,
                            writer=w, part=p, parts=len(writers)) for p, w in enumerate(writers)]
-    return ComponentPlan(key=key, pattern=resolved, files=tuple(files))
+    return ComponentPlan(key=whole.key, pattern=whole.pattern, files=tuple(files))
 
 
 def _check_names(pattern: Pattern, partition: Sequence[tuple[int, ...]], names: Sequence[Any]) -> None:

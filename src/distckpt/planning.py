@@ -12,7 +12,9 @@ turns into the same error on every rank.
   declarations agree.
 - :func:`plan_components`, :func:`plan_digest`, :func:`check_same_plan`: the
   files of every component (from its pattern), and the check that the
-  patterns answered alike on every rank.
+  patterns answered alike on every rank; :func:`leader_part_counts` and
+  :func:`split_components`: the parts of balanced writes, sized by each
+  replica set's lowest rank only.
 - :func:`check_parts_agree`: the parts of a balanced write fit together.
 - :func:`build_manifest`: the manifest of a save from its plan and the
   write records.
@@ -38,9 +40,9 @@ from .errors import (
 )
 from .gcpause import gc_paused
 from .hashing import checksum_of
-from .layout import ComponentPlan, plan_component
+from .layout import ComponentPlan, plan_component, split_plan
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
-from .planreports import HEAD, decode_reports, report_arrays, text_digest, with_parts
+from .planreports import HEAD, decode_reports, read_parts, report_arrays, text_digest, with_parts
 from .topology import Topology, group_key, groups_digest
 from .version import __version__
 
@@ -55,10 +57,12 @@ __all__ = [
     "check_same_plan",
     "declaration",
     "decode_reports",
+    "leader_part_counts",
     "local_report",
     "part_counts",
     "plan_components",
     "plan_digest",
+    "split_components",
     "validated_components",
     "with_parts",
 ]
@@ -184,9 +188,46 @@ def plan_components(topology: Topology, components: Sequence[StateComponent],
 
 
 def part_counts(nbytes: int, min_part_bytes: int, world_size: int) -> int:
-    """What :func:`with_parts` sends for a state of ``nbytes``: ``nbytes // min_part_bytes``, at most
-    the world size (a replica set never has more members), so the parts come out the same."""
+    """How many ``min_part_bytes`` a state of ``nbytes`` holds, at most the world size (a replica set
+    never has more members): all that decides a balanced write (:func:`distckpt.layout.part_writers`)."""
     return min(nbytes // min_part_bytes, world_size) if min_part_bytes > 0 else 0
+
+
+def leader_part_counts(rank: int, world_size: int, components: Sequence[StateComponent],
+                       plans: Mapping[str, ComponentPlan], size_of: Callable[[str], int],
+                       min_part_bytes: int) -> bytes:
+    """This rank's share of the sizes a balanced write needs, per component in order: the
+    :func:`part_counts` of its state where it is the lowest rank of its replica set and the
+    pattern has identical replicas (only that rank's size decides the set's parts), else 0;
+    as varints (:func:`~distckpt.planreports.with_parts`), empty when all are 0. ``size_of(key)`` (this rank's state of ``key`` in bytes) is called
+    only for those components, so the other ranks never walk their state to plan a save.
+
+    ``plans``: the whole-file plans (:func:`plan_components` without sizes). Called by the
+    save's plan phase inside its second collective; an error of ``size_of`` reaches every rank.
+    """
+    counts = tuple(part_counts(size_of(c.key), min_part_bytes, world_size)
+                   if c.pattern.identical_replicas and rank in plans[c.key].writers else 0
+                   for c in components)
+    return with_parts(b"", counts) if any(counts) else b""
+
+
+def split_components(topology: Topology, components: Sequence[StateComponent],
+                     plans: Mapping[str, ComponentPlan], sent: Sequence[bytes],
+                     min_part_bytes: int) -> dict[str, ComponentPlan]:
+    """The whole-file ``plans`` with each large enough replica set split into parts, from what
+    every rank sent (``sent[rank]``, :func:`leader_part_counts`). Pure and deterministic: every
+    rank gets the same answer from the same gathered bytes."""
+    counts = {rank: read_parts(data) for rank, data in enumerate(sent) if data}
+    empty: tuple[int, ...] = ()
+    out = dict(plans)
+    for index, c in enumerate(components):
+        if not c.pattern.identical_replicas:
+            continue
+        sizes = {f.ranks[0]: mine[index] * min_part_bytes for f in plans[c.key].files
+                 if index < len(mine := counts.get(f.ranks[0], empty)) and mine[index]}
+        if sizes:
+            out[c.key] = split_plan(topology, plans[c.key], sizes, min_part_bytes)
+    return out
 
 
 def plan_digest(plans: Mapping[str, ComponentPlan]) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .hashing import checksum_of
 
-__all__ = ["HEAD", "decode_reports", "report_arrays", "text_digest", "with_parts"]
+__all__ = ["HEAD", "decode_reports", "read_parts", "report_arrays", "text_digest", "with_parts"]
 
 #: A compact report's head: declarations digest (groups' names included), node digest and
 #: :func:`~distckpt.topology.groups_digest`, 8 bytes each; varints follow.
@@ -30,10 +30,12 @@ HEAD = struct.Struct("<QQQ")
 def with_parts(report: bytes, parts: Sequence[int]) -> bytes:
     """``report`` followed by ``parts`` as varints (non-negative ints, 7 bits a byte).
 
-    Called by :func:`local_report` (group labels) and the save's plan phase for
-    balanced writes: per component only ``size // min_part_bytes``, capped at
-    the world size, decides the parts (:func:`distckpt.layout.part_writers`),
-    so that is all a rank sends (:func:`part_counts`).
+    Called by :func:`local_report` (group labels) and by the save's plan phase
+    for balanced writes (with an empty ``report``): per component only
+    ``size // min_part_bytes``, capped at the world size, decides the parts
+    (:func:`distckpt.layout.part_writers`), so that is all a replica set's lowest
+    rank sends (:func:`distckpt.planning.leader_part_counts`); read back by
+    :func:`read_parts`.
     """
     out = bytearray(report)
     for value in parts:
@@ -43,6 +45,11 @@ def with_parts(report: bytes, parts: Sequence[int]) -> bytes:
             value >>= 7
         out.append(value)
     return bytes(out)
+
+
+def read_parts(data: bytes) -> tuple[int, ...]:
+    """The ints :func:`with_parts` appended to an empty report."""
+    return _varints(data, 0)
 
 
 def decode_reports(reports: Sequence[bytes], names: Sequence[str]) -> tuple[

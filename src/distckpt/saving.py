@@ -10,7 +10,8 @@ every rank at the same step. Validation, phase 2, is :mod:`distckpt.validation`.
 1. :func:`plan`: rank 0 fixes path, id and sequence and creates the staging
    directory (:func:`distckpt.series.allocate`); every rank reports its node,
    groups and declarations; every rank checks agreement and derives the same
-   file plan (:mod:`distckpt.planning`).
+   file plan (:mod:`distckpt.planning`), the parts of balanced writes sized by
+   each replica set's lowest rank alone.
 2. :func:`write`: the lowest rank of every replica set writes that set's file
    into staging, hashing while writing (a balanced write: several members of a
    large set write one part each); every rank checks the parts fit together.
@@ -48,11 +49,10 @@ from .planning import (
     build_manifest,
     check_parts_agree,
     check_same_plan,
-    decode_reports,
-    part_counts,
+    leader_part_counts,
     plan_components,
     plan_digest,
-    with_parts,
+    split_components,
 )
 from .progress import Progress
 from .series import Allocation
@@ -80,14 +80,17 @@ class States:
 
 def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[..., Any],
          states: States, *, allocate: Callable[[], Allocation], min_part_bytes: int | None,
-         hook: Callable[[str], None], args: Mapping[str, Any]) -> SavePlan:
+         hook: Callable[[str], None], args: Mapping[str, Any],
+         size_of: Callable[[str], int] | None = None) -> SavePlan:
     """Phase 1, collective: agree on the call, the world and the files; rank 0 allocates the target.
 
     ``report`` gives this rank's node, groups and declarations
     (:func:`distckpt.planning.local_report`); ``allocate`` runs on rank 0 only
     (:func:`distckpt.series.allocate`). ``args`` are this rank's call
-    arguments, compared across ranks. On failure anywhere, every rank raises,
-    and rank 0 removes the staging directory it had created.
+    arguments, compared across ranks. ``size_of(key)``: this rank's state of ``key`` in bytes,
+    asked only where it decides a balanced write (default: ``codec.state_nbytes`` of the state;
+    an asynchronous save walks it once for this and its snapshot, :class:`distckpt.asyncsave.Walks`).
+    On failure anywhere, every rank raises, and rank 0 removes the staging directory it had created.
     """
     mine: dict[str, Any] = {}
 
@@ -97,10 +100,7 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
         hook("plan")
         names[:] = sorted(report(True)["groups"])
         out: bytes = report()
-        if min_part_bytes is not None and comm.world_size > 1:  # sizes decide balanced writes (by position)
-            out = with_parts(out, [part_counts(state_nbytes(states(c.key)), min_part_bytes, comm.world_size)
-                                   if c.pattern.identical_replicas else 0 for c in components])
-        return out
+        return out  # sizes travel in the second round, from the ranks whose size decides
 
     def decide() -> dict[str, Any]:  # rank 0, once the world agrees and its own plan is made
         if "decision" not in mine:
@@ -108,15 +108,18 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
         decided: dict[str, Any] = mine["decision"]
         return decided
 
+    def sizes(key: str) -> int:
+        return size_of(key) if size_of is not None else state_nbytes(states(key))
+
     try:
         reports = exchange(comm, "plan", work, agree=args)
         topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)), names=names)
-        parts = decode_reports(reports, names)[3]
+        split = min_part_bytes if comm.world_size > 1 else None
         if comm.world_size <= _ONE_ROUND_WORLD:  # the decision rides in the digests' round
-            plans, decided = _plan_files(comm, components, topology, parts, min_part_bytes, decide)
+            plans, decided = _plan_files(comm, components, topology, sizes, split, decide)
         else:  # a broadcast: in the sized rounds every payload would be padded to the decision's size
             decided = announce(comm, "plan", decide)
-            plans, _ = _plan_files(comm, components, topology, parts, min_part_bytes, None)
+            plans, _ = _plan_files(comm, components, topology, sizes, split, None)
         assert decided is not None  # rank 0 either decided or raised, and then every rank raised
     except BaseException:
         if "decision" in mine:
@@ -131,21 +134,29 @@ _ONE_ROUND_WORLD = wire.SLOTTED_WORLD_BYTES // wire.SLOT_BYTES
 
 
 def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
-                parts: Sequence[Sequence[int]], min_part_bytes: int | None,
+                size_of: Callable[[str], int], min_part_bytes: int | None,
                 decide: Callable[[], dict[str, Any]] | None) -> tuple[dict[str, ComponentPlan], dict[str, Any] | None]:
     """Every rank: each component's files from its pattern, inside a collective so that a
     pattern that raises, or answers differently on some rank, fails every rank. With
-    ``decide``, rank 0 also allocates the target once its own plan is made, and its decision
-    travels in the same round (returned to every rank; ``None`` without ``decide``)."""
+    ``min_part_bytes``, the lowest rank of each replica set sizes its state (``size_of``) in the
+    same collective, and the sets large enough are split into parts from what they sent; the
+    other ranks never walk their state here. With ``decide``, rank 0 also allocates the target
+    once its own plan is made, and its decision travels in the same round (returned to every
+    rank; ``None`` without ``decide``)."""
     plans: dict[str, ComponentPlan] = {}
 
-    def work() -> tuple[int, dict[str, Any] | None]:
-        plans.update(plan_components(topology, components, parts, min_part_bytes))
-        return plan_digest(plans), (decide() if decide is not None and comm.rank == 0 else None)
+    def work() -> tuple[int, bytes, dict[str, Any] | None]:
+        plans.update(plan_components(topology, components, [], None))
+        counts = (leader_part_counts(comm.rank, comm.world_size, components, plans, size_of, min_part_bytes)
+                  if min_part_bytes else b"")
+        return plan_digest(plans), counts, (decide() if decide is not None and comm.rank == 0 else None)
 
     gathered = exchange(comm, "plan", work)
-    check_same_plan([digest for digest, _ in gathered], components)
-    return plans, gathered[0][1]
+    check_same_plan([digest for digest, _, _ in gathered], components)
+    if min_part_bytes and any(counts for _, counts, _ in gathered):
+        plans = split_components(topology, components, plans, [counts for _, counts, _ in gathered],
+                                 min_part_bytes)
+    return plans, gathered[0][2]
 
 
 def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: States,

@@ -60,17 +60,14 @@ class CountingComm:
     def group_members(self, group: Any) -> tuple[int, ...]:
         return groups_of(0, self.world_size)[group]
 
-    def peer_report(self, rank: int, mine: bytes) -> bytes:
-        own = local_report(self.node_id(), groups_of(0, self.world_size), self.comps)
-        report = local_report(f"host-{rank // PER_NODE:05d}", groups_of(rank, self.world_size), self.comps)
-        return report + mine[len(own):]  # the same part counts as rank 0 (every state is alike)
+    def peer_report(self, rank: int) -> bytes:
+        return local_report(f"host-{rank // PER_NODE:05d}", groups_of(rank, self.world_size), self.comps)
 
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         assert phase == "plan"
         if isinstance(obj[1], bytes):  # the reports: each peer's own
-            gathered = [obj] + [(obj[0], self.peer_report(r, obj[1]), *obj[2:])
-                                for r in range(1, self.world_size)]
-        else:
+            gathered = [obj] + [(obj[0], self.peer_report(r), *obj[2:]) for r in range(1, self.world_size)]
+        else:  # the plan digests: every peer counted as sending rank 0's part counts, as a set's lowest rank does
             gathered = [obj] * self.world_size
         self.received += sum(len(pickle.dumps(o)) for o in gathered)
         return gathered
