@@ -80,6 +80,7 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
         plan_digest,
         with_parts,
     )
+    from distckpt.planreports import plan_vote
 
     from .workloads import Holder
 
@@ -136,11 +137,12 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
     # report all-gather (with the call arguments' digest) and the plan-digest all-gather; rank 0's
     # decision is one broadcast.
     report_bytes = max(len(pickle.dumps(("ok", rep, (2**64 - 1, "")))) for rep in (reports[0], reports[-1]))
-    digest_bytes = len(pickle.dumps(("ok", (plan_digest(plans), parts, None), (None, ""))))
+    vote = plan_vote(plan_digest(plans), parts)  # what each rank sends in the second round of a large world
+    digest_bytes = len(pickle.dumps(("ok", vote, (None, ""))))
     decision_payload = ("ok", {"path": "/ckpt/step-0000001000", "staging": "/ckpt/.staging-1000",
                                "checkpoint_id": "1000", "sequence": 1, "timestamp": "2025-01-01T00:00:00Z"})
     decision_bytes = len(pickle.dumps(decision_payload))
-    wire_bytes = plan_phase_wire(reports, (plan_digest(plans), parts, None), decision_payload)
+    wire_bytes = plan_phase_wire(reports, vote, decision_payload)
     legacy_bytes = len(pickle.dumps(legacy))
     manifest_dict_bytes = len(pickle.dumps(parsed.to_dict()))
     n_files = sum(len(plans[k].files) for k, _, _ in comps)

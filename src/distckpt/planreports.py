@@ -20,7 +20,7 @@ import numpy as np
 
 from .hashing import checksum_of
 
-__all__ = ["HEAD", "decode_reports", "read_parts", "report_arrays", "text_digest", "with_parts"]
+__all__ = ["HEAD", "decode_reports", "plan_vote", "read_parts", "read_vote", "report_arrays", "text_digest", "with_parts"]
 
 #: A compact report's head: declarations digest (groups' names included), node digest and
 #: :func:`~distckpt.topology.groups_digest`, 8 bytes each; varints follow.
@@ -50,6 +50,21 @@ def with_parts(report: bytes, parts: Sequence[int]) -> bytes:
 def read_parts(data: bytes) -> tuple[int, ...]:
     """The ints :func:`with_parts` appended to an empty report."""
     return _varints(data, 0)
+
+
+_VOTE = struct.Struct("<Q")
+
+
+def plan_vote(digest: int, counts: bytes) -> bytes:
+    """What a rank sends in a save's second round: its 64-bit plan digest, then the part counts
+    of :func:`distckpt.planning.leader_part_counts` (empty on most ranks), as one ``bytes``: in
+    the sized rounds of large worlds every payload is padded to the longest, so each byte counts."""
+    return _VOTE.pack(digest) + counts
+
+
+def read_vote(vote: bytes) -> tuple[int, bytes]:
+    """:func:`plan_vote`'s digest and part counts."""
+    return _VOTE.unpack_from(vote)[0], vote[_VOTE.size:]
 
 
 def decode_reports(reports: Sequence[bytes], names: Sequence[str]) -> tuple[

@@ -54,6 +54,7 @@ from .planning import (
     plan_digest,
     split_components,
 )
+from .planreports import plan_vote, read_vote
 from .progress import Progress
 from .series import Allocation
 from .snapshots import PredictedPart, SnapshotBudget, streamed
@@ -145,18 +146,22 @@ def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
     rank; ``None`` without ``decide``)."""
     plans: dict[str, ComponentPlan] = {}
 
-    def work() -> tuple[int, bytes, dict[str, Any] | None]:
+    def vote() -> bytes:
         plans.update(plan_components(topology, components, [], None))
         counts = (leader_part_counts(comm.rank, comm.world_size, components, plans, size_of, min_part_bytes)
                   if min_part_bytes else b"")
-        return plan_digest(plans), counts, (decide() if decide is not None and comm.rank == 0 else None)
+        return plan_vote(plan_digest(plans), counts)
 
-    gathered = exchange(comm, "plan", work)
-    check_same_plan([digest for digest, _, _ in gathered], components)
-    if min_part_bytes and any(counts for _, counts, _ in gathered):
-        plans = split_components(topology, components, plans, [counts for _, counts, _ in gathered],
-                                 min_part_bytes)
-    return plans, gathered[0][2]
+    decided: dict[str, Any] | None = None
+    if decide is None:  # the vote alone: in the sized rounds every payload is padded to the longest
+        votes = list(map(read_vote, exchange(comm, "plan", vote)))
+    else:
+        gathered = exchange(comm, "plan", lambda: (vote(), decide() if comm.rank == 0 else None))
+        votes, decided = [read_vote(v) for v, _ in gathered], gathered[0][1]
+    check_same_plan([digest for digest, _ in votes], components)
+    if min_part_bytes and any(counts for _, counts in votes):
+        plans = split_components(topology, components, plans, [counts for _, counts in votes], min_part_bytes)
+    return plans, decided
 
 
 def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: States,

@@ -65,7 +65,7 @@ class CountingComm:
 
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         assert phase == "plan"
-        if isinstance(obj[1], bytes):  # the reports: each peer's own
+        if obj[-1][0] is not None:  # the reports (the round carrying the call's arguments): each peer's own
             gathered = [obj] + [(obj[0], self.peer_report(r), *obj[2:]) for r in range(1, self.world_size)]
         else:  # the plan digests: every peer counted as sending rank 0's part counts, as a set's lowest rank does
             gathered = [obj] * self.world_size
