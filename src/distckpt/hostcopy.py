@@ -79,7 +79,7 @@ class StateCopy:
         self.sources: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.nbytes = 0
-        self.plain_nbytes = False  # every tensor plain, none aliased: nbytes is codec.state_nbytes(state)
+        self.plain_nbytes = False  # all plain, none aliased or in _metadata: nbytes == codec.state_nbytes
         self._fresh: list[int] = []  # indices of targets that still need storage
         # per target: whether the source is large and its bytes can be copied as they lie (a
         # contiguous CPU tensor, no lazy conjugate or negative bit): copied in chunks by two threads
@@ -138,7 +138,7 @@ class StateCopy:
         self.targets = list(targets)
         self._sizes = cols.sizes
         self.nbytes = sum(cols.sizes)
-        self.plain_nbytes = True
+        self.plain_nbytes = not walk.in_metadata
         self._plain = [False] * len(leaves)
         if cols.sizes and max(cols.sizes) >= _LARGE:
             for index in [i for i, size in enumerate(cols.sizes) if size >= _LARGE]:

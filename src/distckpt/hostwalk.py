@@ -58,6 +58,7 @@ class Walk:
         self.leaves: list[torch.Tensor] = []
         self.holders: list[Any] = []
         self.keys: list[Any] = []
+        self.in_metadata = False  # a leaf under an OrderedDict's ``_metadata`` (codec.state_nbytes skips them)
 
     def copy(self, obj: Any) -> Any:
         kind = type(obj)
@@ -83,7 +84,9 @@ class Walk:
             od: OrderedDict[Any, Any] = self._items(obj, OrderedDict())
             meta = getattr(obj, "_metadata", None)
             if meta is not None:
+                before = len(self.leaves)
                 od._metadata = self.copy(meta)  # type: ignore[attr-defined]
+                self.in_metadata |= len(self.leaves) > before
             return od
         if kind is np.ndarray and not obj.dtype.hasobject:
             return obj.copy()

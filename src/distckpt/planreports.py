@@ -110,6 +110,8 @@ def _varint_matrix(reports: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray | N
     in_head = (starts[:, None] + np.arange(HEAD.size)).ravel()
     heads = blob[in_head].copy().view("<u8").reshape(world, 3)
     tail_lengths = lengths - HEAD.size
+    if world and not bool(tail_lengths.any()):  # no groups: no varints anywhere
+        return heads, np.zeros((world, 0), dtype=np.int64)
     if world == 0 or not bool((tail_lengths > 0).all()):
         return heads, None
     tail_mask = np.ones(len(blob), dtype=bool)

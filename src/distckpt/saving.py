@@ -112,10 +112,10 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     def sizes(key: str) -> int:
         return size_of(key) if size_of is not None else state_nbytes(states(key))
 
-    try:
-        reports = exchange(comm, "plan", work, agree=args)
+    split = min_part_bytes if comm.world_size > 1 else None
+    try:  # the coordinators' min_part_bytes must agree too: it decides how every rank splits the sets
+        reports = exchange(comm, "plan", work, agree={**args, "min_part_bytes": split})
         topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)), names=names)
-        split = min_part_bytes if comm.world_size > 1 else None
         if comm.world_size <= _ONE_ROUND_WORLD:  # the decision rides in the digests' round
             plans, decided = _plan_files(comm, components, topology, sizes, split, decide)
         else:  # a broadcast: in the sized rounds every payload would be padded to the decision's size

@@ -140,3 +140,13 @@ def test_a_rank_passing_other_members_is_named_from_compact_reports_and_again_fr
     with pytest.raises(TopologyMismatchError, match="process group 'dp'"):
         agree(compact, lambda: asked.append(1) or full, names=["dp", "tp"])  # type: ignore[func-returns-value]
     assert asked == [1]
+
+
+def test_reports_of_ranks_without_groups_decode_at_once_as_zero_width_rows() -> None:
+    from distckpt.planreports import _varint_matrix, decode_reports
+
+    reports = [local_report(f"n{r}", {}, components()[:1]) for r in range(5)]
+    _, values = _varint_matrix(reports)
+    assert values is not None and values.shape == (5, 0)  # not the one-by-one fallback
+    nodes, labels, _, parts = decode_reports(reports, [])
+    assert labels == [()] * 5 and parts == [()] * 5 and len(set(nodes)) == 5

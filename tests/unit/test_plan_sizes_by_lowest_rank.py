@@ -155,7 +155,8 @@ def test_an_asynchronous_save_sizes_from_the_walk_it_snapshots_and_plans_the_par
     monkeypatch.setattr(asyncsave, "StateCopy", CountingCopy)
     sized: list[int] = []
     original = saving.state_nbytes
-    monkeypatch.setattr(saving, "state_nbytes", lambda state: sized.append(1) or original(state))
+    for module in (saving, asyncsave):  # wherever a size could come from other than the walk
+        monkeypatch.setattr(module, "state_nbytes", lambda state: sized.append(1) or original(state))
     sized_by_sync: list[int] = []
 
     def save(comm: ThreadComm) -> tuple[str, str]:
@@ -173,3 +174,38 @@ def test_an_asynchronous_save_sizes_from_the_walk_it_snapshots_and_plans_the_par
     assert [(f.writer, f.part, f.parts) for f in async_files] == [(f.writer, f.part, f.parts) for f in sync_files]
     assert [(f.writer, f.part, f.parts) for f in async_files] == [(0, 0, 2), (1, 1, 2)]
     assert len(walked) == 2  # one walk per rank: rank 0's serves both its size and its snapshot
+
+
+def test_coordinators_disagreeing_on_min_part_bytes_fail_the_plan_on_every_rank_naming_it(tmp_path: Path) -> None:
+    from distckpt import ArgumentMismatchError
+
+    def save(comm: ThreadComm) -> str:
+        return CheckpointCoordinator([StateComponent("model", Box(model_state()), "replicated")], dist=comm,
+                                     output_dir=tmp_path, min_part_bytes=1_000 if comm.rank == 0 else None
+                                     ).save_checkpoint()
+
+    results = threads(3, save)
+    assert all(isinstance(r, ArgumentMismatchError) and r.phase == "plan" for r in results), results
+    assert all("min_part_bytes" in str(r) and set(r.failures) == {0} for r in results)
+    assert not list((tmp_path / "checkpoints").glob("*"))  # nothing written, staging removed
+
+
+def test_an_async_save_splits_a_state_with_tensors_in_ordereddict_metadata_as_a_sync_save_does(
+        tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    def state() -> OrderedDict[str, Any]:
+        od: OrderedDict[str, Any] = OrderedDict(w=torch.ones(100))
+        od._metadata = {"big": torch.zeros(1000)}  # type: ignore[attr-defined]  # 4,000 bytes state_nbytes skips
+        return od
+
+    def save(comm: ThreadComm) -> tuple[str, str]:
+        coord = CheckpointCoordinator([StateComponent("m", Box(state()), "replicated")], dist=comm,
+                                      output_dir=tmp_path, min_part_bytes=2_000)
+        return coord.save_checkpoint(checkpoint_id="sync"), coord.save_checkpoint(
+            checkpoint_id="async", async_save=True).result()
+
+    (synced, asynced), *_ = all_ok(threads(2, save))
+    files = [[(f.path.split("/")[-1], f.writer) for f in CheckpointManifest.load(p).components["m"].files]
+             for p in (synced, asynced)]
+    assert files[0] == files[1] == [("replicated.safetensors", 0)]
