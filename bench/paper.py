@@ -116,7 +116,7 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
         t0 = time.perf_counter()
         topo = agree(reports, names=names)
         t0 = clock("topology_s", t0)
-        plans = plan_components(topo, declared, [], None)  # as a save without balanced writes does
+        plans = plan_components(topo, declared)  # as a save without balanced writes does
         t0 = clock("plan_s", t0)
         written = records(plans)  # what the write phase hands over; not part of building the manifest
         t0 = time.perf_counter()

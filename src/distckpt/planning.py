@@ -168,23 +168,16 @@ def _agree(reports: Sequence[Any], full_reports: Callable[[], Sequence[Mapping[s
     return Topology.from_reports([r["node"] for r in reports], [r["groups"] for r in reports])
 
 
-def plan_components(topology: Topology, components: Sequence[StateComponent],
-                    parts: Sequence[Sequence[int]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
-    """Each component's files from its pattern; ``parts[rank][i]`` (:func:`with_parts`: how many
-    ``min_part_bytes`` rank's state of component ``i`` holds) decides balanced writes.
+def plan_components(topology: Topology, components: Sequence[StateComponent]) -> dict[str, ComponentPlan]:
+    """Each component's files from its pattern, one file per replica set (no balanced writes yet:
+    :func:`split_components` splits the large sets once their lowest ranks have sized them).
 
     Runs the patterns' own code, which may raise or answer differently on
     some rank: the save phase runs it inside a collective and compares
     :func:`plan_digest` across ranks.
     """
-    plans: dict[str, ComponentPlan] = {}
-    unit = min_part_bytes or 0
     with gc_paused():  # one FilePlan per set: 65,536 of them for PER_RANK at 65,536 ranks
-        for index, c in enumerate(components):
-            sizes = ({r: mine[index] * unit for r, mine in enumerate(parts) if index < len(mine)}
-                     if unit and c.pattern.identical_replicas else None)
-            plans[c.key] = plan_component(topology, c.key, c.pattern, sizes=sizes, min_part_bytes=min_part_bytes)
-    return plans
+        return {c.key: plan_component(topology, c.key, c.pattern) for c in components}
 
 
 def part_counts(nbytes: int, min_part_bytes: int, world_size: int) -> int:
@@ -202,7 +195,7 @@ def leader_part_counts(rank: int, world_size: int, components: Sequence[StateCom
     as varints (:func:`~distckpt.planreports.with_parts`), empty when all are 0. ``size_of(key)`` (this rank's state of ``key`` in bytes) is called
     only for those components, so the other ranks never walk their state to plan a save.
 
-    ``plans``: the whole-file plans (:func:`plan_components` without sizes). Called by the
+    ``plans``: the whole-file plans (:func:`plan_components`). Called by the
     save's plan phase inside its second collective; an error of ``size_of`` reaches every rank.
     """
     counts = tuple(part_counts(size_of(c.key), min_part_bytes, world_size)
@@ -220,9 +213,7 @@ def split_components(topology: Topology, components: Sequence[StateComponent],
     counts = {rank: read_parts(data) for rank, data in enumerate(sent) if data}
     empty: tuple[int, ...] = ()
     out = dict(plans)
-    for index, c in enumerate(components):
-        if not c.pattern.identical_replicas:
-            continue
+    for index, c in enumerate(components):  # split_plan leaves a pattern without identical replicas whole
         sizes = {f.ranks[0]: mine[index] * min_part_bytes for f in plans[c.key].files
                  if index < len(mine := counts.get(f.ranks[0], empty)) and mine[index]}
         if sizes:

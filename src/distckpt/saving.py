@@ -147,7 +147,7 @@ def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
     plans: dict[str, ComponentPlan] = {}
 
     def vote() -> bytes:
-        plans.update(plan_components(topology, components, [], None))
+        plans.update(plan_components(topology, components))
         counts = (leader_part_counts(comm.rank, comm.world_size, components, plans, size_of, min_part_bytes)
                   if min_part_bytes else b"")
         return plan_vote(plan_digest(plans), counts)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distckpt import CheckpointCoordinator, CheckpointManifest, StateComponent
+from distckpt.layout import plan_component
 from distckpt.planning import leader_part_counts, part_counts, plan_components, split_components
 from distckpt.testing import ThreadComm
 from distckpt.topology import Topology
@@ -104,8 +105,9 @@ def test_splitting_from_the_lowest_ranks_counts_plans_what_every_rank_sending_it
     topology = Topology.from_reports([f"n{r // per_node}" for r in range(world)], groups)
     comps = [StateComponent("model", Box({}), pattern, process_group_name="dp" if pattern == "per_group" else None)]
     # The plan of old: every rank sent its part count, the lowest rank's decided.
-    before = plan_components(topology, comps, [(part_counts(sizes[r], unit, world),) for r in range(world)], unit)
-    wholes = plan_components(topology, comps, [], None)
+    every = {r: part_counts(sizes[r], unit, world) * unit for r in range(world)}
+    before = {"model": plan_component(topology, "model", comps[0].pattern, sizes=every, min_part_bytes=unit)}
+    wholes = plan_components(topology, comps)
     sent = [leader_part_counts(r, world, comps, wholes, lambda key, r=r: sizes[r], unit) for r in range(world)]
     assert split_components(topology, comps, wholes, sent, unit) == before
     leaders = {f.ranks[0] for f in wholes["model"].files}
@@ -115,7 +117,7 @@ def test_splitting_from_the_lowest_ranks_counts_plans_what_every_rank_sending_it
 def test_leader_part_counts_sizes_only_where_the_rank_is_lowest_and_replicas_are_identical() -> None:
     topology = Topology.from_reports(["n0"] * 4, [{} for _ in range(4)])
     comps = [StateComponent("a", Box({}), "replicated"), StateComponent("b", Box({}), "per_rank")]
-    wholes = plan_components(topology, comps, [], None)
+    wholes = plan_components(topology, comps)
     asked: list[tuple[int, str]] = []
 
     def size_of(rank: int) -> Any:
