@@ -18,7 +18,7 @@ from .workloads import WORKLOADS, effective_scale, fmt_bytes
 BASE_METHODS = ["physical", "distckpt", "distckpt-nohash", "distckpt-quick", "distckpt-tensor", "distckpt-full",
                 "torch.save-all", "torch.save-writers", "dcp"]
 VARIANT_METHODS = ["distckpt-copyload", "distckpt-bcast", "distckpt-balanced", "distckpt-whole", "distckpt-async-budget",
-                   "distckpt-async-staged"]
+                   "distckpt-async-staged", "distckpt-direct"]
 
 
 def has_async_save() -> bool:

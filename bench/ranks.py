@@ -34,6 +34,8 @@ Methods (``kind``):
   node); ``--nodes`` changes which members write first.
 - ``distckpt-whole``: save and load with ``min_part_bytes=None``: every set
   one file, whatever the nodes (the baseline for balanced writes).
+- ``distckpt-direct``: save and load with ``direct_io=True``: files written
+  with ``O_DIRECT``, around the page cache (its load then reads the disk).
 - ``distckpt-async-budget``: the same with ``async_snapshot_bytes`` a quarter of the
   rank's state, so the snapshot streams (the call waits for the writer).
 - ``distckpt-async``: ``save_checkpoint(..., async_save=True)`` when the library
@@ -82,6 +84,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distckpt-bcast": {"load_strategy": "read_and_broadcast"},
     "distckpt-balanced": {"min_part_bytes": 1 << 20},
     "distckpt-whole": {"min_part_bytes": None},
+    "distckpt-direct": {"direct_io": True},
     # async_save with a snapshot budget of a quarter of the rank's state (set per rank below)
     "distckpt-async-budget": {"async_snapshot_bytes": "quarter"},
 }

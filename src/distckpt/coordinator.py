@@ -99,6 +99,13 @@ class CheckpointCoordinator:
             copies not yet written would exceed the budget (a single larger
             file is copied alone). ``None``: no bound. Default 8 GiB
             (:data:`distckpt.snapshots.DEFAULT_SNAPSHOT_BYTES`).
+        direct_io: write checkpoint files around the page cache
+            (``O_DIRECT``, in 4 KiB units, where the file system allows it;
+            elsewhere ordinary writes). Same files and checksums. For
+            machines where buffered writes of large states stall from one
+            save to the next (measured: ``bench/results/FINDINGS.md``); a
+            load right after such a save reads the disk, not the cache.
+            Default off. A per-rank choice: ranks need not agree.
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class CheckpointCoordinator:
         load_in_place: bool = True,
         load_strategy: str = "every_member_reads",
         async_snapshot_bytes: int | None = DEFAULT_SNAPSHOT_BYTES,
+        direct_io: bool = False,
     ) -> None:
         if async_snapshot_bytes is not None and (type(async_snapshot_bytes) is not int or async_snapshot_bytes < 1):
             raise ValueError(f"async_snapshot_bytes: expected a positive int or None, got {async_snapshot_bytes!r}")
@@ -129,6 +137,7 @@ class CheckpointCoordinator:
         self.min_part_bytes = min_part_bytes
         self.load_in_place = bool(load_in_place)
         self.load_strategy = load_strategy
+        self.direct_io = bool(direct_io)
         self._groups = normalise_groups(process_groups)
         self._comm = default_comm(dist, seconds)
         if load_strategy == "read_and_broadcast":
@@ -328,7 +337,7 @@ class CheckpointCoordinator:
         saving.write_and_commit(
             comm, plan, produce, self.components, validated, overwrite=overwrite, wait_s=self.timeout / 2,
             hook=self._hook, retain=lambda path: series.retain(self.checkpoints_dir, path, self.keep_last),
-            started=started, meter=meter,
+            started=started, meter=meter, direct=self.direct_io,
         )
 
 

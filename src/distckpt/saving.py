@@ -249,13 +249,14 @@ def _counted(runs: Iterator[Any], meter: Progress) -> Iterator[Any]:
 
 
 def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], None],
-          meter: Progress | None = None) -> dict[str, dict[str, Record]]:
+          meter: Progress | None = None, direct: bool = False) -> dict[str, dict[str, Record]]:
     """Phase 3, collective: each writer writes its sets' files into staging; all-gather the records.
 
     Every rank then checks that the parts of each balanced write come from
     one state: the same structure, and each part's checksum equal to the
     one the part-0 writer predicts from its own replica (else the parts
-    would assemble into a state no rank holds). ``meter`` counts the bytes written.
+    would assemble into a state no rank holds). ``meter`` counts the bytes written;
+    ``direct``: files are written around the page cache (:func:`distckpt.storage.write_runs`).
     """
     def work() -> list[tuple[str, str, int, str, str, dict[str, str]]]:
         hook("write")
@@ -266,7 +267,7 @@ def write(comm: Comm, plan: SavePlan, produce: Produce, hook: Callable[[str], No
             predicting = BackgroundChecksums([(p, piece.chunks) for p, piece in siblings  # while writing
                                               if not isinstance(piece, PredictedPart)])
             try:
-                size, checksum = storage.write_runs(os.path.join(plan.staging, path), runs)
+                size, checksum = storage.write_runs(os.path.join(plan.staging, path), runs, direct=direct)
             except BaseException:
                 predicting.cancel()
                 raise
@@ -314,9 +315,9 @@ def commit(comm: Comm, plan: SavePlan, manifest: CheckpointManifest, *, overwrit
 def write_and_commit(comm: Comm, plan: SavePlan, produce: Produce, components: Sequence[StateComponent],
                      validated: Mapping[str, str], *, overwrite: bool, wait_s: float,
                      hook: Callable[[str], None], retain: Callable[[str], None], started: float,
-                     meter: Progress | None = None) -> None:
+                     meter: Progress | None = None, direct: bool = False) -> None:
     """Phases 3 and 4, collective; logs the committed save. ``validated``: key -> level used."""
-    records = write(comm, plan, produce, hook, meter)
+    records = write(comm, plan, produce, hook, meter, direct)
     manifest = build_manifest(plan, components, records, validated)
     commit(comm, plan, manifest, overwrite=overwrite, wait_s=wait_s, hook=hook, retain=retain)
     total = sum(c.size_bytes for c in manifest.components.values())

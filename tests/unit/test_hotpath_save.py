@@ -86,11 +86,11 @@ def test_a_write_that_fails_midway_stops_the_helper_and_the_next_save_works(
     real = storage.write_runs
     calls = []
 
-    def failing(path: str, runs: Any) -> Any:
+    def failing(path: str, runs: Any, **options: Any) -> Any:
         calls.append(path)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return real(path, runs)
+        return real(path, runs, **options)
 
     monkeypatch.setattr(storage, "write_runs", failing)
     with pytest.raises(CheckpointError, match="No space left"):

@@ -13,6 +13,7 @@ data. Failures raise ``OSError`` unless a function says otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -70,6 +71,43 @@ def open_lock_file(path: str, create: bool = False) -> int:
 def create_exclusive_fd(path: str) -> int:
     """Create ``path`` (never an existing one, never through a symlink) open for reading and writing."""
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+
+
+#: O_DIRECT's alignment: file offsets, lengths and buffer addresses are multiples of it (4 KiB covers
+#: the 512-byte and 4-KiB logical blocks of every common device).
+DIRECT_ALIGN = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def create_data_file(path: str, direct: bool = False) -> tuple[int, bool]:
+    """Create ``path`` for writing (never an existing one, never through a symlink): ``(fd, direct)``.
+
+    ``direct=True`` asks for ``O_DIRECT`` (writes that go around the page
+    cache, in :data:`DIRECT_ALIGN` units); where the platform or file system
+    refuses it, the file is created for ordinary writes and the second value
+    says so. Called by :func:`.writer.write_runs`. Other failures raise ``OSError``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+    if direct and _O_DIRECT:
+        try:
+            return os.open(path, flags | _O_DIRECT, 0o644), True
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            # O_EXCL: the file did not exist before, so a file left by the refused open is ours
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return os.open(path, flags, 0o644), False
+
+
+def stop_direct(fd: int) -> bool:
+    """Turn ``O_DIRECT`` off on ``fd`` (a file system that opened it so but refuses such writes):
+    True when done. Called by the write worker of :mod:`.writer` once, before any byte is written."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+    except OSError:
+        return False
+    return True
 
 
 def open_dir_fd(path: str) -> int:

@@ -4,7 +4,9 @@ A file is created (never over an existing one, never through a symlink),
 every byte is copied into private per-thread buffers, hashed there and handed
 to a worker thread's ``writev`` meanwhile (which asks the kernel to start
 writeback every few tens of MiB, so the disk works while the file is still
-being written), then fsynced; small files and
+being written), then fsynced. With ``direct=True`` the writes go around the
+page cache (``O_DIRECT``, where the file system allows it): whole aligned
+buffers, the last one padded and the file cut back to its size. Small files and
 manifests go through a temporary file and a rename (:func:`atomic_write_bytes`).
 Callers: :mod:`distckpt.saving` (:func:`write_runs`, for the runs of
 :meth:`distckpt.codec.EncodedState.runs`), the CLI's convert and tests
@@ -17,6 +19,7 @@ is imported only when a buffer is first needed (``distckpt ls``/``inspect``/
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import threading
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .. import hashing
 from ..hashing import CHECKSUM_ALGORITHM
 from . import posix
-from .posix import _IOV_BATCH, _O_CLOEXEC, _O_NOFOLLOW, fsync_dir
+from .posix import _IOV_BATCH, DIRECT_ALIGN, fsync_dir
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +55,8 @@ def _writev_all(fd: int, views: list[memoryview]) -> None:
 
 
 class _Bounce:
-    """A few private buffers a writing thread copies file bytes into (kept for its next file).
+    """A few private buffers a writing thread copies file bytes into (kept for its next file),
+    each starting at a :data:`~.posix.DIRECT_ALIGN` boundary (as ``O_DIRECT`` needs).
 
     The copy is what makes the checksum exact: the hasher and ``writev`` read
     the same private bytes, so a tensor changed by another thread during a
@@ -68,7 +72,9 @@ class _Bounce:
     def buffer(self, index: int) -> memoryview:
         while len(self.buffers) <= index:
             import torch  # here, not at the top: `distckpt ls/inspect/verify` never load torch
-            tensor = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8)  # never zero-filled
+            spare = torch.empty(_BOUNCE_BYTES + DIRECT_ALIGN, dtype=torch.uint8)  # never zero-filled
+            skip = -spare.data_ptr() % DIRECT_ALIGN
+            tensor = spare[skip:skip + _BOUNCE_BYTES]  # a view: keeps the whole allocation alive
             array: Any = tensor.numpy()
             self.tensors.append(tensor)
             self.buffers.append(memoryview(array).cast("B"))
@@ -98,10 +104,17 @@ class _RunWriter:
     view is a private copy nothing else changes: hashed and written as it is, many
     in one ``writev``. At most a few hand-overs are in flight (memory stays bounded).
     A write error is raised by the next call.
+
+    ``direct``: ``fd`` was opened with ``O_DIRECT``. Every write is then a whole bounce
+    buffer (owned views are copied too, and a run that would straddle two buffers is
+    copied tensor by tensor), except the last, padded with zeros to the alignment; the
+    caller cuts the file back to :attr:`size`. A file system that refuses the first such
+    write gets ordinary writes instead.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, direct: bool = False) -> None:
         self.fd = fd
+        self.direct = direct
         self.ring = _bounce()
         self.hasher = hashing.new_hasher(CHECKSUM_ALGORITHM)
         self.index = 0
@@ -116,15 +129,22 @@ class _RunWriter:
     def add_run(self, tensors: list[torch.Tensor], nbytes: int) -> None:
         """Copy small contiguous tensors of one dtype (``nbytes`` together, at most one buffer)
         back to back into the bounce buffer with one ``torch.cat``: one copy for the run."""
+        import torch  # loaded by then: the caller's tensors are torch's
+
         dtype = tensors[0].dtype
         itemsize = tensors[0].element_size()
         if self._owned:
             self._release_owned()
         if self.fill + nbytes > _BOUNCE_BYTES or self.fill % itemsize:
+            if self.direct:  # only whole buffers may be written: fill this one up, go on in the next
+                for t in tensors:
+                    raw: Any = t.detach().reshape(-1).view(torch.uint8).numpy()
+                    self._copy(memoryview(raw))
+                self.size += nbytes
+                return
             self._flush()
         self.ring.buffer(self.index)
         target = self.ring.tensors[self.index][self.fill:self.fill + nbytes].view(dtype)
-        import torch  # loaded by then: the caller's tensors are torch's
 
         with torch.no_grad():  # a Parameter that requires grad is copied as plain memory (cat(out=) refuses it)
             if max(map(torch.Tensor.dim, tensors)) <= 1:  # 0-d ones made 1-d in C++ (no view(-1) call each)
@@ -147,7 +167,7 @@ class _RunWriter:
             self._submit_owned()
 
     def add(self, view: memoryview, owned: bool) -> None:
-        if owned:
+        if owned and not self.direct:
             if self.fill:
                 self._flush()
             for start in range(0, len(view), _BOUNCE_BYTES):
@@ -194,6 +214,7 @@ class _RunWriter:
             return
         index, length = self.index, self.fill
         self.hasher.update(self.ring.buffer(index)[:length])
+        length = self._padded(index, length)
         self.ring.free[index].clear()
         self._submit((index, length))
         self.index = (index + 1) % _BOUNCE_COUNT
@@ -202,6 +223,28 @@ class _RunWriter:
         self.ring.free[self.index].wait()  # the worker is done writing the buffer filled next
         if self._error is not None:
             raise self._error
+
+    def _padded(self, index: int, length: int) -> int:
+        """``length`` rounded up to the alignment in direct mode (only the last buffer of a file is
+        short), the bytes added zeroed; ``length`` itself otherwise."""
+        if not self.direct or not length % DIRECT_ALIGN:
+            return length
+        padded = length + DIRECT_ALIGN - length % DIRECT_ALIGN
+        buffer = self.ring.buffer(index)
+        buffer[length:padded] = bytes(padded - length)
+        return padded
+
+    def _write(self, views: list[memoryview], first: bool) -> None:
+        """``writev`` all of ``views``; in direct mode, a refusal of the file's ``first`` write
+        (``EINVAL``: a file system that opened the file so but cannot write it so) turns
+        ``O_DIRECT`` off and writes again."""
+        try:
+            _writev_all(self.fd, views)
+        except OSError as exc:
+            if not (self.direct and first and exc.errno == errno.EINVAL and posix.stop_direct(self.fd)):
+                raise
+            self.direct = False  # the padding still goes out; the caller cuts the file to its size
+            _writev_all(self.fd, views)
 
     def _work(self) -> None:
         """The write worker: ``writev`` each job in order and, every :data:`_WRITEBACK_STEP` bytes,
@@ -213,9 +256,9 @@ class _RunWriter:
             try:
                 if self._error is None:
                     views = [self.ring.buffers[job[0]][:job[1]]] if isinstance(job, tuple) else job
-                    _writev_all(self.fd, views)
+                    self._write(views, not written)
                     written += sum(len(v) for v in views)
-                    if hint and written - hinted >= _WRITEBACK_STEP:
+                    if hint and not self.direct and written - hinted >= _WRITEBACK_STEP:
                         hint = posix.start_writeback(self.fd, hinted, written - hinted)
                         hinted = written
             except BaseException as exc:  # raised by the caller's next call or finish
@@ -230,7 +273,9 @@ class _RunWriter:
             data = [self.ring.buffer(self.index)[:self.fill]] if self.fill else self._owned
             for piece in data:
                 self.hasher.update(piece)
-            _writev_all(self.fd, data)
+            if self.fill:
+                data = [self.ring.buffer(self.index)[:self._padded(self.index, self.fill)]]
+            self._write(data, True)
             self.fill, self._owned = 0, []
         else:
             if self.fill:
@@ -277,7 +322,7 @@ def _as_bytes_view(chunk: memoryview | bytes) -> memoryview:
 Run = tuple[memoryview, bool] | tuple[list[Any], int]
 
 
-def write_runs(path: str, runs: Iterable[Run]) -> tuple[int, str]:
+def write_runs(path: str, runs: Iterable[Run], *, direct: bool = False) -> tuple[int, str]:
     """:func:`write_file` for the runs of :meth:`distckpt.codec.EncodedState.runs`.
 
     Called by the save path (writers only); not collective. ``(view, True)``
@@ -286,10 +331,12 @@ def write_runs(path: str, runs: Iterable[Run]) -> tuple[int, str]:
     is ``(tensors, nbytes)``, with one ``torch.cat`` for the whole run: one
     copy, one hash and one write per few MiB, not per tensor. Returns
     ``(size, "<algorithm>:<hex>")``; on failure the partial file is removed
-    and the ``OSError`` propagates.
+    and the ``OSError`` propagates. ``direct=True``: write around the page cache
+    (``O_DIRECT``) where the file system allows it, else as usual; the bytes,
+    size and checksum are the same either way.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-    writer = _RunWriter(fd)
+    fd, direct = posix.create_data_file(path, direct)
+    writer = _RunWriter(fd, direct)
     try:
         for item, flag in runs:
             if isinstance(item, list):
@@ -300,6 +347,8 @@ def write_runs(path: str, runs: Iterable[Run]) -> tuple[int, str]:
                 view = view.cast("B")
             writer.add(view, bool(flag))
         checksum = writer.finish()
+        if direct and writer.size % DIRECT_ALIGN:
+            os.ftruncate(fd, writer.size)  # the padding of the last direct write
         os.fsync(fd)
     except BaseException:
         writer.close()
