@@ -170,6 +170,7 @@ class RunSpec:
     min_part_bytes: int | None = None  # None: the library's default
     load_strategy: str | None = None  # None: the library's default
     save_mode: str = "sync"  # one of SAVE_MODES
+    direct_io: bool = False  # the coordinator's direct_io (O_DIRECT writes)
 
 
 @dataclass(frozen=True)

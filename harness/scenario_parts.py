@@ -306,6 +306,7 @@ def parse_run(r: TableReader | None) -> RunSpec:
     min_part_bytes = r.integer("min_part_bytes", None, minimum=1)
     load_strategy = r.choice("load_strategy", LOAD_STRATEGIES, None)
     save_mode = r.choice("save_mode", SAVE_MODES, d.save_mode)
+    direct_io = r.get("direct_io", bool, d.direct_io)
     for name, value in (("timeout", timeout), ("world_timeout", world_timeout)):
         if value <= 0:
             raise r.error(name, f"must be positive, got {value}")
@@ -326,6 +327,7 @@ def parse_run(r: TableReader | None) -> RunSpec:
         min_part_bytes=min_part_bytes,
         load_strategy=load_strategy,
         save_mode=save_mode,
+        direct_io=direct_io,
     )
 
 

@@ -125,6 +125,8 @@ def coordinator(
         options["min_part_bytes"] = scenario.run.min_part_bytes
     if scenario.run.load_strategy is not None:
         options["load_strategy"] = scenario.run.load_strategy
+    if scenario.run.direct_io:
+        options["direct_io"] = True
     return CheckpointCoordinator(
         components,
         process_groups=trainer.process_groups(),

@@ -233,12 +233,15 @@ def test_files_are_read_with_their_name_and_invalid_toml_is_reported(tmp_path: P
         load_scenarios([good, twin])
 
 
-def test_balanced_writes_and_the_load_strategy_are_scenario_settings() -> None:
-    data = _base(run={"min_part_bytes": 512, "load_strategy": "read_and_broadcast"}, expect={"parts": {"model": 2}})
+def test_balanced_writes_the_load_strategy_and_direct_io_are_scenario_settings() -> None:
+    data = _base(run={"min_part_bytes": 512, "load_strategy": "read_and_broadcast", "direct_io": True},
+                 expect={"parts": {"model": 2}})
     s = parse_scenario(data, WHERE)
-    assert (s.run.min_part_bytes, s.run.load_strategy, dict(s.expect.parts)) == (512, "read_and_broadcast", {"model": 2})
+    assert (s.run.min_part_bytes, s.run.load_strategy, s.run.direct_io, dict(s.expect.parts)) == (
+        512, "read_and_broadcast", True, {"model": 2})
     default = parse_scenario(_base(), WHERE)
-    assert (default.run.min_part_bytes, default.run.load_strategy, dict(default.expect.parts)) == (None, None, {})
+    assert (default.run.min_part_bytes, default.run.load_strategy, default.run.direct_io,
+            dict(default.expect.parts)) == (None, None, False, {})
 
 
 def test_a_group_list_declares_the_join_and_params_may_name_the_groups() -> None:
@@ -366,3 +369,24 @@ def test_the_save_mode_is_a_scenario_setting_and_defaults_to_a_synchronous_save(
     s = parse_scenario(_base(run={"save_mode": "async_background_staging"}), WHERE)
     assert s.run.save_mode == "async_background_staging"
     assert parse_scenario(_base(), WHERE).run.save_mode == "sync"
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_scenario_with_direct_io_gets_a_coordinator_that_writes_with_o_direct(tmp_path: Path, direct: bool) -> None:
+    from types import SimpleNamespace
+
+    from harness import session
+
+    class Holder:
+        def state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def load_state_dict(self, state: Any) -> None:
+            pass
+
+    data = _base(topology={"nodes": 1, "procs_per_node": 1}, trainer="ddp",
+                 components={"model": {"pattern": "replicated"}}, run={"direct_io": direct})
+    scenario = parse_scenario(data, WHERE)
+    trainer = SimpleNamespace(components=lambda: {"model": Holder()}, process_groups=lambda: {})
+    coord = session.coordinator(SimpleNamespace(workdir=str(tmp_path)), scenario, trainer)  # type: ignore[arg-type]
+    assert coord.direct_io is direct
