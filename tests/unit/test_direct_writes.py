@@ -79,6 +79,17 @@ def test_a_direct_write_holds_the_same_bytes_size_and_checksum_as_an_ordinary_on
     assert (folder / "direct").read_bytes() == expected
 
 
+def test_a_run_straddling_two_buffers_may_hold_a_one_element_tensor_of_any_stride(
+        tmp_path: Path, small_buffers: None) -> None:
+    odd = torch.tensor([1.5, 2.5])[::2]  # contiguous (one element), stride 2: no byte view of it as it is
+    assert odd.is_contiguous() and odd.stride() == (2,)
+    runs = [(memoryview(bytes(16 * 1024 - 2)), True), ([torch.ones(3), odd], 16)]
+    expected = bytes(16 * 1024 - 2) + torch.ones(3).numpy().tobytes() + odd.clone().numpy().tobytes()
+    for name, direct in (("plain", False), ("direct", True)):
+        assert storage.write_runs(str(tmp_path / name), iter(runs), direct=direct) == (len(expected), checksum_of(expected))
+        assert (tmp_path / name).read_bytes() == expected
+
+
 def test_a_data_file_is_opened_with_o_direct_where_the_file_system_allows_it(tmp_path: Path) -> None:
     fd, direct = posix.create_data_file(str(tmp_path / "f"), direct=True)
     try:

@@ -138,7 +138,10 @@ class _RunWriter:
         if self.fill + nbytes > _BOUNCE_BYTES or self.fill % itemsize:
             if self.direct:  # only whole buffers may be written: fill this one up, go on in the next
                 for t in tensors:
-                    raw: Any = t.detach().reshape(-1).view(torch.uint8).numpy()
+                    flat = t.detach().reshape(-1)
+                    if flat.stride(0) != 1:  # one element, "contiguous" at any stride (x[::2] of 2 elements)
+                        flat = flat.as_strided((flat.numel(),), (1,))
+                    raw: Any = flat.view(torch.uint8).numpy()
                     self._copy(memoryview(raw))
                 self.size += nbytes
                 return
