@@ -95,8 +95,9 @@ class _NoSpace:
 
 
 def save(ctx: Any, ex: Example, out: str, generation: int = 0, fault: Fault = Fault(),
-         checkpoint_id: str | None = None, timeout: float = TIMEOUT) -> dict[str, Any]:
-    """Every rank saves generation ``generation``; ``fault`` strikes one rank. Returns what happened."""
+         checkpoint_id: str | None = None, timeout: float = TIMEOUT, direct_io: bool = False) -> dict[str, Any]:
+    """Every rank saves generation ``generation``; ``fault`` strikes one rank. Returns what happened.
+    ``direct_io``: the coordinators write with ``O_DIRECT``."""
     boxes = {d.key: Box(ex.state(d.key, ctx.rank, generation)) for d in ex.decls}
     mine = fault.rank == ctx.rank
     nospace = _NoSpace()
@@ -111,7 +112,7 @@ def save(ctx: Any, ex: Example, out: str, generation: int = 0, fault: Fault = Fa
         if fault.kind == "enospc":
             nospace.armed = True
 
-    coordinator = _coordinator(ctx, ex, out, boxes, phase_hook=hook, timeout=timeout)
+    coordinator = _coordinator(ctx, ex, out, boxes, phase_hook=hook, timeout=timeout, direct_io=direct_io)
     if fault.kind == "kill":
         # Every rank has finished building the coordinator's gloo channel before the victim can
         # reach its phase: a rank killed while a peer is still connecting the channel's mesh makes

@@ -118,9 +118,10 @@ def test_survivors_raise_within_the_coordinators_timeout_not_twice_it(
 # ---------------------------------------------------------------- disk full
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("victim", [0, 3])
+@pytest.mark.parametrize(("victim", "direct_io"), [(0, False), (3, False), (3, True)],
+                         ids=["rank-0", "rank-3", "rank-3-direct-io"])
 def test_a_real_file_size_limit_on_one_writer_fails_every_rank_naming_it_and_efbig_and_keeps_the_previous_checkpoint(
-    world_pool: WorldPool, tmp_path: Path, victim: int,
+    world_pool: WorldPool, tmp_path: Path, victim: int, direct_io: bool,
 ) -> None:
     # The limit applies to every file the rank process writes, the harness's FileStore (the
     # torch.distributed rendezvous) included: 256 KiB leaves that store alone, while each rank's
@@ -129,7 +130,8 @@ def test_a_real_file_size_limit_on_one_writer_fails_every_rank_naming_it_and_efb
     ex = scenario.example(big=True)
     out = str(tmp_path)
     previous = _save_good(world_pool, ex, out)
-    values = _values(_run(world_pool, ranks.save, ex, out, 1, Fault("rlimit", victim, limit=256 * 1024)))
+    values = _values(_run(world_pool, ranks.save, ex, out, 1, Fault("rlimit", victim, limit=256 * 1024), None,
+                          ranks.TIMEOUT, direct_io))
     for v in values:
         assert v.get("error") == "CrossRankError", v
         assert set(v["failures"]) == {victim} and v["phase"] == "write"
