@@ -137,11 +137,11 @@ class _RunWriter:
             self._release_owned()
         if self.fill + nbytes > _BOUNCE_BYTES or self.fill % itemsize:
             if self.direct:  # only whole buffers may be written: fill this one up, go on in the next
+                # here, with torch, not at the top (see _Bounce)
+                from ..codec.dtypes import flat_bytes
+
                 for t in tensors:
-                    flat = t.detach().reshape(-1)
-                    if flat.stride(0) != 1:  # one element, "contiguous" at any stride (x[::2] of 2 elements)
-                        flat = flat.as_strided((flat.numel(),), (1,))
-                    raw: Any = flat.view(torch.uint8).numpy()
+                    raw: Any = flat_bytes(t).numpy()
                     self._copy(memoryview(raw))
                 self.size += nbytes
                 return
