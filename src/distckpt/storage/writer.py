@@ -273,11 +273,14 @@ class _RunWriter:
     def finish(self) -> str:
         """Write what is left, wait for the writer; ``"<algorithm>:<hex>"`` of every byte written."""
         if self._queue is None:  # everything fits one hand-over: write it here, no thread
-            data = [self.ring.buffer(self.index)[:self.fill]] if self.fill else self._owned
-            for piece in data:
-                self.hasher.update(piece)
-            if self.fill:
-                data = [self.ring.buffer(self.index)[:self._padded(self.index, self.fill)]]
+            if self.fill:  # the real bytes hashed, the padded length (direct mode) written
+                buffer = self.ring.buffer(self.index)
+                self.hasher.update(buffer[:self.fill])
+                data = [buffer[:self._padded(self.index, self.fill)]]
+            else:
+                data = self._owned
+                for piece in data:
+                    self.hasher.update(piece)
             self._write(data, True)
             self.fill, self._owned = 0, []
         else:
