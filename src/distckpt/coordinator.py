@@ -40,7 +40,7 @@ from .components import StateComponent
 from .handle import SaveHandle
 from .loading import LOAD_STRATEGIES
 from .logs import note
-from .planning import Produce, SavePlan, local_report, validated_components
+from .planning import AgreedWorld, Produce, SavePlan, local_report, validated_components
 from .progress import Progress
 from .report import LoadReport
 from .snapshots import DEFAULT_SNAPSHOT_BYTES
@@ -143,6 +143,7 @@ class CheckpointCoordinator:
         if load_strategy == "read_and_broadcast":
             check_comm(self._comm, SetBroadcastComm, "load_strategy='read_and_broadcast'")
         self._async = AsyncSaves()
+        self._agreed: AgreedWorld | None = None  # the last save's world: the next plans in one round
         self._by_key = {c.key: c for c in self.components}
 
     # ------------------------------------------------------------------ public
@@ -238,8 +239,9 @@ class CheckpointCoordinator:
             allocate=lambda: series.allocate(self.checkpoints_dir, checkpoint_path, checkpoint_id, overwrite,
                                              self.timeout / 2),
             min_part_bytes=self.min_part_bytes, hook=self._hook, args=args,
-            size_of=walks.size_of if walks is not None else None,
+            size_of=walks.size_of if walks is not None else None, agreed=self._agreed,
         )
+        self._agreed = plan.agreed
         try:
             validation.validate(self._comm, plan, validated_components(self.components, validate), states,
                                 self._hook)

@@ -41,6 +41,7 @@ from .layout import ComponentPlan
 from .logs import note
 from .manifest import MANIFEST_NAME, CheckpointManifest
 from .planning import (
+    AgreedWorld,
     Job,
     Produce,
     Record,
@@ -52,6 +53,7 @@ from .planning import (
     leader_part_counts,
     plan_components,
     plan_digest,
+    reports_key,
     split_components,
 )
 from .planreports import plan_vote, read_vote
@@ -82,7 +84,7 @@ class States:
 def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[..., Any],
          states: States, *, allocate: Callable[[], Allocation], min_part_bytes: int | None,
          hook: Callable[[str], None], args: Mapping[str, Any],
-         size_of: Callable[[str], int] | None = None) -> SavePlan:
+         size_of: Callable[[str], int] | None = None, agreed: AgreedWorld | None = None) -> SavePlan:
     """Phase 1, collective: agree on the call, the world and the files; rank 0 allocates the target.
 
     ``report`` gives this rank's node, groups and declarations
@@ -91,19 +93,18 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     arguments, compared across ranks. ``size_of(key)``: this rank's state of ``key`` in bytes,
     asked only where it decides a balanced write (default: ``codec.state_nbytes`` of the state;
     an asynchronous save walks it once for this and its snapshot, :class:`distckpt.asyncsave.Walks`).
+    ``agreed``: the coordinator's last plan phase (:class:`~distckpt.planning.AgreedWorld`); in a
+    world of up to :data:`_ONE_ROUND_WORLD` ranks where no rank's report changed since, the files
+    are planned in the first round and the phase takes one collective instead of two. The
+    returned plan's ``agreed`` is this phase's, for the next save.
     On failure anywhere, every rank raises, and rank 0 removes the staging directory it had created.
     """
     mine: dict[str, Any] = {}
-
     names: list[str] = []  # this rank's group names, to decode the compact reports
+    split = min_part_bytes if comm.world_size > 1 else None
+    one_round = comm.world_size <= _ONE_ROUND_WORLD
 
-    def work() -> bytes:
-        hook("plan")
-        names[:] = sorted(report(True)["groups"])
-        out: bytes = report()
-        return out  # sizes travel in the second round, from the ranks whose size decides
-
-    def decide() -> dict[str, Any]:  # rank 0, once the world agrees and its own plan is made
+    def decide() -> dict[str, Any]:  # rank 0, once its own plan is made
         if "decision" not in mine:
             mine["decision"] = allocate()
         decided: dict[str, Any] = mine["decision"]
@@ -112,21 +113,68 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     def sizes(key: str) -> int:
         return size_of(key) if size_of is not None else state_nbytes(states(key))
 
-    split = min_part_bytes if comm.world_size > 1 else None
+    def work() -> Any:
+        hook("plan")
+        names[:] = sorted(report(True)["groups"])
+        out: bytes = report()
+        if not one_round:
+            return out  # sizes travel in the second round, from the ranks whose size decides
+        return (out, *_guess(comm, components, agreed, out, names, sizes, split, mine, decide))
+
     try:  # the coordinators' min_part_bytes must agree too: it decides how every rank splits the sets
-        reports = exchange(comm, "plan", work, agree={**args, "min_part_bytes": split})
-        topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)), names=names)
-        if comm.world_size <= _ONE_ROUND_WORLD:  # the decision rides in the digests' round
-            plans, decided = _plan_files(comm, components, topology, sizes, split, decide)
-        else:  # a broadcast: in the sized rounds every payload would be padded to the decision's size
-            decided = announce(comm, "plan", decide)
-            plans, _ = _plan_files(comm, components, topology, sizes, split, None)
+        gathered = exchange(comm, "plan", work, agree={**args, "min_part_bytes": split})
+        reports = [g[0] for g in gathered] if one_round else gathered
+        if one_round and _guessed(gathered):  # the files were planned in this round, on the same world
+            assert agreed is not None
+            topology = agreed.topology
+            plans = _split(topology, components, mine["plans"], [read_vote(g[2]) for g in gathered], split)
+            decided = gathered[0][3]
+        else:
+            topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)), names=names)
+            if one_round:  # the decision rides in the digests' round
+                plans, decided = _plan_files(comm, components, topology, sizes, split, decide)
+            else:  # a broadcast: in the sized rounds every payload would be padded to the decision's size
+                decided = announce(comm, "plan", decide)
+                plans, _ = _plan_files(comm, components, topology, sizes, split, None)
         assert decided is not None  # rank 0 either decided or raised, and then every rank raised
     except BaseException:
         if "decision" in mine:
             folder.discard_staging(mine["decision"]["staging"])
         raise
-    return SavePlan(topology=topology, components=plans, **decided)
+    world = AgreedWorld(tuple(reports), tuple(names), topology) if one_round and _compact(reports) else None
+    return SavePlan(topology=topology, components=plans, agreed=world, **decided)
+
+
+def _guess(comm: Comm, components: Sequence[StateComponent], agreed: AgreedWorld | None, report: bytes,
+           names: Sequence[str], sizes: Callable[[str], int], split: int | None, mine: dict[str, Any],
+           decide: Callable[[], dict[str, Any]]) -> tuple[int | None, bytes | None, dict[str, Any] | None]:
+    """The first round's guess: this rank's key of the last world, vote and (rank 0) decision,
+    when its report is the one it sent last time; else ``None`` three times. The guess never
+    raises: whatever it would raise, the second round, planned on the gathered world, raises on
+    every rank. Its plans are left in ``mine["plans"]``."""
+    topology = agreed.guess(comm.rank, report, names) if agreed is not None else None
+    if agreed is None or topology is None:
+        return None, None, None
+    try:
+        plans = plan_components(topology, components)
+        counts = leader_part_counts(comm.rank, comm.world_size, components, plans, sizes, split) if split else b""
+        vote = plan_vote(plan_digest(plans), counts)
+        decided = decide() if comm.rank == 0 else None
+    except Exception:
+        return None, None, None
+    mine["plans"] = plans
+    return agreed.key, vote, decided
+
+
+def _guessed(gathered: Sequence[tuple[Any, ...]]) -> bool:
+    """Whether every rank guessed, on the world that was gathered (the same answer on every rank)."""
+    reports = [g[0] for g in gathered]
+    return _compact(reports) and all(g[2] is not None for g in gathered) and \
+        {g[1] for g in gathered} == {reports_key(reports)}
+
+
+def _compact(reports: Sequence[Any]) -> bool:
+    return bool(reports) and all(type(r) is bytes for r in reports)
 
 
 #: Worlds up to this size gather in one round of fixed slots (:mod:`distckpt.wire`), where rank
@@ -158,10 +206,17 @@ def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
     else:
         gathered = exchange(comm, "plan", lambda: (vote(), decide() if comm.rank == 0 else None))
         votes, decided = [read_vote(v) for v, _ in gathered], gathered[0][1]
+    return _split(topology, components, plans, votes, min_part_bytes), decided
+
+
+def _split(topology: Any, components: Sequence[StateComponent], plans: dict[str, ComponentPlan],
+           votes: Sequence[tuple[int, bytes]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
+    """Every rank: the same plans everywhere (or every rank raises), with the large replica sets
+    split into the parts their lowest ranks asked for."""
     check_same_plan([digest for digest, _ in votes], components)
     if min_part_bytes and any(counts for _, counts in votes):
-        plans = split_components(topology, components, plans, [counts for _, counts in votes], min_part_bytes)
-    return plans, decided
+        return split_components(topology, components, plans, [counts for _, counts in votes], min_part_bytes)
+    return plans
 
 
 def encoder(rank: int, components: Sequence[StateComponent], plan: SavePlan, states: States,

@@ -1,0 +1,186 @@
+"""A save in the world of the coordinator's last save plans its files in the plan phase's first round.
+
+Every rank sends, with its report, the vote it made on the topology it kept
+(:class:`distckpt.planning.AgreedWorld`) and the key of the reports it kept; the guess holds only when
+every rank sent the key of the reports gathered in that very round. Otherwise the phase takes its
+second round as before, and a failure still fails every rank with nothing left behind.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from distckpt import (
+    ArgumentMismatchError,
+    CheckpointCoordinator,
+    CheckpointManifest,
+    Pattern,
+    StateComponent,
+    register_pattern,
+)
+from distckpt.planning import AgreedWorld, local_report, reports_key
+from distckpt.testing import ThreadComm
+from distckpt.topology import Topology
+from tests.helpers import Box, all_ok, threads
+
+
+def model_state() -> dict[str, torch.Tensor]:
+    return {f"w{i}": torch.arange(250, dtype=torch.float32) + i for i in range(8)}  # 8,000 bytes
+
+
+class PlanRounds:
+    """Counts, per rank, the all-gathers of the plan phase (ThreadComm.all_gather, patched)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rounds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        real = ThreadComm.all_gather
+
+        def counting(comm: ThreadComm, obj: Any, phase: str) -> list[Any]:
+            if phase == "plan":
+                with self._lock:
+                    self.rounds[comm.rank] = self.rounds.get(comm.rank, 0) + 1
+            return real(comm, obj, phase)
+
+        monkeypatch.setattr(ThreadComm, "all_gather", counting)
+
+    def take(self) -> dict[int, int]:
+        with self._lock:
+            out, self.rounds = self.rounds, {}
+        return out
+
+
+def coordinator(comm: ThreadComm, tmp_path: Path, **options: Any) -> CheckpointCoordinator:
+    return CheckpointCoordinator([StateComponent("model", Box(model_state()), "replicated")], dist=comm,
+                                 output_dir=tmp_path, **options)
+
+
+def files_of(path: str) -> list[tuple[str, int, int, int]]:
+    return [(f.path, f.writer, f.part, f.parts) for f in CheckpointManifest.load(path).components["model"].files]
+
+
+@pytest.mark.parametrize("min_part_bytes", [None, 3_000])
+def test_a_second_save_in_the_same_world_plans_in_one_round_and_writes_the_same_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_part_bytes: int | None) -> None:
+    counter = PlanRounds(monkeypatch)
+    seen: list[dict[int, int]] = []
+    gate = threading.Barrier(4)
+
+    def save(comm: ThreadComm) -> tuple[str, str, str]:
+        coord = coordinator(comm, tmp_path, min_part_bytes=min_part_bytes)
+        first = coord.save_checkpoint()
+        if gate.wait() == 0:
+            seen.append(counter.take())
+        gate.wait()
+        second = coord.save_checkpoint()
+        if gate.wait() == 0:
+            seen.append(counter.take())
+        gate.wait()
+        third = coord.save_checkpoint(async_save=True, background_staging=True).result()
+        return first, second, third
+
+    first, second, third = all_ok(threads(4, save))[0]
+    assert seen == [dict.fromkeys(range(4), 2), dict.fromkeys(range(4), 1)]
+    assert counter.take() == dict.fromkeys(range(4), 1)  # the asynchronous save too
+    assert files_of(first) == files_of(second) == files_of(third)
+    if min_part_bytes:  # the guess carried the lowest rank's part counts: the state is still split
+        assert {parts for *_, parts in files_of(second)} == {2}
+
+    def load(comm: ThreadComm) -> dict[str, torch.Tensor]:
+        box = Box({k: torch.zeros_like(v) for k, v in model_state().items()})
+        CheckpointCoordinator([StateComponent("model", box, "replicated")], dist=comm,
+                              output_dir=tmp_path).load_checkpoint(third)
+        return box.state
+
+    for state in all_ok(threads(4, load)):
+        assert all(torch.equal(state[k], v) for k, v in model_state().items())
+
+
+def test_a_rank_that_kept_another_world_makes_every_rank_take_the_second_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = PlanRounds(monkeypatch)
+    stale = AgreedWorld((b"x" * 40,) * 3, (), Topology(world_size=3))
+
+    def save(comm: ThreadComm) -> tuple[str, str]:
+        coord = coordinator(comm, tmp_path, min_part_bytes=3_000)
+        first = coord.save_checkpoint()
+        if comm.rank == 2:  # this rank's last world is not the one the others kept
+            coord._agreed = stale
+        return first, coord.save_checkpoint()
+
+    first, second = all_ok(threads(3, save))[0]
+    assert counter.take() == dict.fromkeys(range(3), 4)  # two rounds in each save
+    assert files_of(first) == files_of(second)
+
+
+def test_arguments_that_differ_in_a_guessed_round_fail_every_rank_and_leave_no_staging(
+        tmp_path: Path) -> None:
+    def save(comm: ThreadComm) -> Any:
+        coord = coordinator(comm, tmp_path)
+        coord.save_checkpoint(checkpoint_id="one")
+        try:  # rank 0 allocates in the first round of this one, before the arguments are compared
+            coord.save_checkpoint(checkpoint_id="two", overwrite=comm.rank == 1)
+        except ArgumentMismatchError as exc:
+            return exc
+        return None
+
+    results = threads(3, save)
+    assert all(isinstance(r, ArgumentMismatchError) and "overwrite" in str(r) for r in results), results
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-one"]
+
+
+@register_pattern
+@dataclass(frozen=True, eq=False)
+class FailsOnThirdPlan(Pattern):
+    """Everyone in one set, until rank 1's thread plans a second time: then it raises."""
+
+    kind = "test_fails_on_third_plan"
+    calls: ClassVar[list[int]] = []  # not a parameter: declarations stay alike on every rank
+
+    def replica_sets(self, topology: Topology) -> Sequence[Sequence[int]]:
+        if threading.current_thread().name == "rank-1":
+            self.calls.append(1)
+            if len(self.calls) > 1:
+                raise RuntimeError("flaky pattern")
+        return [range(topology.world_size)]
+
+
+def test_a_pattern_raising_on_the_kept_topology_is_raised_by_the_second_round_on_every_rank(
+        tmp_path: Path) -> None:
+    def save(comm: ThreadComm) -> Any:
+        threading.current_thread().name = f"rank-{comm.rank}"
+        coord = CheckpointCoordinator([StateComponent("model", Box(model_state()), FailsOnThirdPlan())],
+                                      dist=comm, output_dir=tmp_path)
+        coord.save_checkpoint(checkpoint_id="one")  # plans once on rank 1
+        return coord.save_checkpoint(checkpoint_id="two")  # the guess raises; the second round again
+
+    results = threads(2, save)
+    assert all(isinstance(r, Exception) and "flaky pattern" in str(r) and r.phase == "plan"  # type: ignore[attr-defined]
+               for r in results), results
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-one"]
+
+
+def test_the_kept_world_guesses_only_for_the_report_and_group_names_a_rank_sent() -> None:
+    reports = tuple(local_report("host", {"dp": (0, 1)}, []) for _ in range(2))
+    topology = Topology(world_size=2, groups={"dp": [(0, 1)]})
+    world = AgreedWorld(reports, ("dp",), topology)
+    assert world.guess(1, reports[1], ["dp"]) is topology
+    assert world.guess(1, reports[1], ["tp"]) is None
+    assert world.guess(1, local_report("other", {"dp": (0, 1)}, []), ["dp"]) is None
+    assert world.guess(2, reports[1], ["dp"]) is None
+    assert world.key == reports_key(list(reports)) != reports_key([reports[0], reports[1] + b"\0"])
+    assert reports_key([b"ab", b"c"]) != reports_key([b"a", b"bc"])  # lengths are part of the key
+
+
+def test_a_kept_world_checks_its_reports_against_its_topology() -> None:
+    with pytest.raises(ValueError, match="3 reports for a topology of 2 ranks"):
+        AgreedWorld((b"r",) * 3, (), Topology(world_size=2))
+    with pytest.raises(TypeError, match="as bytes"):
+        AgreedWorld(({"node": "h"},), (), Topology(world_size=1))  # type: ignore[arg-type]
