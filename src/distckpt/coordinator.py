@@ -40,7 +40,8 @@ from .components import StateComponent
 from .handle import SaveHandle
 from .loading import LOAD_STRATEGIES
 from .logs import note
-from .planning import AgreedWorld, Produce, SavePlan, local_report, validated_components
+from .planning import Produce, SavePlan, local_report, validated_components
+from .planreports import AgreedWorld
 from .progress import Progress
 from .report import LoadReport
 from .snapshots import DEFAULT_SNAPSHOT_BYTES

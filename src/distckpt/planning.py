@@ -15,8 +15,6 @@ turns into the same error on every rank.
   patterns answered alike on every rank; :func:`leader_part_counts` and
   :func:`split_components`: the parts of balanced writes, sized by each
   replica set's lowest rank only.
-- :class:`AgreedWorld`: the reports and topology of a coordinator's last save, so that the
-  next one, in an unchanged world, plans its files in its first round.
 - :func:`check_parts_agree`: the parts of a balanced write fit together.
 - :func:`build_manifest`: the manifest of a save from its plan and the
   write records.
@@ -44,12 +42,19 @@ from .gcpause import gc_paused
 from .hashing import checksum_of
 from .layout import ComponentPlan, plan_component, split_plan
 from .manifest import CheckpointManifest, ComponentManifest, FileEntry
-from .planreports import HEAD, decode_reports, read_parts, report_arrays, text_digest, with_parts
+from .planreports import (
+    HEAD,
+    AgreedWorld,
+    decode_reports,
+    read_parts,
+    report_arrays,
+    text_digest,
+    with_parts,
+)
 from .topology import Topology, group_key, groups_digest
 from .version import __version__
 
 __all__ = [
-    "AgreedWorld",
     "Job",
     "Produce",
     "Record",
@@ -65,7 +70,6 @@ __all__ = [
     "part_counts",
     "plan_components",
     "plan_digest",
-    "reports_key",
     "split_components",
     "validated_components",
     "with_parts",
@@ -93,46 +97,6 @@ class SavePlan:
     topology: Topology
     components: Mapping[str, ComponentPlan]
     agreed: AgreedWorld | None = None  # the world this plan was made in, for the next save's plan phase
-
-
-@dataclass(frozen=True)
-class AgreedWorld:
-    """The compact reports every rank sent in a save's plan phase, and the topology they built.
-
-    Kept by a coordinator after each plan phase that succeeded, and handed to the next save's
-    (:func:`distckpt.saving.plan`). While this rank's report is unchanged it plans its files on
-    :attr:`topology` before the first round and sends the vote with its report, along with
-    :attr:`key`; the guess holds only when every rank sent the key of the reports gathered in
-    that round, which every rank checks on the same bytes. Pure; the reports are checked only
-    by their bytes (the declarations, node and groups travel in them as digests).
-    """
-
-    reports: tuple[bytes, ...]
-    names: tuple[str, ...]
-    topology: Topology
-
-    def __post_init__(self) -> None:
-        if not self.reports or not all(isinstance(r, bytes) for r in self.reports):
-            raise TypeError("AgreedWorld needs every rank's compact report, as bytes")
-        if len(self.reports) != self.topology.world_size:
-            raise ValueError(f"{len(self.reports)} reports for a topology of {self.topology.world_size} ranks")
-
-    @property
-    def key(self) -> int:
-        """A 64-bit digest of the reports, in rank order."""
-        return reports_key(self.reports)
-
-    def guess(self, rank: int, report: bytes, names: Sequence[str]) -> Topology | None:
-        """:attr:`topology` when ``rank``'s ``report`` and group ``names`` are those it sent
-        last time, else ``None``."""
-        same = rank < len(self.reports) and self.reports[rank] == report and tuple(names) == self.names
-        return self.topology if same else None
-
-
-def reports_key(reports: Sequence[bytes]) -> int:
-    """A 64-bit digest of compact reports in rank order (each one's length, then its bytes)."""
-    joined = b"".join(len(r).to_bytes(4, "little") + r for r in reports)
-    return int(checksum_of(joined, "xxh3-64").partition(":")[2], 16)
 
 
 def declaration(c: StateComponent) -> tuple[Any, ...]:

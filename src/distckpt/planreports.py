@@ -8,19 +8,23 @@ Pure (no I/O, no collective). A report is ``bytes``: three 8-byte digests
 decoded by :func:`distckpt.planning.agree` on every rank, all at once with
 NumPy (:func:`report_arrays`). Malformed reports are not an error here: the
 vectorised path falls back to decoding one by one, and ``agree`` names the
-ranks whose reports differ.
+ranks whose reports differ. :class:`AgreedWorld` keeps one plan phase's reports and the
+topology they built, for the next save of the same coordinator.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from .hashing import checksum_of
+from .topology import Topology
 
-__all__ = ["HEAD", "decode_reports", "plan_vote", "read_parts", "read_vote", "report_arrays", "text_digest", "with_parts"]
+__all__ = ["HEAD", "AgreedWorld", "decode_reports", "plan_vote", "read_parts", "read_vote", "report_arrays",
+           "reports_key", "text_digest", "with_parts"]
 
 #: A compact report's head: declarations digest (groups' names included), node digest and
 #: :func:`~distckpt.topology.groups_digest`, 8 bytes each; varints follow.
@@ -146,3 +150,43 @@ def _varints(data: bytes, start: int) -> tuple[int, ...]:
 
 def text_digest(text: str) -> int:
     return int(checksum_of(text.encode("utf-8", "backslashreplace"), "xxh3-64").partition(":")[2], 16)
+
+
+@dataclass(frozen=True)
+class AgreedWorld:
+    """The compact reports every rank sent in a save's plan phase, and the topology they built.
+
+    Kept by a coordinator after each plan phase that succeeded, and handed to the next save's
+    (:func:`distckpt.saving.plan`). While this rank's report is unchanged it plans its files on
+    :attr:`topology` before the first round and sends the vote with its report, along with
+    :attr:`key`; the guess holds only when every rank sent the key of the reports gathered in
+    that round, which every rank checks on the same bytes. Pure; the reports are checked only
+    by their bytes (the declarations, node and groups travel in them as digests).
+    """
+
+    reports: tuple[bytes, ...]
+    names: tuple[str, ...]
+    topology: Topology
+
+    def __post_init__(self) -> None:
+        if not self.reports or not all(isinstance(r, bytes) for r in self.reports):
+            raise TypeError("AgreedWorld needs every rank's compact report, as bytes")
+        if len(self.reports) != self.topology.world_size:
+            raise ValueError(f"{len(self.reports)} reports for a topology of {self.topology.world_size} ranks")
+
+    @property
+    def key(self) -> int:
+        """A 64-bit digest of the reports, in rank order."""
+        return reports_key(self.reports)
+
+    def guess(self, rank: int, report: bytes, names: Sequence[str]) -> Topology | None:
+        """:attr:`topology` when ``rank``'s ``report`` and group ``names`` are those it sent
+        last time, else ``None``."""
+        same = rank < len(self.reports) and self.reports[rank] == report and tuple(names) == self.names
+        return self.topology if same else None
+
+
+def reports_key(reports: Sequence[bytes]) -> int:
+    """A 64-bit digest of compact reports in rank order (each one's length, then its bytes)."""
+    joined = b"".join(len(r).to_bytes(4, "little") + r for r in reports)
+    return int(checksum_of(joined, "xxh3-64").partition(":")[2], 16)

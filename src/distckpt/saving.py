@@ -41,7 +41,6 @@ from .layout import ComponentPlan
 from .logs import note
 from .manifest import MANIFEST_NAME, CheckpointManifest
 from .planning import (
-    AgreedWorld,
     Job,
     Produce,
     Record,
@@ -53,10 +52,9 @@ from .planning import (
     leader_part_counts,
     plan_components,
     plan_digest,
-    reports_key,
     split_components,
 )
-from .planreports import plan_vote, read_vote
+from .planreports import AgreedWorld, plan_vote, read_vote, reports_key
 from .progress import Progress
 from .series import Allocation
 from .snapshots import PredictedPart, SnapshotBudget, streamed
@@ -93,7 +91,7 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     arguments, compared across ranks. ``size_of(key)``: this rank's state of ``key`` in bytes,
     asked only where it decides a balanced write (default: ``codec.state_nbytes`` of the state;
     an asynchronous save walks it once for this and its snapshot, :class:`distckpt.asyncsave.Walks`).
-    ``agreed``: the coordinator's last plan phase (:class:`~distckpt.planning.AgreedWorld`); in a
+    ``agreed``: the coordinator's last plan phase (:class:`~distckpt.planreports.AgreedWorld`); in a
     world of up to :data:`_ONE_ROUND_WORLD` ranks where no rank's report changed since, the files
     are planned in the first round and the phase takes one collective instead of two. The
     returned plan's ``agreed`` is this phase's, for the next save.

@@ -1,7 +1,7 @@
 """A save in the world of the coordinator's last save plans its files in the plan phase's first round.
 
 Every rank sends, with its report, the vote it made on the topology it kept
-(:class:`distckpt.planning.AgreedWorld`) and the key of the reports it kept; the guess holds only when
+(:class:`distckpt.planreports.AgreedWorld`) and the key of the reports it kept; the guess holds only when
 every rank sent the key of the reports gathered in that very round. Otherwise the phase takes its
 second round as before, and a failure still fails every rank with nothing left behind.
 """
@@ -25,7 +25,8 @@ from distckpt import (
     StateComponent,
     register_pattern,
 )
-from distckpt.planning import AgreedWorld, local_report, reports_key
+from distckpt.planning import local_report
+from distckpt.planreports import AgreedWorld, reports_key
 from distckpt.testing import ThreadComm
 from distckpt.topology import Topology
 from tests.helpers import Box, all_ok, threads
