@@ -237,8 +237,8 @@ class CheckpointCoordinator:
                           async_save=async_save, overwrite=overwrite)
         plan = saving.plan(
             self._comm, self.components, self._local_report, states,
-            allocate=lambda: series.allocate(self.checkpoints_dir, checkpoint_path, checkpoint_id, overwrite,
-                                             self.timeout / 2),
+            allocate=lambda create: series.allocate(self.checkpoints_dir, checkpoint_path, checkpoint_id,
+                                                    overwrite, self.timeout / 2, create),
             min_part_bytes=self.min_part_bytes, hook=self._hook, args=args,
             size_of=walks.size_of if walks is not None else None, agreed=self._agreed,
         )

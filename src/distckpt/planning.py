@@ -204,8 +204,9 @@ def leader_part_counts(rank: int, world_size: int, components: Sequence[StateCom
     as varints (:func:`~distckpt.planreports.with_parts`), empty when all are 0. ``size_of(key)`` (this rank's state of ``key`` in bytes) is called
     only for those components, so the other ranks never walk their state to plan a save.
 
-    ``plans``: the whole-file plans (:func:`plan_components`). Called by the
-    save's plan phase inside its second collective; an error of ``size_of`` reaches every rank.
+    ``plans``: the whole-file plans (:func:`plan_components`). Called by the save's plan phase
+    inside a collective: the second, or the first when a rank plans on the world it kept
+    (:func:`distckpt.saving.plan`); an error of ``size_of`` reaches every rank.
     """
     counts = tuple(part_counts(size_of(c.key), min_part_bytes, world_size)
                    if c.pattern.identical_replicas and rank in plans[c.key].writers else 0

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,6 +58,7 @@ from .planreports import AgreedWorld, plan_vote, read_vote, reports_key
 from .progress import Progress
 from .series import Allocation
 from .snapshots import PredictedPart, SnapshotBudget, streamed
+from .topology import Topology
 
 __all__ = ["States", "commit", "encoder", "plan", "write", "write_and_commit"]
 
@@ -80,21 +81,22 @@ class States:
 
 
 def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[..., Any],
-         states: States, *, allocate: Callable[[], Allocation], min_part_bytes: int | None,
+         states: States, *, allocate: Callable[[bool], Allocation | None], min_part_bytes: int | None,
          hook: Callable[[str], None], args: Mapping[str, Any],
          size_of: Callable[[str], int] | None = None, agreed: AgreedWorld | None = None) -> SavePlan:
     """Phase 1, collective: agree on the call, the world and the files; rank 0 allocates the target.
 
     ``report`` gives this rank's node, groups and declarations
-    (:func:`distckpt.planning.local_report`); ``allocate`` runs on rank 0 only
-    (:func:`distckpt.series.allocate`). ``args`` are this rank's call
+    (:func:`distckpt.planning.local_report`); ``allocate(create)`` runs on rank 0 only
+    (:func:`distckpt.series.allocate`; with ``create=False`` it returns ``None`` rather than
+    create a missing folder). ``args`` are this rank's call
     arguments, compared across ranks. ``size_of(key)``: this rank's state of ``key`` in bytes,
     asked only where it decides a balanced write (default: ``codec.state_nbytes`` of the state;
     an asynchronous save walks it once for this and its snapshot, :class:`distckpt.asyncsave.Walks`).
     ``agreed``: the coordinator's last plan phase (:class:`~distckpt.planreports.AgreedWorld`); in a
     world of up to :data:`_ONE_ROUND_WORLD` ranks where no rank's report changed since, the files
-    are planned in the first round and the phase takes one collective instead of two. The
-    returned plan's ``agreed`` is this phase's, for the next save.
+    are planned in the first round (:func:`_guess`) and the phase takes one collective instead of
+    two. The returned plan's ``agreed`` is this phase's, for the next save.
     On failure anywhere, every rank raises, and rank 0 removes the staging directory it had created.
     """
     mine: dict[str, Any] = {}
@@ -102,31 +104,36 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     split = min_part_bytes if comm.world_size > 1 else None
     one_round = comm.world_size <= _ONE_ROUND_WORLD
 
-    def decide() -> dict[str, Any]:  # rank 0, once its own plan is made
+    def decide(create: bool = True) -> dict[str, Any] | None:  # rank 0, once its own plan is made
         if "decision" not in mine:
-            mine["decision"] = allocate()
+            decision = allocate(create)
+            if decision is None:
+                return None
+            mine["decision"] = decision
         decided: dict[str, Any] = mine["decision"]
         return decided
 
     def sizes(key: str) -> int:
         return size_of(key) if size_of is not None else state_nbytes(states(key))
 
-    def work() -> Any:
+    def work() -> bytes | tuple[Any, ...]:
         hook("plan")
         names[:] = sorted(report(True)["groups"])
         out: bytes = report()
         if not one_round:
             return out  # sizes travel in the second round, from the ranks whose size decides
-        return (out, *_guess(comm, components, agreed, out, names, sizes, split, mine, decide))
+        return _guess(comm, components, agreed, out, names, sizes, split, mine, decide)
 
     try:  # the coordinators' min_part_bytes must agree too: it decides how every rank splits the sets
         gathered = exchange(comm, "plan", work, agree={**args, "min_part_bytes": split})
-        reports = [g[0] for g in gathered] if one_round else gathered
-        if one_round and _guessed(gathered):  # the files were planned in this round, on the same world
+        rounds = [_FirstRound(*g) for g in gathered] if one_round else None
+        reports: list[Any] = [r.report for r in rounds] if rounds is not None else list(gathered)
+        if rounds is not None and _guessed(rounds):  # the files were planned in this round, on the same world
             assert agreed is not None
             topology = agreed.topology
-            plans = _split(topology, components, mine["plans"], [read_vote(g[2]) for g in gathered], split)
-            decided = gathered[0][3]
+            votes = [read_vote(r.vote) for r in rounds if r.vote is not None]
+            plans = _split(topology, components, mine["plans"], votes, split)
+            decided = rounds[0].decision
         else:
             topology = agree(reports, lambda: exchange(comm, "plan", lambda: report(True)), names=names)
             if one_round:  # the decision rides in the digests' round
@@ -139,40 +146,50 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
         if "decision" in mine:
             folder.discard_staging(mine["decision"]["staging"])
         raise
-    world = AgreedWorld(tuple(reports), tuple(names), topology) if one_round and _compact(reports) else None
+    world = AgreedWorld(tuple(reports), tuple(names), topology) if rounds is not None and _compact(reports) else None
     return SavePlan(topology=topology, components=plans, agreed=world, **decided)
+
+
+class _FirstRound(NamedTuple):
+    """What a rank sends in the plan phase's first round of a small world (as a plain tuple)."""
+
+    report: bytes  # planning.local_report
+    key: int | None  # the key of the reports it kept (AgreedWorld.key), if it guessed
+    vote: bytes | None  # planreports.plan_vote on the kept topology, if it guessed
+    decision: dict[str, Any] | None  # rank 0's allocation, if it guessed and its folder exists
 
 
 def _guess(comm: Comm, components: Sequence[StateComponent], agreed: AgreedWorld | None, report: bytes,
            names: Sequence[str], sizes: Callable[[str], int], split: int | None, mine: dict[str, Any],
-           decide: Callable[[], dict[str, Any]]) -> tuple[int | None, bytes | None, dict[str, Any] | None]:
-    """The first round's guess: this rank's key of the last world, vote and (rank 0) decision,
-    when its report is the one it sent last time; else ``None`` three times. The guess never
-    raises: whatever it would raise, the second round, planned on the gathered world, raises on
-    every rank. Its plans are left in ``mine["plans"]``."""
+           decide: Callable[[bool], dict[str, Any] | None]) -> tuple[Any, ...]:
+    """This rank's :class:`_FirstRound`, as a tuple: with its guess when its report is the one it
+    sent last time (the key of the world it kept, its vote on that topology, and on rank 0 the
+    target, allocated only if its folder exists, so that a call whose arguments turn out to
+    differ creates no folder). The guess's plans are left in ``mine["plans"]``.
+
+    Whatever the guess raises (a pattern, ``state_dict()`` where it sizes a set, the allocation)
+    fails the first round on every rank, once; it is what the second round would raise, the world
+    being the same (a rank whose report changed does not guess)."""
     topology = agreed.guess(comm.rank, report, names) if agreed is not None else None
     if agreed is None or topology is None:
-        return None, None, None
-    try:
-        plans = plan_components(topology, components)
-        counts = leader_part_counts(comm.rank, comm.world_size, components, plans, sizes, split) if split else b""
-        vote = plan_vote(plan_digest(plans), counts)
-        decided = decide() if comm.rank == 0 else None
-    except Exception:
-        return None, None, None
+        return report, None, None, None
+    plans = plan_components(topology, components)
+    counts = leader_part_counts(comm.rank, comm.world_size, components, plans, sizes, split) if split else b""
     mine["plans"] = plans
-    return agreed.key, vote, decided
+    return report, agreed.key, plan_vote(plan_digest(plans), counts), decide(False) if comm.rank == 0 else None
 
 
-def _guessed(gathered: Sequence[tuple[Any, ...]]) -> bool:
-    """Whether every rank guessed, on the world that was gathered (the same answer on every rank)."""
-    reports = [g[0] for g in gathered]
-    return _compact(reports) and all(g[2] is not None for g in gathered) and \
-        {g[1] for g in gathered} == {reports_key(reports)}
+def _guessed(rounds: Sequence[_FirstRound]) -> bool:
+    """Whether every rank guessed, on the world that was gathered, and rank 0 allocated (the same
+    answer on every rank: only gathered bytes decide it)."""
+    reports = [r.report for r in rounds]
+    return (_compact(reports) and rounds[0].decision is not None and all(r.vote is not None for r in rounds)
+            and {r.key for r in rounds} == {reports_key(reports)})
 
 
 def _compact(reports: Sequence[Any]) -> bool:
-    return bool(reports) and all(type(r) is bytes for r in reports)
+    """Whether ``reports`` are compact ones (``bytes`` each), which an :class:`AgreedWorld` keeps."""
+    return bool(reports) and all(isinstance(r, bytes) for r in reports)
 
 
 #: Worlds up to this size gather in one round of fixed slots (:mod:`distckpt.wire`), where rank
@@ -180,9 +197,9 @@ def _compact(reports: Sequence[Any]) -> bool:
 _ONE_ROUND_WORLD = wire.SLOTTED_WORLD_BYTES // wire.SLOT_BYTES
 
 
-def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
+def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Topology,
                 size_of: Callable[[str], int], min_part_bytes: int | None,
-                decide: Callable[[], dict[str, Any]] | None) -> tuple[dict[str, ComponentPlan], dict[str, Any] | None]:
+                decide: Callable[[], dict[str, Any] | None] | None) -> tuple[dict[str, ComponentPlan], dict[str, Any] | None]:
     """Every rank: each component's files from its pattern, inside a collective so that a
     pattern that raises, or answers differently on some rank, fails every rank. With
     ``min_part_bytes``, the lowest rank of each replica set sizes its state (``size_of``) in the
@@ -207,7 +224,7 @@ def _plan_files(comm: Comm, components: Sequence[StateComponent], topology: Any,
     return _split(topology, components, plans, votes, min_part_bytes), decided
 
 
-def _split(topology: Any, components: Sequence[StateComponent], plans: dict[str, ComponentPlan],
+def _split(topology: Topology, components: Sequence[StateComponent], plans: dict[str, ComponentPlan],
            votes: Sequence[tuple[int, bytes]], min_part_bytes: int | None) -> dict[str, ComponentPlan]:
     """Every rank: the same plans everywhere (or every rank raises), with the large replica sets
     split into the parts their lowest ranks asked for."""

@@ -191,7 +191,7 @@ def _loaded(manifest: str) -> CheckpointManifest | None:
 
 
 def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, overwrite: bool,
-             wait_s: float) -> Allocation:
+             wait_s: float, create: bool = True) -> Allocation | None:
     """Rank 0 only, in the plan phase: final path, id, sequence and a fresh staging directory
     this process owns, as ``{"path", "staging", "checkpoint_id", "sequence", "timestamp"}``.
 
@@ -202,6 +202,8 @@ def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, ove
     :class:`CheckpointExistsError` for a name that is committed (without
     ``overwrite``) or that a live save is writing, and
     :class:`CheckpointBusyError` when the folder lock is held longer than ``wait_s``.
+    ``create=False``: ``None``, and nothing touched, when the checkpoints folder does not exist
+    yet (the plan phase's first-round guess, made before the call's arguments are compared).
     """
     if checkpoint_path is not None:
         final = os.path.abspath(os.fspath(checkpoint_path))
@@ -210,6 +212,8 @@ def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, ove
         parent = os.path.abspath(checkpoints_dir)
     if checkpoint_id is not None:
         check_name(str(checkpoint_id), field_name="checkpoint_id")
+    if not create and not storage.path_info(parent).dir:
+        return None
     folder.prepare_folder(parent)
     with folder.folder_lock(parent, wait_s):
         folder.clean_stale(parent)

@@ -162,10 +162,92 @@ def test_a_pattern_raising_on_the_kept_topology_is_raised_by_the_second_round_on
         coord.save_checkpoint(checkpoint_id="one")  # plans once on rank 1
         return coord.save_checkpoint(checkpoint_id="two")  # the guess raises; the second round again
 
+    FailsOnThirdPlan.calls.clear()
     results = threads(2, save)
     assert all(isinstance(r, Exception) and "flaky pattern" in str(r) and r.phase == "plan"  # type: ignore[attr-defined]
                for r in results), results
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-one"]
+
+
+class FailsOnSecondAsk(Box):
+    """A Stateful whose ``state_dict()`` raises the second time it is asked."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__(state)
+        self.asked = 0
+
+    def state_dict(self) -> Any:
+        self.asked += 1
+        if self.asked == 2:
+            raise RuntimeError("state_dict failed once")
+        return super().state_dict()
+
+
+def test_a_state_dict_failing_in_the_guess_fails_the_save_once_on_every_rank_without_asking_again(
+        tmp_path: Path) -> None:
+    boxes: dict[int, FailsOnSecondAsk] = {}
+
+    def save(comm: ThreadComm) -> Any:
+        box = boxes[comm.rank] = FailsOnSecondAsk(model_state())
+        coord = CheckpointCoordinator([StateComponent("model", box, "replicated")], dist=comm, output_dir=tmp_path,
+                                      min_part_bytes=3_000)  # rank 0 sizes the state: in the guess, next time
+        coord.save_checkpoint(checkpoint_id="one")
+        try:
+            coord.save_checkpoint(checkpoint_id="two")
+        except Exception as exc:
+            return exc
+        return None
+
+    results = threads(3, save)
+    assert all(isinstance(r, Exception) and "state_dict failed once" in str(r)
+               and r.phase == "plan" for r in results), results  # type: ignore[attr-defined]
+    assert boxes[0].asked == 2  # once per save: the failure is not retried (and hidden) by a second round
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-one"]
+
+
+def test_an_allocation_failing_in_the_guess_is_asked_once_and_fails_every_rank(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distckpt import CheckpointBusyError, series
+
+    real = series.allocate
+    asked: list[bool] = []
+
+    def allocate(*args: Any) -> Any:
+        asked.append(args[-1])  # create
+        if len(asked) > 1:  # the second save: the folder lock is held elsewhere for the whole wait
+            raise CheckpointBusyError("folder lock held by another save")
+        return real(*args)
+
+    monkeypatch.setattr(series, "allocate", allocate)
+
+    def save(comm: ThreadComm) -> Any:
+        coord = coordinator(comm, tmp_path)
+        coord.save_checkpoint(checkpoint_id="one")
+        try:
+            coord.save_checkpoint(checkpoint_id="two")
+        except CheckpointBusyError as exc:
+            return exc
+        return None
+
+    results = threads(3, save)
+    assert all(isinstance(r, CheckpointBusyError) and r.phase == "plan" for r in results), results
+    assert asked == [True, False]  # the first save allocates in its second round, the next in its guess, once
+
+
+def test_a_guess_creates_no_folder_for_a_call_whose_arguments_differ(tmp_path: Path) -> None:
+    def save(comm: ThreadComm) -> Any:
+        coord = coordinator(comm, tmp_path)
+        coord.save_checkpoint(checkpoint_id="one")
+        target = tmp_path / ("fresh" if comm.rank == 0 else "other") / "deep" / "ckpt"
+        try:  # rank 0's folder does not exist: it does not allocate before the arguments are compared
+            coord.save_checkpoint(checkpoint_path=target)
+        except ArgumentMismatchError as exc:
+            return exc
+        return None
+
+    results = threads(3, save)
+    assert all(isinstance(r, ArgumentMismatchError) for r in results), results
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
 
 def test_the_kept_world_guesses_only_for_the_report_and_group_names_a_rank_sent() -> None:

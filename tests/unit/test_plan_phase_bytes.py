@@ -88,7 +88,7 @@ def run_plan_phase(comm: CountingComm, world: int) -> None:
     allocation = {"path": "/nowhere/1", "staging": "/nowhere/.1", "checkpoint_id": "1", "sequence": 1,
                   "timestamp": "2026-01-01T00:00:00Z"}
     result = plan(comm, comps, report, States({c.key: c for c in comps}),  # type: ignore[arg-type]
-                  allocate=lambda: allocation, min_part_bytes=64, hook=lambda phase: None,
+                  allocate=lambda create: allocation, min_part_bytes=64, hook=lambda phase: None,
                   args={"checkpoint_id": None})
     # the plan itself is whole: 256 bytes of state in parts of >= 64 bytes, so 4 parts per replica set
     assert len(result.components["model"].files) == PP * TP * 4
