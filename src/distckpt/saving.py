@@ -170,8 +170,7 @@ def _guess(comm: Comm, components: Sequence[StateComponent], agreed: AgreedWorld
     Whatever the guess raises (a pattern, ``state_dict()`` where it sizes a set, the allocation)
     fails the first round on every rank, once; it is what the second round would raise, the world
     being the same (a rank whose report changed does not guess)."""
-    topology = agreed.guess(comm.rank, report, names) if agreed is not None else None
-    if agreed is None or topology is None:
+    if agreed is None or (topology := agreed.guess(comm.rank, report, names)) is None:
         return report, None, None, None
     plans = plan_components(topology, components)
     counts = leader_part_counts(comm.rank, comm.world_size, components, plans, sizes, split) if split else b""
