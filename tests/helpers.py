@@ -23,6 +23,18 @@ class Box:
         self.state = state
 
 
+class CountingBox(Box):
+    """A Box that counts its ``state_dict()`` calls."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__(state)
+        self.calls = 0
+
+    def state_dict(self) -> Any:
+        self.calls += 1
+        return super().state_dict()
+
+
 def threads(world_size: int, fn: Callable[[ThreadComm], Any], nodes: Sequence[int] | None = None,
             timeout: float = 20.0) -> list[Any]:
     """Run ``fn`` on a threaded world; results (or exceptions) by rank."""

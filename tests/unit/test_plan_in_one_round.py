@@ -29,7 +29,7 @@ from distckpt.planning import local_report
 from distckpt.planreports import AgreedWorld, reports_key
 from distckpt.testing import ThreadComm
 from distckpt.topology import Topology
-from tests.helpers import Box, all_ok, threads
+from tests.helpers import Box, CountingBox, all_ok, threads
 
 
 def model_state() -> dict[str, torch.Tensor]:
@@ -61,6 +61,16 @@ class PlanRounds:
 def coordinator(comm: ThreadComm, tmp_path: Path, **options: Any) -> CheckpointCoordinator:
     return CheckpointCoordinator([StateComponent("model", Box(model_state()), "replicated")], dist=comm,
                                  output_dir=tmp_path, **options)
+
+
+def second_save(coord: CheckpointCoordinator, **call: Any) -> BaseException | None:
+    """Save once, then again with ``call``: the second save's error, or ``None``."""
+    coord.save_checkpoint(checkpoint_id="one")
+    try:
+        coord.save_checkpoint(**call)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def files_of(path: str) -> list[tuple[str, int, int, int]]:
@@ -123,14 +133,8 @@ def test_a_rank_that_kept_another_world_makes_every_rank_take_the_second_round(
 
 def test_arguments_that_differ_in_a_guessed_round_fail_every_rank_and_leave_no_staging(
         tmp_path: Path) -> None:
-    def save(comm: ThreadComm) -> Any:
-        coord = coordinator(comm, tmp_path)
-        coord.save_checkpoint(checkpoint_id="one")
-        try:  # rank 0 allocates in the first round of this one, before the arguments are compared
-            coord.save_checkpoint(checkpoint_id="two", overwrite=comm.rank == 1)
-        except ArgumentMismatchError as exc:
-            return exc
-        return None
+    def save(comm: ThreadComm) -> Any:  # rank 0 allocates in the second save's first round, before the
+        return second_save(coordinator(comm, tmp_path), checkpoint_id="two", overwrite=comm.rank == 1)  # comparison
 
     results = threads(3, save)
     assert all(isinstance(r, ArgumentMismatchError) and "overwrite" in str(r) for r in results), results
@@ -169,18 +173,14 @@ def test_a_pattern_raising_on_the_kept_topology_is_raised_by_the_second_round_on
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-one"]
 
 
-class FailsOnSecondAsk(Box):
+class FailsOnSecondAsk(CountingBox):
     """A Stateful whose ``state_dict()`` raises the second time it is asked."""
 
-    def __init__(self, state: Any) -> None:
-        super().__init__(state)
-        self.asked = 0
-
     def state_dict(self) -> Any:
-        self.asked += 1
-        if self.asked == 2:
+        state = super().state_dict()
+        if self.calls == 2:
             raise RuntimeError("state_dict failed once")
-        return super().state_dict()
+        return state
 
 
 def test_a_state_dict_failing_in_the_guess_fails_the_save_once_on_every_rank_without_asking_again(
@@ -191,17 +191,12 @@ def test_a_state_dict_failing_in_the_guess_fails_the_save_once_on_every_rank_wit
         box = boxes[comm.rank] = FailsOnSecondAsk(model_state())
         coord = CheckpointCoordinator([StateComponent("model", box, "replicated")], dist=comm, output_dir=tmp_path,
                                       min_part_bytes=3_000)  # rank 0 sizes the state: in the guess, next time
-        coord.save_checkpoint(checkpoint_id="one")
-        try:
-            coord.save_checkpoint(checkpoint_id="two")
-        except Exception as exc:
-            return exc
-        return None
+        return second_save(coord, checkpoint_id="two")
 
     results = threads(3, save)
     assert all(isinstance(r, Exception) and "state_dict failed once" in str(r)
                and r.phase == "plan" for r in results), results  # type: ignore[attr-defined]
-    assert boxes[0].asked == 2  # once per save: the failure is not retried (and hidden) by a second round
+    assert boxes[0].calls == 2  # once per save: the failure is not retried (and hidden) by a second round
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-one"]
 
 
@@ -221,13 +216,7 @@ def test_an_allocation_failing_in_the_guess_is_asked_once_and_fails_every_rank(
     monkeypatch.setattr(series, "allocate", allocate)
 
     def save(comm: ThreadComm) -> Any:
-        coord = coordinator(comm, tmp_path)
-        coord.save_checkpoint(checkpoint_id="one")
-        try:
-            coord.save_checkpoint(checkpoint_id="two")
-        except CheckpointBusyError as exc:
-            return exc
-        return None
+        return second_save(coordinator(comm, tmp_path), checkpoint_id="two")
 
     results = threads(3, save)
     assert all(isinstance(r, CheckpointBusyError) and r.phase == "plan" for r in results), results
@@ -235,15 +224,9 @@ def test_an_allocation_failing_in_the_guess_is_asked_once_and_fails_every_rank(
 
 
 def test_a_guess_creates_no_folder_for_a_call_whose_arguments_differ(tmp_path: Path) -> None:
-    def save(comm: ThreadComm) -> Any:
-        coord = coordinator(comm, tmp_path)
-        coord.save_checkpoint(checkpoint_id="one")
+    def save(comm: ThreadComm) -> Any:  # rank 0's folder does not exist: it does not allocate in its guess
         target = tmp_path / ("fresh" if comm.rank == 0 else "other") / "deep" / "ckpt"
-        try:  # rank 0's folder does not exist: it does not allocate before the arguments are compared
-            coord.save_checkpoint(checkpoint_path=target)
-        except ArgumentMismatchError as exc:
-            return exc
-        return None
+        return second_save(coordinator(comm, tmp_path), checkpoint_path=target)
 
     results = threads(3, save)
     assert all(isinstance(r, ArgumentMismatchError) for r in results), results

@@ -19,19 +19,7 @@ from distckpt.layout import plan_component
 from distckpt.planning import leader_part_counts, part_counts, plan_components, split_components
 from distckpt.testing import ThreadComm
 from distckpt.topology import Topology
-from tests.helpers import Box, all_ok, threads
-
-
-class CountingBox(Box):
-    """A Stateful that counts its ``state_dict()`` calls."""
-
-    def __init__(self, state: Any) -> None:
-        super().__init__(state)
-        self.calls = 0
-
-    def state_dict(self) -> Any:
-        self.calls += 1
-        return super().state_dict()
+from tests.helpers import Box, CountingBox, all_ok, threads
 
 
 def model_state() -> dict[str, torch.Tensor]:
