@@ -6,11 +6,9 @@ coordinator calls them (``planning.agree`` on the ranks' compact reports, then
 commit does, the manifest's JSON both ways), for a DP x PP x TP mesh of 1,024,
 16,384 or 65,536 ranks with 8 ranks per node. The plan phase's bytes on the
 wire come from running TorchComm's own steps for the whole world in one
-process (:func:`distckpt.wire.lockstep`). It also sizes what the collectives would
-carry: ``torch.distributed.all_gather_object`` pads every rank's payload to the
-largest one, so a phase in which only rank 0 carries something big (the
-manifest, in the load's *resolve* phase) makes every rank receive
-``world x that size``.
+process (:func:`distckpt.wire.lockstep`). It also sizes what a load's *resolve* phase
+carries to every rank: the compact reports' all-gather (``world x`` a report) and
+the manifest, which rank 0 broadcasts (``collectives.announce``), once.
 
 The collective count is measured, not derived: a :class:`distckpt.testing.ThreadComm`
 world runs real saves and loads with 1 and with 50 components while every
@@ -160,7 +158,7 @@ def plan_at_scale(world: int, repeats: int = 3) -> dict[str, Any]:
         "plan_phase_wire_per_rank": max(wire_bytes),
         "plan_phase_wire_rank0": wire_bytes[0],
         "plan_gather_received_per_rank_before": legacy_bytes * world,
-        "resolve_gather_received_per_rank": (manifest_dict_bytes + report_bytes) * world,
+        "resolve_received_per_rank": report_bytes * world + manifest_dict_bytes,
         "manifest_pickled_bytes": manifest_dict_bytes,
     }
 

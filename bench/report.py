@@ -476,11 +476,17 @@ def goals_table(gs: list[dict[str, Any]], title: str = "goals of issue 5", loads
     return "\n".join(lines)
 
 
+def _resolve_bytes(r: dict[str, Any]) -> float:
+    """What a load's resolve phase delivers to each rank: the reports' all-gather and the manifest's
+    broadcast (results before session 8 sized an all_gather_object of the manifest instead)."""
+    return float(r.get("resolve_received_per_rank", r.get("resolve_gather_received_per_rank", 0)))
+
+
 def paper_table(p: dict[str, Any]) -> str:
     lines = ["", "== scale on paper (in-process; DP x PP x TP mesh, 8 ranks/node, 6 components)",
              f"{'ranks':>7}{'mesh':>14}{'files':>7}{'topology':>10}{'plan':>9}{'manifest':>10}{'to_json':>9}"
              f"{'from_json':>10}{'all 5':>9}{'manifest':>11}{'plan gather rx/rank':>21}{'(before)':>11}"
-             f"{'resolve gather rx/rank':>24}"]
+             f"{'resolve rx/rank':>17}"]
     for r in p["plans"]:
         mesh = "{dp}x{pp}x{tp}".format(**r["mesh"])
         lines.append(f"{r['world']:>7}{mesh:>14}{r['files']:>7}{r['topology_s'] * 1e3:>8.1f}ms{r['plan_s'] * 1e3:>7.1f}ms"
@@ -488,7 +494,7 @@ def paper_table(p: dict[str, Any]) -> str:
                      f"{r.get('topology_plan_manifest_s', float('nan')) * 1e3:>7.0f}ms"
                      f"{fmt_bytes(r['manifest_bytes']):>11}{fmt_bytes(r['plan_gather_received_per_rank']):>21}"
                      f"{fmt_bytes(r.get('plan_gather_received_per_rank_before', 0)):>11}"
-                     f"{fmt_bytes(r['resolve_gather_received_per_rank']):>24}")
+                     f"{fmt_bytes(_resolve_bytes(r)):>17}")
     for r in p["plans"]:
         if "plan_phase_received_per_rank" in r:
             lines.append(f"{r['world']:>7} ranks: plan phase received per rank (report + plan digest all-gathers, "
