@@ -476,19 +476,28 @@ class RankBench:
                 write_s += dt
         return {"write_s": write_s, "read_s": read_s}
 
-    def _copy_cost(self) -> float:
-        """Seconds one contiguous copy of as many bytes as this rank writes takes (best of 3): the
-        floor of an asynchronous save that copies its whole state before it returns."""
-        nbytes = sum(t.nbytes for c in self.comps if c.writer == self.rank
-                     for t in tensor_leaves(c.holder.state_dict()))
+    def _copy_cost(self, checkpoint: str | None) -> float:
+        """Seconds a contiguous copy of as many bytes as this rank wrote to ``checkpoint``'s files
+        (the last ``distckpt`` save: its own part of a balanced write, no more) takes, best of 3,
+        through two reused buffers of at most 256 MiB: the floor of an asynchronous save that
+        copies everything it writes before it returns. 0 when it wrote nothing."""
+        if checkpoint is None:
+            return 0.0
+        from distckpt import CheckpointManifest
+
+        manifest = CheckpointManifest.load(checkpoint)
+        nbytes = sum(f.size_bytes for c in manifest.components.values() for f in c.files if f.writer == self.rank)
         if not nbytes:
             return 0.0
-        src = torch.ones(nbytes, dtype=torch.uint8)
+        chunk = min(nbytes, 256 * 2**20)
+        src = torch.ones(chunk, dtype=torch.uint8)
         dst = torch.empty_like(src)
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
-            dst.copy_(src)
+            for start in range(0, nbytes, chunk):
+                n = min(chunk, nbytes - start)
+                dst[:n].copy_(src[:n])
             best = min(best, time.perf_counter() - t0)
         return best
 
@@ -531,7 +540,7 @@ class RankBench:
                 if final and m != "physical":
                     verified[m] = _digest(self.comps) == self.digest
         dist.barrier()
-        copy_s = self._copy_cost()  # the writers at once, as in a save, and no rank hashing meanwhile
+        copy_s = self._copy_cost(last.get("distckpt"))  # the writers at once, no rank hashing meanwhile
         dist.barrier()
         hash_cost = {**self._hash_cost(), "copy_s": copy_s}
         if self.rank == 0:

@@ -60,7 +60,8 @@ _VOTE = struct.Struct("<Q")
 
 
 def plan_vote(digest: int, counts: bytes) -> bytes:
-    """What a rank sends in a save's second round: its 64-bit plan digest, then the part counts
+    """What a rank sends in a save's second round (or with its report in the first, when it plans
+    on the world it kept: :class:`AgreedWorld`): its 64-bit plan digest, then the part counts
     of :func:`distckpt.planning.leader_part_counts` (empty on most ranks), as one ``bytes``: in
     the sized rounds of large worlds every payload is padded to the longest, so each byte counts."""
     return _VOTE.pack(digest) + counts
@@ -157,11 +158,12 @@ class AgreedWorld:
     """The compact reports every rank sent in a save's plan phase, and the topology they built.
 
     Kept by a coordinator after each plan phase that succeeded, and handed to the next save's
-    (:func:`distckpt.saving.plan`). While this rank's report is unchanged it plans its files on
-    :attr:`topology` before the first round and sends the vote with its report, along with
-    :attr:`key`; the guess holds only when every rank sent the key of the reports gathered in
-    that round, which every rank checks on the same bytes. Pure; the reports are checked only
-    by their bytes (the declarations, node and groups travel in them as digests).
+    (:func:`distckpt.saving.plan`). While this rank's report and group names are unchanged
+    (:meth:`guess`) it plans its files on :attr:`topology` before the first round and sends the
+    vote with its report, along with :attr:`key`; the guess holds only when every rank sent the
+    key of the reports gathered in that round and rank 0 could allocate the target (its folder
+    exists), which every rank checks on the same bytes. Pure; the reports are checked only by
+    their bytes (the declarations, node and groups travel in them as digests).
     """
 
     reports: tuple[bytes, ...]

@@ -94,9 +94,9 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     asked only where it decides a balanced write (default: ``codec.state_nbytes`` of the state;
     an asynchronous save walks it once for this and its snapshot, :class:`distckpt.asyncsave.Walks`).
     ``agreed``: the coordinator's last plan phase (:class:`~distckpt.planreports.AgreedWorld`); in a
-    world of up to :data:`_ONE_ROUND_WORLD` ranks where no rank's report changed since, the files
-    are planned in the first round (:func:`_guess`) and the phase takes one collective instead of
-    two. The returned plan's ``agreed`` is this phase's, for the next save.
+    world of up to :data:`_ONE_ROUND_WORLD` ranks where no rank's report or group names changed
+    since and the target's folder exists, the files are planned in the first round
+    (:func:`_guess`) and the phase takes one collective instead of two. The returned plan's ``agreed`` is this phase's, for the next save.
     On failure anywhere, every rank raises, and rank 0 removes the staging directory it had created.
     """
     mine: dict[str, Any] = {}
@@ -168,8 +168,12 @@ def _guess(comm: Comm, components: Sequence[StateComponent], agreed: AgreedWorld
     differ creates no folder). The guess's plans are left in ``mine["plans"]``.
 
     Whatever the guess raises (a pattern, ``state_dict()`` where it sizes a set, the allocation)
-    fails the first round on every rank, once; it is what the second round would raise, the world
-    being the same (a rank whose report changed does not guess)."""
+    fails the first round on every rank, once, rather than being retried. When the world is
+    unchanged (the case a guess is for) it is what the second round would raise. When another
+    rank's report changed, this rank guessed on the world it kept and may raise what the new
+    world would not (sizing a set it no longer leads). A coordinator's world rarely changes (a
+    pattern whose description does), and the save then fails on every rank; it never hangs or
+    mis-plans."""
     if agreed is None or (topology := agreed.guess(comm.rank, report, names)) is None:
         return report, None, None, None
     plans = plan_components(topology, components)

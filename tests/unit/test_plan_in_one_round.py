@@ -114,21 +114,42 @@ def test_a_second_save_in_the_same_world_plans_in_one_round_and_writes_the_same_
         assert all(torch.equal(state[k], v) for k, v in model_state().items())
 
 
+@pytest.mark.parametrize("kept", ["a stranger's reports", "its own report among others changed"])
 def test_a_rank_that_kept_another_world_makes_every_rank_take_the_second_round(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: str) -> None:
     counter = PlanRounds(monkeypatch)
-    stale = AgreedWorld((b"x" * 40,) * 3, (), Topology(world_size=3))
 
     def save(comm: ThreadComm) -> tuple[str, str]:
         coord = coordinator(comm, tmp_path, min_part_bytes=3_000)
         first = coord.save_checkpoint()
         if comm.rank == 2:  # this rank's last world is not the one the others kept
-            coord._agreed = stale
+            world = coord._agreed
+            assert world is not None
+            if kept == "a stranger's reports":  # it does not guess at all
+                coord._agreed = AgreedWorld((b"x" * 40,) * 3, (), Topology(world_size=3))
+            else:  # it guesses, on its own unchanged report, with the key of a world nobody has
+                reports = (world.reports[0] + b"\0", *world.reports[1:])
+                coord._agreed = AgreedWorld(reports, world.names, world.topology)
         return first, coord.save_checkpoint()
 
     first, second = all_ok(threads(3, save))[0]
     assert counter.take() == dict.fromkeys(range(3), 4)  # two rounds in each save
     assert files_of(first) == files_of(second)
+
+
+def test_a_later_save_into_a_folder_that_does_not_exist_yet_plans_in_two_rounds_and_commits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = PlanRounds(monkeypatch)
+    target = tmp_path / "new" / "deep" / "ckpt"
+
+    def save(comm: ThreadComm) -> tuple[str, str]:
+        coord = coordinator(comm, tmp_path)
+        first = coord.save_checkpoint()
+        return first, coord.save_checkpoint(checkpoint_path=target)  # rank 0 cannot allocate in its guess
+
+    first, second = all_ok(threads(3, save))[0]
+    assert second == str(target) and files_of(first) == files_of(second)
+    assert counter.take() == dict.fromkeys(range(3), 4)
 
 
 def test_arguments_that_differ_in_a_guessed_round_fail_every_rank_and_leave_no_staging(
@@ -143,10 +164,10 @@ def test_arguments_that_differ_in_a_guessed_round_fail_every_rank_and_leave_no_s
 
 @register_pattern
 @dataclass(frozen=True, eq=False)
-class FailsOnThirdPlan(Pattern):
+class FailsOnSecondPlan(Pattern):
     """Everyone in one set, until rank 1's thread plans a second time: then it raises."""
 
-    kind = "test_fails_on_third_plan"
+    kind = "test_fails_on_second_plan"
     calls: ClassVar[list[int]] = []  # not a parameter: declarations stay alike on every rank
 
     def replica_sets(self, topology: Topology) -> Sequence[Sequence[int]]:
@@ -157,19 +178,19 @@ class FailsOnThirdPlan(Pattern):
         return [range(topology.world_size)]
 
 
-def test_a_pattern_raising_on_the_kept_topology_is_raised_by_the_second_round_on_every_rank(
-        tmp_path: Path) -> None:
+def test_a_pattern_raising_in_the_guess_fails_the_first_round_on_every_rank_once(tmp_path: Path) -> None:
     def save(comm: ThreadComm) -> Any:
         threading.current_thread().name = f"rank-{comm.rank}"
-        coord = CheckpointCoordinator([StateComponent("model", Box(model_state()), FailsOnThirdPlan())],
+        coord = CheckpointCoordinator([StateComponent("model", Box(model_state()), FailsOnSecondPlan())],
                                       dist=comm, output_dir=tmp_path)
-        coord.save_checkpoint(checkpoint_id="one")  # plans once on rank 1
-        return coord.save_checkpoint(checkpoint_id="two")  # the guess raises; the second round again
+        coord.save_checkpoint(checkpoint_id="one")  # plans once on rank 1, in the second round
+        return coord.save_checkpoint(checkpoint_id="two")  # the guess raises, and nothing plans again
 
-    FailsOnThirdPlan.calls.clear()
+    FailsOnSecondPlan.calls.clear()
     results = threads(2, save)
     assert all(isinstance(r, Exception) and "flaky pattern" in str(r) and r.phase == "plan"  # type: ignore[attr-defined]
                for r in results), results
+    assert len(FailsOnSecondPlan.calls) == 2  # not retried by a second round
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-one"]
 
 
