@@ -184,7 +184,8 @@ def plan_phase_wire(reports: list[bytes], digest: Any, decision: Any) -> list[in
 
 
 def count_collectives(world: int = 4, component_counts: tuple[int, ...] = (1, 50)) -> dict[str, Any]:
-    """all_gather calls per rank for a save (plain and validated) and a load, by component count."""
+    """all_gather calls per rank for a save (plain and validated), a later save by the same
+    coordinators (``save_again``: its plan phase takes one round) and a load, by component count."""
     import torch
 
     from distckpt import CheckpointCoordinator, StateComponent
@@ -214,20 +215,27 @@ def count_collectives(world: int = 4, component_counts: tuple[int, ...] = (1, 50
                                            "replicated", validate_replication=validate) for i in range(n)]
 
                 row = {}
-                for what in ("save", "save_validated", "load"):
+                for what in ("save", "save_validated", "save_again", "load"):
                     calls.clear()
+                    again: dict[int, int] = {}
 
-                    def fn(comm: ThreadComm, what: str = what) -> Any:
+                    def fn(comm: ThreadComm, what: str = what, again: dict[int, int] = again) -> Any:
                         c = CheckpointCoordinator(comps(what == "save_validated"), dist=comm, output_dir=tmp)
                         if what == "load":
                             return c.load_checkpoint()
+                        if what == "save_again":  # count the second save only
+                            c.save_checkpoint(checkpoint_id="first", overwrite=True)
+                            before = calls.get(comm.rank, 0)
+                            c.save_checkpoint(checkpoint_id=what, overwrite=True)
+                            again[comm.rank] = calls.get(comm.rank, 0) - before
+                            return None
                         return c.save_checkpoint(checkpoint_id=what, overwrite=True)
 
                     results = run_threads(ThreadWorld(world), fn)
                     errors = [r for r in results if isinstance(r, BaseException)]
                     if errors:
                         raise errors[0]
-                    per_rank = sorted(set(calls.values()))
+                    per_rank = sorted(set((again or calls).values()))
                     row[what] = per_rank[0] if len(per_rank) == 1 else per_rank
                 out["by_components"][n] = row
         # Bytes the largest rank contributes to each phase of a validated save of one
