@@ -203,7 +203,8 @@ def allocate(checkpoints_dir: str, checkpoint_path: Any, checkpoint_id: Any, ove
     ``overwrite``) or that a live save is writing, and
     :class:`CheckpointBusyError` when the folder lock is held longer than ``wait_s``.
     ``create=False``: ``None``, and nothing touched, when the target's folder (``checkpoints_dir``,
-    or the parent of ``checkpoint_path``) does not exist yet (the plan phase's first-round guess, made before the call's arguments are compared).
+    or the parent of ``checkpoint_path``) does not exist yet (the plan phase's first-round guess,
+    made before the call's arguments are compared).
     """
     if checkpoint_path is not None:
         final = os.path.abspath(os.fspath(checkpoint_path))
