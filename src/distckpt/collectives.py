@@ -35,7 +35,7 @@ from .errors import (
     group_ranks,
     rank_span,
 )
-from .hashing import checksum_of
+from .hashing import digest64
 from .transport import (
     Comm,
     ForkingComm,
@@ -159,8 +159,7 @@ def _noted(note: Callable[[], str] | None) -> str:
 
 def _args_digest(args: Mapping[str, Any]) -> int:
     """A 64-bit digest of a call's arguments (their ``repr``, sorted by name)."""
-    text = repr(sorted(args.items())).encode("utf-8", "backslashreplace")
-    return int(checksum_of(text, "xxh3-64").partition(":")[2], 16)
+    return digest64(repr(sorted(args.items())).encode("utf-8", "backslashreplace"))
 
 
 def announce(comm: Comm, phase: str, work: Callable[[], T]) -> T:

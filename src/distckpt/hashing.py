@@ -27,6 +27,7 @@ __all__ = [
     "PipelinedHasher",
     "checksum_of",
     "checksum_of_chunks",
+    "digest64",
     "new_hasher",
 ]
 
@@ -129,6 +130,11 @@ def checksum_of(data: bytes | bytearray | memoryview, algorithm: str = CHECKSUM_
     h = new_hasher(algorithm)
     h.update(data)
     return f"{algorithm}:{h.hexdigest()}"
+
+
+def digest64(data: bytes | bytearray | memoryview) -> int:
+    """The xxh3-64 of ``data`` as an int: the digests the ranks compare (reports, call arguments)."""
+    return int(checksum_of(data, "xxh3-64").partition(":")[2], 16)
 
 
 def checksum_of_chunks(chunks: Iterable[memoryview | bytes]) -> str:

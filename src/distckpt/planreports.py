@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .hashing import checksum_of
+from .hashing import digest64
 from .topology import Topology
 
 __all__ = ["HEAD", "AgreedWorld", "decode_reports", "plan_vote", "read_parts", "read_vote", "report_arrays",
@@ -150,7 +150,7 @@ def _varints(data: bytes, start: int) -> tuple[int, ...]:
 
 
 def text_digest(text: str) -> int:
-    return int(checksum_of(text.encode("utf-8", "backslashreplace"), "xxh3-64").partition(":")[2], 16)
+    return digest64(text.encode("utf-8", "backslashreplace"))
 
 
 @dataclass(frozen=True)
@@ -190,5 +190,4 @@ class AgreedWorld:
 
 def reports_key(reports: Sequence[bytes]) -> int:
     """A 64-bit digest of compact reports in rank order (each one's length, then its bytes)."""
-    joined = b"".join(len(r).to_bytes(4, "little") + r for r in reports)
-    return int(checksum_of(joined, "xxh3-64").partition(":")[2], 16)
+    return digest64(b"".join(len(r).to_bytes(4, "little") + r for r in reports))
