@@ -542,13 +542,13 @@ class RankBench:
         dist.barrier()
         copy_s = self._copy_cost(last.get("distckpt"))  # the writers at once, no rank hashing meanwhile
         dist.barrier()
-        hash_cost = {**self._hash_cost(), "copy_s": copy_s}
+        hash_cost = self._hash_cost()
         if self.rank == 0:
             shutil.rmtree(self.root, ignore_errors=True)
         return {
             "rank": self.rank, "saves": saves, "loads": loads, "written": written, "files": files,
             "unique": self.unique, "rank_bytes": self.rank_bytes, "rank_tensors": self.rank_tensors,
-            "verified": verified, "cold": cold_ok, "hash": hash_cost, "build_s": self.build_s,
+            "verified": verified, "cold": cold_ok, "hash": hash_cost, "copy_s": copy_s, "build_s": self.build_s,
             "methods": self.methods,
         }
 

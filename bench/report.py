@@ -89,7 +89,7 @@ def aggregate(workload: str, world: int, nodes: int, scale: float, warmup: int,
         "unique_bytes": r0["unique"], "cold_reads": bool(r0.get("cold")),
         "hash_write_s": max(r["hash"]["write_s"] for r in ranks),
         "hash_read_s": max(r["hash"]["read_s"] for r in ranks),
-        "copy_write_s": max(r["hash"].get("copy_s", 0.0) for r in ranks),
+        "copy_write_s": max(r.get("copy_s", 0.0) for r in ranks),
         "methods": methods,
     }
     _ratios(case)
