@@ -8,13 +8,30 @@
    distckpt's ``encode`` + streaming the chunks through xxh3, its TENSOR-level
    ``digest_state``, against one ``torch.cat`` per dtype + one hash (what a
    batched path would pay), and hashing the same bytes once.
+3. **The floor of a Python load** (:func:`load_floor`), in-process for
+   ``small``: the least any loader written in Python pays to read the same
+   files into the same live tensors *safely* (each file's bytes read straight
+   into the live tensors, 512 per ``readv``; every view hashed with xxh3-128,
+   inline or in a thread, whichever is faster;
+   the header and skeleton parsed with ``json.loads``; each live tensor checked
+   as an in-place read must check it), against distckpt's ``load_checkpoint``
+   and the raw read of the same bytes into one buffer. It builds no state dict
+   and calls no ``load_state_dict``, so it is a lower bound: it tells whether a
+   goal stated per tensor is reachable in Python on this machine at all.
+   ``python -m bench.micro floor`` runs it alone.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -113,7 +130,158 @@ def per_tensor(scale: float = 1.0, reps: int = 5) -> dict[str, float]:
     return out
 
 
+def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -> dict[str, Any]:
+    """Section 3: each step's ``(min, median, max)`` seconds over ``reps``, and the tensor count.
+
+    ``floor`` is the sum of the medians of the three steps every safe in-place
+    Python load takes: the faster of the two hashed reads (xxh3 inline, or in a
+    thread as distckpt hashes: :class:`distckpt.hashing.PipelinedHasher`), the
+    parse, and the check.
+    """
+    import xxhash
+
+    from distckpt import CheckpointCoordinator, StateComponent
+    from distckpt.codec import header_length
+    from distckpt.codec.dtypes import SKELETON_KEY, span_views
+    from distckpt.hashing import PipelinedHasher
+    from distckpt.manifest import CheckpointManifest
+
+    from .workloads import build, tensor_leaves
+
+    comps = build("small", scale, 0, 1)
+    tmp = tempfile.mkdtemp(prefix="distckpt-floor-", dir=out_dir)
+    try:
+        coord = CheckpointCoordinator([StateComponent(c.key, c.holder, c.pattern) for c in comps], output_dir=tmp)
+        path = coord.save_checkpoint(checkpoint_id="floor")  # the committed checkpoint's directory
+        manifest = CheckpointManifest.load(os.path.join(path, "manifest.json"))
+        # (file, size, header length, the live tensors in file order): the encoder numbers tensors in walk order
+        files = []
+        for c in comps:
+            (entry,) = manifest.components[c.key].files
+            full = os.path.join(path, entry.path)
+            with open(full, "rb") as f:
+                start = header_length(f.read(8), entry.size_bytes, full)
+            files.append((full, entry.size_bytes, start, tensor_leaves(c.holder.state_dict())))
+        tensors = sum(len(f[3]) for f in files)
+        total = sum(f[1] for f in files)
+        scratch = torch.empty(total, dtype=torch.uint8)
+        whole = memoryview(scratch.numpy()).cast("B")
+
+        def raw() -> None:
+            at = 0
+            for full, size, _, _ in files:
+                fd = os.open(full, os.O_RDONLY)
+                try:
+                    got = 0
+                    while got < size:
+                        got += os.readv(fd, [whole[at + got:at + min(size, got + (1 << 20))]])
+                finally:
+                    os.close(fd)
+                at += size
+
+        def into_live(hashed: bool, pipelined: bool = False) -> None:
+            for full, _, start, live in files:
+                views = span_views([t.data_ptr() for t in live], [t.nbytes for t in live])
+                h: Any = PipelinedHasher() if pipelined else xxhash.xxh3_128()
+                fd = os.open(full, os.O_RDONLY)
+                try:
+                    head = os.pread(fd, start, 0)
+                    os.lseek(fd, start, os.SEEK_SET)
+                    if hashed:
+                        h.update(head)
+                    for i in range(0, len(views), 512):
+                        batch = views[i:i + 512]
+                        os.readv(fd, batch)
+                        if pipelined:
+                            h.update_many(batch, sum(map(len, batch)))
+                        elif hashed:
+                            for v in batch:
+                                h.update(v)
+                finally:
+                    os.close(fd)
+                h.hexdigest()
+
+        headers = []
+        for full, _, start, _ in files:
+            with open(full, "rb") as f:
+                headers.append(f.read(start)[8:].decode("utf-8"))
+
+        def parse() -> None:
+            for text in headers:
+                json.loads(json.loads(text)["__metadata__"][SKELETON_KEY])
+
+        def check() -> None:
+            strided = torch.strided
+            for _, _, _, live in files:
+                starts = []
+                for t in live:
+                    if (t.dtype is torch.float32 and t.shape and t.is_cpu and t.layout is strided
+                            and t.is_contiguous() and not t.is_conj() and not t.is_neg()):
+                        starts.append(t.data_ptr())
+
+        def load() -> None:
+            coord.load_checkpoint(path)
+
+        # The floor must really move the bytes: zero the live tensors, read, and compare with the saved values.
+        saved = [t.clone() for _, _, _, live in files for t in live]
+        for _, _, _, live in files:
+            for t in live:
+                t.zero_()
+        into_live(True, True)
+        if not all(torch.equal(a, b) for a, b in zip(saved, [t for f in files for t in f[3]], strict=True)):
+            raise RuntimeError("the floor's read did not restore the saved tensors")
+        del saved
+
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("raw read of the files, one buffer", raw),
+            ("read into the live tensors", lambda: into_live(False)),
+            ("read into live + xxh3 per view", lambda: into_live(True)),
+            ("read into live, xxh3 in a thread", lambda: into_live(True, True)),
+            ("parse header and skeleton (json)", parse),
+            ("check each live tensor", check),
+            ("distckpt load_checkpoint", load),
+        ]
+        out: dict[str, Any] = {"tensors": tensors, "bytes": total}
+        for name, fn in steps:
+            times = []
+            for k in range(reps + 2):
+                gc.disable()  # distckpt pauses the collector itself; so do the bare steps
+                t0 = time.perf_counter()
+                try:
+                    fn()
+                finally:
+                    gc.enable()
+                if k >= 2:
+                    times.append(time.perf_counter() - t0)
+            out[name] = (min(times), statistics.median(times), max(times))
+        hashed = min(out["read into live + xxh3 per view"][1], out["read into live, xxh3 in a thread"][1])
+        out["floor"] = hashed + out["parse header and skeleton (json)"][1] + out["check each live tensor"][1]
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_floor(result: dict[str, Any]) -> None:
+    n = result["tensors"]
+    raw = result["raw read of the files, one buffer"][1]
+    load = result["distckpt load_checkpoint"][1]
+    floor = result["floor"]
+    print(f"the floor of a Python load, small workload, in-process ({n} tensors, {result['bytes'] / 2**20:.1f} MiB; "
+          "min / median / max, ms):")
+    for k, v in result.items():
+        if isinstance(v, tuple):
+            print(f"  {k:<36} {v[0] * 1e3:7.1f} {v[1] * 1e3:7.1f} {v[2] * 1e3:7.1f}   {v[1] / n * 1e6:5.2f} us/tensor")
+    print(f"  {'floor (the three steps a safe load takes)':<36} {'':7} {floor * 1e3:7.1f} {'':7}   "
+          f"{floor / n * 1e6:5.2f} us/tensor")
+    print(f"  floor / raw read {floor / raw:.2f}; distckpt / raw read {load / raw:.2f}; distckpt / floor {load / floor:.2f}")
+
+
 def main() -> int:
+    if sys.argv[1:] == ["floor"]:
+        print_floor(load_floor())
+        return 0
+    print_floor(load_floor())
+    print()
     print("per-tensor costs, small workload, in-process (median of 5):")
     pt = per_tensor()
     n = pt.pop("tensors")

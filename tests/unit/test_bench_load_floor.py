@@ -1,0 +1,27 @@
+"""The bench's floor of a Python load reads the real bytes and adds up the steps it names."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench import micro
+
+
+def test_the_load_floor_reports_every_step_and_sums_the_three_a_safe_load_takes() -> None:
+    result = micro.load_floor(scale=0.01, reps=2)
+    assert result["tensors"] == 100 and result["bytes"] > 0
+    steps = {k: v for k, v in result.items() if isinstance(v, tuple)}
+    assert len(steps) == 7
+    assert all(lo <= mid <= hi for lo, mid, hi in steps.values())
+    hashed = min(steps["read into live + xxh3 per view"][1], steps["read into live, xxh3 in a thread"][1])
+    expected = hashed + steps["parse header and skeleton (json)"][1] + steps["check each live tensor"][1]
+    assert result["floor"] == expected
+
+
+def test_the_load_floor_refuses_a_read_that_does_not_restore_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_readv = os.readv  # the floor's reads into live tensors (many views) pretend to succeed and read nothing
+    monkeypatch.setattr(os, "readv", lambda fd, views: sum(map(len, views)) if len(views) > 1 else real_readv(fd, views))
+    with pytest.raises(RuntimeError, match="did not restore"):
+        micro.load_floor(scale=0.01, reps=1)
