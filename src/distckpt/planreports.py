@@ -17,13 +17,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .hashing import digest64
 from .topology import Topology
 
-__all__ = ["HEAD", "AgreedWorld", "decode_reports", "plan_vote", "read_parts", "read_vote", "report_arrays",
+__all__ = ["HEAD", "AgreedWorld", "compact", "decode_reports", "plan_vote", "read_parts", "read_vote", "report_arrays",
            "reports_key", "text_digest", "with_parts"]
 
 #: A compact report's head: declarations digest (groups' names included), node digest and
@@ -171,7 +172,7 @@ class AgreedWorld:
     topology: Topology
 
     def __post_init__(self) -> None:
-        if not self.reports or not all(isinstance(r, bytes) for r in self.reports):
+        if not compact(self.reports):
             raise TypeError("AgreedWorld needs every rank's compact report, as bytes")
         if len(self.reports) != self.topology.world_size:
             raise ValueError(f"{len(self.reports)} reports for a topology of {self.topology.world_size} ranks")
@@ -186,6 +187,12 @@ class AgreedWorld:
         last time, else ``None``."""
         same = rank < len(self.reports) and self.reports[rank] == report and tuple(names) == self.names
         return self.topology if same else None
+
+
+def compact(reports: Sequence[Any]) -> bool:
+    """Whether ``reports`` are compact ones (``bytes`` each, at least one): what an :class:`AgreedWorld`
+    keeps and :func:`reports_key` digests. Called by the save's plan phase on the gathered reports."""
+    return bool(reports) and all(isinstance(r, bytes) for r in reports)
 
 
 def reports_key(reports: Sequence[bytes]) -> int:

@@ -54,7 +54,7 @@ from .planning import (
     plan_digest,
     split_components,
 )
-from .planreports import AgreedWorld, plan_vote, read_vote, reports_key
+from .planreports import AgreedWorld, compact, plan_vote, read_vote, reports_key
 from .progress import Progress
 from .series import Allocation
 from .snapshots import PredictedPart, SnapshotBudget, streamed
@@ -146,7 +146,7 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
         if "decision" in mine:
             folder.discard_staging(mine["decision"]["staging"])
         raise
-    world = AgreedWorld(tuple(reports), tuple(names), topology) if rounds is not None and _compact(reports) else None
+    world = AgreedWorld(tuple(reports), tuple(names), topology) if rounds is not None and compact(reports) else None
     return SavePlan(topology=topology, components=plans, agreed=world, **decided)
 
 
@@ -186,13 +186,8 @@ def _guessed(rounds: Sequence[_FirstRound]) -> bool:
     """Whether every rank guessed, on the world that was gathered, and rank 0 allocated (the same
     answer on every rank: only gathered bytes decide it)."""
     reports = [r.report for r in rounds]
-    return (_compact(reports) and rounds[0].decision is not None and all(r.vote is not None for r in rounds)
+    return (compact(reports) and rounds[0].decision is not None and all(r.vote is not None for r in rounds)
             and {r.key for r in rounds} == {reports_key(reports)})
-
-
-def _compact(reports: Sequence[Any]) -> bool:
-    """Whether ``reports`` are compact ones (``bytes`` each), which an :class:`AgreedWorld` keeps."""
-    return bool(reports) and all(isinstance(r, bytes) for r in reports)
 
 
 #: Worlds up to this size gather in one round of fixed slots (:mod:`distckpt.wire`), where rank
