@@ -58,6 +58,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-protos", dest="no_variants", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-validation", action="store_true", help="skip the validation-level saves")
     p.add_argument("--no-paper", action="store_true", help="skip the in-process scale-on-paper measurement")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the in-process floor of a Python load (run when small at world 1 is measured)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also cProfile one in-process distckpt save/load of big and small; write .txt/.pstats there")
     p.add_argument("--report", default=None, metavar="JSON",
@@ -117,7 +119,7 @@ def rerender(args: argparse.Namespace) -> int:
     """``--report A.json[,B.json...]``: the tables and goals of one run, or of several runs' cases
     together (a case measured again in a later file replaces the earlier one; the scale-on-paper
     figures come from the last file that has them)."""
-    data: dict[str, Any] = {"cases": [], "paper": None}
+    data: dict[str, Any] = {"cases": [], "paper": None, "floor": None}
     by_case: dict[tuple[Any, ...], dict[str, Any]] = {}
     for path in args.report.split(","):
         with open(path) as f:
@@ -125,7 +127,8 @@ def rerender(args: argparse.Namespace) -> int:
         for c in one.get("cases", []):
             by_case[(c["workload"], c["world"], c.get("nodes", 1))] = c
         data["paper"] = one.get("paper") or data["paper"]
-        data.update({k: v for k, v in one.items() if k not in ("cases", "paper")})
+        data["floor"] = one.get("floor") or data["floor"]
+        data.update({k: v for k, v in one.items() if k not in ("cases", "paper", "floor")})
     data["cases"] = list(by_case.values())
     cases = data["cases"]
     for c in cases:
@@ -136,7 +139,7 @@ def rerender(args: argparse.Namespace) -> int:
     if data.get("paper"):
         print(report.paper_table(data["paper"]))
     gs = report.goals(cases)
-    g15 = report.goals15(cases, data.get("paper"))
+    g15 = report.goals15(cases, data.get("paper"), data.get("floor"))
     loads = [c["load_avg"] for c in cases if c.get("load_avg") is not None]
     print(report.goals_table(g15, "goals of issue 15 (ratios repetition by repetition)", loads or None))
     print(report.goals_table(gs))
@@ -235,7 +238,15 @@ def main(argv: list[str] | None = None) -> int:
 
         paper = paper_mod.run((1024,) if args.smoke else (1024, 16384, 65536))
         print(report.paper_table(paper))
-    g15 = report.goals15(cases, paper)
+    floor = None
+    if not args.no_floor and any(c["workload"] == "small" and c["world"] == 1 for c in cases):
+        from . import micro
+
+        floor = micro.load_floor(effective_scale("small", 1, args.scale, args.mem_budget_gb * 1e9),
+                                 reps=max(5, 3 * args.reps), out_dir=args.dir)
+        print()
+        micro.print_floor(floor)
+    g15 = report.goals15(cases, paper, floor)
     print(report.goals_table(g15, "goals of issue 15 (ratios repetition by repetition)",
                              [c["load_avg"] for c in cases]))
     print(report.goals_table(gs))
@@ -258,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{f['workload']}/w{f['world']}" for f in failed))
     if args.json_path:
         _write_json(args, {"environment": env, "cases": cases, "failed": failed, "goals": gs, "goals15": g15,
-                           "paper": paper, "profiles": profiles})
+                           "paper": paper, "floor": floor, "profiles": profiles})
         print(f"wrote {args.json_path}")
     if args.png_path:
         if report.chart(cases, args.png_path):

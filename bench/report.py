@@ -183,7 +183,8 @@ def _stats(xs: list[float]) -> tuple[float, float, float] | None:
     return (min(xs), statistics.median(xs), max(xs)) if xs else None
 
 
-def goals15(cases: list[dict[str, Any]], paper: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def goals15(cases: list[dict[str, Any]], paper: dict[str, Any] | None = None,
+            floor: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The goals of issue 15, each judged on the median of its cases' repetitions (worst case
     shown), with min / median / max over every repetition of every case it covers; the scale
     goals come from ``paper`` (:func:`bench.paper.run`'s result), when it was measured."""
@@ -221,6 +222,7 @@ def goals15(cases: list[dict[str, Any]], paper: dict[str, Any] | None = None) ->
          [(case_name(c), us_per_tensor(c, "load")) for c in small1], 4.0)
     goal("small w1: load <= 3x raw read of the same bytes", "<= 3",
          [(case_name(c), _rep_ratios(c, "distckpt", "physical", "load")) for c in small1], 3.0)
+    out.extend(_floor_rows(floor))
     goal("small: >= 10x faster than DCP, save (every world)", ">= 10",
          [(case_name(c), _rep_ratios(c, "dcp", "distckpt", "save")) for c in small], 10.0, True)
     goal("small: >= 10x faster than DCP, load (every world)", ">= 10",
@@ -253,6 +255,23 @@ def goals15(cases: list[dict[str, Any]], paper: dict[str, Any] | None = None) ->
          note="not a goal: the copy's own time, what a trainer with no forward/backward to overlap waits")
     out.extend(_scale_goals(paper))
     return out
+
+
+def _floor_rows(floor: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Two rows shown beside the small-load goals, not judged: the floor of a safe Python load
+    (:func:`bench.micro.load_floor`, in-process) per tensor and against the raw read it measured
+    in the same process. Nothing when the run did not measure it."""
+    if not floor:
+        return []
+    raw = floor["raw read of the files, one buffer"][1]
+    note = "not a goal: bench.micro floor, in-process; builds no state dict and calls no load_state_dict"
+    return [
+        {"goal": "small w1: floor of a safe Python load, us per tensor", "target": "(shown)", "met": None,
+         "worst": 1e6 * floor["floor"] / floor["tensors"], "case": "in-process", "stats": None, "note": note},
+        {"goal": "small w1: floor of a safe Python load / raw read", "target": "(shown)", "met": None,
+         "worst": floor["floor"] / raw if raw > 0 else None, "case": "in-process", "stats": None,
+         "note": f"distckpt in the same process: {floor['distckpt load_checkpoint'][1] / floor['floor']:.2f}x the floor"},
+    ]
 
 
 def _scale_goals(paper: dict[str, Any] | None) -> list[dict[str, Any]]:

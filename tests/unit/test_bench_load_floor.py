@@ -25,3 +25,16 @@ def test_the_load_floor_refuses_a_read_that_does_not_restore_the_state(monkeypat
     monkeypatch.setattr(os, "readv", lambda fd, views: sum(map(len, views)) if len(views) > 1 else real_readv(fd, views))
     with pytest.raises(RuntimeError, match="did not restore"):
         micro.load_floor(scale=0.01, reps=1)
+
+
+def test_the_goal_table_shows_the_floor_beside_the_small_load_goals_without_judging_it() -> None:
+    from bench import report
+
+    floor = {"tensors": 10000, "raw read of the files, one buffer": [0.010, 0.012, 0.015],
+             "distckpt load_checkpoint": [0.055, 0.060, 0.070], "floor": 0.036}
+    rows = {g["goal"]: g for g in report.goals15([], None, floor) if "floor" in g["goal"]}
+    per_tensor = rows["small w1: floor of a safe Python load, us per tensor"]
+    against_raw = rows["small w1: floor of a safe Python load / raw read"]
+    assert per_tensor["worst"] == pytest.approx(3.6) and per_tensor["met"] is None
+    assert against_raw["worst"] == pytest.approx(3.0) and "1.67x the floor" in against_raw["note"]
+    assert not [g for g in report.goals15([], None, None) if "floor" in g["goal"]]
