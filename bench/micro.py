@@ -12,9 +12,9 @@
    ``small``: the least any loader written in Python pays to read the same
    files into the same live tensors *safely* (each file's bytes read straight
    into the live tensors, 512 per ``readv``; every view hashed with xxh3-128,
-   inline or in a thread, whichever is faster;
+   inline or in a thread, whichever is faster, and the digest compared;
    the header and skeleton parsed with ``json.loads``; each live tensor checked
-   as an in-place read must check it), against distckpt's ``load_checkpoint``
+   as an in-place read must check it, dtype and shape against its entry), against distckpt's ``load_checkpoint``
    and the raw read of the same bytes into one buffer. It builds no state dict
    and calls no ``load_state_dict``, so it is a lower bound: it tells whether a
    goal stated per tensor is reachable in Python on this machine at all.
@@ -142,8 +142,8 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
 
     from distckpt import CheckpointCoordinator, StateComponent
     from distckpt.codec import header_length
-    from distckpt.codec.dtypes import SKELETON_KEY, span_views
-    from distckpt.hashing import PipelinedHasher
+    from distckpt.codec.dtypes import _FROM_ST, SKELETON_KEY, span_views
+    from distckpt.hashing import CHECKSUM_ALGORITHM, PipelinedHasher
     from distckpt.manifest import CheckpointManifest
 
     from .workloads import build, tensor_leaves
@@ -161,7 +161,7 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
             full = os.path.join(path, entry.path)
             with open(full, "rb") as f:
                 start = header_length(f.read(8), entry.size_bytes, full)
-            files.append((full, entry.size_bytes, start, tensor_leaves(c.holder.state_dict())))
+            files.append((full, entry.size_bytes, start, tensor_leaves(c.holder.state_dict()), entry.checksum))
         tensors = sum(len(f[3]) for f in files)
         total = sum(f[1] for f in files)
         scratch = torch.empty(total, dtype=torch.uint8)
@@ -169,7 +169,7 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
 
         def raw() -> None:
             at = 0
-            for full, size, _, _ in files:
+            for full, size, _, _, _ in files:
                 fd = os.open(full, os.O_RDONLY)
                 try:
                     got = 0
@@ -180,7 +180,7 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
                 at += size
 
         def into_live(hashed: bool, pipelined: bool = False) -> None:
-            for full, _, start, live in files:
+            for full, _, start, live, checksum in files:
                 views = span_views([t.data_ptr() for t in live], [t.nbytes for t in live])
                 h: Any = PipelinedHasher() if pipelined else xxhash.xxh3_128()
                 fd = os.open(full, os.O_RDONLY)
@@ -199,12 +199,17 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
                                 h.update(v)
                 finally:
                     os.close(fd)
-                h.hexdigest()
+                if hashed and f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}" != checksum:
+                    raise RuntimeError(f"{full}: the floor's checksum differs from the manifest's")
 
         headers = []
-        for full, _, start, _ in files:
+        expected = []  # per file, each entry's (dtype, shape) in file order, as the check compares them
+        for full, _, start, _, _ in files:
             with open(full, "rb") as f:
                 headers.append(f.read(start)[8:].decode("utf-8"))
+            entries = sorted((v["data_offsets"][0], v["dtype"], tuple(v["shape"]))
+                             for k, v in json.loads(headers[-1]).items() if k != "__metadata__")
+            expected.append([(_FROM_ST[st], shape) for _, st, shape in entries])
 
         def parse() -> None:
             for text in headers:
@@ -212,19 +217,21 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
 
         def check() -> None:
             strided = torch.strided
-            for _, _, _, live in files:
+            for (_, _, _, live, _), wanted in zip(files, expected, strict=True):
                 starts = []
-                for t in live:
-                    if (t.dtype is torch.float32 and t.shape and t.is_cpu and t.layout is strided
+                for t, (dtype, shape) in zip(live, wanted, strict=True):
+                    if (t.dtype is dtype and t.shape == shape and t.is_cpu and t.layout is strided
                             and t.is_contiguous() and not t.is_conj() and not t.is_neg()):
                         starts.append(t.data_ptr())
+                if len(starts) != len(live):
+                    raise RuntimeError("the floor's check refused a live tensor")
 
         def load() -> None:
             coord.load_checkpoint(path)
 
         # The floor must really move the bytes: zero the live tensors, read, and compare with the saved values.
-        saved = [t.clone() for _, _, _, live in files for t in live]
-        for _, _, _, live in files:
+        saved = [t.clone() for _, _, _, live, _ in files for t in live]
+        for _, _, _, live, _ in files:
             for t in live:
                 t.zero_()
         into_live(True, True)
