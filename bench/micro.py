@@ -9,16 +9,18 @@
    ``digest_state``, against one ``torch.cat`` per dtype + one hash (what a
    batched path would pay), and hashing the same bytes once.
 3. **The floor of a Python load** (:func:`load_floor`), in-process for
-   ``small``: the least any loader written in Python pays to read the same
-   files into the same live tensors *safely* (each file's bytes read straight
-   into the live tensors, 512 per ``readv``; every view hashed with xxh3-128,
-   inline or in a thread, whichever is faster, and the digest compared;
-   the header and skeleton parsed with ``json.loads``; each live tensor checked
-   as an in-place read must check it, dtype and shape against its entry), against distckpt's ``load_checkpoint``
-   and the raw read of the same bytes into one buffer. It builds no state dict
-   and calls no ``load_state_dict``, so it is a lower bound: it tells whether a
-   goal stated per tensor is reachable in Python on this machine at all.
-   ``python -m bench.micro floor`` runs it alone.
+   ``small``: the steps every *safe* in-place loader written in Python takes
+   (safe: the bytes that land in the live tensors are the bytes hashed). Each
+   file is read straight into the live tensors, 512 per ``readv``. Every view
+   is hashed with xxh3-128, inline or in a thread, whichever is faster, and the
+   digest is compared. The header and skeleton are parsed with ``json.loads``.
+   Each live tensor is checked as an in-place read must check it, dtype and
+   shape against its entry. All of that is measured against distckpt's
+   ``load_checkpoint`` and the raw read of the same bytes into one buffer. It
+   builds no state dict, calls no ``load_state_dict``, and pairs by position,
+   so it is a lower bound: it tells whether a goal stated per tensor is
+   reachable in Python on this machine at all. ``python -m bench.micro
+   floor`` runs it alone.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
         coord = CheckpointCoordinator([StateComponent(c.key, c.holder, c.pattern) for c in comps], output_dir=tmp)
         path = coord.save_checkpoint(checkpoint_id="floor")  # the committed checkpoint's directory
         manifest = CheckpointManifest.load(os.path.join(path, "manifest.json"))
-        # (file, size, header length, the live tensors in file order): the encoder numbers tensors in walk order
+        # (file, size, header length, the live tensors in file order, checksum). For `small` (float32 only)
+        # the encoder numbers the tensors in walk order; any other order fails the check or the self-check below.
         files = []
         for c in comps:
             (entry,) = manifest.components[c.key].files
@@ -180,8 +183,8 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
                 at += size
 
         def into_live(hashed: bool, pipelined: bool = False) -> None:
-            for full, _, start, live, checksum in files:
-                views = span_views([t.data_ptr() for t in live], [t.nbytes for t in live])
+            for (full, _, start, _, checksum), (starts, sizes) in zip(files, targets, strict=True):
+                views = span_views(starts, sizes)
                 h: Any = PipelinedHasher() if pipelined else xxhash.xxh3_128()
                 fd = os.open(full, os.O_RDONLY)
                 try:
@@ -191,9 +194,11 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
                         h.update(head)
                     for i in range(0, len(views), 512):
                         batch = views[i:i + 512]
-                        os.readv(fd, batch)
+                        want = sum(map(len, batch))
+                        if os.readv(fd, batch) != want:
+                            raise RuntimeError(f"{full}: a short read")
                         if pipelined:
-                            h.update_many(batch, sum(map(len, batch)))
+                            h.update_many(batch, want)
                         elif hashed:
                             for v in batch:
                                 h.update(v)
@@ -206,25 +211,34 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
         expected = []  # per file, each entry's (dtype, shape) in file order, as the check compares them
         for full, _, start, _, _ in files:
             with open(full, "rb") as f:
-                headers.append(f.read(start)[8:].decode("utf-8"))
+                headers.append(f.read(start)[8:])
             entries = sorted((v["data_offsets"][0], v["dtype"], tuple(v["shape"]))
                              for k, v in json.loads(headers[-1]).items() if k != "__metadata__")
             expected.append([(_FROM_ST[st], shape) for _, st, shape in entries])
 
         def parse() -> None:
-            for text in headers:
-                json.loads(json.loads(text)["__metadata__"][SKELETON_KEY])
+            for raw_header in headers:
+                json.loads(json.loads(raw_header.decode("utf-8"))["__metadata__"][SKELETON_KEY])
 
-        def check() -> None:
+        def check() -> list[tuple[list[int], list[int]]]:
+            """Each file's targets, ``(addresses, sizes)``, gathered in the loop that checks them
+            (what the read then needs: no second pass over the tensors)."""
             strided = torch.strided
+            found = []
             for (_, _, _, live, _), wanted in zip(files, expected, strict=True):
-                starts = []
+                starts: list[int] = []
+                sizes: list[int] = []
                 for t, (dtype, shape) in zip(live, wanted, strict=True):
                     if (t.dtype is dtype and t.shape == shape and t.is_cpu and t.layout is strided
                             and t.is_contiguous() and not t.is_conj() and not t.is_neg()):
                         starts.append(t.data_ptr())
+                        sizes.append(t.nbytes)
                 if len(starts) != len(live):
                     raise RuntimeError("the floor's check refused a live tensor")
+                found.append((starts, sizes))
+            return found
+
+        targets = check()  # the reads below go where the (timed) check found the tensors
 
         def load() -> None:
             coord.load_checkpoint(path)
@@ -239,7 +253,7 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
             raise RuntimeError("the floor's read did not restore the saved tensors")
         del saved
 
-        steps: list[tuple[str, Callable[[], None]]] = [
+        steps: list[tuple[str, Callable[[], object]]] = [
             ("raw read of the files, one buffer", raw),
             ("read into the live tensors", lambda: into_live(False)),
             ("read into live + xxh3 per view", lambda: into_live(True)),

@@ -264,7 +264,8 @@ def _floor_rows(floor: dict[str, Any] | None) -> list[dict[str, Any]]:
     if not floor:
         return []
     raw = floor["raw read of the files, one buffer"][1]
-    note = "not a goal: bench.micro floor, in-process; builds no state dict and calls no load_state_dict"
+    note = ("not a goal: bench.micro floor, in-process and warm; builds no state dict and calls no "
+            "load_state_dict")
     return [
         {"goal": "small w1: floor of a safe Python load, us per tensor", "target": "(shown)", "met": None,
          "worst": 1e6 * floor["floor"] / floor["tensors"], "case": "in-process", "stats": None, "note": note},

@@ -20,10 +20,17 @@ def test_the_load_floor_reports_every_step_and_sums_the_three_a_safe_load_takes(
     assert result["floor"] == expected
 
 
-def test_the_load_floor_refuses_a_read_that_does_not_restore_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_load_floor_refuses_a_read_that_lands_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     real_readv = os.readv  # the floor's reads into live tensors (many views) pretend to succeed and read nothing
     monkeypatch.setattr(os, "readv", lambda fd, views: sum(map(len, views)) if len(views) > 1 else real_readv(fd, views))
-    with pytest.raises(RuntimeError, match="checksum differs|did not restore"):
+    with pytest.raises(RuntimeError, match="checksum differs"):
+        micro.load_floor(scale=0.01, reps=1)
+
+
+def test_the_load_floor_refuses_a_short_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_readv = os.readv  # the floor's reads into live tensors stop one byte short
+    monkeypatch.setattr(os, "readv", lambda fd, views: real_readv(fd, views) - (len(views) > 1))
+    with pytest.raises(RuntimeError, match="a short read"):
         micro.load_floor(scale=0.01, reps=1)
 
 
