@@ -134,7 +134,7 @@ def checksum_of(data: bytes | bytearray | memoryview, algorithm: str = CHECKSUM_
 
 def digest64(data: bytes | bytearray | memoryview) -> int:
     """The xxh3-64 of ``data`` as an int: the digests the ranks compare (reports, call arguments)."""
-    return int(checksum_of(data, "xxh3-64").partition(":")[2], 16)
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def checksum_of_chunks(chunks: Iterable[memoryview | bytes]) -> str:

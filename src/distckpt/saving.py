@@ -96,7 +96,8 @@ def plan(comm: Comm, components: Sequence[StateComponent], report: Callable[...,
     ``agreed``: the coordinator's last plan phase (:class:`~distckpt.planreports.AgreedWorld`); in a
     world of up to :data:`_ONE_ROUND_WORLD` ranks where no rank's report or group names changed
     since and the target's folder exists, the files are planned in the first round
-    (:func:`_guess`) and the phase takes one collective instead of two. The returned plan's ``agreed`` is this phase's, for the next save.
+    (:func:`_guess`) and the phase takes one collective instead of two. The returned plan's
+    ``agreed`` is this phase's, for the next save.
     On failure anywhere, every rank raises, and rank 0 removes the staging directory it had created.
     """
     mine: dict[str, Any] = {}
