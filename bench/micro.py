@@ -159,11 +159,13 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
         # (file, size, header length, the live tensors in file order, checksum). For `small` (float32 only)
         # the encoder numbers the tensors in walk order; any other order fails the check or the self-check below.
         files = []
+        headers = []  # each file's JSON header, undecoded (what the timed parse starts from)
         for c in comps:
             (entry,) = manifest.components[c.key].files
             full = os.path.join(path, entry.path)
             with open(full, "rb") as f:
                 start = header_length(f.read(8), entry.size_bytes, full)
+                headers.append(f.read(start - 8))
             files.append((full, entry.size_bytes, start, tensor_leaves(c.holder.state_dict()), entry.checksum))
         tensors = sum(len(f[3]) for f in files)
         total = sum(f[1] for f in files)
@@ -207,13 +209,10 @@ def load_floor(scale: float = 1.0, reps: int = 15, out_dir: str | None = None) -
                 if hashed and f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}" != checksum:
                     raise RuntimeError(f"{full}: the floor's checksum differs from the manifest's")
 
-        headers = []
         expected = []  # per file, each entry's (dtype, shape) in file order, as the check compares them
-        for full, _, start, _, _ in files:
-            with open(full, "rb") as f:
-                headers.append(f.read(start)[8:])
+        for header in headers:
             entries = sorted((v["data_offsets"][0], v["dtype"], tuple(v["shape"]))
-                             for k, v in json.loads(headers[-1]).items() if k != "__metadata__")
+                             for k, v in json.loads(header).items() if k != "__metadata__")
             expected.append([(_FROM_ST[st], shape) for _, st, shape in entries])
 
         def parse() -> None:
